@@ -1,0 +1,200 @@
+// Package api holds Tally's gRPC handlers: decode and validate requests, call
+// the ledger, and map ledger errors to status codes with an ErrorInfo reason.
+// It holds no SQL and no Redis.
+package api
+
+import (
+	"context"
+
+	"github.com/tallyledger/tally/ledger"
+	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
+)
+
+// Server implements tally.v1.LedgerService on top of a ledger.
+type Server struct {
+	tallyv1.UnimplementedLedgerServiceServer
+	l *ledger.Ledger
+}
+
+// NewServer returns a LedgerService backed by l.
+func NewServer(l *ledger.Ledger) *Server { return &Server{l: l} }
+
+// scope returns the idempotency scope of the caller. Until authentication
+// exists, every caller shares the global scope "".
+func scope(context.Context) string { return "" }
+
+// CreateAccount implements LedgerService.
+func (s *Server) CreateAccount(ctx context.Context, r *tallyv1.CreateAccountRequest) (*tallyv1.Account, error) {
+	id, err := parseID("account_id", r.GetAccountId(), false)
+	if err != nil {
+		return nil, err
+	}
+	a, err := s.l.CreateAccount(ctx, ledger.CreateAccountRequest{
+		ID: id, Currency: r.GetCurrency(), Type: ledger.AccountType(r.GetType()), ExternalRef: r.GetExternalRef(),
+		Floor: ledger.Floor(r.GetFloor()), CreditLimit: r.GetCreditLimit(), Metadata: r.GetMetadata(),
+	})
+	if err != nil {
+		return nil, statusError(err)
+	}
+	return accountPB(a), nil
+}
+
+// GetAccount implements LedgerService.
+func (s *Server) GetAccount(ctx context.Context, r *tallyv1.GetAccountRequest) (*tallyv1.Account, error) {
+	id, err := parseID("account_id", r.GetAccountId(), true)
+	if err != nil {
+		return nil, err
+	}
+	a, err := s.l.GetAccount(ctx, id)
+	if err != nil {
+		return nil, statusError(err)
+	}
+	return accountPB(a), nil
+}
+
+// FindAccounts implements LedgerService.
+func (s *Server) FindAccounts(ctx context.Context, r *tallyv1.FindAccountsRequest) (*tallyv1.FindAccountsResponse, error) {
+	accts, next, err := s.l.FindAccounts(ctx, ledger.AccountQuery{
+		ExternalRef: r.GetExternalRef(), Currency: r.GetCurrency(), Type: ledger.AccountType(r.GetType()),
+		PageSize: int(r.GetPageSize()), PageToken: r.GetPageToken(),
+	})
+	if err != nil {
+		return nil, statusError(err)
+	}
+	out := &tallyv1.FindAccountsResponse{NextPageToken: next}
+	for _, a := range accts {
+		out.Accounts = append(out.Accounts, accountPB(a))
+	}
+	return out, nil
+}
+
+// Charge implements LedgerService.
+func (s *Server) Charge(ctx context.Context, r *tallyv1.ChargeRequest) (*tallyv1.TransferResult, error) {
+	acct, err := parseID("account_id", r.GetAccountId(), true)
+	if err != nil {
+		return nil, err
+	}
+	rev, err := parseID("revenue_account_id", r.GetRevenueAccountId(), false)
+	if err != nil {
+		return nil, err
+	}
+	res, err := s.l.Charge(ctx, ledger.MoveRequest{
+		Scope: scope(ctx), AccountID: acct, Counterparty: rev, Amount: r.GetAmount(),
+		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
+	})
+	if err != nil {
+		return nil, statusError(err)
+	}
+	return resultPB(res), nil
+}
+
+// Credit implements LedgerService.
+func (s *Server) Credit(ctx context.Context, r *tallyv1.CreditRequest) (*tallyv1.TransferResult, error) {
+	acct, err := parseID("account_id", r.GetAccountId(), true)
+	if err != nil {
+		return nil, err
+	}
+	fund, err := parseID("funding_account_id", r.GetFundingAccountId(), false)
+	if err != nil {
+		return nil, err
+	}
+	res, err := s.l.Credit(ctx, ledger.MoveRequest{
+		Scope: scope(ctx), AccountID: acct, Counterparty: fund, Amount: r.GetAmount(),
+		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
+	})
+	if err != nil {
+		return nil, statusError(err)
+	}
+	return resultPB(res), nil
+}
+
+// Transfer implements LedgerService.
+func (s *Server) Transfer(ctx context.Context, r *tallyv1.TransferRequest) (*tallyv1.TransferResult, error) {
+	debit, err := parseID("debit_account_id", r.GetDebitAccountId(), true)
+	if err != nil {
+		return nil, err
+	}
+	credit, err := parseID("credit_account_id", r.GetCreditAccountId(), true)
+	if err != nil {
+		return nil, err
+	}
+	res, err := s.l.Transfer(ctx, ledger.MoveRequest{
+		Scope: scope(ctx), AccountID: debit, Counterparty: credit, Amount: r.GetAmount(),
+		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
+	})
+	if err != nil {
+		return nil, statusError(err)
+	}
+	return resultPB(res), nil
+}
+
+// GetBalance implements LedgerService.
+func (s *Server) GetBalance(ctx context.Context, r *tallyv1.GetBalanceRequest) (*tallyv1.Balance, error) {
+	id, err := parseID("account_id", r.GetAccountId(), true)
+	if err != nil {
+		return nil, err
+	}
+	var c ledger.Consistency
+	switch r.GetConsistency() {
+	case tallyv1.Consistency_CONSISTENCY_UNSPECIFIED, tallyv1.Consistency_CONSISTENCY_CACHED:
+		c = ledger.ConsistencyCached
+	case tallyv1.Consistency_CONSISTENCY_STRONG:
+		c = ledger.ConsistencyStrong
+	default:
+		return nil, invalidArg("consistency", "unknown consistency")
+	}
+	b, err := s.l.GetBalance(ctx, id, c, r.GetMinVersion())
+	if err != nil {
+		return nil, statusError(err)
+	}
+	return balancePB(b), nil
+}
+
+// GetTransfer implements LedgerService.
+func (s *Server) GetTransfer(ctx context.Context, r *tallyv1.GetTransferRequest) (*tallyv1.Transfer, error) {
+	if (r.GetTransferId() == "") == (r.GetIdempotencyKey() == "") {
+		return nil, invalidArg("transfer_id", "give exactly one of transfer_id and idempotency_key")
+	}
+	var t ledger.Transfer
+	var err error
+	if r.GetTransferId() != "" {
+		id, perr := parseID("transfer_id", r.GetTransferId(), true)
+		if perr != nil {
+			return nil, perr
+		}
+		t, err = s.l.GetTransfer(ctx, id)
+	} else {
+		t, err = s.l.GetTransferByKey(ctx, scope(ctx), r.GetIdempotencyKey())
+	}
+	if err != nil {
+		return nil, statusError(err)
+	}
+	return transferPB(t), nil
+}
+
+// ListEntries implements LedgerService.
+func (s *Server) ListEntries(ctx context.Context, r *tallyv1.ListEntriesRequest) (*tallyv1.ListEntriesResponse, error) {
+	id, err := parseID("account_id", r.GetAccountId(), true)
+	if err != nil {
+		return nil, err
+	}
+	start, err := parseTime("start_time", r.GetStartTime())
+	if err != nil {
+		return nil, err
+	}
+	end, err := parseTime("end_time", r.GetEndTime())
+	if err != nil {
+		return nil, err
+	}
+	entries, next, err := s.l.ListEntries(ctx, ledger.EntryQuery{
+		AccountID: id, PageSize: int(r.GetPageSize()), PageToken: r.GetPageToken(), Start: start, End: end,
+	})
+	if err != nil {
+		return nil, statusError(err)
+	}
+	out := &tallyv1.ListEntriesResponse{NextPageToken: next}
+	for _, e := range entries {
+		out.Entries = append(out.Entries, entryPB(e))
+	}
+	return out, nil
+}

@@ -1,0 +1,312 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/tallyledger/tally/api"
+	"github.com/tallyledger/tally/cache"
+	"github.com/tallyledger/tally/internal/flagenv"
+	"github.com/tallyledger/tally/ledger"
+	"github.com/tallyledger/tally/store"
+)
+
+// serveConfig holds every flag of `tallyd serve` (and `tallyd dev`).
+type serveConfig struct {
+	databaseURL           string
+	redisURL              string
+	grpcAddr              string
+	httpAddr              string
+	migrate               bool
+	allowUnsafeDurability bool
+	logLevel              string
+	logFormat             string
+
+	poolConnsMax     int
+	statementTimeout time.Duration
+	connectTimeout   time.Duration
+	startupTimeout   time.Duration
+	drainTimeout     time.Duration
+
+	cacheTTL             time.Duration
+	cacheOpTimeout       time.Duration
+	cacheFailuresMax     int
+	cacheBreakerCooldown time.Duration
+
+	msgBytesMax        int
+	callTimeoutDefault time.Duration
+	streamsMax         uint
+
+	limits ledger.Limits
+}
+
+func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
+	if withURLs {
+		fs.StringVar(&c.databaseURL, "database-url", "", "PostgreSQL connection URL (required)")
+		fs.StringVar(&c.redisURL, "redis-url", "", "Redis URL for the balance cache; empty runs without a cache")
+		fs.BoolVar(&c.migrate, "migrate", false, "apply pending migrations before serving")
+	}
+	fs.StringVar(&c.grpcAddr, "grpc-addr", "127.0.0.1:7070", "gRPC listen address")
+	fs.StringVar(&c.httpAddr, "http-addr", "127.0.0.1:7071", "HTTP listen address for /healthz and /readyz")
+	fs.BoolVar(&c.allowUnsafeDurability, "allow-unsafe-durability", false, "serve even if PostgreSQL has synchronous_commit or fsync off")
+	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&c.logFormat, "log-format", "json", "log format: json or text")
+	fs.IntVar(&c.poolConnsMax, "pool-conns-max", store.PoolConnsMaxDefault, "PostgreSQL connections per process")
+	fs.DurationVar(&c.statementTimeout, "statement-timeout", store.StatementTimeoutDefault, "PostgreSQL statement_timeout")
+	fs.DurationVar(&c.connectTimeout, "connect-timeout", store.ConnectTimeoutDefault, "PostgreSQL connect timeout")
+	fs.DurationVar(&c.startupTimeout, "startup-timeout", 60*time.Second, "how long to wait for PostgreSQL at startup")
+	fs.DurationVar(&c.drainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM, how long in-flight calls may finish")
+	fs.DurationVar(&c.cacheTTL, "cache-ttl", 60*time.Second, "TTL of cached balances (the most a cached read can lag)")
+	fs.DurationVar(&c.cacheOpTimeout, "cache-op-timeout", 50*time.Millisecond, "timeout of each Redis call")
+	fs.IntVar(&c.cacheFailuresMax, "cache-failures-max", 5, "consecutive Redis failures before the cache is bypassed")
+	fs.DurationVar(&c.cacheBreakerCooldown, "cache-breaker-cooldown", 5*time.Second, "how long the cache is bypassed after failures")
+	fs.IntVar(&c.msgBytesMax, "msg-bytes-max", api.MsgBytesMaxDefault, "largest gRPC message accepted or sent")
+	fs.DurationVar(&c.callTimeoutDefault, "call-timeout-default", api.CallTimeoutDefault, "deadline for calls that arrive without one")
+	fs.UintVar(&c.streamsMax, "streams-max", api.StreamsMaxDefault, "concurrent gRPC streams per connection")
+	d := ledger.DefaultLimits()
+	c.limits = d
+	fs.IntVar(&c.limits.PageSizeMax, "page-size-max", d.PageSizeMax, "largest page_size accepted")
+	fs.IntVar(&c.limits.PageSizeDefault, "page-size-default", d.PageSizeDefault, "page_size when none is given")
+	fs.IntVar(&c.limits.MetadataKeysMax, "metadata-keys-max", d.MetadataKeysMax, "most metadata keys per request")
+	fs.IntVar(&c.limits.MetadataKeyBytesMax, "metadata-key-bytes-max", d.MetadataKeyBytesMax, "longest metadata key")
+	fs.IntVar(&c.limits.MetadataValueBytesMax, "metadata-value-bytes-max", d.MetadataValueBytesMax, "longest metadata value")
+	fs.IntVar(&c.limits.DescriptionBytesMax, "description-bytes-max", d.DescriptionBytesMax, "longest description")
+}
+
+func newLogger(level, format string) *slog.Logger {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		lvl = slog.LevelInfo
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	if format == "text" {
+		return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+}
+
+func runServe(ctx context.Context, args []string) error {
+	var c serveConfig
+	fs := flag.NewFlagSet("tallyd serve", flag.ContinueOnError)
+	c.register(fs, true)
+	if err := flagenv.Parse(fs, args); err != nil {
+		return err
+	}
+	if c.databaseURL == "" {
+		return errors.New("--database-url (TALLY_DATABASE_URL) is required")
+	}
+	return serve(ctx, c, newLogger(c.logLevel, c.logFormat), nil)
+}
+
+func runMigrate(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("tallyd migrate", flag.ContinueOnError)
+	url := fs.String("database-url", "", "PostgreSQL connection URL (required)")
+	if err := flagenv.Parse(fs, args); err != nil {
+		return err
+	}
+	if *url == "" {
+		return errors.New("--database-url (TALLY_DATABASE_URL) is required")
+	}
+	if err := store.Migrate(ctx, *url); err != nil {
+		return err
+	}
+	cur, _, err := store.SchemaStatus(ctx, *url)
+	if err != nil {
+		return err
+	}
+	slog.Info("migrated", "schema_version", cur)
+	return nil
+}
+
+// waitForDatabase retries until PostgreSQL answers or the timeout passes, so
+// tallyd started during a database restart comes up by itself.
+func waitForDatabase(ctx context.Context, st *store.Store, timeout time.Duration, log *slog.Logger) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		err := st.Ping(pctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("PostgreSQL not reachable after %s: %w", timeout, err)
+		}
+		log.Warn("waiting for PostgreSQL", "err", err.Error())
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// serve runs the service until ctx ends. ready, when not nil, is called with
+// the bound addresses once the service accepts calls.
+func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpcAddr, httpAddr string)) error {
+	slog.SetDefault(log)
+	st, err := store.Open(ctx, store.Config{
+		URL: c.databaseURL, PoolConnsMax: int32(c.poolConnsMax), StatementTimeout: c.statementTimeout,
+		ConnectTimeout: c.connectTimeout, Logger: log,
+	})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	if err := waitForDatabase(ctx, st, c.startupTimeout, log); err != nil {
+		return err
+	}
+	if c.migrate {
+		if err := store.Migrate(ctx, c.databaseURL); err != nil {
+			return err
+		}
+	}
+	if err := store.CheckSchema(ctx, c.databaseURL); err != nil {
+		return err
+	}
+	syncCommit, fsync, err := st.Durability(ctx)
+	if err != nil {
+		return err
+	}
+	if syncCommit == "off" || fsync == "off" {
+		if !c.allowUnsafeDurability {
+			return fmt.Errorf("PostgreSQL has synchronous_commit=%s fsync=%s: an acknowledged charge could be lost in a crash; "+
+				"fix the server settings or pass --allow-unsafe-durability to accept the risk", syncCommit, fsync)
+		}
+		log.Warn("serving with unsafe durability settings: acknowledged charges can be lost in a crash",
+			"synchronous_commit", syncCommit, "fsync", fsync)
+	}
+
+	var bc *cache.Cache
+	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits}
+	if c.redisURL != "" {
+		bc, err = cache.New(cache.Config{
+			URL: c.redisURL, OpTimeout: c.cacheOpTimeout, TTL: c.cacheTTL, FailuresMax: c.cacheFailuresMax,
+			BreakerCooldown: c.cacheBreakerCooldown, Logger: log,
+		})
+		if err != nil {
+			return err
+		}
+		defer bc.Close()
+		lcfg.Cache = bc
+	} else {
+		log.Info("no --redis-url: running without a balance cache")
+	}
+	l := ledger.New(lcfg)
+
+	hs := health.NewServer()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus("tally.v1.LedgerService", healthpb.HealthCheckResponse_SERVING)
+	gs := api.NewGRPCServer(l, hs, api.ServerOptions{
+		Logger: log, MsgBytesMax: c.msgBytesMax, CallTimeoutDefault: c.callTimeoutDefault, StreamsMax: uint32(c.streamsMax),
+	})
+	glis, err := net.Listen("tcp", c.grpcAddr)
+	if err != nil {
+		return err
+	}
+	hlis, err := net.Listen("tcp", c.httpAddr)
+	if err != nil {
+		glis.Close()
+		return err
+	}
+	hsrv := &http.Server{Handler: healthHandler(st, bc), ReadHeaderTimeout: 5 * time.Second}
+
+	var wg sync.WaitGroup
+	errc := make(chan error, 2)
+	wg.Add(2)
+	go func() { defer wg.Done(); errc <- gs.Serve(glis) }()
+	go func() {
+		defer wg.Done()
+		if err := hsrv.Serve(hlis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- err
+		}
+	}()
+	log.Info("tallyd serving", "grpc_addr", glis.Addr().String(), "http_addr", hlis.Addr().String(),
+		"cache", c.redisURL != "", "schema_fingerprint", store.MigrationsFingerprint())
+	if ready != nil {
+		ready(glis.Addr().String(), hlis.Addr().String())
+	}
+
+	var serveErr error
+	select {
+	case <-ctx.Done():
+	case serveErr = <-errc:
+	}
+	// Drain: report NOT_SERVING so balancers stop sending, finish in-flight
+	// calls within the drain time, then force the rest closed.
+	log.Info("tallyd draining", "drain_timeout", c.drainTimeout.String())
+	hs.Shutdown()
+	done := make(chan struct{})
+	go func() { gs.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(c.drainTimeout):
+		log.Warn("drain timeout: closing remaining calls")
+		gs.Stop()
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	_ = hsrv.Shutdown(sctx)
+	cancel()
+	wg.Wait()
+	log.Info("tallyd stopped")
+	return serveErr
+}
+
+type depState struct {
+	State  string `json:"state"`
+	Detail string `json:"detail,omitempty"`
+}
+
+// healthHandler serves /healthz (each dependency's state as JSON; 200 unless
+// PostgreSQL is down, since the service is healthy without its cache) and
+// /readyz (200 when PostgreSQL answers).
+func healthHandler(st *store.Store, bc *cache.Cache) http.Handler {
+	mux := http.NewServeMux()
+	pg := func(r *http.Request) depState {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := st.Ping(ctx); err != nil {
+			return depState{State: "down", Detail: strings.TrimPrefix(err.Error(), "store: ")}
+		}
+		return depState{State: "ok"}
+	}
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		deps := map[string]depState{"postgres": pg(r)}
+		if bc == nil {
+			deps["cache"] = depState{State: "disabled"}
+		} else {
+			s := bc.Status()
+			deps["cache"] = depState{State: s.State, Detail: s.Detail}
+		}
+		overall, code := "ok", http.StatusOK
+		if deps["cache"].State == cache.StateDegraded {
+			overall = "degraded"
+		}
+		if deps["postgres"].State != "ok" {
+			overall, code = "down", http.StatusServiceUnavailable
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(code)
+		_ = json.NewEncoder(w).Encode(map[string]any{"status": overall, "dependencies": deps})
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		if s := pg(r); s.State != "ok" {
+			http.Error(w, "postgres: "+s.Detail, http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	return mux
+}

@@ -1,0 +1,350 @@
+// Package ledger holds Tally's rules of money: double-entry posting, balance
+// floors, overflow, account states and the exact idempotency semantics. It
+// knows nothing of gRPC; it talks to PostgreSQL only through package store,
+// and to Redis only through the balance cache on its read path.
+//
+// Invariants are asserted (a broken invariant panics: it is a bug, and the
+// transaction it happened in is never committed); bad input returns errors.
+package ledger
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"sync"
+
+	"github.com/google/uuid"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/tallyledger/tally/cache"
+	"github.com/tallyledger/tally/store"
+)
+
+// BalanceCache is the read-through cache beside the read path. It is never
+// consulted by the write path, so it cannot approve an overdraft or decide
+// whether a key was used.
+type BalanceCache interface {
+	// Get returns a cached (version, balance) pair, or false on any miss.
+	Get(ctx context.Context, id uuid.UUID) (cache.Balance, bool)
+	// Put stores b unless the cache already holds a newer version.
+	Put(ctx context.Context, b cache.Balance)
+}
+
+// Config configures a Ledger.
+type Config struct {
+	Store  *store.Store
+	Cache  BalanceCache // nil: no cache
+	Logger *slog.Logger
+	Limits Limits
+}
+
+// Ledger applies the rules of money on top of the store.
+type Ledger struct {
+	st     *store.Store
+	cache  BalanceCache
+	log    *slog.Logger
+	limits Limits
+	reads  singleflight.Group
+	// systemReady remembers currencies whose default system accounts exist.
+	// They are never deleted, so remembering them in process is safe.
+	systemReady sync.Map
+}
+
+// New returns a Ledger.
+func New(cfg Config) *Ledger {
+	if cfg.Store == nil {
+		panic("ledger: nil store")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	cfg.Limits.fill()
+	l := &Ledger{st: cfg.Store, log: cfg.Logger, limits: cfg.Limits}
+	if cfg.Cache != nil {
+		l.cache = cfg.Cache
+	}
+	return l
+}
+
+// Limits returns the limits in force.
+func (l *Ledger) Limits() Limits { return l.limits }
+
+func defaultFloor(t AccountType) Floor {
+	if t == AccountTypeCustomer {
+		return FloorNonNegative
+	}
+	return FloorNone
+}
+
+// ensureSystemAccounts makes sure the currency's default revenue and funding
+// accounts exist, so Charge and Credit can name them implicitly.
+func (l *Ledger) ensureSystemAccounts(ctx context.Context, currency string) error {
+	if _, ok := l.systemReady.Load(currency); ok {
+		return nil
+	}
+	if _, err := l.st.EnsureSystemAccount(ctx, currency, store.SystemRoleRevenue, int16(AccountTypeRevenue), int16(FloorNone)); err != nil {
+		return fromStore(err)
+	}
+	if _, err := l.st.EnsureSystemAccount(ctx, currency, store.SystemRoleFunding, int16(AccountTypeFunding), int16(FloorNone)); err != nil {
+		return fromStore(err)
+	}
+	l.systemReady.Store(currency, true)
+	return nil
+}
+
+// SystemAccount returns the currency's default revenue or funding account.
+func (l *Ledger) SystemAccount(ctx context.Context, currency string, t AccountType) (uuid.UUID, error) {
+	if err := validateCurrency(currency); err != nil {
+		return uuid.Nil, err
+	}
+	if err := l.ensureSystemAccounts(ctx, currency); err != nil {
+		return uuid.Nil, err
+	}
+	role := store.SystemRoleRevenue
+	if t == AccountTypeFunding {
+		role = store.SystemRoleFunding
+	}
+	id, err := l.st.SystemAccountID(ctx, currency, role)
+	return id, fromStore(err)
+}
+
+// CreateAccount creates an account, or returns the existing one when the
+// same id is created again with identical attributes.
+func (l *Ledger) CreateAccount(ctx context.Context, r CreateAccountRequest) (Account, error) {
+	if err := validateCurrency(r.Currency); err != nil {
+		return Account{}, err
+	}
+	if r.Type == 0 {
+		r.Type = AccountTypeCustomer
+	}
+	if r.Type < AccountTypeCustomer || r.Type > AccountTypeFunding {
+		return Account{}, invalid("type", "unknown account type")
+	}
+	if r.Floor == 0 {
+		r.Floor = defaultFloor(r.Type)
+	}
+	if r.Floor != FloorNonNegative && r.Floor != FloorNone {
+		return Account{}, invalid("floor", "unknown floor policy")
+	}
+	if r.CreditLimit < 0 || r.CreditLimit > l.limits.CreditLimitMax {
+		return Account{}, invalid("credit_limit", "credit_limit must be between 0 and %d", l.limits.CreditLimitMax)
+	}
+	if r.CreditLimit != 0 && r.Floor == FloorNone {
+		return Account{}, invalid("credit_limit", "credit_limit only applies to FLOOR_NON_NEGATIVE accounts")
+	}
+	if len(r.ExternalRef) > l.limits.ExternalRefBytesMax {
+		return Account{}, invalid("external_ref", "external_ref is longer than %d bytes", l.limits.ExternalRefBytesMax)
+	}
+	if err := l.limits.validateMetadata(r.Metadata); err != nil {
+		return Account{}, err
+	}
+	if r.ID == uuid.Nil {
+		id, err := uuid.NewV7()
+		if err != nil {
+			return Account{}, fromStore(err)
+		}
+		r.ID = id
+	}
+	if err := l.ensureSystemAccounts(ctx, r.Currency); err != nil {
+		return Account{}, err
+	}
+	want := store.Account{
+		ID: r.ID, Currency: r.Currency, Type: int16(r.Type), ExternalRef: r.ExternalRef,
+		Floor: int16(r.Floor), CreditLimit: r.CreditLimit, Status: int16(StatusActive), Metadata: r.Metadata,
+	}
+	got, created, err := l.st.CreateAccount(ctx, want)
+	if err != nil {
+		return Account{}, fromStore(err)
+	}
+	if !created && !sameAccount(want, got) {
+		return Account{}, rejection(CodeAlreadyExists, ReasonAccountExistsDifferent,
+			"account %s exists with different attributes", r.ID)
+	}
+	return toAccount(got), nil
+}
+
+func sameAccount(a, b store.Account) bool {
+	if a.Currency != b.Currency || a.Type != b.Type || a.Floor != b.Floor || a.CreditLimit != b.CreditLimit ||
+		a.ExternalRef != b.ExternalRef || len(a.Metadata) != len(b.Metadata) {
+		return false
+	}
+	for k, v := range a.Metadata {
+		if w, ok := b.Metadata[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}
+
+// GetAccount returns one account.
+func (l *Ledger) GetAccount(ctx context.Context, id uuid.UUID) (Account, error) {
+	a, err := l.st.GetAccount(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return Account{}, rejection(CodeNotFound, ReasonAccountNotFound, "account %s not found", id)
+	}
+	if err != nil {
+		return Account{}, fromStore(err)
+	}
+	return toAccount(a), nil
+}
+
+// FindAccounts pages through accounts matching q, in account_id order.
+func (l *Ledger) FindAccounts(ctx context.Context, q AccountQuery) ([]Account, string, error) {
+	size, err := l.limits.pageSize(q.PageSize)
+	if err != nil {
+		return nil, "", err
+	}
+	if q.Currency != "" {
+		if err := validateCurrency(q.Currency); err != nil {
+			return nil, "", err
+		}
+	}
+	if q.Type < 0 || q.Type > AccountTypeFunding {
+		return nil, "", invalid("type", "unknown account type")
+	}
+	if len(q.ExternalRef) > l.limits.ExternalRefBytesMax {
+		return nil, "", invalid("external_ref", "external_ref is longer than %d bytes", l.limits.ExternalRefBytesMax)
+	}
+	query := fmt.Sprintf("accounts|%q|%q|%d", q.ExternalRef, q.Currency, q.Type)
+	f := store.AccountFilter{ExternalRef: q.ExternalRef, Currency: q.Currency, Type: int16(q.Type), Limit: size + 1}
+	if q.PageToken != "" {
+		c, err := decodeToken(query, q.PageToken)
+		if err != nil {
+			return nil, "", err
+		}
+		after, err := uuid.Parse(c.After)
+		if err != nil {
+			return nil, "", invalid("page_token", "page_token is malformed or belongs to another query")
+		}
+		f.After = uuid.NullUUID{UUID: after, Valid: true}
+	}
+	rows, err := l.st.FindAccounts(ctx, f)
+	if err != nil {
+		return nil, "", fromStore(err)
+	}
+	next := ""
+	if len(rows) > size {
+		rows = rows[:size]
+		next = encodeToken(query, pageCursor{After: rows[len(rows)-1].ID.String()})
+	}
+	out := make([]Account, len(rows))
+	for i, a := range rows {
+		out[i] = toAccount(a)
+	}
+	return out, next, nil
+}
+
+// ListEntries pages through an account's statement, oldest first.
+func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string, error) {
+	size, err := l.limits.pageSize(q.PageSize)
+	if err != nil {
+		return nil, "", err
+	}
+	if q.Start != nil && q.End != nil && q.End.Before(*q.Start) {
+		return nil, "", invalid("end_time", "end_time is before start_time")
+	}
+	query := fmt.Sprintf("entries|%s|%v|%v", q.AccountID, timeKey(q.Start), timeKey(q.End))
+	f := store.EntryFilter{AccountID: q.AccountID, Start: q.Start, End: q.End, Limit: size + 1}
+	if q.PageToken != "" {
+		c, err := decodeToken(query, q.PageToken)
+		if err != nil {
+			return nil, "", err
+		}
+		if c.Seq < 0 {
+			return nil, "", invalid("page_token", "page_token is malformed or belongs to another query")
+		}
+		f.AfterSequence = c.Seq
+	} else if _, err := l.GetAccount(ctx, q.AccountID); err != nil {
+		// An unknown account is NOT_FOUND, not an empty statement.
+		return nil, "", err
+	}
+	rows, err := l.st.ListEntries(ctx, f)
+	if err != nil {
+		return nil, "", fromStore(err)
+	}
+	next := ""
+	if len(rows) > size {
+		rows = rows[:size]
+		next = encodeToken(query, pageCursor{Seq: rows[len(rows)-1].Sequence})
+	}
+	out := make([]Entry, len(rows))
+	for i, e := range rows {
+		out[i] = Entry(e)
+	}
+	return out, next, nil
+}
+
+// GetTransfer returns a transfer by id.
+func (l *Ledger) GetTransfer(ctx context.Context, id uuid.UUID) (Transfer, error) {
+	t, err := l.st.GetTransfer(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return Transfer{}, rejection(CodeNotFound, ReasonTransferNotFound, "transfer %s not found", id)
+	}
+	if err != nil {
+		return Transfer{}, fromStore(err)
+	}
+	return toTransfer(t), nil
+}
+
+// GetTransferByKey returns the stored outcome of an idempotency key: the
+// transfer it produced, or the rejection it got (as an *Error with
+// Replayed set), so a client recovering from a crash learns either.
+func (l *Ledger) GetTransferByKey(ctx context.Context, scope, key string) (Transfer, error) {
+	if err := validateKey(key); err != nil {
+		return Transfer{}, err
+	}
+	k, err := l.st.GetKey(ctx, scope, key)
+	if errors.Is(err, store.ErrNotFound) {
+		return Transfer{}, rejection(CodeNotFound, ReasonTransferNotFound, "no outcome recorded for this idempotency key")
+	}
+	if err != nil {
+		return Transfer{}, fromStore(err)
+	}
+	if !k.TransferID.Valid {
+		return Transfer{}, storedRejection(k)
+	}
+	return l.GetTransfer(ctx, k.TransferID.UUID)
+}
+
+func storedRejection(k store.KeyRecord) *Error {
+	code := CodeFailedPrecondition
+	if k.ErrorCode == codeNameOutOfRange {
+		code = CodeOutOfRange
+	}
+	return &Error{Code: code, Reason: k.ErrorReason, Message: k.ErrorMessage, Replayed: true}
+}
+
+// Names stored in idempotency_keys.error_code (a CHECK constraint lists them).
+const (
+	codeNameFailedPrecondition = "FAILED_PRECONDITION"
+	codeNameOutOfRange         = "OUT_OF_RANGE"
+)
+
+func available(floor Floor, bal, creditLimit int64) int64 {
+	if floor == FloorNone {
+		return bal
+	}
+	// The schema's accounts_available_range CHECK keeps this from overflowing.
+	if bal > math.MaxInt64-creditLimit {
+		panic(fmt.Sprintf("ledger: available overflows: balance %d credit_limit %d", bal, creditLimit))
+	}
+	return bal + creditLimit
+}
+
+func toAccount(a store.Account) Account {
+	return Account{
+		ID: a.ID, Currency: a.Currency, Type: AccountType(a.Type), ExternalRef: a.ExternalRef,
+		Floor: Floor(a.Floor), CreditLimit: a.CreditLimit, Status: Status(a.Status), Metadata: a.Metadata,
+		CreatedAt: a.CreatedAt, Version: a.Version,
+	}
+}
+
+func toTransfer(t store.Transfer) Transfer {
+	return Transfer{
+		ID: t.ID, IdempotencyKey: t.Key, Kind: Kind(t.Kind), DebitAccountID: t.DebitAccountID,
+		CreditAccountID: t.CreditAccountID, Amount: t.Amount, Currency: t.Currency,
+		Description: t.Description, Metadata: t.Metadata, CreatedAt: t.CreatedAt,
+	}
+}

@@ -1,0 +1,49 @@
+package ledger
+
+import (
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+)
+
+// Page tokens are opaque to callers: base64url of a small JSON cursor plus a
+// checksum over the cursor and the query it belongs to. A garbled token, or a
+// token replayed against a different query, is INVALID_ARGUMENT. They are not
+// secret (they only hold a position), so no server key is needed and any
+// tallyd replica accepts any other's tokens.
+type pageCursor struct {
+	V     int    `json:"v"`
+	After string `json:"a"`
+	Seq   int64  `json:"s,omitempty"`
+	Sum   string `json:"c"`
+}
+
+func checksum(query string, c pageCursor) string {
+	c.Sum = ""
+	b, _ := json.Marshal(c)
+	h := sha256.Sum256(append([]byte(query+"\x00"), b...))
+	return base64.RawURLEncoding.EncodeToString(h[:12])
+}
+
+func encodeToken(query string, c pageCursor) string {
+	c.V = 1
+	c.Sum = checksum(query, c)
+	b, _ := json.Marshal(c)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+func decodeToken(query, tok string) (pageCursor, error) {
+	bad := invalid("page_token", "page_token is malformed or belongs to another query")
+	if len(tok) > 512 {
+		return pageCursor{}, bad
+	}
+	b, err := base64.RawURLEncoding.DecodeString(tok)
+	if err != nil {
+		return pageCursor{}, bad
+	}
+	var c pageCursor
+	if err := json.Unmarshal(b, &c); err != nil || c.V != 1 || c.Sum != checksum(query, c) {
+		return pageCursor{}, bad
+	}
+	return c, nil
+}

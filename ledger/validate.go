@@ -1,0 +1,179 @@
+package ledger
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"regexp"
+	"sort"
+	"unicode/utf8"
+)
+
+// Limits bounds every input. Each field has a default and a tallyd flag.
+type Limits struct {
+	PageSizeMax           int
+	PageSizeDefault       int
+	MetadataKeysMax       int
+	MetadataKeyBytesMax   int
+	MetadataValueBytesMax int
+	DescriptionBytesMax   int
+	ExternalRefBytesMax   int
+	CreditLimitMax        int64
+}
+
+// Default limits.
+const (
+	PageSizeMaxDefault           = 1000
+	PageSizeDefaultDefault       = 100
+	MetadataKeysMaxDefault       = 32
+	MetadataKeyBytesMaxDefault   = 64
+	MetadataValueBytesMaxDefault = 512
+	DescriptionBytesMaxDefault   = 1024
+	// ExternalRefBytesMax is fixed by a CHECK constraint in the schema.
+	ExternalRefBytesMax = 256
+	// CreditLimitMax is fixed by a CHECK constraint in the schema.
+	CreditLimitMax = int64(1_000_000_000_000_000_000)
+	// IdempotencyKeyBytesMax is part of the API contract and the schema.
+	IdempotencyKeyBytesMax = 128
+)
+
+// DefaultLimits returns the default limits.
+func DefaultLimits() Limits {
+	return Limits{
+		PageSizeMax:           PageSizeMaxDefault,
+		PageSizeDefault:       PageSizeDefaultDefault,
+		MetadataKeysMax:       MetadataKeysMaxDefault,
+		MetadataKeyBytesMax:   MetadataKeyBytesMaxDefault,
+		MetadataValueBytesMax: MetadataValueBytesMaxDefault,
+		DescriptionBytesMax:   DescriptionBytesMaxDefault,
+		ExternalRefBytesMax:   ExternalRefBytesMax,
+		CreditLimitMax:        CreditLimitMax,
+	}
+}
+
+func (l *Limits) fill() {
+	d := DefaultLimits()
+	if l.PageSizeMax <= 0 {
+		l.PageSizeMax = d.PageSizeMax
+	}
+	if l.PageSizeDefault <= 0 || l.PageSizeDefault > l.PageSizeMax {
+		l.PageSizeDefault = min(d.PageSizeDefault, l.PageSizeMax)
+	}
+	if l.MetadataKeysMax <= 0 {
+		l.MetadataKeysMax = d.MetadataKeysMax
+	}
+	if l.MetadataKeyBytesMax <= 0 {
+		l.MetadataKeyBytesMax = d.MetadataKeyBytesMax
+	}
+	if l.MetadataValueBytesMax <= 0 {
+		l.MetadataValueBytesMax = d.MetadataValueBytesMax
+	}
+	if l.DescriptionBytesMax <= 0 {
+		l.DescriptionBytesMax = d.DescriptionBytesMax
+	}
+	// These two are enforced by the schema too; never allow more.
+	if l.ExternalRefBytesMax <= 0 || l.ExternalRefBytesMax > ExternalRefBytesMax {
+		l.ExternalRefBytesMax = ExternalRefBytesMax
+	}
+	if l.CreditLimitMax <= 0 || l.CreditLimitMax > CreditLimitMax {
+		l.CreditLimitMax = CreditLimitMax
+	}
+}
+
+var currencyRe = regexp.MustCompile(`^[A-Z0-9_]{1,16}$`)
+
+func validateCurrency(c string) error {
+	if !currencyRe.MatchString(c) {
+		return invalid("currency", "currency must be 1-16 characters of A-Z, 0-9 and _")
+	}
+	return nil
+}
+
+// validateKey enforces 1-128 printable ASCII characters.
+func validateKey(k string) error {
+	if k == "" {
+		return invalid("idempotency_key", "idempotency_key is required")
+	}
+	if len(k) > IdempotencyKeyBytesMax {
+		return invalid("idempotency_key", "idempotency_key is longer than %d characters", IdempotencyKeyBytesMax)
+	}
+	for i := 0; i < len(k); i++ {
+		if k[i] < 0x20 || k[i] > 0x7e {
+			return invalid("idempotency_key", "idempotency_key must be printable ASCII")
+		}
+	}
+	return nil
+}
+
+func (l *Limits) validateMetadata(m map[string]string) error {
+	if len(m) > l.MetadataKeysMax {
+		return invalid("metadata", "metadata has more than %d keys", l.MetadataKeysMax)
+	}
+	for k, v := range m {
+		if k == "" || len(k) > l.MetadataKeyBytesMax {
+			return invalid("metadata", "metadata keys must be 1-%d bytes", l.MetadataKeyBytesMax)
+		}
+		if len(v) > l.MetadataValueBytesMax {
+			return invalid("metadata", "metadata values must be at most %d bytes", l.MetadataValueBytesMax)
+		}
+		if !utf8.ValidString(k) || !utf8.ValidString(v) {
+			return invalid("metadata", "metadata must be valid UTF-8")
+		}
+	}
+	return nil
+}
+
+func (l *Limits) validateDescription(d string) error {
+	if len(d) > l.DescriptionBytesMax {
+		return invalid("description", "description is longer than %d bytes", l.DescriptionBytesMax)
+	}
+	if !utf8.ValidString(d) {
+		return invalid("description", "description must be valid UTF-8")
+	}
+	return nil
+}
+
+func (l *Limits) pageSize(n int) (int, error) {
+	switch {
+	case n < 0:
+		return 0, invalid("page_size", "page_size must not be negative")
+	case n == 0:
+		return l.PageSizeDefault, nil
+	case n > l.PageSizeMax:
+		return 0, invalid("page_size", "page_size must be at most %d", l.PageSizeMax)
+	}
+	return n, nil
+}
+
+// fingerprint is a canonical hash of everything a money-moving request says,
+// so a retry can be told apart from a different request under the same key.
+// Maps are sorted (proto maps have no order) and every field is length-prefixed
+// so that no two requests share an encoding.
+func fingerprint(r MoveRequest) []byte {
+	h := sha256.New()
+	var buf [8]byte
+	writeInt := func(v int64) {
+		binary.BigEndian.PutUint64(buf[:], uint64(v))
+		h.Write(buf[:])
+	}
+	writeStr := func(s string) {
+		writeInt(int64(len(s)))
+		h.Write([]byte(s))
+	}
+	writeStr("tally.fingerprint.v1")
+	writeInt(int64(r.Kind))
+	h.Write(r.AccountID[:])
+	h.Write(r.Counterparty[:])
+	writeInt(r.Amount)
+	writeStr(r.Description)
+	keys := make([]string, 0, len(r.Metadata))
+	for k := range r.Metadata {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	writeInt(int64(len(keys)))
+	for _, k := range keys {
+		writeStr(k)
+		writeStr(r.Metadata[k])
+	}
+	return h.Sum(nil)
+}

@@ -1,0 +1,182 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
+const accountCols = `account_id, currency, type, external_ref, floor, credit_limit, status, metadata,
+	coalesce(system_role, ''), balance, version, last_sequence, last_entry_at, created_at`
+
+type rowScanner interface{ Scan(dest ...any) error }
+
+func scanAccount(r rowScanner) (Account, error) {
+	var a Account
+	var meta []byte
+	err := r.Scan(&a.ID, &a.Currency, &a.Type, &a.ExternalRef, &a.Floor, &a.CreditLimit, &a.Status, &meta,
+		&a.SystemRole, &a.Balance, &a.Version, &a.LastSequence, &a.LastEntryAt, &a.CreatedAt)
+	if err != nil {
+		return Account{}, err
+	}
+	a.Metadata, err = decodeMeta(meta)
+	return a, err
+}
+
+func encodeMeta(m map[string]string) []byte {
+	if m == nil {
+		m = map[string]string{}
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		panic(err) // a map[string]string always marshals
+	}
+	return b
+}
+
+func decodeMeta(b []byte) (map[string]string, error) {
+	m := map[string]string{}
+	if len(b) == 0 {
+		return m, nil
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, &Error{Kind: ErrInternal, cause: err}
+	}
+	return m, nil
+}
+
+// CreateAccount inserts a. When an account with a.ID exists already, it
+// returns the stored one with created=false and changes nothing.
+func (s *Store) CreateAccount(ctx context.Context, a Account) (acct Account, created bool, err error) {
+	row := s.pool.QueryRow(ctx, `INSERT INTO accounts
+		(account_id, currency, type, external_ref, floor, credit_limit, status, metadata, system_role)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, nullif($9, ''))
+		ON CONFLICT (account_id) DO NOTHING
+		RETURNING `+accountCols,
+		a.ID, a.Currency, a.Type, a.ExternalRef, a.Floor, a.CreditLimit, a.Status, encodeMeta(a.Metadata), a.SystemRole)
+	acct, err = scanAccount(row)
+	if err == nil {
+		return acct, true, nil
+	}
+	if err != pgx.ErrNoRows {
+		return Account{}, false, translate(err)
+	}
+	acct, err = s.GetAccount(ctx, a.ID)
+	return acct, false, err
+}
+
+// EnsureSystemAccount returns the currency's default account of the given
+// role ("revenue" or "funding"), creating it on first use. Concurrent callers
+// agree on one account through the partial unique index.
+func (s *Store) EnsureSystemAccount(ctx context.Context, currency, role string, typ, floor int16) (uuid.UUID, error) {
+	id, err := s.SystemAccountID(ctx, currency, role)
+	if err == nil {
+		return id, nil
+	}
+	if err != ErrNotFound {
+		return uuid.Nil, err
+	}
+	newID, err := uuid.NewV7()
+	if err != nil {
+		return uuid.Nil, &Error{Kind: ErrInternal, cause: err}
+	}
+	_, err = s.pool.Exec(ctx, `INSERT INTO accounts (account_id, currency, type, floor, status, system_role, metadata)
+		VALUES ($1, $2, $3, $4, 1, $5, '{}')
+		ON CONFLICT (currency, system_role) WHERE system_role IS NOT NULL DO NOTHING`,
+		newID, currency, typ, floor, role)
+	if err != nil {
+		return uuid.Nil, translate(err)
+	}
+	return s.SystemAccountID(ctx, currency, role)
+}
+
+// SystemAccountID returns the currency's default account of the given role.
+func (s *Store) SystemAccountID(ctx context.Context, currency, role string) (uuid.UUID, error) {
+	var id uuid.UUID
+	err := s.pool.QueryRow(ctx, `SELECT account_id FROM accounts WHERE currency = $1 AND system_role = $2`, currency, role).Scan(&id)
+	return id, translate(err)
+}
+
+// GetAccount returns one account.
+func (s *Store) GetAccount(ctx context.Context, id uuid.UUID) (Account, error) {
+	a, err := scanAccount(s.pool.QueryRow(ctx, `SELECT `+accountCols+` FROM accounts WHERE account_id = $1`, id))
+	return a, translate(err)
+}
+
+// AccountFilter selects accounts for FindAccounts. Zero fields match all.
+type AccountFilter struct {
+	ExternalRef string
+	Currency    string
+	Type        int16
+	// After is the keyset cursor: only accounts with a larger id.
+	After uuid.NullUUID
+	Limit int
+}
+
+// FindAccounts returns up to f.Limit accounts matching f, ordered by id.
+func (s *Store) FindAccounts(ctx context.Context, f AccountFilter) ([]Account, error) {
+	rows, err := s.pool.Query(ctx, `SELECT `+accountCols+` FROM accounts
+		WHERE ($1 = '' OR external_ref = $1)
+		  AND ($2 = '' OR currency = $2)
+		  AND ($3 = 0 OR type = $3)
+		  AND ($4::uuid IS NULL OR account_id > $4)
+		ORDER BY account_id
+		LIMIT $5`, f.ExternalRef, f.Currency, f.Type, f.After, f.Limit)
+	if err != nil {
+		return nil, translate(err)
+	}
+	defer rows.Close()
+	var out []Account
+	for rows.Next() {
+		a, err := scanAccount(rows)
+		if err != nil {
+			return nil, translate(err)
+		}
+		out = append(out, a)
+	}
+	return out, translate(rows.Err())
+}
+
+// GetBalance reads an account's balance straight from PostgreSQL.
+func (s *Store) GetBalance(ctx context.Context, id uuid.UUID) (BalanceRow, error) {
+	var b BalanceRow
+	err := s.pool.QueryRow(ctx, `SELECT account_id, currency, floor, balance, credit_limit, version, clock_timestamp()
+		FROM accounts WHERE account_id = $1`, id).
+		Scan(&b.AccountID, &b.Currency, &b.Floor, &b.Balance, &b.CreditLimit, &b.Version, &b.ReadAt)
+	return b, translate(err)
+}
+
+// EntryFilter pages through an account's entries by sequence.
+type EntryFilter struct {
+	AccountID     uuid.UUID
+	AfterSequence int64
+	Start, End    *time.Time
+	Limit         int
+}
+
+// ListEntries returns up to f.Limit entries of an account, oldest first.
+func (s *Store) ListEntries(ctx context.Context, f EntryFilter) ([]Entry, error) {
+	rows, err := s.pool.Query(ctx, `SELECT transfer_id, account_id, sequence, amount, balance_after, version_after, created_at
+		FROM entries
+		WHERE account_id = $1 AND sequence > $2
+		  AND ($3::timestamptz IS NULL OR created_at >= $3)
+		  AND ($4::timestamptz IS NULL OR created_at < $4)
+		ORDER BY sequence
+		LIMIT $5`, f.AccountID, f.AfterSequence, f.Start, f.End, f.Limit)
+	if err != nil {
+		return nil, translate(err)
+	}
+	defer rows.Close()
+	var out []Entry
+	for rows.Next() {
+		var e Entry
+		if err := rows.Scan(&e.TransferID, &e.AccountID, &e.Sequence, &e.Amount, &e.BalanceAfter, &e.VersionAfter, &e.CreatedAt); err != nil {
+			return nil, translate(err)
+		}
+		out = append(out, e)
+	}
+	return out, translate(rows.Err())
+}

@@ -1,0 +1,126 @@
+package store
+
+import (
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Account is an accounts row. Enum columns hold the proto enum numbers; the
+// ledger package gives them types and meaning.
+type Account struct {
+	ID           uuid.UUID
+	Currency     string
+	Type         int16
+	ExternalRef  string
+	Floor        int16
+	CreditLimit  int64
+	Status       int16
+	Metadata     map[string]string
+	SystemRole   string
+	Balance      int64
+	Version      int64
+	LastSequence int64
+	LastEntryAt  *time.Time
+	CreatedAt    time.Time
+}
+
+// Transfer is a transfers row.
+type Transfer struct {
+	ID              uuid.UUID
+	Scope           string
+	Key             string
+	Kind            int16
+	DebitAccountID  uuid.UUID
+	CreditAccountID uuid.UUID
+	Amount          int64
+	Currency        string
+	Description     string
+	Metadata        map[string]string
+	CreatedAt       time.Time
+}
+
+// Entry is an entries row: one side of a transfer on one account.
+type Entry struct {
+	TransferID   uuid.UUID
+	AccountID    uuid.UUID
+	Sequence     int64
+	Amount       int64
+	BalanceAfter int64
+	VersionAfter int64
+	CreatedAt    time.Time
+}
+
+// KeyRecord is an idempotency_keys row: the final outcome of one key.
+type KeyRecord struct {
+	Scope        string
+	Key          string
+	Fingerprint  []byte
+	Kind         int16
+	TransferID   uuid.NullUUID
+	AccountID    uuid.UUID
+	ErrorCode    string
+	ErrorReason  string
+	ErrorMessage string
+	CreatedAt    time.Time
+}
+
+// BalanceRow is the part of an account a balance read needs.
+type BalanceRow struct {
+	AccountID   uuid.UUID
+	Currency    string
+	Floor       int16
+	Balance     int64
+	CreditLimit int64
+	Version     int64
+	ReadAt      time.Time
+}
+
+// AccountUpdate is the new state of one account after a posting. PrevVersion
+// guards the update: it must match the row locked earlier in the transaction.
+type AccountUpdate struct {
+	AccountID    uuid.UUID
+	PrevVersion  int64
+	Balance      int64
+	Version      int64
+	LastSequence int64
+	LastEntryAt  time.Time
+}
+
+// Posting is everything one successful money movement writes, in one
+// transaction: the transfer, its two entries, both accounts and the key.
+type Posting struct {
+	Transfer Transfer
+	Entries  [2]Entry
+	Updates  [2]AccountUpdate
+	Key      KeyRecord
+}
+
+// PostLock says which key and accounts a posting needs locked.
+type PostLock struct {
+	Scope string
+	Key   string
+	// Primary is the account the caller named.
+	Primary uuid.UUID
+	// Counterparty is the other account when the caller named it.
+	Counterparty uuid.NullUUID
+	// SystemRole ("revenue" or "funding") selects the currency's default
+	// system account when Counterparty is not set.
+	SystemRole string
+}
+
+// Locked is what LockForPosting found, with the accounts' rows locked.
+type Locked struct {
+	// Key is the stored outcome when the key was already used.
+	Key *KeyRecord
+	// Accounts are the locked accounts in account_id order.
+	Accounts []Account
+	// Now is PostgreSQL's clock, read after the locks were granted.
+	Now time.Time
+}
+
+// Role names of the per-currency default system accounts.
+const (
+	SystemRoleRevenue = "revenue"
+	SystemRoleFunding = "funding"
+)
