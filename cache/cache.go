@@ -1,0 +1,447 @@
+// Package cache is Tally's Redis read-through cache for account balances.
+//
+// PostgreSQL is the only source of truth. Redis only saves a PostgreSQL read,
+// and this package is built so that losing Redis in any way (flushed, crashed,
+// restarted empty, partitioned, slow, read-only, holding stale or garbage
+// values) can make a balance read slower but can never make it wrong in a way
+// the promise below does not allow, and can never fail a caller.
+//
+// The promise: a cached read returns a (version, balance) pair that really
+// existed in PostgreSQL and is at most TTL old. It follows from these rules:
+//
+//   - Values are written only by Put, from a pair the caller read from or
+//     wrote to PostgreSQL, and Put is a compare-and-set on version run inside
+//     Redis (Lua), so an older pair can never overwrite a newer one: a slow
+//     reader that fills v5 after a writer stored v6 loses.
+//   - Every write carries a PX expiry of at most TTL, counted from the pair's
+//     AsOf, and Get reads value and remaining TTL atomically and refuses (and
+//     deletes) an entry without expiry or with a longer one than TTL, so even
+//     a value planted by hand cannot outlive the bound.
+//   - Anything Get cannot parse completely is a miss, never an error.
+//   - Every Redis call is bounded by OpTimeout, without retries, and a
+//     circuit breaker stops calling Redis for BreakerCooldown after
+//     FailuresMax consecutive failures, so a slow or dead Redis costs a read at
+//     most about OpTimeout, and usually nothing.
+//   - A failed Put counts as a failure too: a Redis that can still be read but
+//     no longer written (for example turned read-only) would otherwise keep
+//     serving balances it can no longer update, so once the breaker is open
+//     Get bypasses Redis as well.
+//
+// Nothing in this package returns an error to the read path: every problem
+// turns into a miss, and the caller reads PostgreSQL.
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
+	"github.com/sony/gobreaker/v2"
+)
+
+// Defaults for the zero fields of Config.
+const (
+	// opTimeoutDefault bounds one Redis call. A cache read that costs more
+	// than a PostgreSQL read is worse than no cache, so it is short.
+	opTimeoutDefault = 50 * time.Millisecond
+	// ttlDefault is how old a cached pair may ever be.
+	ttlDefault = 60 * time.Second
+	// failuresMaxDefault is how many consecutive failures open the breaker.
+	failuresMaxDefault = 5
+	// breakerCooldownDefault is how long Redis is bypassed once the breaker
+	// opened, before a probe is let through.
+	breakerCooldownDefault = 5 * time.Second
+	// keyPrefixDefault namespaces balance keys in a shared Redis.
+	keyPrefixDefault = "tally:bal:"
+	// dialTimeoutMax caps the connect timeout of background dials (go-redis
+	// reconnects outside any caller's context).
+	dialTimeoutMax = time.Second
+)
+
+// valueFormat is the tag of the current value encoding; a value with any
+// other tag is a miss, so the encoding can change without a flush.
+const valueFormat = "v1"
+
+// Balance is one cached (version, balance) pair of an account.
+type Balance struct {
+	AccountID   uuid.UUID
+	Currency    string
+	Balance     int64
+	CreditLimit int64
+	Available   int64
+	Version     int64
+	AsOf        time.Time // when this pair was read from / written to PostgreSQL
+}
+
+// Config configures a Cache. Zero fields take the defaults noted.
+type Config struct {
+	URL             string        // redis://host:port/db ; parsed with redis.ParseURL
+	OpTimeout       time.Duration // per Redis call; default 50ms
+	TTL             time.Duration // default 60s
+	FailuresMax     int           // consecutive failures before the breaker opens; default 5
+	BreakerCooldown time.Duration // how long the cache is bypassed once open; default 5s
+	KeyPrefix       string        // default "tally:bal:"
+	Logger          *slog.Logger  // default slog.Default()
+}
+
+// Status is the health of the cache as shown to operators and health checks.
+// A degraded cache is not an error for Tally: reads go to PostgreSQL.
+type Status struct {
+	State  string // "ok" or "degraded"
+	Detail string // human-readable reason when degraded
+}
+
+// Status states.
+const (
+	// StateOK means Redis answers and the breaker is closed.
+	StateOK = "ok"
+	// StateDegraded means the breaker is not closed or calls failed
+	// recently; reads are (partly) served by PostgreSQL.
+	StateDegraded = "degraded"
+)
+
+// Cache is the Redis read-through balance cache. It is safe for concurrent
+// use. Its methods never return errors: every problem is a miss or a no-op.
+type Cache struct {
+	client    *redis.Client
+	opTimeout time.Duration
+	ttl       time.Duration
+	prefix    string
+	log       *slog.Logger
+	breaker   *gobreaker.CircuitBreaker[any]
+
+	mu      sync.Mutex
+	lastErr string // last failure, for Status
+}
+
+// getScript reads a value and its remaining time to live atomically, and
+// deletes it right there if it has no expiry or a longer one than the
+// configured TTL (ARGV[1], ms): such an entry was not written by Put and
+// could break the age bound, so it is never served. It returns nil (a miss)
+// or {value, pttl}. Doing the check in the script avoids a window where a
+// separate DEL could remove a fresh value stored in between. Because the
+// script may write, a read-only Redis (a replica) refuses it with READONLY:
+// Get then fails and counts toward the breaker, which is what we want from a
+// Redis that can no longer be kept up to date.
+var getScript = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local t = redis.call('PTTL', KEYS[1])
+if t == -1 or t > tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+  return false
+end
+return {v, t}
+`)
+
+// putScript sets KEYS[1] to ARGV[1] with PX ARGV[3] unless the current value
+// parses and has a version >= ARGV[2]. Versions are compared as canonical
+// decimal strings (no sign, no leading zeros, at most int64), not as Lua
+// numbers, which are doubles and would lose precision above 2^53. The
+// script's idea of "parses" is the same shape as decode's and at most looser
+// (it does not range-check the other numbers), never stricter: so a value
+// Get would serve is never overwritten by an older one, while garbage is
+// overwritten. Returns 1 if set, 0 if kept.
+var putScript = redis.NewScript(`
+local function canon(s)
+  if not s then return nil end
+  if #s > 1 and string.sub(s, 1, 1) == '0' then return nil end
+  if #s > 19 or (#s == 19 and s > '9223372036854775807') then return nil end
+  return s
+end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cv = canon(string.match(cur, '^v1|(%d+)|%-?%d+|%-?%d+|%-?%d+|[^|]+|%-?%d+$'))
+  if cv then
+    local nv = ARGV[2]
+    if #cv > #nv or (#cv == #nv and cv >= nv) then return 0 end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+`)
+
+// New returns a Cache for cfg. It does not need Redis to be up: a Redis that
+// is down only makes the cache start degraded. It fails only on a bad config
+// (an unparsable URL).
+func New(cfg Config) (*Cache, error) {
+	if cfg.OpTimeout <= 0 {
+		cfg.OpTimeout = opTimeoutDefault
+	}
+	if cfg.TTL <= 0 {
+		cfg.TTL = ttlDefault
+	}
+	if cfg.FailuresMax <= 0 {
+		cfg.FailuresMax = failuresMaxDefault
+	}
+	if cfg.BreakerCooldown <= 0 {
+		cfg.BreakerCooldown = breakerCooldownDefault
+	}
+	if cfg.KeyPrefix == "" {
+		cfg.KeyPrefix = keyPrefixDefault
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	opt, err := redis.ParseURL(cfg.URL)
+	if err != nil {
+		return nil, fmt.Errorf("cache: bad redis URL: %w", err)
+	}
+	// These override whatever the URL says: they are what bounds the cost
+	// of a sick Redis. go-redis ignores context deadlines on socket I/O
+	// unless ContextTimeoutEnabled is set, and by default retries a
+	// timed-out command 3 times and redials 5 times; each would multiply
+	// the cost of a read that should have gone to PostgreSQL long ago.
+	opt.ContextTimeoutEnabled = true
+	opt.ReadTimeout = cfg.OpTimeout
+	opt.WriteTimeout = cfg.OpTimeout
+	opt.MaxRetries = -1 // -1 disables retries in go-redis v9 (0 means 3)
+	opt.DialTimeout = min(2*cfg.OpTimeout, dialTimeoutMax)
+	opt.DialerRetries = 1
+	opt.PoolTimeout = cfg.OpTimeout
+
+	c := &Cache{
+		client:    redis.NewClient(opt),
+		opTimeout: cfg.OpTimeout,
+		ttl:       cfg.TTL,
+		prefix:    cfg.KeyPrefix,
+		log:       cfg.Logger.With("component", "cache"),
+	}
+	failuresMax := uint32(cfg.FailuresMax)
+	c.breaker = gobreaker.NewCircuitBreaker[any](gobreaker.Settings{
+		Name:        "redis-balance-cache",
+		MaxRequests: 1, // one probe at a time when half-open
+		Timeout:     cfg.BreakerCooldown,
+		ReadyToTrip: func(n gobreaker.Counts) bool {
+			return n.ConsecutiveFailures >= failuresMax
+		},
+		// A miss is Redis working as intended, not a failure.
+		IsSuccessful: func(err error) bool { return err == nil || errors.Is(err, redis.Nil) },
+		// The caller giving up says nothing about Redis.
+		IsExcluded:    func(err error) bool { return errors.Is(err, errCallerGone) },
+		OnStateChange: c.onStateChange,
+	})
+
+	// Find out now whether Redis is there, so Status is honest from the
+	// start; a failure here counts toward the breaker like any other.
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.OpTimeout)
+	defer cancel()
+	_ = c.do(ctx, func(ctx context.Context) error { return c.client.Ping(ctx).Err() })
+	return c, nil
+}
+
+// errCallerGone marks a call abandoned because the caller's own context
+// ended; it is excluded from the breaker's counts.
+var errCallerGone = errors.New("cache: caller context done")
+
+// onStateChange logs breaker transitions: these, not individual failures,
+// are what an operator needs to see. It runs under the breaker's lock, so it
+// must not call back into the breaker.
+func (c *Cache) onStateChange(_ string, from, to gobreaker.State) {
+	switch to {
+	case gobreaker.StateOpen:
+		c.log.Warn("redis cache breaker open: bypassing Redis",
+			"from", from.String(), "last_error", c.lastError())
+	case gobreaker.StateHalfOpen:
+		c.log.Info("redis cache breaker half-open: probing Redis")
+	case gobreaker.StateClosed:
+		c.log.Info("redis cache breaker closed: Redis back in use", "from", from.String())
+	}
+}
+
+// do runs fn through the breaker with a context bounded by OpTimeout. It
+// returns gobreaker.ErrOpenState / ErrTooManyRequests without calling fn when
+// Redis is being bypassed.
+func (c *Cache) do(ctx context.Context, fn func(ctx context.Context) error) error {
+	if ctx.Err() != nil {
+		return errCallerGone
+	}
+	_, err := c.breaker.Execute(func() (any, error) {
+		opCtx, cancel := context.WithTimeout(ctx, c.opTimeout)
+		defer cancel()
+		err := fn(opCtx)
+		if err != nil && !errors.Is(err, redis.Nil) {
+			if errors.Is(ctx.Err(), context.Canceled) {
+				// The caller hung up; that says nothing about Redis. (A
+				// caller deadline shorter than OpTimeout still counts: a
+				// healthy Redis answers well within it.)
+				return nil, errCallerGone
+			}
+			c.setLastError(err)
+		}
+		return nil, err
+	})
+	return err
+}
+
+func (c *Cache) key(id uuid.UUID) string { return c.prefix + id.String() }
+
+// Get returns the cached pair of account id. ok is false on a miss and on
+// every kind of trouble (garbage value, entry without a proper expiry, Redis
+// error or timeout, breaker open): the caller then reads PostgreSQL.
+func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
+	var raw string
+	err := c.do(ctx, func(ctx context.Context) error {
+		res, err := getScript.Run(ctx, c.client, []string{c.key(id)}, c.ttl.Milliseconds()).Slice()
+		if err != nil {
+			return err
+		}
+		if len(res) != 2 {
+			return redis.Nil
+		}
+		s, isStr := res[0].(string)
+		if !isStr {
+			return redis.Nil
+		}
+		raw = s
+		return nil
+	})
+	if err != nil {
+		return Balance{}, false
+	}
+	b, err = decode(raw)
+	if err != nil {
+		// Garbage is a miss. It is left for Put to overwrite (the CAS
+		// treats unparsable values as absent) or for its TTL to remove.
+		c.log.Debug("unparsable cache value", "account", id, "err", err)
+		return Balance{}, false
+	}
+	b.AccountID = id
+	return b, true
+}
+
+// Put stores b unless Redis already holds the same or a newer version of the
+// account (compare-and-set inside Redis). The entry expires TTL after b.AsOf
+// (or after now if AsOf is zero), so its age is bounded from the moment it
+// was read from PostgreSQL, not from the moment a slow reader got around to
+// caching it; a pair already older than TTL is not stored at all. Errors,
+// including a read-only Redis, count toward the breaker.
+func (c *Cache) Put(ctx context.Context, b Balance) {
+	val, err := encode(b)
+	if err != nil {
+		c.log.Debug("not caching invalid balance", "account", b.AccountID, "err", err)
+		return
+	}
+	ttl := c.ttl
+	if !b.AsOf.IsZero() {
+		ttl = min(c.ttl-time.Since(b.AsOf), c.ttl)
+		if ttl < time.Millisecond {
+			return
+		}
+	}
+	_ = c.do(ctx, func(ctx context.Context) error {
+		return putScript.Run(ctx, c.client, []string{c.key(b.AccountID)},
+			val, strconv.FormatInt(b.Version, 10), ttl.Milliseconds()).Err()
+	})
+}
+
+// Delete removes the cached pair of account id, best-effort. While the
+// breaker is open it does nothing; that is safe for the age bound because
+// every entry expires within TTL anyway.
+func (c *Cache) Delete(ctx context.Context, id uuid.UUID) {
+	_ = c.do(ctx, func(ctx context.Context) error {
+		return c.client.Del(ctx, c.key(id)).Err()
+	})
+}
+
+// Status reports whether the cache is in use. It is degraded while the
+// breaker is open or half-open, and while the last call(s) failed.
+func (c *Cache) Status() Status {
+	st := c.breaker.State()
+	n := c.breaker.Counts()
+	switch {
+	case st == gobreaker.StateOpen:
+		return Status{State: StateDegraded, Detail: "breaker open, bypassing Redis: " + c.lastError()}
+	case st == gobreaker.StateHalfOpen:
+		return Status{State: StateDegraded, Detail: "breaker half-open, probing Redis: " + c.lastError()}
+	case n.ConsecutiveFailures > 0:
+		return Status{State: StateDegraded, Detail: fmt.Sprintf("%d consecutive Redis failures: %s",
+			n.ConsecutiveFailures, c.lastError())}
+	}
+	return Status{State: StateOK}
+}
+
+// Client returns the underlying Redis client, for tests and tools. Commands
+// issued on it bypass the breaker and the value checks.
+func (c *Cache) Client() redis.UniversalClient { return c.client }
+
+// Close releases the Redis connections.
+func (c *Cache) Close() error { return c.client.Close() }
+
+func (c *Cache) setLastError(err error) {
+	c.mu.Lock()
+	c.lastErr = err.Error()
+	c.mu.Unlock()
+}
+
+func (c *Cache) lastError() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lastErr
+}
+
+// encode renders b as v1|version|balance|credit_limit|available|currency|asof_unix_nanos.
+// The account ID is not stored: the key already names it.
+func encode(b Balance) (string, error) {
+	if b.Version < 0 {
+		return "", fmt.Errorf("negative version %d", b.Version)
+	}
+	if b.Currency == "" || strings.ContainsAny(b.Currency, "|") {
+		return "", fmt.Errorf("bad currency %q", b.Currency)
+	}
+	var asOf int64
+	if !b.AsOf.IsZero() {
+		asOf = b.AsOf.UnixNano()
+	}
+	return strings.Join([]string{
+		valueFormat,
+		strconv.FormatInt(b.Version, 10),
+		strconv.FormatInt(b.Balance, 10),
+		strconv.FormatInt(b.CreditLimit, 10),
+		strconv.FormatInt(b.Available, 10),
+		b.Currency,
+		strconv.FormatInt(asOf, 10),
+	}, "|"), nil
+}
+
+// decode parses what encode wrote, strictly: every number must be in the
+// canonical form encode produces, so that the Lua CAS and decode agree on
+// which values are valid.
+func decode(s string) (Balance, error) {
+	f := strings.Split(s, "|")
+	if len(f) != 7 || f[0] != valueFormat {
+		return Balance{}, errors.New("not a v1 value")
+	}
+	var n [5]int64
+	for i, idx := range []int{1, 2, 3, 4, 6} {
+		v, err := strconv.ParseInt(f[idx], 10, 64)
+		if err != nil || strconv.FormatInt(v, 10) != f[idx] {
+			return Balance{}, fmt.Errorf("field %d: bad integer %q", idx, f[idx])
+		}
+		n[i] = v
+	}
+	if n[0] < 0 {
+		return Balance{}, fmt.Errorf("negative version %d", n[0])
+	}
+	if f[5] == "" {
+		return Balance{}, errors.New("empty currency")
+	}
+	b := Balance{
+		Version:     n[0],
+		Balance:     n[1],
+		CreditLimit: n[2],
+		Available:   n[3],
+		Currency:    f[5],
+	}
+	if n[4] != 0 {
+		b.AsOf = time.Unix(0, n[4]).UTC()
+	}
+	return b, nil
+}
