@@ -2,6 +2,7 @@ package api
 
 import (
 	"errors"
+	"log/slog"
 	"strconv"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -51,6 +52,11 @@ func statusError(err error) error {
 	if !ok {
 		c = codes.Internal
 	}
+	if cause := le.Unwrap(); cause != nil && (c == codes.Internal || c == codes.Unavailable) {
+		// The cause (driver error text, constraint names) stays in the
+		// server's log; the caller gets only the ledger's message.
+		slog.Warn("ledger error", "code", c.String(), "reason", le.Reason, "cause", causeText(cause))
+	}
 	return newStatus(c, le.Reason, le.Message, md)
 }
 
@@ -78,4 +84,14 @@ func ErrorInfo(err error) (*errdetails.ErrorInfo, bool) {
 		}
 	}
 	return nil, false
+}
+
+// causeText unwraps store errors to the driver's own message for logs.
+func causeText(err error) string {
+	type causer interface{ Cause() error }
+	var c causer
+	if errors.As(err, &c) && c.Cause() != nil {
+		return err.Error() + ": " + c.Cause().Error()
+	}
+	return err.Error()
 }

@@ -32,7 +32,9 @@ func (s *Store) InTx(ctx context.Context, fn func(*Tx) error) (err error) {
 		}
 	}()
 	if err = fn(&Tx{tx: tx}); err != nil {
-		return translate(err)
+		// Tx methods return translated errors already; anything else is the
+		// caller's own error and passes through untouched.
+		return err
 	}
 	if err = tx.Commit(ctx); err != nil {
 		return translate(err)
@@ -61,7 +63,7 @@ func scanKey(r rowScanner) (KeyRecord, error) {
 // touching the same pair never deadlock.
 func (t *Tx) LockForPosting(ctx context.Context, p PostLock) (Locked, error) {
 	b := &pgx.Batch{}
-	b.Queue(`SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(0) || $2, 0))`, p.Scope, p.Key)
+	b.Queue(`SELECT pg_advisory_xact_lock(hashtextextended(length($1)::text || ':' || $1 || $2, 0))`, p.Scope, p.Key)
 	b.Queue(`SELECT `+keyCols+` FROM idempotency_keys WHERE scope = $1 AND idempotency_key = $2`, p.Scope, p.Key)
 	b.Queue(`SELECT `+accountCols+` FROM accounts
 		WHERE account_id = $1

@@ -1,0 +1,467 @@
+// Command tally is a small client for the Tally ledger.
+//
+//	tally account create --currency USD [--type customer|revenue|funding] [--external-ref R] [--credit-limit N] [--id UUID]
+//	tally account get    --account ID
+//	tally account find   [--external-ref R] [--currency C] [--type T]
+//	tally credit   --account ID --amount N --key K [--funding ID] [--description D]
+//	tally charge   --account ID --amount N --key K [--revenue ID] [--description D]
+//	tally transfer create --from ID --to ID --amount N --key K
+//	tally transfer get (--id ID | --key K)
+//	tally balance  --account ID [--strong] [--min-version N]
+//	tally entries  --account ID [--page-size N] [--all]
+//
+// Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY) and
+// --json. Money-moving commands retry UNAVAILABLE and DEADLINE_EXCEEDED with
+// the same idempotency key (package api/client); a missing --key gets a
+// fresh one, printed so the call can be repeated safely.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/tallyledger/tally/api"
+	"github.com/tallyledger/tally/api/client"
+	"github.com/tallyledger/tally/internal/flagenv"
+	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
+)
+
+const usageText = `usage: tally <command> [flags]
+
+commands:
+  account create|get|find   manage accounts
+  credit                    top up an account (debits the funding account)
+  charge                    charge an account (credits the revenue account)
+  transfer create|get       move money between accounts / look up a transfer or key
+  balance                   read a balance
+  entries                   list an account's statement
+
+Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
+--json, --timeout. Run "tally <command> -h" for more.
+`
+
+type common struct {
+	addr    string
+	apiKey  string
+	json    bool
+	timeout time.Duration
+	retries int
+}
+
+func (c *common) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.addr, "addr", client.AddrDefault, "tallyd gRPC address")
+	fs.StringVar(&c.apiKey, "api-key", "", "API key")
+	fs.BoolVar(&c.json, "json", false, "print JSON")
+	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "overall deadline, retries included")
+	fs.IntVar(&c.retries, "retry-attempts-max", client.RetryAttemptsMaxDefault, "attempts per call, the first included")
+}
+
+func main() {
+	err := run(os.Args[1:], os.Stdout)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tally:", describe(err))
+		if errors.Is(err, errUsage) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+var errUsage = errors.New("usage")
+
+func describe(err error) string {
+	if errors.Is(err, errUsage) {
+		return strings.TrimSpace(usageText)
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		return err.Error()
+	}
+	s := fmt.Sprintf("%s: %s", st.Code(), st.Message())
+	if info, ok := api.ErrorInfo(err); ok {
+		s = fmt.Sprintf("%s %s: %s", st.Code(), info.GetReason(), st.Message())
+		if info.GetMetadata()["replayed"] == "true" {
+			s += " (replayed: this key's stored outcome)"
+		}
+	}
+	return s
+}
+
+func run(args []string, out io.Writer) error {
+	if len(args) == 0 {
+		return errUsage
+	}
+	cmd, rest := args[0], args[1:]
+	if (cmd == "account" || cmd == "transfer") && len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
+		cmd, rest = cmd+" "+rest[0], rest[1:]
+	}
+	switch cmd {
+	case "account create":
+		return accountCreate(rest, out)
+	case "account get":
+		return accountGet(rest, out)
+	case "account find":
+		return accountFind(rest, out)
+	case "credit":
+		return move(rest, out, "credit")
+	case "charge":
+		return move(rest, out, "charge")
+	case "transfer create":
+		return move(rest, out, "transfer")
+	case "transfer get":
+		return transferGet(rest, out)
+	case "balance":
+		return balance(rest, out)
+	case "entries":
+		return entries(rest, out)
+	}
+	return errUsage
+}
+
+func connect(c *common) (*client.Client, context.Context, context.CancelFunc, error) {
+	p := client.DefaultPolicy()
+	p.RetryAttemptsMax = c.retries
+	cl, err := client.New(client.Config{Addr: c.addr, APIKey: c.apiKey, Policy: p})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
+	return cl, ctx, cancel, nil
+}
+
+func parse(fs *flag.FlagSet, args []string) error {
+	fs.SetOutput(os.Stderr)
+	return flagenv.Parse(fs, args)
+}
+
+func printJSON(out io.Writer, m proto.Message) error {
+	b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(out, string(b))
+	return err
+}
+
+func table(out io.Writer, header string, rows ...string) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	for _, r := range rows {
+		fmt.Fprintln(tw, r)
+	}
+	tw.Flush()
+}
+
+func enumName(s fmt.Stringer, prefix string) string {
+	return strings.TrimPrefix(s.String(), prefix)
+}
+
+func accountRow(a *tallyv1.Account) string {
+	return fmt.Sprintf("%s\t%s\t%s\t%s\t%d\t%s\t%s", a.GetAccountId(), a.GetCurrency(),
+		enumName(a.GetType(), "ACCOUNT_TYPE_"), enumName(a.GetFloor(), "FLOOR_"), a.GetCreditLimit(),
+		enumName(a.GetStatus(), "ACCOUNT_STATUS_"), a.GetExternalRef())
+}
+
+const accountHeader = "ACCOUNT\tCURRENCY\tTYPE\tFLOOR\tCREDIT_LIMIT\tSTATUS\tEXTERNAL_REF"
+
+func parseMeta(kvs []string) (map[string]string, error) {
+	if len(kvs) == 0 {
+		return nil, nil
+	}
+	m := map[string]string{}
+	for _, kv := range kvs {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return nil, fmt.Errorf("--meta wants key=value, got %q", kv)
+		}
+		m[k] = v
+	}
+	return m, nil
+}
+
+type multi []string
+
+func (m *multi) String() string     { return strings.Join(*m, ",") }
+func (m *multi) Set(s string) error { *m = append(*m, s); return nil }
+
+func accountCreate(args []string, out io.Writer) error {
+	var c common
+	fs := flag.NewFlagSet("tally account create", flag.ContinueOnError)
+	c.register(fs)
+	id := fs.String("id", "", "account id (UUID); default: a new UUIDv7, which makes retries safe")
+	currency := fs.String("currency", "", "currency code, e.g. USD")
+	typ := fs.String("type", "customer", "customer, revenue or funding")
+	ref := fs.String("external-ref", "", "the customer's id in your system")
+	floor := fs.String("floor", "", "non_negative or none (default by type)")
+	limit := fs.Int64("credit-limit", 0, "how far below zero a non_negative account may go")
+	var meta multi
+	fs.Var(&meta, "meta", "metadata key=value (repeatable)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	md, err := parseMeta(meta)
+	if err != nil {
+		return err
+	}
+	req := &tallyv1.CreateAccountRequest{
+		AccountId: *id, Currency: *currency, ExternalRef: *ref, CreditLimit: *limit, Metadata: md,
+		Type:  tallyv1.AccountType(tallyv1.AccountType_value["ACCOUNT_TYPE_"+strings.ToUpper(*typ)]),
+		Floor: tallyv1.Floor(tallyv1.Floor_value["FLOOR_"+strings.ToUpper(*floor)]),
+	}
+	cl, ctx, cancel, err := connect(&c)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	defer cl.Close()
+	a, err := cl.CreateAccount(ctx, req)
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(out, a)
+	}
+	table(out, accountHeader, accountRow(a))
+	return nil
+}
+
+func accountGet(args []string, out io.Writer) error {
+	var c common
+	fs := flag.NewFlagSet("tally account get", flag.ContinueOnError)
+	c.register(fs)
+	id := fs.String("account", "", "account id")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cl, ctx, cancel, err := connect(&c)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	defer cl.Close()
+	a, err := cl.GetAccount(ctx, &tallyv1.GetAccountRequest{AccountId: *id})
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(out, a)
+	}
+	table(out, accountHeader, accountRow(a))
+	return nil
+}
+
+func accountFind(args []string, out io.Writer) error {
+	var c common
+	fs := flag.NewFlagSet("tally account find", flag.ContinueOnError)
+	c.register(fs)
+	ref := fs.String("external-ref", "", "external ref")
+	currency := fs.String("currency", "", "currency")
+	typ := fs.String("type", "", "customer, revenue or funding")
+	size := fs.Int("page-size", 100, "page size")
+	token := fs.String("page-token", "", "page token from a previous call")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cl, ctx, cancel, err := connect(&c)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	defer cl.Close()
+	resp, err := cl.FindAccounts(ctx, &tallyv1.FindAccountsRequest{
+		ExternalRef: *ref, Currency: *currency, PageSize: int32(*size), PageToken: *token,
+		Type: tallyv1.AccountType(tallyv1.AccountType_value["ACCOUNT_TYPE_"+strings.ToUpper(*typ)]),
+	})
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(out, resp)
+	}
+	rows := make([]string, 0, len(resp.GetAccounts()))
+	for _, a := range resp.GetAccounts() {
+		rows = append(rows, accountRow(a))
+	}
+	table(out, accountHeader, rows...)
+	if resp.GetNextPageToken() != "" {
+		fmt.Fprintln(out, "next page: --page-token", resp.GetNextPageToken())
+	}
+	return nil
+}
+
+func move(args []string, out io.Writer, kind string) error {
+	var c common
+	fs := flag.NewFlagSet("tally "+kind, flag.ContinueOnError)
+	c.register(fs)
+	acct := fs.String("account", "", "account id")
+	from := fs.String("from", "", "debit account id (transfer)")
+	to := fs.String("to", "", "credit account id (transfer)")
+	amount := fs.Int64("amount", 0, "amount in minor units")
+	key := fs.String("key", "", "idempotency key (default: a fresh one, printed)")
+	desc := fs.String("description", "", "description")
+	counter := fs.String("revenue", "", "revenue account (charge; default: the currency's)")
+	funding := fs.String("funding", "", "funding account (credit; default: the currency's)")
+	var meta multi
+	fs.Var(&meta, "meta", "metadata key=value (repeatable)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	md, err := parseMeta(meta)
+	if err != nil {
+		return err
+	}
+	if *key == "" {
+		*key = client.NewIdempotencyKey()
+		fmt.Fprintln(os.Stderr, "idempotency key:", *key)
+	}
+	cl, ctx, cancel, err := connect(&c)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	defer cl.Close()
+	var res *tallyv1.TransferResult
+	switch kind {
+	case "charge":
+		res, err = cl.Charge(ctx, &tallyv1.ChargeRequest{AccountId: *acct, Amount: *amount, IdempotencyKey: *key,
+			Description: *desc, Metadata: md, RevenueAccountId: *counter})
+	case "credit":
+		res, err = cl.Credit(ctx, &tallyv1.CreditRequest{AccountId: *acct, Amount: *amount, IdempotencyKey: *key,
+			Description: *desc, Metadata: md, FundingAccountId: *funding})
+	default:
+		res, err = cl.Transfer(ctx, &tallyv1.TransferRequest{DebitAccountId: *from, CreditAccountId: *to, Amount: *amount,
+			IdempotencyKey: *key, Description: *desc, Metadata: md})
+	}
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(out, res)
+	}
+	t, b := res.GetTransfer(), res.GetBalance()
+	table(out, "TRANSFER\tKIND\tDEBIT\tCREDIT\tAMOUNT\tREPLAYED\tBALANCE\tVERSION",
+		fmt.Sprintf("%s\t%s\t%s\t%s\t%d %s\t%v\t%d\t%d", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
+			t.GetDebitAccountId(), t.GetCreditAccountId(), t.GetAmount(), t.GetCurrency(), res.GetReplayed(),
+			b.GetBalance(), b.GetVersion()))
+	return nil
+}
+
+func transferGet(args []string, out io.Writer) error {
+	var c common
+	fs := flag.NewFlagSet("tally transfer get", flag.ContinueOnError)
+	c.register(fs)
+	id := fs.String("id", "", "transfer id")
+	key := fs.String("key", "", "idempotency key")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cl, ctx, cancel, err := connect(&c)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	defer cl.Close()
+	t, err := cl.GetTransfer(ctx, &tallyv1.GetTransferRequest{TransferId: *id, IdempotencyKey: *key})
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(out, t)
+	}
+	table(out, "TRANSFER\tKIND\tDEBIT\tCREDIT\tAMOUNT\tKEY\tCREATED",
+		fmt.Sprintf("%s\t%s\t%s\t%s\t%d %s\t%s\t%s", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
+			t.GetDebitAccountId(), t.GetCreditAccountId(), t.GetAmount(), t.GetCurrency(), t.GetIdempotencyKey(),
+			t.GetCreatedAt().AsTime().Format(time.RFC3339Nano)))
+	return nil
+}
+
+func balance(args []string, out io.Writer) error {
+	var c common
+	fs := flag.NewFlagSet("tally balance", flag.ContinueOnError)
+	c.register(fs)
+	id := fs.String("account", "", "account id")
+	strong := fs.Bool("strong", false, "read PostgreSQL, not the cache")
+	minVersion := fs.Int64("min-version", 0, "never return an older version than this")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cl, ctx, cancel, err := connect(&c)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	defer cl.Close()
+	cons := tallyv1.Consistency_CONSISTENCY_CACHED
+	if *strong {
+		cons = tallyv1.Consistency_CONSISTENCY_STRONG
+	}
+	b, err := cl.GetBalance(ctx, &tallyv1.GetBalanceRequest{AccountId: *id, Consistency: cons, MinVersion: *minVersion})
+	if err != nil {
+		return err
+	}
+	if c.json {
+		return printJSON(out, b)
+	}
+	table(out, "ACCOUNT\tCURRENCY\tBALANCE\tAVAILABLE\tCREDIT_LIMIT\tVERSION\tSOURCE\tAS_OF",
+		fmt.Sprintf("%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s", b.GetAccountId(), b.GetCurrency(), b.GetBalance(), b.GetAvailable(),
+			b.GetCreditLimit(), b.GetVersion(), enumName(b.GetSource(), "BALANCE_SOURCE_"),
+			b.GetAsOf().AsTime().Format(time.RFC3339Nano)))
+	return nil
+}
+
+func entries(args []string, out io.Writer) error {
+	var c common
+	fs := flag.NewFlagSet("tally entries", flag.ContinueOnError)
+	c.register(fs)
+	id := fs.String("account", "", "account id")
+	size := fs.Int("page-size", 100, "entries per page")
+	token := fs.String("page-token", "", "page token from a previous call")
+	all := fs.Bool("all", false, "follow page tokens to the end (at most --pages-max pages)")
+	pagesMax := fs.Int("pages-max", 1000, "most pages --all fetches")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cl, ctx, cancel, err := connect(&c)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	defer cl.Close()
+	var list []*tallyv1.Entry
+	next := *token
+	for page := 0; page < *pagesMax; page++ {
+		resp, err := cl.ListEntries(ctx, &tallyv1.ListEntriesRequest{AccountId: *id, PageSize: int32(*size), PageToken: next})
+		if err != nil {
+			return err
+		}
+		list = append(list, resp.GetEntries()...)
+		next = resp.GetNextPageToken()
+		if !*all || next == "" {
+			break
+		}
+	}
+	if c.json {
+		return printJSON(out, &tallyv1.ListEntriesResponse{Entries: list, NextPageToken: next})
+	}
+	rows := make([]string, 0, len(list))
+	for _, e := range list {
+		rows = append(rows, fmt.Sprintf("%d\t%s\t%d\t%d\t%d\t%s", e.GetSequence(), e.GetTransferId(), e.GetAmount(),
+			e.GetBalanceAfter(), e.GetVersionAfter(), e.GetCreatedAt().AsTime().Format(time.RFC3339Nano)))
+	}
+	table(out, "SEQ\tTRANSFER\tAMOUNT\tBALANCE_AFTER\tVERSION\tCREATED", rows...)
+	if next != "" {
+		fmt.Fprintln(out, "next page: --page-token", next)
+	}
+	return nil
+}
