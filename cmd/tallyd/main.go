@@ -21,6 +21,7 @@ commands:
   serve     run the gRPC service (needs --database-url)
   migrate   apply the embedded migrations to --database-url
   dev       start a private throwaway PostgreSQL (and Redis, when installed) and serve
+  healthcheck  exit 0 when a local tallyd's /readyz answers 200 (for container health checks)
 
 Run "tallyd <command> -h" for the flags of a command. Every flag --name can
 also be set with the environment variable TALLY_NAME.
@@ -42,6 +43,8 @@ func main() {
 		err = runMigrate(ctx, os.Args[2:])
 	case "dev":
 		err = runDev(ctx, os.Args[2:])
+	case "healthcheck":
+		err = runHealthcheck(ctx, os.Args[2:])
 	case "-h", "--help", "help":
 		usage()
 		return
