@@ -2,6 +2,7 @@ package api_test
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,7 +29,7 @@ func newEnv(t *testing.T) *tallytest.Env {
 
 // newCurrency returns a currency code no other test uses, so per-currency
 // sums can be checked while tests run in parallel.
-func newCurrency() string { return "T" + tallytest.RandomSuffix()[:10] }
+func newCurrency() string { return "T" + strings.ToUpper(tallytest.RandomSuffix()[:10]) }
 
 func createAccount(t *testing.T, env *tallytest.Env, currency string, mods ...func(*tallyv1.CreateAccountRequest)) *tallyv1.Account {
 	t.Helper()
