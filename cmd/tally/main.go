@@ -1,6 +1,6 @@
 // Command tally is a small client for the Tally ledger.
 //
-//	tally account create --currency USD [--type customer|revenue|funding] [--external-ref R] [--credit-limit N] [--id UUID]
+//	tally account create --currency USD [--type customer|revenue|funding] [--external-ref R] [--credit-limit N] [--id UUID] [--quiet]
 //	tally account get    --account ID
 //	tally account find   [--external-ref R] [--currency C] [--type T]
 //	tally credit   --account ID --amount N --key K [--funding ID] [--description D]
@@ -17,7 +17,9 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -146,11 +148,17 @@ func parse(fs *flag.FlagSet, args []string) error {
 }
 
 func printJSON(out io.Writer, m proto.Message) error {
-	b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(m)
+	b, err := protojson.MarshalOptions{EmitUnpopulated: true}.Marshal(m)
 	if err != nil {
 		return err
 	}
-	_, err = fmt.Fprintln(out, string(b))
+	// protojson varies its whitespace on purpose; re-indent so the output is
+	// stable for scripts.
+	var buf bytes.Buffer
+	if err := json.Indent(&buf, b, "", "  "); err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(out, buf.String())
 	return err
 }
 
@@ -205,6 +213,7 @@ func accountCreate(args []string, out io.Writer) error {
 	ref := fs.String("external-ref", "", "the customer's id in your system")
 	floor := fs.String("floor", "", "non_negative or none (default by type)")
 	limit := fs.Int64("credit-limit", 0, "how far below zero a non_negative account may go")
+	quiet := fs.Bool("quiet", false, "print only the account id")
 	var meta multi
 	fs.Var(&meta, "meta", "metadata key=value (repeatable)")
 	if err := parse(fs, args); err != nil {
@@ -227,6 +236,10 @@ func accountCreate(args []string, out io.Writer) error {
 	defer cl.Close()
 	a, err := cl.CreateAccount(ctx, req)
 	if err != nil {
+		return err
+	}
+	if *quiet {
+		_, err := fmt.Fprintln(out, a.GetAccountId())
 		return err
 	}
 	if c.json {
