@@ -131,12 +131,20 @@ func New(ctx context.Context, opts Options) (*DB, error) {
 // ensureTemplate builds the template unless it exists; the caller holds
 // the advisory lock, so checking and building cannot race.
 func ensureTemplate(ctx context.Context, conn *pgx.Conn, base string, opts Options) error {
-	var exists bool
-	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", opts.TemplateName).Scan(&exists); err != nil {
-		return fmt.Errorf("testdb: look up template: %w", err)
-	}
-	if exists {
+	var allowConn bool
+	err := conn.QueryRow(ctx, "SELECT datallowconn FROM pg_database WHERE datname = $1", opts.TemplateName).Scan(&allowConn)
+	switch {
+	case err == nil && !allowConn:
 		return nil
+	case err == nil:
+		// Made by an older version of this package: close it to
+		// connections now, or a stray client would break every clone.
+		if _, err := conn.Exec(ctx, fmt.Sprintf("ALTER DATABASE %s WITH ALLOW_CONNECTIONS false", ident(opts.TemplateName))); err != nil {
+			return fmt.Errorf("testdb: lock down template: %w", err)
+		}
+		return nil
+	case !errors.Is(err, pgx.ErrNoRows):
+		return fmt.Errorf("testdb: look up template: %w", err)
 	}
 	build := opts.TemplateName + "_build"
 	// A leftover build is from a process that died mid-migration while
@@ -158,15 +166,18 @@ func ensureTemplate(ctx context.Context, conn *pgx.Conn, base string, opts Optio
 	// Nobody may connect to the finished template: a connection would make
 	// every clone fail. Leaked migration connections are terminated, as
 	// RENAME also needs the database to be unused.
-	stmts := []string{
-		fmt.Sprintf("ALTER DATABASE %s WITH ALLOW_CONNECTIONS false", ident(build)),
-		"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '" + build + "'",
-		fmt.Sprintf("ALTER DATABASE %s RENAME TO %s", ident(build), ident(opts.TemplateName)),
+	stmts := []struct {
+		sql  string
+		args []any
+	}{
+		{fmt.Sprintf("ALTER DATABASE %s WITH ALLOW_CONNECTIONS false", ident(build)), nil},
+		{"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", []any{build}},
+		{fmt.Sprintf("ALTER DATABASE %s RENAME TO %s", ident(build), ident(opts.TemplateName)), nil},
 	}
 	for _, s := range stmts {
-		if _, err := conn.Exec(ctx, s); err != nil {
+		if _, err := conn.Exec(ctx, s.sql, s.args...); err != nil {
 			_ = dropDatabase(context.Background(), conn, build)
-			return fmt.Errorf("testdb: finish template: %s: %w", s, err)
+			return fmt.Errorf("testdb: finish template: %s: %w", s.sql, err)
 		}
 	}
 	return nil
