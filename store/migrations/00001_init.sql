@@ -30,7 +30,8 @@ CREATE TABLE accounts (
     -- The floor: a FLOOR_NON_NEGATIVE account never goes below -credit_limit.
     CONSTRAINT accounts_balance_floor CHECK (floor <> 1 OR balance >= -credit_limit),
     -- available = balance + credit_limit must fit in int64.
-    CONSTRAINT accounts_available_range CHECK (balance <= 9223372036854775807 - credit_limit),
+    -- Written so that the check itself cannot overflow.
+    CONSTRAINT accounts_available_range CHECK (balance <= 0 OR credit_limit <= 9223372036854775807 - balance),
     CONSTRAINT accounts_version_nonnegative CHECK (version >= 0 AND last_sequence >= 0),
     CONSTRAINT accounts_system_role_valid CHECK (
         system_role IS NULL

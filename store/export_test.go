@@ -1,0 +1,4 @@
+package store
+
+// TranslateForTest exposes translate to the external tests.
+var TranslateForTest = translate
