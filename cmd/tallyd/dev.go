@@ -21,7 +21,7 @@ func runDev(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("tallyd dev", flag.ContinueOnError)
 	c.register(fs, false)
 	noRedis := fs.Bool("no-redis", false, "do not start a private Redis (run without a cache)")
-	dataDir := fs.String("data-dir", "", "parent folder for the private servers' data (default: a new temp folder, removed on exit)")
+	dataDir := fs.String("data-dir", "", "folder for the private servers' data, kept on exit and reused (default: a new temp folder, removed on exit)")
 	if err := flagenv.Parse(fs, args); err != nil {
 		return err
 	}
@@ -34,7 +34,11 @@ func runDev(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("start private PostgreSQL: %w", err)
 	}
-	defer pg.Close()
+	if *dataDir == "" {
+		defer pg.Close() // throwaway: stop and remove the data
+	} else {
+		defer pg.Stop("fast") // keep the data for the next run
+	}
 	c.databaseURL = pg.URL("postgres")
 	if err := store.Migrate(startCtx, c.databaseURL); err != nil {
 		return err
@@ -44,7 +48,7 @@ func runDev(ctx context.Context, args []string) error {
 		if err != nil {
 			return fmt.Errorf("start private Redis: %w", err)
 		}
-		defer rd.Close()
+		defer rd.Close() // a cache: nothing in it is worth keeping
 		c.redisURL = rd.URL()
 	} else if !*noRedis {
 		log.Info("redis-server not found on PATH: running without a balance cache")
