@@ -28,7 +28,10 @@ func TestFingerprintIsCanonical(t *testing.T) {
 		func(r *MoveRequest) { r.Metadata = map[string]string{"x": "1", "y": "2"} },
 		// Length prefixes: moving bytes between fields changes the hash.
 		func(r *MoveRequest) { r.Metadata = map[string]string{"x": "1", "y": "2", "z3": ""} },
-		func(r *MoveRequest) { r.Description = ""; r.Metadata = map[string]string{"dx": "1", "y": "2", "z": "3"} },
+		func(r *MoveRequest) {
+			r.Description = ""
+			r.Metadata = map[string]string{"dx": "1", "y": "2", "z": "3"}
+		},
 	}
 	for i, d := range diffs {
 		r := base
