@@ -1,0 +1,700 @@
+package torture
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Invariant names. Tests and the JSON output use these; keep them stable.
+const (
+	InvKeysAtMostOnce        = "keys_applied_at_most_once"
+	InvNoUnsentTransfers     = "no_unsent_transfers"
+	InvAckedPresent          = "acked_ops_present"
+	InvFinalAnswersMatchDB   = "final_answers_match_db"
+	InvOpsAnswered           = "ops_answered"
+	InvTransferEntries       = "transfer_entries_match"
+	InvBalanceEqualsEntries  = "balance_equals_entry_sum"
+	InvSequencesGapless      = "sequences_gapless"
+	InvRunningBalance        = "running_balance"
+	InvVersionsConsistent    = "versions_consistent"
+	InvFloorRespected        = "floor_respected"
+	InvCurrencySumsZero      = "currency_sums_zero"
+	InvBalanceMatchesHistory = "balance_matches_history"
+	InvReadsExisted          = "reads_existed"
+	InvStrongReadsFresh      = "strong_reads_fresh"
+	InvMinVersionReads       = "min_version_reads"
+	InvCachedReadAge         = "cached_read_age_bound"
+	InvCacheMatchesDB        = "cache_matches_db_after_heal"
+	InvNoInternalAnswers     = "no_internal_answers"
+	InvNoUnexpectedAnswers   = "no_unexpected_answers"
+	InvNoTallydCrashes       = "no_tallyd_crashes"
+)
+
+// invariantDescriptions says what each invariant means, in the order the
+// summary prints them.
+var invariantDescriptions = []struct{ name, desc string }{
+	{InvKeysAtMostOnce, "every idempotency key produced at most one transfer, and idempotency_keys agrees with transfers"},
+	{InvNoUnsentTransfers, "every transfer and idempotency key in Postgres belongs to a request some client sent"},
+	{InvAckedPresent, "every acknowledged op is in Postgres with the acknowledged transfer id, kind, accounts and amount, its key row, and the acknowledged (version, balance)"},
+	{InvFinalAnswersMatchDB, "every definite final answer matches Postgres: a success is there; a rejection left no transfer and its key row holds that rejection"},
+	{InvOpsAnswered, "after healing, every op got a definite answer before its deadline"},
+	{InvTransferEntries, "every transfer has exactly one debit and one credit entry of its amount, in its currency"},
+	{InvBalanceEqualsEntries, "each account's balance equals the sum of its entries and its last balance_after"},
+	{InvSequencesGapless, "each account's entry sequences run 1..n without gaps, and last_sequence = n"},
+	{InvRunningBalance, "each entry's balance_after equals the previous balance_after plus its amount"},
+	{InvVersionsConsistent, "version_after strictly increases and ends at the account's version; created_at never goes back"},
+	{InvFloorRespected, "no FLOOR_NON_NEGATIVE account ever went below -credit_limit"},
+	{InvCurrencySumsZero, "per currency, all balances (and all entries) sum to zero"},
+	{InvBalanceMatchesHistory, "each balance equals acknowledged credits minus acknowledged debits, plus ops of unknown outcome that Postgres shows applied"},
+	{InvReadsExisted, "every balance read is a (version, balance) pair that really existed"},
+	{InvStrongReadsFresh, "a STRONG read came from Postgres and was never older than a write the same client had seen acknowledged"},
+	{InvMinVersionReads, "a read with min_version never returned an older version (nor VERSION_NOT_REACHED for an acknowledged version)"},
+	{InvCachedReadAge, "a cached read was never superseded for longer than the cache TTL (plus slack), hand-planted values aside"},
+	{InvCacheMatchesDB, "after healing and one cache TTL, every balance cached in Redis equals Postgres (or is absent)"},
+	{InvNoInternalAnswers, "the service never answered INTERNAL or UNKNOWN, faults or not"},
+	{InvNoUnexpectedAnswers, "no valid request got a final answer other than success or a business rejection, and no first answer was a replay"},
+	{InvNoTallydCrashes, "no tallyd process exited without being killed by the nemesis"},
+}
+
+// InvariantResult is one invariant's verdict.
+type InvariantResult struct {
+	Name        string   `json:"name"`
+	Description string   `json:"description"`
+	Pass        bool     `json:"pass"`
+	Skipped     bool     `json:"skipped,omitempty"`
+	Checked     int      `json:"checked"`
+	Violations  int      `json:"violations"`
+	Note        string   `json:"note,omitempty"`
+	Examples    []string `json:"examples,omitempty"`
+}
+
+// CheckOptions tunes the checker.
+type CheckOptions struct {
+	// CacheTTL is tallyd's --cache-ttl; required for the age bound.
+	CacheTTL time.Duration
+	// AgeSlack is added to CacheTTL for the age bound (commit latency,
+	// injected Redis latency, clock reads); default 2s.
+	AgeSlack time.Duration
+	// ExamplesMax caps the examples listed per invariant; default 20.
+	ExamplesMax int
+}
+
+type checker struct {
+	h   *History
+	db  *DBState
+	cs  *CacheState
+	opt CheckOptions
+
+	results map[string]*InvariantResult
+
+	opsByKey        map[string]*Op
+	transfersByKey  map[string][]*TransferRow
+	transfersByID   map[string]*TransferRow
+	keysByKey       map[string][]*KeyRow
+	entriesByXfer   map[string][]EntryRow
+	entryByVersion  map[string]map[int64]*EntryRow // account -> version_after -> entry
+	sysAccounts     map[string]string              // currency+"/"+role -> account id
+	plantsByAccount map[string][]Plant
+}
+
+// Check runs every invariant over a finished run's history and the final
+// database and cache state. cs may be nil, which skips the cache invariant.
+// The results come in a fixed order.
+func Check(h *History, db *DBState, cs *CacheState, opt CheckOptions) []InvariantResult {
+	if opt.AgeSlack <= 0 {
+		opt.AgeSlack = 2 * time.Second
+	}
+	if opt.ExamplesMax <= 0 {
+		opt.ExamplesMax = 20
+	}
+	c := &checker{h: h, db: db, cs: cs, opt: opt, results: map[string]*InvariantResult{}}
+	for _, d := range invariantDescriptions {
+		c.results[d.name] = &InvariantResult{Name: d.name, Description: d.desc, Pass: true}
+	}
+	c.index()
+	c.checkKeys()
+	c.checkUnsent()
+	c.checkAcked()
+	c.checkFinalAnswers()
+	c.checkAnswered()
+	c.checkTransferEntries()
+	c.checkStatements()
+	c.checkCurrencySums()
+	c.checkBalanceHistory()
+	c.checkReads()
+	c.checkCache()
+	c.checkAnswers()
+	c.checkCrashes()
+
+	out := make([]InvariantResult, 0, len(invariantDescriptions))
+	for _, d := range invariantDescriptions {
+		r := c.results[d.name]
+		r.Pass = r.Violations == 0
+		out = append(out, *r)
+	}
+	return out
+}
+
+func (c *checker) checked(name string, n int) { c.results[name].Checked += n }
+
+func (c *checker) fail(name, format string, args ...any) {
+	r := c.results[name]
+	r.Violations++
+	if len(r.Examples) < c.opt.ExamplesMax {
+		r.Examples = append(r.Examples, fmt.Sprintf(format, args...))
+	}
+}
+
+func (c *checker) index() {
+	c.opsByKey = make(map[string]*Op, len(c.h.Ops))
+	for _, o := range c.h.Ops {
+		c.opsByKey[o.Key] = o
+	}
+	c.transfersByKey = make(map[string][]*TransferRow, len(c.db.Transfers))
+	c.transfersByID = make(map[string]*TransferRow, len(c.db.Transfers))
+	for i := range c.db.Transfers {
+		t := &c.db.Transfers[i]
+		c.transfersByKey[t.Key] = append(c.transfersByKey[t.Key], t)
+		c.transfersByID[t.ID] = t
+	}
+	c.keysByKey = make(map[string][]*KeyRow, len(c.db.Keys))
+	for i := range c.db.Keys {
+		k := &c.db.Keys[i]
+		c.keysByKey[k.Key] = append(c.keysByKey[k.Key], k)
+	}
+	c.entriesByXfer = map[string][]EntryRow{}
+	c.entryByVersion = map[string]map[int64]*EntryRow{}
+	for acct, es := range c.db.Entries {
+		m := make(map[int64]*EntryRow, len(es))
+		for i := range es {
+			e := &es[i]
+			c.entriesByXfer[e.TransferID] = append(c.entriesByXfer[e.TransferID], *e)
+			if _, dup := m[e.VersionAfter]; !dup {
+				m[e.VersionAfter] = e
+			}
+		}
+		c.entryByVersion[acct] = m
+	}
+	c.sysAccounts = map[string]string{}
+	for _, a := range c.db.Accounts {
+		if a.SystemRole != "" {
+			c.sysAccounts[a.Currency+"/"+a.SystemRole] = a.ID
+		}
+	}
+	c.plantsByAccount = map[string][]Plant{}
+	for _, p := range c.h.Plants {
+		if !p.Garbage {
+			c.plantsByAccount[p.Account] = append(c.plantsByAccount[p.Account], p)
+		}
+	}
+}
+
+// sides returns the debit and credit accounts an op's request means, with
+// default system accounts resolved from the database.
+func (c *checker) sides(o *Op) (debit, credit, currency string) {
+	if a, ok := c.db.Accounts[o.Account]; ok {
+		currency = a.Currency
+	}
+	switch o.Kind {
+	case KindCharge:
+		debit, credit = o.Account, o.Counterparty
+		if credit == "" {
+			credit = c.sysAccounts[currency+"/revenue"]
+		}
+	case KindCredit:
+		debit, credit = o.Counterparty, o.Account
+		if debit == "" {
+			debit = c.sysAccounts[currency+"/funding"]
+		}
+	case KindTransfer:
+		debit, credit = o.Account, o.Counterparty
+	}
+	return debit, credit, currency
+}
+
+func (c *checker) checkKeys() {
+	keys := map[string]bool{}
+	for k := range c.transfersByKey {
+		keys[k] = true
+	}
+	for k := range c.keysByKey {
+		keys[k] = true
+	}
+	c.checked(InvKeysAtMostOnce, len(keys))
+	for _, key := range sortedKeys(keys) {
+		ts := c.transfersByKey[key]
+		ks := c.keysByKey[key]
+		if len(ts) > 1 {
+			ids := make([]string, len(ts))
+			for i, t := range ts {
+				ids[i] = t.ID
+			}
+			c.fail(InvKeysAtMostOnce, "key %s applied %d times: transfers %s", key, len(ts), strings.Join(ids, ", "))
+		}
+		if len(ks) > 1 {
+			c.fail(InvKeysAtMostOnce, "key %s has %d idempotency_keys rows", key, len(ks))
+		}
+		switch {
+		case len(ks) == 0 && len(ts) > 0:
+			c.fail(InvKeysAtMostOnce, "key %s has transfer %s but no idempotency_keys row", key, ts[0].ID)
+		case len(ks) > 0 && ks[0].TransferID == "" && len(ts) > 0:
+			c.fail(InvKeysAtMostOnce, "key %s is recorded as rejected (%s) but has transfer %s", key, ks[0].ErrorReason, ts[0].ID)
+		case len(ks) > 0 && ks[0].TransferID != "":
+			t, ok := c.transfersByID[ks[0].TransferID]
+			if !ok {
+				c.fail(InvKeysAtMostOnce, "key %s points to missing transfer %s", key, ks[0].TransferID)
+			} else if t.Key != key {
+				c.fail(InvKeysAtMostOnce, "key %s points to transfer %s of key %s", key, t.ID, t.Key)
+			}
+		}
+	}
+}
+
+func (c *checker) checkUnsent() {
+	c.checked(InvNoUnsentTransfers, len(c.db.Transfers)+len(c.db.Keys))
+	for _, t := range c.db.Transfers {
+		if _, ok := c.opsByKey[t.Key]; !ok {
+			c.fail(InvNoUnsentTransfers, "transfer %s has key %q that no client sent (%d from %s to %s)", t.ID, t.Key, t.Amount, t.Debit, t.Credit)
+		}
+	}
+	for _, k := range c.db.Keys {
+		if _, ok := c.opsByKey[k.Key]; !ok {
+			c.fail(InvNoUnsentTransfers, "idempotency key %q was never sent by a client", k.Key)
+		}
+	}
+}
+
+func (c *checker) checkAcked() {
+	retried := 0
+	for _, o := range c.h.Ops {
+		if o.Outcome != OutcomeAcked {
+			continue
+		}
+		c.checked(InvAckedPresent, 1)
+		if o.Retried() {
+			retried++
+		}
+		ts := c.transfersByKey[o.Key]
+		if len(ts) == 0 {
+			c.fail(InvAckedPresent, "acked %s key %s (transfer %s, account %s, amount %d) is not in transfers", o.Kind, o.Key, o.TransferID, o.Account, o.Amount)
+			continue
+		}
+		t := ts[0]
+		for _, x := range ts {
+			if x.ID == o.TransferID {
+				t = x
+			}
+		}
+		debit, credit, currency := c.sides(o)
+		var bad []string
+		if t.ID != o.TransferID {
+			bad = append(bad, fmt.Sprintf("transfer id %s, acked %s", t.ID, o.TransferID))
+		}
+		if t.Kind != o.Kind.kindNumber() {
+			bad = append(bad, fmt.Sprintf("kind %d, sent %s", t.Kind, o.Kind))
+		}
+		if t.Amount != o.Amount {
+			bad = append(bad, fmt.Sprintf("amount %d, sent %d", t.Amount, o.Amount))
+		}
+		if t.Debit != debit || t.Credit != credit {
+			bad = append(bad, fmt.Sprintf("accounts %s->%s, sent %s->%s", t.Debit, t.Credit, debit, credit))
+		}
+		if t.Currency != currency {
+			bad = append(bad, fmt.Sprintf("currency %s, account's is %s", t.Currency, currency))
+		}
+		if ks := c.keysByKey[o.Key]; len(ks) == 0 {
+			bad = append(bad, "no idempotency_keys row")
+		} else if ks[0].TransferID != t.ID {
+			bad = append(bad, fmt.Sprintf("idempotency_keys row points to %q", ks[0].TransferID))
+		}
+		var named *EntryRow
+		for _, e := range c.entriesByXfer[t.ID] {
+			if e.Account == o.Account {
+				e := e
+				named = &e
+			}
+		}
+		if named == nil {
+			bad = append(bad, "no entry on the named account")
+		} else if named.VersionAfter != o.BalanceVersion || named.BalanceAfter != o.BalanceAfter {
+			bad = append(bad, fmt.Sprintf("acked balance (v%d, %d) but the entry has (v%d, %d)",
+				o.BalanceVersion, o.BalanceAfter, named.VersionAfter, named.BalanceAfter))
+		}
+		if len(bad) > 0 {
+			c.fail(InvAckedPresent, "acked %s key %s account %s: %s", o.Kind, o.Key, o.Account, strings.Join(bad, "; "))
+		}
+	}
+	c.results[InvAckedPresent].Note = fmt.Sprintf("%d of them retried", retried)
+}
+
+func (c *checker) checkFinalAnswers() {
+	retried, rejections := 0, 0
+	for _, o := range c.h.Ops {
+		if o.Outcome != OutcomeAcked && o.Outcome != OutcomeRejected {
+			continue
+		}
+		c.checked(InvFinalAnswersMatchDB, 1)
+		if o.Retried() {
+			retried++
+		}
+		ts := c.transfersByKey[o.Key]
+		ks := c.keysByKey[o.Key]
+		if o.Outcome == OutcomeAcked {
+			found := false
+			for _, t := range ts {
+				found = found || t.ID == o.TransferID
+			}
+			if !found {
+				c.fail(InvFinalAnswersMatchDB, "key %s answered success (transfer %s, %d attempts) but that transfer is not in Postgres", o.Key, o.TransferID, o.Attempts)
+			}
+			continue
+		}
+		rejections++
+		if len(ts) > 0 {
+			c.fail(InvFinalAnswersMatchDB, "key %s answered %s %s (%d attempts) but transfer %s exists", o.Key, o.FinalCode, o.FinalReason, o.Attempts, ts[0].ID)
+		}
+		if len(ks) == 0 {
+			c.fail(InvFinalAnswersMatchDB, "key %s answered %s %s (%d attempts) but no idempotency_keys row records it", o.Key, o.FinalCode, o.FinalReason, o.Attempts)
+			continue
+		}
+		if ks[0].TransferID != "" || ks[0].ErrorReason != o.FinalReason || ks[0].ErrorCode != o.FinalCode {
+			c.fail(InvFinalAnswersMatchDB, "key %s answered %s %s (%d attempts) but idempotency_keys holds transfer=%q %s %s",
+				o.Key, o.FinalCode, o.FinalReason, o.Attempts, ks[0].TransferID, ks[0].ErrorCode, ks[0].ErrorReason)
+		}
+	}
+	c.results[InvFinalAnswersMatchDB].Note = fmt.Sprintf("%d rejections; %d retried ops", rejections, retried)
+}
+
+func (c *checker) checkAnswered() {
+	c.checked(InvOpsAnswered, len(c.h.Ops))
+	for _, o := range c.h.Ops {
+		if o.Outcome == OutcomeUnknown {
+			applied := "not applied"
+			if len(c.transfersByKey[o.Key]) > 0 {
+				applied = "applied"
+			} else if len(c.keysByKey[o.Key]) > 0 {
+				applied = "rejected"
+			}
+			c.fail(InvOpsAnswered, "%s key %s account %s: no definite answer after %d attempts over %s (last %s; Postgres: %s)",
+				o.Kind, o.Key, o.Account, o.Attempts, o.End.Sub(o.Start).Round(time.Millisecond), o.FinalCode, applied)
+		}
+	}
+}
+
+func (c *checker) checkTransferEntries() {
+	c.checked(InvTransferEntries, len(c.db.Transfers))
+	for _, t := range c.db.Transfers {
+		es := c.entriesByXfer[t.ID]
+		if len(es) != 2 {
+			c.fail(InvTransferEntries, "transfer %s (key %s) has %d entries", t.ID, t.Key, len(es))
+			continue
+		}
+		var debitOK, creditOK bool
+		for _, e := range es {
+			switch {
+			case e.Account == t.Debit && e.Amount == -t.Amount:
+				debitOK = true
+			case e.Account == t.Credit && e.Amount == t.Amount:
+				creditOK = true
+			}
+		}
+		if !debitOK || !creditOK {
+			c.fail(InvTransferEntries, "transfer %s (key %s, %d from %s to %s) has entries %+v", t.ID, t.Key, t.Amount, t.Debit, t.Credit, es)
+		}
+		for _, acct := range []string{t.Debit, t.Credit} {
+			if a, ok := c.db.Accounts[acct]; !ok || a.Currency != t.Currency {
+				c.fail(InvTransferEntries, "transfer %s (key %s) in %s touches account %s of another currency", t.ID, t.Key, t.Currency, acct)
+			}
+		}
+	}
+	for xfer, es := range c.entriesByXfer {
+		if _, ok := c.transfersByID[xfer]; !ok {
+			c.fail(InvTransferEntries, "entries %+v belong to no transfer", es)
+		}
+	}
+}
+
+func (c *checker) checkStatements() {
+	for _, id := range sortedKeys(c.db.Accounts) {
+		a := c.db.Accounts[id]
+		es := c.db.Entries[id]
+		for _, n := range []string{InvBalanceEqualsEntries, InvSequencesGapless, InvRunningBalance, InvVersionsConsistent, InvFloorRespected} {
+			c.checked(n, 1)
+		}
+		var sum, prevBal, prevVer int64
+		var prevAt time.Time
+		seqBad, runBad, verBad, floorBad := false, false, false, false
+		floored := a.Floor == 1
+		for i, e := range es {
+			sum += e.Amount
+			if e.Sequence != int64(i+1) && !seqBad {
+				seqBad = true
+				c.fail(InvSequencesGapless, "account %s: entry #%d has sequence %d", id, i+1, e.Sequence)
+			}
+			if e.BalanceAfter != prevBal+e.Amount && !runBad {
+				runBad = true
+				c.fail(InvRunningBalance, "account %s: sequence %d has balance_after %d, expected %d + %d = %d",
+					id, e.Sequence, e.BalanceAfter, prevBal, e.Amount, prevBal+e.Amount)
+			}
+			if e.VersionAfter <= prevVer && !verBad {
+				verBad = true
+				c.fail(InvVersionsConsistent, "account %s: sequence %d has version_after %d after %d", id, e.Sequence, e.VersionAfter, prevVer)
+			}
+			if e.CreatedAt.Before(prevAt) && !verBad {
+				verBad = true
+				c.fail(InvVersionsConsistent, "account %s: sequence %d created_at %s before the previous entry's %s", id, e.Sequence, e.CreatedAt, prevAt)
+			}
+			if floored && e.BalanceAfter < -a.CreditLimit && !floorBad {
+				floorBad = true
+				c.fail(InvFloorRespected, "account %s (credit_limit %d): sequence %d left balance %d", id, a.CreditLimit, e.Sequence, e.BalanceAfter)
+			}
+			prevBal, prevVer, prevAt = e.BalanceAfter, e.VersionAfter, e.CreatedAt
+		}
+		if floored && a.Balance < -a.CreditLimit && !floorBad {
+			c.fail(InvFloorRespected, "account %s (credit_limit %d) has balance %d", id, a.CreditLimit, a.Balance)
+		}
+		if a.Balance != sum || a.Balance != prevBal {
+			c.fail(InvBalanceEqualsEntries, "account %s: balance %d, sum of %d entries %d, last balance_after %d", id, a.Balance, len(es), sum, prevBal)
+		}
+		if a.LastSequence != int64(len(es)) && !seqBad {
+			c.fail(InvSequencesGapless, "account %s: last_sequence %d but %d entries", id, a.LastSequence, len(es))
+		}
+		if a.Version != prevVer && !verBad {
+			c.fail(InvVersionsConsistent, "account %s: version %d but last version_after %d", id, a.Version, prevVer)
+		}
+	}
+}
+
+func (c *checker) checkCurrencySums() {
+	bal := map[string]int64{}
+	ent := map[string]int64{}
+	for _, a := range c.db.Accounts {
+		bal[a.Currency] += a.Balance
+		for _, e := range c.db.Entries[a.ID] {
+			ent[a.Currency] += e.Amount
+		}
+	}
+	c.checked(InvCurrencySumsZero, len(bal))
+	for _, cur := range sortedKeys(bal) {
+		if bal[cur] != 0 || ent[cur] != 0 {
+			c.fail(InvCurrencySumsZero, "currency %s: balances sum to %d, entries to %d", cur, bal[cur], ent[cur])
+		}
+	}
+}
+
+func (c *checker) checkBalanceHistory() {
+	expected := map[string]int64{}
+	resolvedApplied, resolvedNot := 0, 0
+	for _, o := range c.h.Ops {
+		applied := false
+		switch o.Outcome {
+		case OutcomeAcked:
+			applied = true
+		case OutcomeRejected:
+		default:
+			applied = len(c.transfersByKey[o.Key]) > 0
+			if applied {
+				resolvedApplied++
+			} else {
+				resolvedNot++
+			}
+		}
+		if !applied {
+			continue
+		}
+		debit, credit, _ := c.sides(o)
+		expected[debit] -= o.Amount
+		expected[credit] += o.Amount
+	}
+	c.checked(InvBalanceMatchesHistory, len(c.db.Accounts))
+	for _, id := range sortedKeys(c.db.Accounts) {
+		a := c.db.Accounts[id]
+		if a.Balance != expected[id] {
+			c.fail(InvBalanceMatchesHistory, "account %s: balance %d, history says %d (off by %d)", id, a.Balance, expected[id], a.Balance-expected[id])
+		}
+	}
+	for id := range expected {
+		if _, ok := c.db.Accounts[id]; !ok && id != "" {
+			c.fail(InvBalanceMatchesHistory, "history moves money on account %s which does not exist", id)
+		}
+	}
+	c.results[InvBalanceMatchesHistory].Note = fmt.Sprintf("ops without a definite answer resolved from Postgres: %d applied, %d not applied", resolvedApplied, resolvedNot)
+}
+
+// pairExisted reports whether (version, balance) is a state account acct
+// really had.
+func (c *checker) pairExisted(acct string, version, balance int64) (bool, string) {
+	if version == 0 {
+		if balance == 0 {
+			return true, ""
+		}
+		return false, fmt.Sprintf("version 0 with balance %d", balance)
+	}
+	e, ok := c.entryByVersion[acct][version]
+	if !ok {
+		cur := int64(-1)
+		if a, ok := c.db.Accounts[acct]; ok {
+			cur = a.Version
+		}
+		return false, fmt.Sprintf("no entry with version_after %d (account is at version %d)", version, cur)
+	}
+	if e.BalanceAfter != balance {
+		return false, fmt.Sprintf("version %d had balance %d", version, e.BalanceAfter)
+	}
+	return true, ""
+}
+
+func (c *checker) planted(o Observation) bool {
+	for _, p := range c.plantsByAccount[o.Account] {
+		if p.Version == o.Version && p.Balance == o.Balance &&
+			!o.Start.Before(p.At.Add(-time.Second)) && o.Start.Before(p.At.Add(p.TTL+c.opt.AgeSlack)) {
+			return true
+		}
+	}
+	return false
+}
+
+func (c *checker) checkReads() {
+	bound := c.opt.CacheTTL + c.opt.AgeSlack
+	ageSkipped := c.opt.CacheTTL <= 0
+	plantedServed := 0
+	for _, o := range c.h.Observations {
+		c.checked(InvReadsExisted, 1)
+		if ok, why := c.pairExisted(o.Account, o.Version, o.Balance); !ok {
+			c.fail(InvReadsExisted, "client %d read account %s (%s, source %s) = (v%d, %d): %s",
+				o.Client, o.Account, o.Consistency, o.Source, o.Version, o.Balance, why)
+		}
+		switch o.Consistency {
+		case ReadStrong:
+			c.checked(InvStrongReadsFresh, 1)
+			if o.Version < o.LastAcked || o.Source != SourceStore {
+				c.fail(InvStrongReadsFresh, "client %d STRONG read of account %s returned v%d from %s after it saw v%d acknowledged",
+					o.Client, o.Account, o.Version, o.Source, o.LastAcked)
+			}
+		case ReadMinVersion:
+			c.checked(InvMinVersionReads, 1)
+			if o.Version < o.MinVersion {
+				c.fail(InvMinVersionReads, "client %d read of account %s with min_version %d returned v%d from %s",
+					o.Client, o.Account, o.MinVersion, o.Version, o.Source)
+			}
+		}
+		if o.Source != SourceCache || ageSkipped {
+			continue
+		}
+		c.checked(InvCachedReadAge, 1)
+		next, ok := c.entryByVersion[o.Account][o.Version+1]
+		if !ok {
+			continue // still current at the end, or never existed (reported above)
+		}
+		if age := o.Start.Sub(next.CreatedAt); age > bound {
+			if c.planted(o) {
+				plantedServed++
+				continue
+			}
+			c.fail(InvCachedReadAge, "client %d cached read of account %s at %s returned v%d, superseded %s earlier (bound %s)",
+				o.Client, o.Account, o.Start.Format("15:04:05.000"), o.Version, age.Round(time.Millisecond), bound)
+		}
+	}
+	for _, f := range c.h.ReadFailures {
+		if f.Consistency == ReadMinVersion && f.Reason == "VERSION_NOT_REACHED" {
+			c.checked(InvMinVersionReads, 1)
+			c.fail(InvMinVersionReads, "client %d read of account %s with acknowledged min_version %d got VERSION_NOT_REACHED: %s",
+				f.Client, f.Account, f.MinVersion, f.Message)
+		}
+	}
+	if ageSkipped {
+		c.results[InvCachedReadAge].Skipped = true
+		c.results[InvCachedReadAge].Note = "skipped: no cache TTL given"
+	} else {
+		c.results[InvCachedReadAge].Note = fmt.Sprintf("bound %s; %d reads served a hand-planted stale value within its TTL", bound, plantedServed)
+	}
+}
+
+func (c *checker) checkCache() {
+	r := c.results[InvCacheMatchesDB]
+	if c.cs == nil {
+		r.Skipped = true
+		r.Note = "skipped: no cache snapshot"
+		return
+	}
+	finals := 0
+	for _, o := range c.h.Observations {
+		if !o.Final {
+			continue
+		}
+		finals++
+		c.checked(InvCacheMatchesDB, 1)
+		if a, ok := c.db.Accounts[o.Account]; !ok || a.Version != o.Version || a.Balance != o.Balance {
+			var v, b int64
+			if ok {
+				v, b = a.Version, a.Balance
+			}
+			c.fail(InvCacheMatchesDB, "after healing, a %s read of account %s returned (v%d, %d) from %s but Postgres has (v%d, %d)",
+				o.Consistency, o.Account, o.Version, o.Balance, o.Source, v, b)
+		}
+	}
+	c.checked(InvCacheMatchesDB, len(c.cs.Values))
+	for _, v := range c.cs.Values {
+		a, ok := c.db.Accounts[v.Account]
+		switch {
+		case !v.OK:
+			c.fail(InvCacheMatchesDB, "%s holds an unparsable value %q (pttl %s)", v.Key, v.Raw, v.PTTL)
+		case !ok:
+			c.fail(InvCacheMatchesDB, "%s caches an account that does not exist", v.Key)
+		case v.Version != a.Version || v.Balance != a.Balance:
+			c.fail(InvCacheMatchesDB, "%s caches (v%d, %d) but Postgres has (v%d, %d) (pttl %s)", v.Key, v.Version, v.Balance, a.Version, a.Balance, v.PTTL)
+		case c.opt.CacheTTL > 0 && (v.PTTL < 0 || v.PTTL > c.opt.CacheTTL):
+			c.fail(InvCacheMatchesDB, "%s has pttl %s, outside (0, %s]", v.Key, v.PTTL, c.opt.CacheTTL)
+		}
+	}
+	r.Note = fmt.Sprintf("%d cached values in Redis, %d cached reads after healing", len(c.cs.Values), finals)
+}
+
+func (c *checker) checkAnswers() {
+	codes := 0
+	for _, n := range c.h.AnswerCodes {
+		codes += n
+	}
+	c.checked(InvNoInternalAnswers, codes)
+	for _, a := range c.h.BadAnswers {
+		c.fail(InvNoInternalAnswers, "%s: tallyd %d answered %s: %s", a.What, a.Tallyd, a.Code, a.Message)
+	}
+	c.checked(InvNoUnexpectedAnswers, len(c.h.Ops)+len(c.h.ReadFailures))
+	for _, o := range c.h.Ops {
+		if o.Outcome == OutcomeUnexpected {
+			c.fail(InvNoUnexpectedAnswers, "%s key %s account %s: final answer %s %s", o.Kind, o.Key, o.Account, o.FinalCode, o.FinalReason)
+		}
+		if o.FirstAnswerReplayed && o.EarlierAnswers == 0 && o.Attempts == 1 {
+			c.fail(InvNoUnexpectedAnswers, "%s key %s: the first and only attempt was answered as a replay", o.Kind, o.Key)
+		}
+	}
+	for _, f := range c.h.ReadFailures {
+		switch f.Code {
+		case "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN":
+			// Retryable codes that ran out of attempts are not wrong answers;
+			// INTERNAL/UNKNOWN are counted by no_internal_answers.
+		default:
+			if f.Reason == "VERSION_NOT_REACHED" {
+				continue // min_version_reads
+			}
+			c.fail(InvNoUnexpectedAnswers, "client %d %s read of account %s: %s %s %s", f.Client, f.Consistency, f.Account, f.Code, f.Reason, f.Message)
+		}
+	}
+}
+
+func (c *checker) checkCrashes() {
+	for _, cr := range c.h.Crashes {
+		c.fail(InvNoTallydCrashes, "tallyd %d exited on its own at %s: %s; log tail: %s", cr.Tallyd, cr.At.Format(time.RFC3339), cr.Status, cr.LogTail)
+	}
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}

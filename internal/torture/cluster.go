@@ -1,0 +1,257 @@
+package torture
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/tallyledger/tally/api/client"
+	"github.com/tallyledger/tally/internal/faultproxy"
+	"github.com/tallyledger/tally/internal/localsvc"
+)
+
+// tallyd is one tallyd child process with its own fault proxies in front of
+// PostgreSQL and Redis, and a client connected to it.
+type tallyd struct {
+	idx        int
+	bin        string
+	args       []string
+	grpcAddr   string
+	httpAddr   string
+	logPath    string
+	pgProxy    *faultproxy.Proxy
+	redisProxy *faultproxy.Proxy
+	cl         *client.Client
+	hist       *History
+	log        *slog.Logger
+
+	mu       sync.Mutex
+	cmd      *exec.Cmd
+	done     chan struct{}
+	expected bool // the current process is meant to exit (killed or stopped)
+}
+
+// readyTimeout bounds how long a (re)started tallyd may take to answer
+// /readyz. It waits for PostgreSQL, which may itself be restarting.
+const readyTimeout = 90 * time.Second
+
+func newTallyd(idx int, bin, dir, pgTarget, redisTarget, cacheTTL string, hist *History, log *slog.Logger) (*tallyd, error) {
+	t := &tallyd{idx: idx, bin: bin, hist: hist, log: log}
+	var err error
+	if t.pgProxy, err = faultproxy.New("127.0.0.1:0", pgTarget); err != nil {
+		return nil, err
+	}
+	if t.redisProxy, err = faultproxy.New("127.0.0.1:0", redisTarget); err != nil {
+		t.pgProxy.Close()
+		return nil, err
+	}
+	gport, err := localsvc.FreePort()
+	if err != nil {
+		return nil, err
+	}
+	hport, err := localsvc.FreePort()
+	if err != nil {
+		return nil, err
+	}
+	t.grpcAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(gport))
+	t.httpAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(hport))
+	t.logPath = fmt.Sprintf("%s/tallyd-%d.log", dir, idx)
+	t.args = []string{"serve",
+		"--database-url", "postgres://postgres@" + t.pgProxy.Addr() + "/tally?sslmode=disable",
+		"--redis-url", "redis://" + t.redisProxy.Addr() + "/0",
+		"--grpc-addr", t.grpcAddr,
+		"--http-addr", t.httpAddr,
+		"--cache-ttl", cacheTTL,
+		"--cache-op-timeout", "100ms",
+		"--cache-breaker-cooldown", "1s",
+		"--startup-timeout", "10m",
+		"--connect-timeout", "2s",
+		"--drain-timeout", "5s",
+		"--log-level", "warn",
+	}
+	return t, nil
+}
+
+// childEnv is our environment without TALLY_* variables, which tallyd would
+// read as flag defaults behind our back.
+func childEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if strings.HasPrefix(kv, "TALLY_") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+// start launches the process and waits until /readyz answers 200.
+func (t *tallyd) start(ctx context.Context) error {
+	t.mu.Lock()
+	if t.running() {
+		t.mu.Unlock()
+		return fmt.Errorf("tallyd %d already running", t.idx)
+	}
+	f, err := os.OpenFile(t.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		t.mu.Unlock()
+		return err
+	}
+	fmt.Fprintf(f, "=== tally-torture: starting tallyd %d at %s ===\n", t.idx, time.Now().Format(time.RFC3339Nano))
+	cmd := exec.Command(t.bin, t.args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	cmd.Env = childEnv()
+	cmd.SysProcAttr = childProcAttr()
+	err = cmd.Start()
+	f.Close()
+	if err != nil {
+		t.mu.Unlock()
+		return fmt.Errorf("start tallyd %d: %w", t.idx, err)
+	}
+	done := make(chan struct{})
+	t.cmd, t.done, t.expected = cmd, done, false
+	t.mu.Unlock()
+	go t.reap(cmd, done)
+	return t.waitReady(ctx, done)
+}
+
+func (t *tallyd) reap(cmd *exec.Cmd, done chan struct{}) {
+	err := cmd.Wait()
+	t.mu.Lock()
+	expected := t.expected && t.cmd == cmd
+	t.mu.Unlock()
+	if !expected {
+		status := "exit 0"
+		if err != nil {
+			status = err.Error()
+		}
+		t.log.Error("tallyd exited on its own", "tallyd", t.idx, "status", status)
+		t.hist.AddCrash(Crash{Tallyd: t.idx, At: time.Now(), Status: status, LogTail: tail(t.logPath, 1500)})
+	}
+	close(done)
+}
+
+// running reports whether the current process is alive; t.mu must be held.
+func (t *tallyd) running() bool {
+	if t.done == nil {
+		return false
+	}
+	select {
+	case <-t.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// isRunning reports whether the process is alive.
+func (t *tallyd) isRunning() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.running()
+}
+
+func (t *tallyd) waitReady(ctx context.Context, done chan struct{}) error {
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	hc := &http.Client{Timeout: time.Second}
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+t.httpAddr+"/readyz", nil)
+		if resp, err := hc.Do(req); err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		select {
+		case <-done:
+			return fmt.Errorf("tallyd %d exited during startup; log tail:\n%s", t.idx, tail(t.logPath, 2000))
+		case <-ctx.Done():
+			return fmt.Errorf("tallyd %d not ready: %w; log tail:\n%s", t.idx, ctx.Err(), tail(t.logPath, 2000))
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// signal sends sig to the running process, marks its exit as expected and
+// waits up to wait for it to be reaped.
+func (t *tallyd) signal(sig syscall.Signal, wait time.Duration) (exited bool, err error) {
+	t.mu.Lock()
+	if !t.running() {
+		t.mu.Unlock()
+		return true, nil
+	}
+	t.expected = true
+	cmd, done := t.cmd, t.done
+	t.mu.Unlock()
+	if err := cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return false, err
+	}
+	select {
+	case <-done:
+		return true, nil
+	case <-time.After(wait):
+		return false, nil
+	}
+}
+
+// kill is kill -9.
+func (t *tallyd) kill() error {
+	exited, err := t.signal(syscall.SIGKILL, 10*time.Second)
+	if err == nil && !exited {
+		err = fmt.Errorf("tallyd %d survived SIGKILL", t.idx)
+	}
+	return err
+}
+
+// stop asks for a graceful shutdown and kills after a while.
+func (t *tallyd) stop() {
+	if exited, _ := t.signal(syscall.SIGTERM, 15*time.Second); !exited {
+		_ = t.kill()
+	}
+}
+
+// close stops the process and releases the proxies and client.
+func (t *tallyd) close() {
+	t.stop()
+	if t.cl != nil {
+		t.cl.Close()
+	}
+	t.pgProxy.Close()
+	t.redisProxy.Close()
+}
+
+// heal clears every network fault in front of this tallyd.
+func (t *tallyd) heal() {
+	t.pgProxy.Heal()
+	t.redisProxy.Heal()
+}
+
+// tail returns the last n bytes of a file.
+func tail(path string, n int64) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return ""
+	}
+	off := max(fi.Size()-n, 0)
+	b := make([]byte, fi.Size()-off)
+	_, _ = f.ReadAt(b, off)
+	return strings.TrimSpace(string(b))
+}

@@ -1,0 +1,257 @@
+// Package torture is Tally's crash-safety torture test: a workload of
+// clients that move money and read balances while a nemesis kills and
+// partitions tallyd, PostgreSQL and Redis, and a checker that proves from
+// the recorded history and the final database and cache state that no money
+// was lost, doubled or invented and that every read kept its promise.
+//
+// The history and state types and the checker are plain data and functions
+// so that tests can feed the checker damaged states and histories; Run (in
+// run.go) drives a whole torture run and is what cmd/tally-torture calls.
+package torture
+
+import (
+	"sync"
+	"time"
+)
+
+// OpKind is the RPC an operation used.
+type OpKind string
+
+// Operation kinds, named like the transfers they produce.
+const (
+	KindCharge   OpKind = "CHARGE"
+	KindCredit   OpKind = "CREDIT"
+	KindTransfer OpKind = "TRANSFER"
+)
+
+// kindNumber is the transfers.kind / idempotency_keys.kind column value.
+func (k OpKind) kindNumber() int16 {
+	switch k {
+	case KindCharge:
+		return 1
+	case KindCredit:
+		return 2
+	case KindTransfer:
+		return 3
+	}
+	return 0
+}
+
+// Outcome is what a client finally learned about an operation.
+type Outcome string
+
+// Outcomes.
+const (
+	// OutcomeAcked: the service answered success (the transfer committed).
+	OutcomeAcked Outcome = "acked"
+	// OutcomeRejected: a definite business rejection (FAILED_PRECONDITION
+	// or OUT_OF_RANGE), recorded under the key.
+	OutcomeRejected Outcome = "rejected"
+	// OutcomeUnexpected: a final answer that a valid request should never
+	// get (ALREADY_EXISTS, NOT_FOUND, INVALID_ARGUMENT, ...). The outcome
+	// is resolved from the database like an unknown one.
+	OutcomeUnexpected Outcome = "unexpected"
+	// OutcomeUnknown: the client never got a definite answer before its
+	// deadline; the checker resolves the outcome from the database.
+	OutcomeUnknown Outcome = "unknown"
+)
+
+// Op is one money-moving operation with one idempotency key, however many
+// attempts it took.
+type Op struct {
+	Client int    `json:"client"` // -1 for the setup phase
+	Key    string `json:"key"`
+	Kind   OpKind `json:"kind"`
+	// Account is the account the request named: the charged or credited
+	// account, or the debit account of a Transfer.
+	Account string `json:"account"`
+	// Counterparty is revenue_account_id (Charge), funding_account_id
+	// (Credit) or credit_account_id (Transfer); "" means the currency's
+	// default system account.
+	Counterparty string `json:"counterparty,omitempty"`
+	Amount       int64  `json:"amount"`
+	Start        time.Time
+	End          time.Time
+	// Attempts is how many RPCs were sent with this key (1 = no retry).
+	Attempts int `json:"attempts"`
+	// Tallyds is how many different tallyd processes were tried.
+	Tallyds int     `json:"tallyds"`
+	Outcome Outcome `json:"outcome"`
+	// FinalCode and FinalReason are the gRPC code name and ErrorInfo reason
+	// of the final answer ("OK" for success).
+	FinalCode   string `json:"final_code"`
+	FinalReason string `json:"final_reason,omitempty"`
+	// On success: what the service acknowledged.
+	TransferID     string `json:"transfer_id,omitempty"`
+	Replayed       bool   `json:"replayed,omitempty"`
+	BalanceVersion int64  `json:"balance_version,omitempty"`
+	BalanceAfter   int64  `json:"balance_after,omitempty"`
+	// FirstReplayed is true when the first attempt that got an answer at
+	// all was already a replay (only possible if an earlier attempt
+	// committed without the client hearing back).
+	FirstAnswerReplayed bool `json:"first_answer_replayed,omitempty"`
+	// EarlierAnswers counts attempts that got no answer or a retryable one.
+	EarlierAnswers int `json:"earlier_answers,omitempty"`
+}
+
+// Retried reports whether the op needed more than one attempt.
+func (o *Op) Retried() bool { return o.Attempts > 1 }
+
+// Read consistency modes as recorded in observations.
+const (
+	ReadCached     = "CACHED"
+	ReadStrong     = "STRONG"
+	ReadMinVersion = "MIN_VERSION" // cached consistency with min_version > 0
+)
+
+// Balance sources as recorded in observations.
+const (
+	SourceCache = "CACHE"
+	SourceStore = "STORE"
+)
+
+// Observation is one successful GetBalance.
+type Observation struct {
+	Client      int    `json:"client"`
+	Account     string `json:"account"`
+	Consistency string `json:"consistency"`
+	MinVersion  int64  `json:"min_version,omitempty"`
+	// LastAcked is the highest version of Account this client had seen
+	// acknowledged (in a TransferResult) when the read started.
+	LastAcked int64     `json:"last_acked"`
+	Version   int64     `json:"version"`
+	Balance   int64     `json:"balance"`
+	Source    string    `json:"source"`
+	Start     time.Time `json:"start"`
+	End       time.Time `json:"end"`
+	// Final marks the reads made after healing and waiting one cache TTL,
+	// with no write in flight: they must return the current state.
+	Final bool `json:"final,omitempty"`
+}
+
+// ReadFailure is a GetBalance that ended in an error after its retries.
+type ReadFailure struct {
+	Client      int    `json:"client"`
+	Account     string `json:"account"`
+	Consistency string `json:"consistency"`
+	MinVersion  int64  `json:"min_version,omitempty"`
+	Code        string `json:"code"`
+	Reason      string `json:"reason,omitempty"`
+	Message     string `json:"message,omitempty"`
+}
+
+// Answer is one attempt's answer that the service must never give under
+// faults (INTERNAL or UNKNOWN).
+type Answer struct {
+	What    string    `json:"what"` // "op <key>" or "read <account>"
+	Tallyd  int       `json:"tallyd"`
+	Code    string    `json:"code"`
+	Message string    `json:"message"`
+	At      time.Time `json:"at"`
+}
+
+// Plant is a value written into Redis by hand by the nemesis.
+type Plant struct {
+	Account string        `json:"account"`
+	Garbage bool          `json:"garbage,omitempty"`
+	Version int64         `json:"version,omitempty"`
+	Balance int64         `json:"balance,omitempty"`
+	At      time.Time     `json:"at"`
+	TTL     time.Duration `json:"ttl"`
+}
+
+// Crash is a tallyd process that exited without the nemesis killing it.
+type Crash struct {
+	Tallyd  int       `json:"tallyd"`
+	At      time.Time `json:"at"`
+	Status  string    `json:"status"`
+	LogTail string    `json:"log_tail,omitempty"`
+}
+
+// AccountSpec is an account the workload created.
+type AccountSpec struct {
+	ID          string `json:"id"`
+	Currency    string `json:"currency"`
+	Type        string `json:"type"`  // CUSTOMER, REVENUE, FUNDING
+	Floor       string `json:"floor"` // NON_NEGATIVE or NONE
+	CreditLimit int64  `json:"credit_limit"`
+	Role        string `json:"role"` // hot, small, limit, normal, revenue, funding
+}
+
+// History is everything the clients and the nemesis did and saw. Its
+// methods are safe for concurrent use while a run records into it; the
+// checker reads it after the run.
+type History struct {
+	mu           sync.Mutex
+	Accounts     []AccountSpec
+	Ops          []*Op
+	Observations []Observation
+	ReadFailures []ReadFailure
+	BadAnswers   []Answer
+	Plants       []Plant
+	Crashes      []Crash
+	// AnswerCodes counts every attempt's answer by gRPC code name.
+	AnswerCodes map[string]int
+}
+
+// NewHistory returns an empty history.
+func NewHistory() *History { return &History{AnswerCodes: map[string]int{}} }
+
+// AddOp records a finished operation.
+func (h *History) AddOp(o *Op) {
+	h.mu.Lock()
+	h.Ops = append(h.Ops, o)
+	h.mu.Unlock()
+}
+
+// AddObservation records a successful read.
+func (h *History) AddObservation(o Observation) {
+	h.mu.Lock()
+	h.Observations = append(h.Observations, o)
+	h.mu.Unlock()
+}
+
+// AddReadFailure records a read that failed.
+func (h *History) AddReadFailure(f ReadFailure) {
+	h.mu.Lock()
+	h.ReadFailures = append(h.ReadFailures, f)
+	h.mu.Unlock()
+}
+
+// AddBadAnswer records an INTERNAL or UNKNOWN answer.
+func (h *History) AddBadAnswer(a Answer) {
+	h.mu.Lock()
+	h.BadAnswers = append(h.BadAnswers, a)
+	h.mu.Unlock()
+}
+
+// AddPlant records a value planted in Redis.
+func (h *History) AddPlant(p Plant) {
+	h.mu.Lock()
+	h.Plants = append(h.Plants, p)
+	h.mu.Unlock()
+}
+
+// AddCrash records an unexpected tallyd exit.
+func (h *History) AddCrash(c Crash) {
+	h.mu.Lock()
+	h.Crashes = append(h.Crashes, c)
+	h.mu.Unlock()
+}
+
+// CountAnswer counts one attempt's answer code.
+func (h *History) CountAnswer(code string) {
+	h.mu.Lock()
+	if h.AnswerCodes == nil {
+		h.AnswerCodes = map[string]int{}
+	}
+	h.AnswerCodes[code]++
+	h.mu.Unlock()
+}
+
+// AddAccount records an account the workload created.
+func (h *History) AddAccount(a AccountSpec) {
+	h.mu.Lock()
+	h.Accounts = append(h.Accounts, a)
+	h.mu.Unlock()
+}

@@ -1,0 +1,227 @@
+package torture
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"time"
+)
+
+// OpsSummary counts operations by outcome.
+type OpsSummary struct {
+	Attempted int `json:"attempted"`
+	Acked     int `json:"acked"`
+	Rejected  int `json:"rejected"`
+	// RejectedByReason counts business rejections by ErrorInfo reason.
+	RejectedByReason map[string]int `json:"rejected_by_reason"`
+	Unexpected       int            `json:"unexpected"`
+	Unknown          int            `json:"unknown_outcome"`
+	// UnknownApplied counts ops without a definite answer that Postgres
+	// shows applied.
+	UnknownApplied int `json:"unknown_outcome_applied"`
+	// Attempts is the number of RPCs sent; Retries = Attempts - Attempted.
+	Attempts int `json:"attempts"`
+	Retries  int `json:"retries"`
+	// Retried counts ops that needed more than one attempt.
+	Retried int `json:"retried_ops"`
+	// OtherTallyd counts ops that were tried on more than one tallyd.
+	OtherTallyd int `json:"retried_on_other_tallyd"`
+	// Replayed counts acked ops whose final answer was a replay (an
+	// earlier attempt had committed without the client hearing back).
+	Replayed int            `json:"acked_as_replay"`
+	ByKind   map[string]int `json:"by_kind"`
+}
+
+// ReadsSummary counts balance reads.
+type ReadsSummary struct {
+	Total          int            `json:"total"`
+	ByConsistency  map[string]int `json:"by_consistency"`
+	BySource       map[string]int `json:"by_source"`
+	Failures       int            `json:"failures"`
+	FailuresByCode map[string]int `json:"failures_by_code,omitempty"`
+}
+
+// Report is the outcome of a torture run: what was done, what was injected
+// and each invariant's verdict.
+type Report struct {
+	Seed          int64             `json:"seed"`
+	Duration      string            `json:"duration"`
+	Elapsed       string            `json:"elapsed"`
+	StartedAt     time.Time         `json:"started_at"`
+	Tallyds       int               `json:"tallyds"`
+	Clients       int               `json:"clients"`
+	Accounts      int               `json:"accounts"`
+	CacheTTL      string            `json:"cache_ttl"`
+	Ops           OpsSummary        `json:"ops"`
+	Reads         ReadsSummary      `json:"reads"`
+	Faults        map[string]int    `json:"faults"`
+	FaultsMissing []string          `json:"faults_missing,omitempty"`
+	AnswerCodes   map[string]int    `json:"answer_codes"`
+	Invariants    []InvariantResult `json:"invariants"`
+	Violations    int               `json:"violations"`
+	Pass          bool              `json:"pass"`
+	TempDir       string            `json:"temp_dir,omitempty"`
+}
+
+// Summarize counts a history's operations and reads. db, when not nil,
+// resolves how many unknown-outcome ops were applied.
+func Summarize(h *History, db *DBState) (OpsSummary, ReadsSummary) {
+	applied := map[string]bool{}
+	if db != nil {
+		for _, t := range db.Transfers {
+			applied[t.Key] = true
+		}
+	}
+	ops := OpsSummary{RejectedByReason: map[string]int{}, ByKind: map[string]int{}}
+	for _, o := range h.Ops {
+		ops.Attempted++
+		ops.ByKind[string(o.Kind)]++
+		ops.Attempts += o.Attempts
+		if o.Retried() {
+			ops.Retried++
+		}
+		if o.Tallyds > 1 {
+			ops.OtherTallyd++
+		}
+		switch o.Outcome {
+		case OutcomeAcked:
+			ops.Acked++
+			if o.Replayed {
+				ops.Replayed++
+			}
+		case OutcomeRejected:
+			ops.Rejected++
+			ops.RejectedByReason[o.FinalReason]++
+		case OutcomeUnexpected:
+			ops.Unexpected++
+		case OutcomeUnknown:
+			ops.Unknown++
+		}
+		if (o.Outcome == OutcomeUnknown || o.Outcome == OutcomeUnexpected) && applied[o.Key] {
+			ops.UnknownApplied++
+		}
+	}
+	ops.Retries = ops.Attempts - ops.Attempted
+	reads := ReadsSummary{ByConsistency: map[string]int{}, BySource: map[string]int{}, FailuresByCode: map[string]int{}}
+	for _, o := range h.Observations {
+		reads.Total++
+		reads.ByConsistency[o.Consistency]++
+		reads.BySource[o.Source]++
+	}
+	for _, f := range h.ReadFailures {
+		reads.Failures++
+		k := f.Code
+		if f.Reason != "" {
+			k += "/" + f.Reason
+		}
+		reads.FailuresByCode[k]++
+	}
+	return ops, reads
+}
+
+// Finish fills the verdict fields from the invariants.
+func (r *Report) Finish() {
+	r.Violations = 0
+	r.Pass = true
+	for _, inv := range r.Invariants {
+		r.Violations += inv.Violations
+		if !inv.Pass {
+			r.Pass = false
+		}
+	}
+	if len(r.Invariants) == 0 {
+		r.Pass = false
+	}
+}
+
+// WriteJSON writes the report as indented JSON to path.
+func (r *Report) WriteJSON(path string) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+func formatCounts(m map[string]int) string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool {
+		if m[keys[i]] != m[keys[j]] {
+			return m[keys[i]] > m[keys[j]]
+		}
+		return keys[i] < keys[j]
+	})
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s %d", k, m[k])
+	}
+	return strings.Join(parts, ", ")
+}
+
+// PrintSummary writes the human-readable summary.
+func (r *Report) PrintSummary(w io.Writer) {
+	fmt.Fprintf(w, "\n=== tally-torture: seed %d, duration %s (wall %s), %d tallyds, %d clients, %d accounts, cache TTL %s ===\n",
+		r.Seed, r.Duration, r.Elapsed, r.Tallyds, r.Clients, r.Accounts, r.CacheTTL)
+	o := r.Ops
+	fmt.Fprintf(w, "ops:     %d attempted: %d acked, %d rejected, %d unexpected answer, %d unknown outcome (%d of those applied)\n",
+		o.Attempted, o.Acked, o.Rejected, o.Unexpected, o.Unknown, o.UnknownApplied)
+	fmt.Fprintf(w, "         by kind: %s\n", formatCounts(o.ByKind))
+	if len(o.RejectedByReason) > 0 {
+		fmt.Fprintf(w, "         rejections: %s\n", formatCounts(o.RejectedByReason))
+	}
+	fmt.Fprintf(w, "retries: %d retries over %d attempts; %d ops retried, %d on another tallyd, %d acked as a replay\n",
+		o.Retries, o.Attempts, o.Retried, o.OtherTallyd, o.Replayed)
+	fmt.Fprintf(w, "reads:   %d ok (%s; from %s), %d failed", r.Reads.Total, formatCounts(r.Reads.ByConsistency),
+		formatCounts(r.Reads.BySource), r.Reads.Failures)
+	if r.Reads.Failures > 0 {
+		fmt.Fprintf(w, " (%s)", formatCounts(r.Reads.FailuresByCode))
+	}
+	fmt.Fprintln(w)
+	total := 0
+	for _, n := range r.Faults {
+		total += n
+	}
+	fmt.Fprintf(w, "faults:  %d injected: %s\n", total, formatCounts(r.Faults))
+	if len(r.FaultsMissing) > 0 {
+		fmt.Fprintf(w, "         NOT injected (run too short?): %s\n", strings.Join(r.FaultsMissing, ", "))
+	}
+	fmt.Fprintf(w, "answers: %s\n", formatCounts(r.AnswerCodes))
+	fmt.Fprintln(w, "invariants:")
+	failed := 0
+	for _, inv := range r.Invariants {
+		verdict := "PASS"
+		switch {
+		case !inv.Pass:
+			verdict = "FAIL"
+			failed++
+		case inv.Skipped:
+			verdict = "SKIP"
+		}
+		line := fmt.Sprintf("  %s %-28s %7d checked", verdict, inv.Name, inv.Checked)
+		if inv.Violations > 0 {
+			line += fmt.Sprintf(", %d VIOLATIONS", inv.Violations)
+		}
+		if inv.Note != "" {
+			line += "  (" + inv.Note + ")"
+		}
+		fmt.Fprintln(w, line)
+		for _, ex := range inv.Examples {
+			fmt.Fprintf(w, "         - %s\n", ex)
+		}
+		if inv.Violations > len(inv.Examples) {
+			fmt.Fprintf(w, "         ... and %d more\n", inv.Violations-len(inv.Examples))
+		}
+	}
+	if r.Pass {
+		fmt.Fprintf(w, "RESULT: PASS: all %d invariants hold (seed %d)\n", len(r.Invariants), r.Seed)
+	} else {
+		fmt.Fprintf(w, "RESULT: FAIL: %d of %d invariants violated, %d violations (replay with -seed %d)\n",
+			failed, len(r.Invariants), r.Violations, r.Seed)
+	}
+}

@@ -1,0 +1,534 @@
+package torture
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/redis/go-redis/v9"
+	"google.golang.org/grpc/status"
+
+	"github.com/tallyledger/tally/api/client"
+	"github.com/tallyledger/tally/internal/localsvc"
+	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
+)
+
+// Config configures a torture run.
+type Config struct {
+	Duration time.Duration
+	Seed     int64
+	Tallyds  int // >= 2
+	Clients  int
+	// Accounts is the number of customer accounts (split over two
+	// currencies); the workload also creates revenue and funding accounts.
+	Accounts int
+	CacheTTL time.Duration
+	// TallydBin is a prebuilt tallyd; empty builds ./cmd/tallyd from the
+	// module at RepoDir (default: found from the working directory).
+	TallydBin string
+	RepoDir   string
+	// Keep keeps the temp dir (logs, the stopped PostgreSQL data dir).
+	Keep    bool
+	Verbose bool
+	// Out receives progress and the summary; default os.Stdout.
+	Out io.Writer
+}
+
+// Currencies the workload uses.
+var currencies = []string{"USD", "CREDITS"}
+
+const keyPrefix = "tally:bal:"
+
+// runner is one torture run in progress.
+type runner struct {
+	cfg       Config
+	out       io.Writer
+	log       *slog.Logger
+	hist      *History
+	dir       string
+	cacheTTL  time.Duration
+	keyPrefix string
+
+	pg    *localsvc.Postgres
+	redis *localsvc.Redis
+	rdb   *redis.Client
+	dbURL string
+	tds   []*tallyd
+	pools pools
+
+	faultsMu sync.Mutex
+	faults   map[string]int
+
+	opsDone   atomic.Int64
+	opsAcked  atomic.Int64
+	readsDone atomic.Int64
+}
+
+func (r *runner) countFault(kind string) {
+	r.faultsMu.Lock()
+	r.faults[kind]++
+	r.faultsMu.Unlock()
+}
+
+func (r *runner) faultCount() int {
+	r.faultsMu.Lock()
+	defer r.faultsMu.Unlock()
+	n := 0
+	for _, v := range r.faults {
+		n += v
+	}
+	return n
+}
+
+// event logs to the run log, and to Out when verbose.
+func (r *runner) event(msg string, args ...any) {
+	r.log.Info(msg, args...)
+	if r.cfg.Verbose {
+		line := fmt.Sprintf("%s %s", time.Now().Format("15:04:05.000"), msg)
+		for i := 0; i+1 < len(args); i += 2 {
+			line += fmt.Sprintf(" %v=%v", args[i], args[i+1])
+		}
+		fmt.Fprintln(r.out, line)
+	}
+}
+
+func (r *runner) printf(format string, args ...any) {
+	fmt.Fprintf(r.out, format, args...)
+}
+
+// FindRepo returns the root of the tally module containing dir.
+func FindRepo(dir string) (string, error) {
+	for d := dir; ; d = filepath.Dir(d) {
+		b, err := os.ReadFile(filepath.Join(d, "go.mod"))
+		if err == nil && modulePath(string(b)) == "github.com/tallyledger/tally" {
+			return d, nil
+		}
+		if filepath.Dir(d) == d {
+			return "", fmt.Errorf("no github.com/tallyledger/tally module above %s", dir)
+		}
+	}
+}
+
+// modulePath returns the module path declared in a go.mod file.
+func modulePath(gomod string) string {
+	for _, line := range strings.Split(gomod, "\n") {
+		if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "module "); ok {
+			return strings.Trim(strings.TrimSpace(rest), `"`)
+		}
+	}
+	return ""
+}
+
+// Run performs one torture run and returns its report. An error means the
+// run itself could not be carried out (a server would not start); a run
+// that found violations returns a report with Pass false and no error.
+func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
+	if cfg.Tallyds < 2 {
+		return nil, errors.New("torture: need at least 2 tallyds")
+	}
+	if cfg.Clients < 1 {
+		return nil, errors.New("torture: need at least 1 client")
+	}
+	if cfg.Accounts < 8 {
+		return nil, errors.New("torture: need at least 8 accounts")
+	}
+	if cfg.CacheTTL <= 0 {
+		cfg.CacheTTL = 2 * time.Second
+	}
+	if cfg.Out == nil {
+		cfg.Out = os.Stdout
+	}
+	r := &runner{cfg: cfg, out: cfg.Out, hist: NewHistory(), cacheTTL: cfg.CacheTTL, keyPrefix: keyPrefix, faults: map[string]int{}}
+	started := time.Now()
+
+	r.dir, err = os.MkdirTemp("", "tally-torture-")
+	if err != nil {
+		return nil, err
+	}
+	logf, err := os.Create(filepath.Join(r.dir, "torture.log"))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	r.log = slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	r.printf("tally-torture: seed %d, duration %s, %d tallyds, %d clients, %d accounts; work dir %s\n",
+		cfg.Seed, cfg.Duration, cfg.Tallyds, cfg.Clients, cfg.Accounts, r.dir)
+
+	keep := cfg.Keep
+	defer func() {
+		r.teardown(keep)
+		if !keep {
+			os.RemoveAll(r.dir)
+		}
+	}()
+
+	if err := r.setup(ctx); err != nil {
+		keep = true
+		return nil, fmt.Errorf("setup: %w (logs kept in %s)", err, r.dir)
+	}
+	if err := r.fund(ctx); err != nil {
+		keep = true
+		return nil, fmt.Errorf("funding: %w (logs kept in %s)", err, r.dir)
+	}
+
+	if err := r.torture(ctx); err != nil {
+		keep = true
+		return nil, fmt.Errorf("%w (logs kept in %s)", err, r.dir)
+	}
+
+	rep, err = r.check(ctx, started)
+	if err != nil {
+		keep = true
+		return nil, fmt.Errorf("check: %w (logs kept in %s)", err, r.dir)
+	}
+	if !rep.Pass {
+		keep = true
+	}
+	if keep {
+		rep.TempDir = r.dir
+	}
+	return rep, nil
+}
+
+// setup builds tallyd, starts PostgreSQL and Redis, creates and migrates
+// the database, and starts the tallyds behind their proxies.
+func (r *runner) setup(ctx context.Context) error {
+	bin := r.cfg.TallydBin
+	if bin == "" {
+		repo := r.cfg.RepoDir
+		if repo == "" {
+			wd, err := os.Getwd()
+			if err != nil {
+				return err
+			}
+			if repo, err = FindRepo(wd); err != nil {
+				return err
+			}
+		}
+		bin = filepath.Join(r.dir, "tallyd")
+		r.printf("building tallyd from %s ...\n", repo)
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/tallyd")
+		cmd.Dir = repo
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go build ./cmd/tallyd: %w\n%s", err, out)
+		}
+	}
+
+	var err error
+	r.printf("starting private PostgreSQL and Redis ...\n")
+	r.pg, err = localsvc.StartPostgres(ctx, localsvc.PostgresOptions{Dir: filepath.Join(r.dir, "pg"), Logger: r.log})
+	if err != nil {
+		return err
+	}
+	r.redis, err = localsvc.StartRedis(ctx, localsvc.RedisOptions{Dir: filepath.Join(r.dir, "redis"), Logger: r.log})
+	if err != nil {
+		return err
+	}
+	r.rdb = redis.NewClient(&redis.Options{Addr: r.redis.Addr(), DialTimeout: time.Second, ReadTimeout: 2 * time.Second,
+		WriteTimeout: 2 * time.Second, MaxRetries: 2})
+
+	conn, err := pgx.Connect(ctx, r.pg.URL("postgres"))
+	if err != nil {
+		return err
+	}
+	_, err = conn.Exec(ctx, "CREATE DATABASE tally")
+	conn.Close(ctx)
+	if err != nil {
+		return err
+	}
+	r.dbURL = r.pg.URL("tally")
+	mig := exec.CommandContext(ctx, bin, "migrate", "--database-url", r.dbURL)
+	mig.Env = childEnv()
+	if out, err := mig.CombinedOutput(); err != nil {
+		return fmt.Errorf("tallyd migrate: %w\n%s", err, out)
+	}
+
+	pgTarget := fmt.Sprintf("127.0.0.1:%d", r.pg.Port())
+	for i := 0; i < r.cfg.Tallyds; i++ {
+		t, err := newTallyd(i, bin, r.dir, pgTarget, r.redis.Addr(), r.cacheTTL.String(), r.hist, r.log)
+		if err != nil {
+			return err
+		}
+		r.tds = append(r.tds, t)
+		if t.cl, err = newClient(i, t.grpcAddr, r.hist); err != nil {
+			return err
+		}
+		if err := t.start(ctx); err != nil {
+			return err
+		}
+	}
+	r.printf("started %d tallyds (%s)\n", len(r.tds), r.tds[0].grpcAddr)
+	return nil
+}
+
+// fund creates the accounts and gives each customer its starting balance
+// with Credits (ordinary ops of the history), before any fault.
+func (r *runner) fund(ctx context.Context) error {
+	p := pools{customers: map[string][]AccountSpec{}, hot: map[string][]AccountSpec{}, small: map[string][]AccountSpec{},
+		revenue: map[string][]AccountSpec{}, funding: map[string][]AccountSpec{}, byID: map[string]AccountSpec{}, currencies: currencies}
+	cl := r.tds[0].cl
+	create := func(spec AccountSpec, typ tallyv1.AccountType, floor tallyv1.Floor) (AccountSpec, error) {
+		req := &tallyv1.CreateAccountRequest{Currency: spec.Currency, Type: typ, Floor: floor, CreditLimit: spec.CreditLimit,
+			ExternalRef: "torture-" + spec.Role, Metadata: map[string]string{"role": spec.Role}}
+		a, err := cl.CreateAccount(ctx, req)
+		if err != nil {
+			return spec, fmt.Errorf("create %s account: %w", spec.Role, err)
+		}
+		spec.ID = a.GetAccountId()
+		r.hist.AddAccount(spec)
+		p.all = append(p.all, spec)
+		p.byID[spec.ID] = spec
+		return spec, nil
+	}
+	type funding struct {
+		acct   AccountSpec
+		amount int64
+	}
+	var funds []funding
+	for i := 0; i < r.cfg.Accounts; i++ {
+		cur := currencies[i%len(currencies)]
+		n := i / len(currencies) // index within the currency
+		spec := AccountSpec{Currency: cur, Type: "CUSTOMER", Floor: "NON_NEGATIVE"}
+		var amount int64
+		switch {
+		case n < 2:
+			spec.Role, amount = "hot", 1_000_000_000
+		case n%3 == 2:
+			spec.Role, amount = "small", 100
+		case n%3 == 0:
+			spec.Role, spec.CreditLimit, amount = "limit", 50, 20
+		default:
+			spec.Role, amount = "normal", 100_000
+		}
+		spec, err := create(spec, tallyv1.AccountType_ACCOUNT_TYPE_CUSTOMER, tallyv1.Floor_FLOOR_NON_NEGATIVE)
+		if err != nil {
+			return err
+		}
+		p.customers[cur] = append(p.customers[cur], spec)
+		switch spec.Role {
+		case "hot":
+			p.hot[cur] = append(p.hot[cur], spec)
+		case "small", "limit":
+			p.small[cur] = append(p.small[cur], spec)
+		}
+		funds = append(funds, funding{spec, amount})
+	}
+	for _, cur := range currencies {
+		if len(p.small[cur]) == 0 { // few accounts: let a normal one stand in
+			p.small[cur] = p.customers[cur][len(p.customers[cur])-1:]
+		}
+		rev, err := create(AccountSpec{Currency: cur, Type: "REVENUE", Floor: "NONE", Role: "revenue"},
+			tallyv1.AccountType_ACCOUNT_TYPE_REVENUE, tallyv1.Floor_FLOOR_NONE)
+		if err != nil {
+			return err
+		}
+		p.revenue[cur] = append(p.revenue[cur], rev)
+		fnd, err := create(AccountSpec{Currency: cur, Type: "FUNDING", Floor: "NONE", Role: "funding"},
+			tallyv1.AccountType_ACCOUNT_TYPE_FUNDING, tallyv1.Floor_FLOOR_NONE)
+		if err != nil {
+			return err
+		}
+		p.funding[cur] = append(p.funding[cur], fnd)
+	}
+	r.pools = p
+
+	rng := rand.New(rand.NewPCG(uint64(r.cfg.Seed), 0x66756e64))
+	for i, f := range funds {
+		o := &Op{Client: -1, Key: client.NewIdempotencyKey(), Kind: KindCredit, Account: f.acct.ID, Amount: f.amount}
+		req := &tallyv1.CreditRequest{AccountId: o.Account, Amount: o.Amount, IdempotencyKey: o.Key,
+			Description: fmt.Sprintf("torture opening balance %d", i)}
+		r.execOp(ctx, rng, o, func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error) {
+			return c.Credit(ctx, req)
+		})
+		if o.Outcome != OutcomeAcked {
+			return fmt.Errorf("opening credit of %s: %s %s", f.acct.ID, o.FinalCode, o.FinalReason)
+		}
+	}
+	r.printf("created %d accounts and funded %d customers\n", len(p.all), len(funds))
+	return nil
+}
+
+// torture runs the clients and the nemesis for the duration, then heals
+// everything and lets every client finish its retries.
+func (r *runner) torture(ctx context.Context) error {
+	stop, cancelStop := context.WithTimeout(ctx, r.cfg.Duration)
+	defer cancelStop()
+	// hard bounds the retries of ops still in flight when the run ends.
+	hard, cancelHard := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelHard()
+	go func() {
+		select {
+		case <-ctx.Done(): // interrupted: give up on retries too
+			cancelHard()
+		case <-hard.Done():
+		}
+	}()
+
+	r.printf("running workload and nemesis for %s ...\n", r.cfg.Duration)
+	var wg sync.WaitGroup
+	for i := 0; i < r.cfg.Clients; i++ {
+		w := &worker{r: r, id: i, rng: rand.New(rand.NewPCG(uint64(r.cfg.Seed), uint64(i+1))), lastAcked: map[string]int64{}}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.run(stop, hard)
+		}()
+	}
+	nemErr := make(chan error, 1)
+	go func() { nemErr <- r.nemesis(stop, r.cfg.Seed) }()
+
+	start := time.Now()
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
+	var err error
+loop:
+	for {
+		select {
+		case <-tick.C:
+			r.printf("  t=%-4s ops %d (acked %d), reads %d, faults %d\n", time.Since(start).Round(time.Second),
+				r.opsDone.Load(), r.opsAcked.Load(), r.readsDone.Load(), r.faultCount())
+		case err = <-nemErr:
+			if err != nil {
+				cancelStop()
+			}
+			break loop
+		}
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	// Heal anything left (the nemesis heals each fault itself; this covers
+	// a nemesis that failed half-way and tallyds that crashed).
+	for _, t := range r.tds {
+		t.heal()
+		t.redisProxy.SetLatency(0)
+	}
+	if err == nil {
+		for _, t := range r.tds {
+			if !t.isRunning() {
+				r.event("restarting tallyd that was down at the end", "tallyd", t.idx)
+				if serr := t.start(ctx); serr != nil {
+					err = serr
+				}
+			}
+		}
+	}
+	r.printf("workload stopped after %s; healed; waiting for in-flight ops to finish their retries ...\n",
+		time.Since(start).Round(time.Second))
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(opDeadline + time.Minute):
+		cancelHard()
+		<-done
+	}
+	return err
+}
+
+// check waits one cache TTL, snapshots Redis and PostgreSQL, and runs the
+// checker.
+func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) {
+	wait := r.cacheTTL + time.Second
+	r.printf("all clients done; waiting %s (one cache TTL) before checking ...\n", wait)
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-time.After(wait):
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	r.finalReads(cctx)
+	cs, err := LoadCacheState(cctx, r.rdb, r.keyPrefix)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := pgx.Connect(cctx, r.dbURL)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	db, err := LoadDBStateSnapshot(cctx, conn)
+	if err != nil {
+		return nil, err
+	}
+	invs := Check(r.hist, db, cs, CheckOptions{CacheTTL: r.cacheTTL})
+	rep := &Report{
+		Seed: r.cfg.Seed, Duration: r.cfg.Duration.String(), StartedAt: started,
+		Elapsed: time.Since(started).Round(time.Second).String(),
+		Tallyds: r.cfg.Tallyds, Clients: r.cfg.Clients, Accounts: len(r.pools.all), CacheTTL: r.cacheTTL.String(),
+		Faults: map[string]int{}, AnswerCodes: map[string]int{}, Invariants: invs,
+	}
+	rep.Ops, rep.Reads = Summarize(r.hist, db)
+	r.faultsMu.Lock()
+	for _, k := range FaultKinds {
+		rep.Faults[k] = r.faults[k]
+		if r.faults[k] == 0 {
+			rep.FaultsMissing = append(rep.FaultsMissing, k)
+		}
+	}
+	r.faultsMu.Unlock()
+	r.hist.mu.Lock()
+	for k, v := range r.hist.AnswerCodes {
+		rep.AnswerCodes[k] = v
+	}
+	r.hist.mu.Unlock()
+	rep.Finish()
+	return rep, nil
+}
+
+// finalReads reads every account twice through every tallyd with cached
+// consistency (the first read may fill the cache, the second should hit it).
+// Nothing is written any more, so each must return the current state.
+func (r *runner) finalReads(ctx context.Context) {
+	for _, t := range r.tds {
+		for _, a := range r.pools.all {
+			for i := 0; i < 2; i++ {
+				obs := Observation{Client: -1, Account: a.ID, Consistency: ReadCached, Final: true, Start: time.Now()}
+				b, err := t.cl.GetBalance(ctx, &tallyv1.GetBalanceRequest{AccountId: a.ID})
+				if err != nil {
+					r.hist.AddReadFailure(ReadFailure{Client: -1, Account: a.ID, Consistency: ReadCached,
+						Code: codeName(status.Code(err)), Reason: reasonOf(err), Message: status.Convert(err).Message()})
+					continue
+				}
+				obs.End, obs.Version, obs.Balance, obs.Source = time.Now(), b.GetVersion(), b.GetBalance(), sourceName(b.GetSource())
+				r.hist.AddObservation(obs)
+			}
+		}
+	}
+}
+
+// teardown stops every process. With keep, PostgreSQL is stopped cleanly
+// and its data directory left in the work dir for inspection.
+func (r *runner) teardown(keep bool) {
+	var wg sync.WaitGroup
+	for _, t := range r.tds {
+		wg.Add(1)
+		go func() { defer wg.Done(); t.close() }()
+	}
+	wg.Wait()
+	if r.rdb != nil {
+		r.rdb.Close()
+	}
+	if r.redis != nil {
+		_ = r.redis.Close()
+	}
+	if r.pg != nil {
+		if keep {
+			_ = r.pg.Stop("fast")
+		} else {
+			_ = r.pg.Close()
+		}
+	}
+}

@@ -1,0 +1,282 @@
+package torture
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/redis/go-redis/v9"
+)
+
+// AccountRow is an accounts row as the checker needs it.
+type AccountRow struct {
+	ID           string
+	Currency     string
+	Type         int16
+	Floor        int16 // 1 FLOOR_NON_NEGATIVE, 2 FLOOR_NONE
+	CreditLimit  int64
+	SystemRole   string // "", "revenue", "funding"
+	Balance      int64
+	Version      int64
+	LastSequence int64
+}
+
+// TransferRow is a transfers row.
+type TransferRow struct {
+	ID        string
+	Scope     string
+	Key       string
+	Kind      int16
+	Debit     string
+	Credit    string
+	Amount    int64
+	Currency  string
+	CreatedAt time.Time
+}
+
+// EntryRow is an entries row.
+type EntryRow struct {
+	TransferID   string
+	Account      string
+	Sequence     int64
+	Amount       int64
+	BalanceAfter int64
+	VersionAfter int64
+	CreatedAt    time.Time
+}
+
+// KeyRow is an idempotency_keys row.
+type KeyRow struct {
+	Scope       string
+	Key         string
+	Kind        int16
+	TransferID  string // "" for a rejection
+	Account     string
+	ErrorCode   string
+	ErrorReason string
+}
+
+// DBState is a consistent snapshot of the ledger tables.
+type DBState struct {
+	Accounts  map[string]*AccountRow
+	Transfers []TransferRow
+	// Entries per account, ordered by sequence.
+	Entries map[string][]EntryRow
+	Keys    []KeyRow
+}
+
+// Querier is what LoadDBState needs: a pgx.Conn, pgxpool.Pool or pgx.Tx.
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+// LoadDBState reads every account, transfer, entry and idempotency key. Run
+// it inside a REPEATABLE READ transaction (or on a quiet database) so the
+// tables agree with each other.
+func LoadDBState(ctx context.Context, q Querier) (*DBState, error) {
+	s := &DBState{Accounts: map[string]*AccountRow{}, Entries: map[string][]EntryRow{}}
+
+	rows, err := q.Query(ctx, `SELECT account_id::text, currency, type, floor, credit_limit, coalesce(system_role, ''),
+		balance, version, last_sequence FROM accounts`)
+	if err != nil {
+		return nil, fmt.Errorf("load accounts: %w", err)
+	}
+	for rows.Next() {
+		var a AccountRow
+		if err := rows.Scan(&a.ID, &a.Currency, &a.Type, &a.Floor, &a.CreditLimit, &a.SystemRole, &a.Balance, &a.Version, &a.LastSequence); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("load accounts: %w", err)
+		}
+		s.Accounts[a.ID] = &a
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("load accounts: %w", err)
+	}
+
+	rows, err = q.Query(ctx, `SELECT transfer_id::text, scope, idempotency_key, kind, debit_account_id::text,
+		credit_account_id::text, amount, currency, created_at FROM transfers`)
+	if err != nil {
+		return nil, fmt.Errorf("load transfers: %w", err)
+	}
+	for rows.Next() {
+		var t TransferRow
+		if err := rows.Scan(&t.ID, &t.Scope, &t.Key, &t.Kind, &t.Debit, &t.Credit, &t.Amount, &t.Currency, &t.CreatedAt); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("load transfers: %w", err)
+		}
+		s.Transfers = append(s.Transfers, t)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("load transfers: %w", err)
+	}
+
+	rows, err = q.Query(ctx, `SELECT transfer_id::text, account_id::text, sequence, amount, balance_after,
+		version_after, created_at FROM entries ORDER BY account_id, sequence`)
+	if err != nil {
+		return nil, fmt.Errorf("load entries: %w", err)
+	}
+	for rows.Next() {
+		var e EntryRow
+		if err := rows.Scan(&e.TransferID, &e.Account, &e.Sequence, &e.Amount, &e.BalanceAfter, &e.VersionAfter, &e.CreatedAt); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("load entries: %w", err)
+		}
+		s.Entries[e.Account] = append(s.Entries[e.Account], e)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("load entries: %w", err)
+	}
+
+	rows, err = q.Query(ctx, `SELECT scope, idempotency_key, kind, coalesce(transfer_id::text, ''), account_id::text,
+		coalesce(error_code, ''), coalesce(error_reason, '') FROM idempotency_keys`)
+	if err != nil {
+		return nil, fmt.Errorf("load idempotency keys: %w", err)
+	}
+	for rows.Next() {
+		var k KeyRow
+		if err := rows.Scan(&k.Scope, &k.Key, &k.Kind, &k.TransferID, &k.Account, &k.ErrorCode, &k.ErrorReason); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("load idempotency keys: %w", err)
+		}
+		s.Keys = append(s.Keys, k)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("load idempotency keys: %w", err)
+	}
+	return s, nil
+}
+
+// LoadDBStateSnapshot opens a REPEATABLE READ READ ONLY transaction on conn
+// and loads the state from it.
+func LoadDBStateSnapshot(ctx context.Context, conn *pgx.Conn) (*DBState, error) {
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // read-only
+	return LoadDBState(ctx, tx)
+}
+
+// CachedValue is one balance key found in Redis.
+type CachedValue struct {
+	Key     string
+	Account string
+	Raw     string
+	// PTTL is the remaining time to live; negative: -1 no expiry, -2 gone.
+	PTTL time.Duration
+	// Parsed fields; OK is false when Raw is not a valid v1 value.
+	OK      bool
+	Version int64
+	Balance int64
+}
+
+// CacheState is every balance key under a prefix in Redis.
+type CacheState struct {
+	Prefix string
+	Values []CachedValue
+}
+
+// LoadCacheState scans Redis for every key under prefix (for tallyd,
+// "tally:bal:") and reads each value with its remaining TTL.
+func LoadCacheState(ctx context.Context, rdb redis.UniversalClient, prefix string) (*CacheState, error) {
+	cs := &CacheState{Prefix: prefix}
+	var keys []string
+	var cursor uint64
+	for i := 0; ; i++ {
+		if i > 1_000_000 {
+			return nil, errors.New("redis SCAN did not finish")
+		}
+		ks, next, err := rdb.Scan(ctx, cursor, escapeGlob(prefix)+"*", 1000).Result()
+		if err != nil {
+			return nil, fmt.Errorf("redis scan: %w", err)
+		}
+		keys = append(keys, ks...)
+		cursor = next
+		if cursor == 0 {
+			break
+		}
+	}
+	sort.Strings(keys)
+	keys = dedupe(keys)
+	for start := 0; start < len(keys); start += 500 {
+		batch := keys[start:min(start+500, len(keys))]
+		pipe := rdb.Pipeline()
+		gets := make([]*redis.StringCmd, len(batch))
+		ttls := make([]*redis.DurationCmd, len(batch))
+		for i, k := range batch {
+			gets[i] = pipe.Get(ctx, k)
+			ttls[i] = pipe.PTTL(ctx, k)
+		}
+		if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
+			return nil, fmt.Errorf("redis read: %w", err)
+		}
+		for i, k := range batch {
+			raw, err := gets[i].Result()
+			if errors.Is(err, redis.Nil) {
+				continue // expired between SCAN and GET
+			}
+			if err != nil {
+				return nil, fmt.Errorf("redis get %s: %w", k, err)
+			}
+			v := CachedValue{Key: k, Account: strings.TrimPrefix(k, prefix), Raw: raw, PTTL: ttls[i].Val()}
+			v.Version, v.Balance, v.OK = ParseCacheValue(raw)
+			cs.Values = append(cs.Values, v)
+		}
+	}
+	return cs, nil
+}
+
+func dedupe(s []string) []string {
+	out := s[:0]
+	for i, v := range s {
+		if i == 0 || v != s[i-1] {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+func escapeGlob(s string) string {
+	r := strings.NewReplacer(`\`, `\\`, `*`, `\*`, `?`, `\?`, `[`, `\[`, `]`, `\]`)
+	return r.Replace(s)
+}
+
+// CacheValue renders a balance in the cache's v1 value format (see package
+// cache): v1|version|balance|credit_limit|available|currency|asof_unix_nanos.
+func CacheValue(version, balance, creditLimit, available int64, currency string, asOf time.Time) string {
+	var ns int64
+	if !asOf.IsZero() {
+		ns = asOf.UnixNano()
+	}
+	return strings.Join([]string{"v1", strconv.FormatInt(version, 10), strconv.FormatInt(balance, 10),
+		strconv.FormatInt(creditLimit, 10), strconv.FormatInt(available, 10), currency, strconv.FormatInt(ns, 10)}, "|")
+}
+
+// ParseCacheValue parses a v1 cache value as strictly as the cache does.
+func ParseCacheValue(s string) (version, balance int64, ok bool) {
+	f := strings.Split(s, "|")
+	if len(f) != 7 || f[0] != "v1" || f[5] == "" {
+		return 0, 0, false
+	}
+	var n [5]int64
+	for i, idx := range []int{1, 2, 3, 4, 6} {
+		v, err := strconv.ParseInt(f[idx], 10, 64)
+		if err != nil || strconv.FormatInt(v, 10) != f[idx] {
+			return 0, 0, false
+		}
+		n[i] = v
+	}
+	if n[0] < 0 {
+		return 0, 0, false
+	}
+	return n[0], n[1], true
+}
