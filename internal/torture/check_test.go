@@ -1,0 +1,646 @@
+package torture
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tallyledger/tally/ledger"
+	"github.com/tallyledger/tally/store"
+)
+
+// The checker must be able to fail. These tests build a small but real
+// ledger state with the real ledger package in a scratch database on the
+// shared test PostgreSQL, record its history the way a torture run would,
+// check that the clean state passes, and then damage the state (inside a
+// transaction that is rolled back, with triggers and constraints bypassed)
+// or the history, and assert that the right invariant catches each damage.
+
+func testDatabaseURL() string {
+	if u := os.Getenv("TALLY_TEST_DATABASE_URL"); u != "" {
+		return u
+	}
+	return "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+}
+
+func testRedisURL() string {
+	if u := os.Getenv("TALLY_TEST_REDIS_URL"); u != "" {
+		return u
+	}
+	return "redis://127.0.0.1:6379/0"
+}
+
+func randomSuffix() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// scratchDB creates tally_torture_test_<random> on the shared server,
+// migrates it and drops it when the test ends.
+func scratchDB(t *testing.T, ctx context.Context) string {
+	t.Helper()
+	admin, err := pgx.Connect(ctx, testDatabaseURL())
+	if err != nil {
+		t.Fatalf("connect to the shared test PostgreSQL (%s): %v", testDatabaseURL(), err)
+	}
+	name := "tally_torture_test_" + randomSuffix()
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		admin.Close(ctx)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if _, err := admin.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
+			t.Errorf("drop %s: %v", name, err)
+		}
+		admin.Close(ctx)
+	})
+	u, err := url.Parse(testDatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Path = "/" + name
+	if err := store.Migrate(ctx, u.String()); err != nil {
+		t.Fatal(err)
+	}
+	return u.String()
+}
+
+// fixture is a clean ledger state and the history that produced it.
+type fixture struct {
+	dbURL string
+	conn  *pgx.Conn
+	hist  *History
+	// named accounts and keys for the damage cases
+	a, b, c, d string
+	keyAcked   string // an acked charge on a
+	keyReject  string // an INSUFFICIENT_FUNDS charge on b
+	keyRetried string // an acked op answered twice (the second a replay)
+	cache      *CacheState
+}
+
+func codeNameOf(c ledger.Code) string {
+	switch c {
+	case ledger.CodeFailedPrecondition:
+		return "FAILED_PRECONDITION"
+	case ledger.CodeOutOfRange:
+		return "OUT_OF_RANGE"
+	case ledger.CodeAlreadyExists:
+		return "ALREADY_EXISTS"
+	case ledger.CodeNotFound:
+		return "NOT_FOUND"
+	case ledger.CodeInvalid:
+		return "INVALID_ARGUMENT"
+	case ledger.CodeUnavailable:
+		return "UNAVAILABLE"
+	}
+	return "INTERNAL"
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	f := &fixture{dbURL: scratchDB(t, ctx), hist: NewHistory()}
+	st, err := store.Open(ctx, store.Config{URL: f.dbURL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l := ledger.New(ledger.Config{Store: st})
+
+	mk := func(cur string, limit int64) string {
+		a, err := l.CreateAccount(ctx, ledger.CreateAccountRequest{Currency: cur, CreditLimit: limit})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.hist.AddAccount(AccountSpec{ID: a.ID.String(), Currency: cur, Type: "CUSTOMER", Floor: "NON_NEGATIVE", CreditLimit: limit})
+		return a.ID.String()
+	}
+	f.a, f.b, f.c, f.d = mk("USD", 0), mk("USD", 0), mk("USD", 10), mk("CREDITS", 0)
+
+	lastAcked := map[string]int64{}
+	// do runs one op through the ledger and records it as a client would.
+	do := func(kind OpKind, acct, counter string, amount int64, key string, attempts int) *Op {
+		if key == "" {
+			key = uuid.Must(uuid.NewV7()).String()
+		}
+		o := &Op{Kind: kind, Key: key, Account: acct, Counterparty: counter, Amount: amount, Start: time.Now(), Attempts: attempts, Tallyds: 1}
+		r := ledger.MoveRequest{AccountID: uuid.MustParse(acct), Amount: amount, IdempotencyKey: key}
+		if counter != "" {
+			r.Counterparty = uuid.MustParse(counter)
+		}
+		var res ledger.TransferResult
+		for i := 0; i < attempts; i++ { // a retry resends the very same request
+			switch kind {
+			case KindCharge:
+				res, err = l.Charge(ctx, r)
+			case KindCredit:
+				res, err = l.Credit(ctx, r)
+			case KindTransfer:
+				res, err = l.Transfer(ctx, r)
+			}
+		}
+		o.End = time.Now()
+		var le *ledger.Error
+		switch {
+		case err == nil:
+			o.Outcome, o.FinalCode = OutcomeAcked, "OK"
+			o.TransferID, o.Replayed = res.Transfer.ID.String(), res.Replayed
+			o.BalanceVersion, o.BalanceAfter = res.Balance.Version, res.Balance.Balance
+			lastAcked[acct] = max(lastAcked[acct], o.BalanceVersion)
+		case errors.As(err, &le) && (le.Code == ledger.CodeFailedPrecondition || le.Code == ledger.CodeOutOfRange):
+			o.Outcome, o.FinalCode, o.FinalReason = OutcomeRejected, codeNameOf(le.Code), le.Reason
+		default:
+			t.Fatalf("%s %s: %v", kind, key, err)
+		}
+		f.hist.AddOp(o)
+		f.hist.CountAnswer(o.FinalCode)
+		return o
+	}
+	do(KindCredit, f.a, "", 100, "", 1)
+	do(KindCredit, f.b, "", 50, "", 1)
+	do(KindCredit, f.d, "", 30, "", 1)
+	f.keyAcked = do(KindCharge, f.a, "", 30, "", 1).Key
+	do(KindTransfer, f.a, f.b, 20, "", 1)
+	f.keyReject = do(KindCharge, f.b, "", 1000, "", 1).Key
+	if o := do(KindTransfer, f.a, f.d, 5, "", 1); o.FinalReason != "CURRENCY_MISMATCH" {
+		t.Fatalf("cross-currency transfer: %+v", o)
+	}
+	do(KindCharge, f.c, "", 5, "", 1) // into the credit limit: balance -5
+	retried := do(KindCharge, f.a, "", 7, "", 2)
+	if !retried.Replayed {
+		t.Fatalf("second attempt was not a replay: %+v", retried)
+	}
+	f.keyRetried = retried.Key
+	do(KindTransfer, f.b, f.a, 3, "", 1)
+
+	// Reads: strong, cached (no cache here: from the store) and min_version.
+	for _, acct := range []string{f.a, f.b, f.c, f.d} {
+		for _, mode := range []string{ReadStrong, ReadCached, ReadMinVersion} {
+			cons, minV := ledger.ConsistencyCached, int64(0)
+			switch mode {
+			case ReadStrong:
+				cons = ledger.ConsistencyStrong
+			case ReadMinVersion:
+				minV = lastAcked[acct]
+			}
+			start := time.Now()
+			b, err := l.GetBalance(ctx, uuid.MustParse(acct), cons, minV)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f.hist.AddObservation(Observation{Account: acct, Consistency: mode, MinVersion: minV, LastAcked: lastAcked[acct],
+				Version: b.Version, Balance: b.Balance, Source: SourceStore, Start: start, End: time.Now()})
+		}
+	}
+	// An old but real pair served by the cache.
+	f.hist.AddObservation(Observation{Account: f.a, Consistency: ReadCached, Version: 1, Balance: 100, Source: SourceCache,
+		Start: time.Now(), End: time.Now()})
+
+	f.conn, err = pgx.Connect(ctx, f.dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.conn.Close(context.Background()) })
+
+	// A clean cache: a's current pair under a private prefix in the shared
+	// Redis, as tallyd would have cached it.
+	db, err := LoadDBState(ctx, f.conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acc := db.Accounts[f.a]
+	f.cache = &CacheState{Prefix: "x:", Values: []CachedValue{{Key: "x:" + f.a, Account: f.a, OK: true,
+		Version: acc.Version, Balance: acc.Balance, PTTL: 1500 * time.Millisecond,
+		Raw: CacheValue(acc.Version, acc.Balance, 0, acc.Balance, "USD", time.Now())}}}
+	return f
+}
+
+// cloneHistory deep-copies the parts of a history the damage cases change.
+func cloneHistory(h *History) *History {
+	c := NewHistory()
+	c.Accounts = slices.Clone(h.Accounts)
+	for _, o := range h.Ops {
+		cp := *o
+		c.Ops = append(c.Ops, &cp)
+	}
+	c.Observations = slices.Clone(h.Observations)
+	c.ReadFailures = slices.Clone(h.ReadFailures)
+	c.BadAnswers = slices.Clone(h.BadAnswers)
+	c.Plants = slices.Clone(h.Plants)
+	c.Crashes = slices.Clone(h.Crashes)
+	for k, v := range h.AnswerCodes {
+		c.AnswerCodes[k] = v
+	}
+	return c
+}
+
+var checkOpts = CheckOptions{CacheTTL: 2 * time.Second, AgeSlack: time.Hour}
+
+// check damages a copy of the fixture (SQL run in a transaction that is
+// rolled back afterwards, history and cache edited in copies) and returns
+// the results.
+func (f *fixture) check(t *testing.T, sql []string, editHist func(h *History), editCache func(cs *CacheState)) []InvariantResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tx, err := f.conn.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(context.Background()) //nolint:errcheck // the damage is thrown away
+	// Replica mode skips the append-only triggers and foreign keys.
+	if _, err := tx.Exec(ctx, "SET LOCAL session_replication_role = replica"); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range sql {
+		if _, err := tx.Exec(ctx, s); err != nil {
+			t.Fatalf("damage %q: %v", s, err)
+		}
+	}
+	db, err := LoadDBState(ctx, tx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := cloneHistory(f.hist)
+	if editHist != nil {
+		editHist(h)
+	}
+	cs := &CacheState{Prefix: f.cache.Prefix, Values: slices.Clone(f.cache.Values)}
+	if editCache != nil {
+		editCache(cs)
+	}
+	return Check(h, db, cs, checkOpts)
+}
+
+func failed(res []InvariantResult) []string {
+	var out []string
+	for _, r := range res {
+		if !r.Pass {
+			out = append(out, r.Name)
+		}
+	}
+	return out
+}
+
+func describe(res []InvariantResult) string {
+	var b strings.Builder
+	for _, r := range res {
+		if !r.Pass {
+			fmt.Fprintf(&b, "\n  FAIL %s: %v", r.Name, r.Examples)
+		}
+	}
+	return b.String()
+}
+
+func opByKey(h *History, key string) *Op {
+	for _, o := range h.Ops {
+		if o.Key == key {
+			return o
+		}
+	}
+	panic("no op " + key)
+}
+
+func TestChecker(t *testing.T) {
+	f := newFixture(t)
+
+	t.Run("clean state passes", func(t *testing.T) {
+		res := f.check(t, nil, nil, nil)
+		if fails := failed(res); len(fails) > 0 {
+			t.Fatalf("clean state failed %v:%s", fails, describe(res))
+		}
+		for _, r := range res {
+			if r.Checked == 0 && r.Name != InvNoTallydCrashes {
+				t.Errorf("%s checked nothing: the fixture does not exercise it", r.Name)
+			}
+		}
+	})
+
+	cases := []struct {
+		name      string
+		sql       []string
+		editHist  func(h *History)
+		editCache func(cs *CacheState)
+		want      string
+	}{
+		{
+			name: "duplicated transfer inserted straight into Postgres",
+			sql: []string{
+				"ALTER TABLE transfers DROP CONSTRAINT transfers_scope_key_unique",
+				fmt.Sprintf(`INSERT INTO transfers (transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
+					amount, currency, description, metadata, created_at)
+					SELECT gen_random_uuid(), scope, idempotency_key, kind, debit_account_id, credit_account_id,
+					amount, currency, description, metadata, created_at FROM transfers WHERE idempotency_key = '%s'`, f.keyAcked),
+			},
+			want: InvKeysAtMostOnce,
+		},
+		{
+			name: "acknowledged key deleted",
+			sql:  []string{fmt.Sprintf(`DELETE FROM idempotency_keys WHERE idempotency_key = '%s'`, f.keyAcked)},
+			want: InvAckedPresent,
+		},
+		{
+			name: "acknowledged transfer lost with its entries and key",
+			sql: []string{
+				fmt.Sprintf(`DELETE FROM entries WHERE transfer_id = (SELECT transfer_id FROM transfers WHERE idempotency_key = '%s')`, f.keyAcked),
+				fmt.Sprintf(`DELETE FROM idempotency_keys WHERE idempotency_key = '%s'`, f.keyAcked),
+				fmt.Sprintf(`DELETE FROM transfers WHERE idempotency_key = '%s'`, f.keyAcked),
+			},
+			want: InvAckedPresent,
+		},
+		{
+			name: "entry with a wrong balance_after",
+			sql: []string{fmt.Sprintf(`UPDATE entries SET balance_after = balance_after + 1
+				WHERE account_id = '%s' AND sequence = 2`, f.a)},
+			want: InvRunningBalance,
+		},
+		{
+			name: "stale cached value left after healing",
+			editCache: func(cs *CacheState) {
+				cs.Values[0].Version, cs.Values[0].Balance = 1, 100
+			},
+			want: InvCacheMatchesDB,
+		},
+		{
+			name: "read observation that never existed",
+			editHist: func(h *History) {
+				h.Observations = append(h.Observations, Observation{Account: f.a, Consistency: ReadCached, Version: 2,
+					Balance: 12345, Source: SourceCache, Start: time.Now()})
+			},
+			want: InvReadsExisted,
+		},
+		{
+			name: "read of a version from the future",
+			editHist: func(h *History) {
+				h.Observations = append(h.Observations, Observation{Account: f.a, Consistency: ReadCached, Version: 99,
+					Balance: 70, Source: SourceCache, Start: time.Now()})
+			},
+			want: InvReadsExisted,
+		},
+		{
+			name: "strong read older than an acknowledged write",
+			editHist: func(h *History) {
+				h.Observations = append(h.Observations, Observation{Account: f.a, Consistency: ReadStrong, LastAcked: 3,
+					Version: 1, Balance: 100, Source: SourceStore, Start: time.Now()})
+			},
+			want: InvStrongReadsFresh,
+		},
+		{
+			name: "min_version read older than asked",
+			editHist: func(h *History) {
+				h.Observations = append(h.Observations, Observation{Account: f.a, Consistency: ReadMinVersion, MinVersion: 3,
+					LastAcked: 3, Version: 1, Balance: 100, Source: SourceCache, Start: time.Now()})
+			},
+			want: InvMinVersionReads,
+		},
+		{
+			name: "rejected op whose rejection was not recorded",
+			sql:  []string{fmt.Sprintf(`DELETE FROM idempotency_keys WHERE idempotency_key = '%s'`, f.keyReject)},
+			want: InvFinalAnswersMatchDB,
+		},
+		{
+			name: "retried op answered success that is not in the database",
+			editHist: func(h *History) {
+				opByKey(h, f.keyRetried).TransferID = uuid.NewString()
+			},
+			want: InvFinalAnswersMatchDB,
+		},
+		{
+			name: "acknowledged amount differs from the transfer",
+			editHist: func(h *History) {
+				opByKey(h, f.keyAcked).Amount = 31
+			},
+			want: InvAckedPresent,
+		},
+		{
+			name: "transfer no client sent",
+			editHist: func(h *History) {
+				h.Ops = slices.DeleteFunc(h.Ops, func(o *Op) bool { return o.Key == f.keyAcked })
+			},
+			want: InvNoUnsentTransfers,
+		},
+		{
+			name: "acknowledged op missing from the balance",
+			sql: []string{fmt.Sprintf(`UPDATE accounts SET balance = balance + 30 WHERE account_id = '%s'`, f.a),
+				`UPDATE accounts SET balance = balance - 30 WHERE system_role = 'revenue' AND currency = 'USD'`},
+			want: InvBalanceMatchesHistory,
+		},
+		{
+			name: "balance differs from its entries",
+			sql:  []string{fmt.Sprintf(`UPDATE accounts SET balance = balance + 1 WHERE account_id = '%s'`, f.b)},
+			want: InvBalanceEqualsEntries,
+		},
+		{
+			name: "money created from nothing",
+			sql: []string{
+				fmt.Sprintf(`UPDATE entries SET amount = amount + 1, balance_after = balance_after + 1
+					WHERE account_id = '%s' AND sequence = (SELECT max(sequence) FROM entries WHERE account_id = '%s')`, f.d, f.d),
+				fmt.Sprintf(`UPDATE accounts SET balance = balance + 1 WHERE account_id = '%s'`, f.d),
+			},
+			want: InvCurrencySumsZero,
+		},
+		{
+			name: "gap in an account's sequences",
+			sql:  []string{fmt.Sprintf(`UPDATE entries SET sequence = sequence + 10 WHERE account_id = '%s' AND sequence = 1`, f.d)},
+			want: InvSequencesGapless,
+		},
+		{
+			name: "version_after going backwards",
+			sql:  []string{fmt.Sprintf(`UPDATE entries SET version_after = 0 WHERE account_id = '%s' AND sequence = 2`, f.a)},
+			want: InvVersionsConsistent,
+		},
+		{
+			name: "balance below the floor",
+			sql: []string{
+				"ALTER TABLE accounts DROP CONSTRAINT accounts_balance_floor",
+				fmt.Sprintf(`UPDATE accounts SET credit_limit = 0 WHERE account_id = '%s'`, f.c),
+			},
+			want: InvFloorRespected,
+		},
+		{
+			name: "transfer with one entry",
+			sql: []string{fmt.Sprintf(`DELETE FROM entries WHERE account_id = '%s'
+				AND transfer_id = (SELECT transfer_id FROM transfers WHERE idempotency_key = '%s')`, f.a, f.keyAcked)},
+			want: InvTransferEntries,
+		},
+		{
+			name: "service answered INTERNAL",
+			editHist: func(h *History) {
+				h.BadAnswers = append(h.BadAnswers, Answer{What: "op CHARGE k", Code: "INTERNAL", Message: "internal error"})
+			},
+			want: InvNoInternalAnswers,
+		},
+		{
+			name: "op never answered",
+			editHist: func(h *History) {
+				o := opByKey(h, f.keyAcked)
+				o.Outcome, o.FinalCode = OutcomeUnknown, "UNAVAILABLE"
+			},
+			want: InvOpsAnswered,
+		},
+		{
+			name: "valid request answered ALREADY_EXISTS",
+			editHist: func(h *History) {
+				o := opByKey(h, f.keyAcked)
+				o.Outcome, o.FinalCode, o.FinalReason = OutcomeUnexpected, "ALREADY_EXISTS", "IDEMPOTENCY_KEY_REUSED"
+			},
+			want: InvNoUnexpectedAnswers,
+		},
+		{
+			name: "cached value without expiry",
+			editCache: func(cs *CacheState) {
+				cs.Values[0].PTTL = -1
+			},
+			want: InvCacheMatchesDB,
+		},
+		{
+			name: "garbage left in the cache",
+			editCache: func(cs *CacheState) {
+				cs.Values = append(cs.Values, CachedValue{Key: "x:" + f.b, Account: f.b, Raw: "v1|garbage", PTTL: time.Second})
+			},
+			want: InvCacheMatchesDB,
+		},
+		{
+			name: "cached read after healing returned an old pair",
+			editHist: func(h *History) {
+				h.Observations = append(h.Observations, Observation{Account: f.a, Consistency: ReadCached, Final: true,
+					Version: 1, Balance: 100, Source: SourceCache, Start: time.Now()})
+			},
+			want: InvCacheMatchesDB,
+		},
+		{
+			name: "tallyd crashed",
+			editHist: func(h *History) {
+				h.Crashes = append(h.Crashes, Crash{Tallyd: 1, Status: "exit status 2", LogTail: "panic: boom"})
+			},
+			want: InvNoTallydCrashes,
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			res := f.check(t, tc.sql, tc.editHist, tc.editCache)
+			fails := failed(res)
+			if !slices.Contains(fails, tc.want) {
+				t.Fatalf("damage not caught by %s; failed: %v%s", tc.want, fails, describe(res))
+			}
+			t.Logf("caught by %v", fails)
+		})
+	}
+}
+
+// TestCheckerCacheSnapshot plants values under a private prefix in the
+// shared Redis and checks that LoadCacheState reads them back and the
+// checker catches a stale one.
+func TestCheckerCacheSnapshot(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	opt, err := redis.ParseURL(testRedisURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb := redis.NewClient(opt)
+	defer rdb.Close()
+	if err := rdb.Ping(ctx).Err(); err != nil {
+		t.Fatalf("shared test Redis (%s): %v", testRedisURL(), err)
+	}
+	prefix := "tally_torture_test_" + randomSuffix() + ":bal:"
+	acct := uuid.NewString()
+	other := uuid.NewString()
+	t.Cleanup(func() { rdb.Del(context.Background(), prefix+acct, prefix+other) })
+	if err := rdb.Set(ctx, prefix+acct, CacheValue(3, 70, 0, 70, "USD", time.Now()), 2*time.Second).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rdb.Set(ctx, prefix+other, CacheValue(1, 5, 0, 5, "USD", time.Now()), 2*time.Second).Err(); err != nil {
+		t.Fatal(err)
+	}
+	cs, err := LoadCacheState(ctx, rdb, prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cs.Values) != 2 {
+		t.Fatalf("found %d values, want 2: %+v", len(cs.Values), cs.Values)
+	}
+	db := &DBState{
+		Accounts: map[string]*AccountRow{
+			acct:  {ID: acct, Currency: "USD", Floor: 1, Balance: 70, Version: 4, LastSequence: 4},
+			other: {ID: other, Currency: "USD", Floor: 1, Balance: 5, Version: 1, LastSequence: 1},
+		},
+		Entries: map[string][]EntryRow{},
+	}
+	res := Check(NewHistory(), db, cs, CheckOptions{CacheTTL: 2 * time.Second})
+	for _, r := range res {
+		if r.Name != InvCacheMatchesDB {
+			continue
+		}
+		if r.Pass || r.Violations != 1 || !strings.Contains(r.Examples[0], acct) {
+			t.Fatalf("stale cached value of %s not caught exactly once: %+v", acct, r)
+		}
+		return
+	}
+	t.Fatal("no cache invariant in the results")
+}
+
+// TestCachedReadAgeBound checks the age bound on a hand-built state: a
+// cached read of a pair superseded long ago fails, unless the nemesis
+// planted that very pair just before.
+func TestCachedReadAgeBound(t *testing.T) {
+	acct := uuid.NewString()
+	t0 := time.Now().Add(-time.Minute)
+	db := &DBState{
+		Accounts: map[string]*AccountRow{acct: {ID: acct, Currency: "USD", Floor: 2, Balance: 0, Version: 2, LastSequence: 2}},
+		Entries: map[string][]EntryRow{acct: {
+			{TransferID: "t1", Account: acct, Sequence: 1, Amount: 10, BalanceAfter: 10, VersionAfter: 1, CreatedAt: t0},
+			{TransferID: "t2", Account: acct, Sequence: 2, Amount: -10, BalanceAfter: 0, VersionAfter: 2, CreatedAt: t0.Add(time.Second)},
+		}},
+	}
+	read := Observation{Account: acct, Consistency: ReadCached, Version: 1, Balance: 10, Source: SourceCache, Start: time.Now()}
+	ageResult := func(h *History) InvariantResult {
+		h.Observations = append(h.Observations, read)
+		for _, r := range Check(h, db, nil, CheckOptions{CacheTTL: 2 * time.Second}) {
+			if r.Name == InvCachedReadAge {
+				return r
+			}
+		}
+		t.Fatal("no age invariant")
+		return InvariantResult{}
+	}
+	if r := ageResult(NewHistory()); r.Pass {
+		t.Fatalf("a pair superseded a minute ago passed the 2s age bound: %+v", r)
+	}
+	h := NewHistory()
+	h.AddPlant(Plant{Account: acct, Version: 1, Balance: 10, At: time.Now().Add(-500 * time.Millisecond), TTL: 2 * time.Second})
+	if r := ageResult(h); !r.Pass {
+		t.Fatalf("a freshly planted stale pair was not excused: %+v", r)
+	}
+}
+
+func TestCacheValueRoundTrip(t *testing.T) {
+	v := CacheValue(42, -7, 10, 3, "CREDITS", time.Unix(1, 5))
+	if v != "v1|42|-7|10|3|CREDITS|1000000005" {
+		t.Fatalf("CacheValue = %q", v)
+	}
+	if ver, bal, ok := ParseCacheValue(v); !ok || ver != 42 || bal != -7 {
+		t.Fatalf("ParseCacheValue(%q) = %d, %d, %v", v, ver, bal, ok)
+	}
+	for _, g := range garbageValues {
+		if _, _, ok := ParseCacheValue(g); ok {
+			t.Errorf("garbage %q parsed as a value", g)
+		}
+	}
+}
