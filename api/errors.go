@@ -27,6 +27,7 @@ var codeOf = map[ledger.Code]codes.Code{
 	ledger.CodeTimeout:            codes.DeadlineExceeded,
 	ledger.CodeCanceled:           codes.Canceled,
 	ledger.CodeInternal:           codes.Internal,
+	ledger.CodeResourceExhausted:  codes.ResourceExhausted,
 }
 
 // statusError turns a ledger error into a gRPC status with an ErrorInfo

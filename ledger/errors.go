@@ -34,6 +34,9 @@ const (
 	CodeCanceled
 	// CodeInternal is a bug.
 	CodeInternal
+	// CodeResourceExhausted means the service is overloaded; retry the same
+	// key after a longer backoff.
+	CodeResourceExhausted
 )
 
 // Machine-readable reasons, sent to callers in google.rpc.ErrorInfo.
@@ -53,6 +56,7 @@ const (
 	ReasonDeadlineExceeded       = "DEADLINE_EXCEEDED"
 	ReasonCanceled               = "CANCELED"
 	ReasonInternal               = "INTERNAL"
+	ReasonOverloaded             = "OVERLOADED"
 )
 
 // Error is the only error type the ledger returns.

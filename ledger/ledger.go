@@ -38,6 +38,7 @@ type Config struct {
 	Cache  BalanceCache // nil: no cache
 	Logger *slog.Logger
 	Limits Limits
+	Batch  BatchConfig
 }
 
 // Ledger applies the rules of money on top of the store.
@@ -47,6 +48,7 @@ type Ledger struct {
 	log    *slog.Logger
 	limits Limits
 	reads  singleflight.Group
+	batch  *batcher
 	// systemReady remembers currencies whose default system accounts exist.
 	// They are never deleted, so remembering them in process is safe.
 	systemReady sync.Map
@@ -65,8 +67,16 @@ func New(cfg Config) *Ledger {
 	if cfg.Cache != nil {
 		l.cache = cfg.Cache
 	}
+	l.batch = newBatcher(l, cfg.Batch)
 	return l
 }
+
+// Close stops group commit after the batches in flight finish. Call it after
+// the gRPC server has drained, so no call is still waiting for a batch.
+func (l *Ledger) Close() { l.batch.close() }
+
+// BatchStats reports what group commit has achieved so far.
+func (l *Ledger) BatchStats() BatchStats { return l.batch.stats() }
 
 // Limits returns the limits in force.
 func (l *Ledger) Limits() Limits { return l.limits }
@@ -137,6 +147,9 @@ func (l *Ledger) CreateAccount(ctx context.Context, r CreateAccountRequest) (Acc
 	if len(r.ExternalRef) > l.limits.ExternalRefBytesMax {
 		return Account{}, invalid("external_ref", "external_ref is longer than %d bytes", l.limits.ExternalRefBytesMax)
 	}
+	if !validText(r.ExternalRef) {
+		return Account{}, invalid("external_ref", "external_ref must be valid UTF-8 without NUL characters")
+	}
 	if err := l.limits.validateMetadata(r.Metadata); err != nil {
 		return Account{}, err
 	}
@@ -204,8 +217,8 @@ func (l *Ledger) FindAccounts(ctx context.Context, q AccountQuery) ([]Account, s
 	if q.Type < 0 || q.Type > AccountTypeFunding {
 		return nil, "", invalid("type", "unknown account type")
 	}
-	if len(q.ExternalRef) > l.limits.ExternalRefBytesMax {
-		return nil, "", invalid("external_ref", "external_ref is longer than %d bytes", l.limits.ExternalRefBytesMax)
+	if len(q.ExternalRef) > l.limits.ExternalRefBytesMax || !validText(q.ExternalRef) {
+		return nil, "", invalid("external_ref", "external_ref must be valid UTF-8, at most %d bytes", l.limits.ExternalRefBytesMax)
 	}
 	query := fmt.Sprintf("accounts|%q|%q|%d", q.ExternalRef, q.Currency, q.Type)
 	f := store.AccountFilter{ExternalRef: q.ExternalRef, Currency: q.Currency, Type: int16(q.Type), Limit: size + 1}

@@ -78,29 +78,37 @@ func TestValidateKey(t *testing.T) {
 }
 
 // A broken posting invariant is a bug: assertPosting panics so that the
-// transaction is never committed.
+// batch is never committed.
 func TestAssertPostingPanicsOnBrokenInvariant(t *testing.T) {
 	a, b, id := uuid.Must(uuid.NewV7()), uuid.Must(uuid.NewV7()), uuid.Must(uuid.NewV7())
-	good := func() *store.Posting {
-		return &store.Posting{
-			Transfer: store.Transfer{ID: id, Amount: 5},
-			Entries: [2]store.Entry{
+	type posting struct {
+		tr     store.Transfer
+		e      [2]store.Entry
+		before [2]store.Account
+	}
+	good := func() *posting {
+		return &posting{
+			tr: store.Transfer{ID: id, Amount: 5, DebitAccountID: a, CreditAccountID: b},
+			e: [2]store.Entry{
 				{AccountID: a, Sequence: 1, Amount: -5, BalanceAfter: -5, VersionAfter: 1},
 				{AccountID: b, Sequence: 3, Amount: 5, BalanceAfter: 9, VersionAfter: 4},
 			},
-			Updates: [2]store.AccountUpdate{
-				{AccountID: a, PrevVersion: 0, Balance: -5, Version: 1, LastSequence: 1},
-				{AccountID: b, PrevVersion: 3, Balance: 9, Version: 4, LastSequence: 3},
+			before: [2]store.Account{
+				{ID: a, Balance: 0, Version: 0, LastSequence: 0},
+				{ID: b, Balance: 4, Version: 3, LastSequence: 2},
 			},
 		}
 	}
-	assertPosting(good()) // must not panic
-	for name, breakIt := range map[string]func(p *store.Posting){
-		"unbalanced":        func(p *store.Posting) { p.Entries[1].Amount = 6 },
-		"same account":      func(p *store.Posting) { p.Entries[1].AccountID = a },
-		"balance mismatch":  func(p *store.Posting) { p.Updates[0].Balance = -4 },
-		"sequence mismatch": func(p *store.Posting) { p.Updates[1].LastSequence = 4 },
-		"version skip":      func(p *store.Posting) { p.Updates[1].Version = 5; p.Entries[1].VersionAfter = 5 },
+	p := good()
+	assertPosting(p.tr, p.e, p.before) // must not panic
+	for name, breakIt := range map[string]func(p *posting){
+		"unbalanced":        func(p *posting) { p.e[1].Amount = 6 },
+		"same account":      func(p *posting) { p.e[1].AccountID = a },
+		"balance mismatch":  func(p *posting) { p.e[0].BalanceAfter = -4 },
+		"sequence gap":      func(p *posting) { p.e[1].Sequence = 4 },
+		"version skip":      func(p *posting) { p.e[1].VersionAfter = 5 },
+		"sides swapped":     func(p *posting) { p.tr.DebitAccountID = b },
+		"stale prior state": func(p *posting) { p.before[1].Balance = 3 },
 	} {
 		p := good()
 		breakIt(p)
@@ -110,7 +118,7 @@ func TestAssertPostingPanicsOnBrokenInvariant(t *testing.T) {
 					t.Errorf("%s: no panic", name)
 				}
 			}()
-			assertPosting(p)
+			assertPosting(p.tr, p.e, p.before)
 		}()
 	}
 }

@@ -9,13 +9,8 @@ import (
 
 	"github.com/google/uuid"
 
-	"github.com/tallyledger/tally/cache"
 	"github.com/tallyledger/tally/store"
 )
-
-// errReplay leaves the transaction of a request whose key was already used;
-// the stored outcome is then read outside it.
-var errReplay = errors.New("ledger: replay")
 
 // errSystemAccountMissing means the currency's default system account does
 // not exist yet (accounts created before it); ensure it and try again.
@@ -61,150 +56,86 @@ func (l *Ledger) validateMove(r MoveRequest) error {
 	return l.limits.validateMetadata(r.Metadata)
 }
 
-// move runs one Charge, Credit or Transfer in one PostgreSQL transaction.
-//
-// Order inside the transaction: serialize on the key and read its outcome,
-// lock both accounts (in id order), decide, then write either the posting or
-// the rejection together with the key. The result is acknowledged only after
-// COMMIT; the cache is updated after that, and its failure changes nothing.
+// move runs one Charge, Credit or Transfer through group commit: it joins
+// the next batch, and returns once that batch's transaction has committed (or
+// failed). If the caller's context ends first, the call returns
+// DEADLINE_EXCEEDED or CANCELED while the batch may still commit: the outcome
+// is then unknown, and a retry with the same key replays it.
 func (l *Ledger) move(ctx context.Context, r MoveRequest) (TransferResult, error) {
 	if err := l.validateMove(r); err != nil {
 		return TransferResult{}, err
 	}
 	fp := fingerprint(r)
 	for attempt := 0; ; attempt++ {
-		res, err := l.moveOnce(ctx, r, fp)
-		if errors.Is(err, errSystemAccountMissing) && attempt == 0 {
-			a, gerr := l.st.GetAccount(ctx, r.AccountID)
-			if gerr != nil {
-				return TransferResult{}, fromStore(gerr)
-			}
-			if err := l.ensureSystemAccounts(ctx, a.Currency); err != nil {
-				return TransferResult{}, err
-			}
-			continue
+		res, err := l.submit(ctx, r, fp)
+		if !errors.Is(err, errSystemAccountMissing) {
+			return res, err
 		}
-		if errors.Is(err, errSystemAccountMissing) {
+		if attempt > 0 {
 			return TransferResult{}, fromStore(fmt.Errorf("system account still missing: %w", store.ErrInternal))
 		}
-		return res, err
+		a, gerr := l.st.GetAccount(ctx, r.AccountID)
+		if gerr != nil {
+			return TransferResult{}, fromStore(gerr)
+		}
+		if err := l.ensureSystemAccounts(ctx, a.Currency); err != nil {
+			return TransferResult{}, err
+		}
 	}
 }
 
-type decided struct {
-	posting   *store.Posting
-	rejection *Error
-	replay    *store.KeyRecord
-	accounts  map[uuid.UUID]store.Account
-}
-
-func (l *Ledger) moveOnce(ctx context.Context, r MoveRequest, fp []byte) (TransferResult, error) {
-	var d decided
-	lock := store.PostLock{Scope: r.Scope, Key: r.IdempotencyKey, Primary: r.AccountID}
-	if r.Counterparty != uuid.Nil {
-		lock.Counterparty = uuid.NullUUID{UUID: r.Counterparty, Valid: true}
-	} else if r.Kind == KindCharge {
-		lock.SystemRole = store.SystemRoleRevenue
-	} else {
-		lock.SystemRole = store.SystemRoleFunding
-	}
-	err := l.st.InTx(ctx, func(tx *store.Tx) error {
-		locked, err := tx.LockForPosting(ctx, lock)
-		if err != nil {
-			return err
-		}
-		if locked.Key != nil {
-			if string(locked.Key.Fingerprint) != string(fp) || locked.Key.Kind != int16(r.Kind) {
-				return rejection(CodeAlreadyExists, ReasonIdempotencyKeyReused,
-					"idempotency key was already used for a different request")
-			}
-			d.replay = locked.Key
-			return errReplay
-		}
-		d, err = l.decide(r, fp, locked)
-		if err != nil {
-			return err
-		}
-		if d.rejection != nil {
-			return tx.WriteRejection(ctx, rejectionRecord(r, fp, d.rejection))
-		}
-		return tx.WritePosting(ctx, *d.posting)
-	})
-	switch {
-	case errors.Is(err, errReplay):
-		return l.replay(ctx, r, d.replay)
-	case err != nil:
-		return TransferResult{}, fromStore(err)
-	case d.rejection != nil:
-		return TransferResult{}, d.rejection
-	}
-	// Committed. Update the cache for both accounts; a failure here is
-	// harmless (reads fall back to PostgreSQL, entries expire by TTL).
-	p := d.posting
-	for _, u := range p.Updates {
-		a := d.accounts[u.AccountID]
-		l.cachePut(ctx, cache.Balance{
-			AccountID: u.AccountID, Currency: a.Currency, Balance: u.Balance, CreditLimit: a.CreditLimit,
-			Available: available(Floor(a.Floor), u.Balance, a.CreditLimit), Version: u.Version, AsOf: u.LastEntryAt,
-		})
-	}
-	primary := d.accounts[r.AccountID]
-	var bal store.AccountUpdate
-	for _, u := range p.Updates {
-		if u.AccountID == r.AccountID {
-			bal = u
-		}
-	}
-	return TransferResult{
-		Transfer: toTransfer(p.Transfer),
-		Balance: Balance{
-			AccountID: r.AccountID, Currency: primary.Currency, Balance: bal.Balance, CreditLimit: primary.CreditLimit,
-			Available: available(Floor(primary.Floor), bal.Balance, primary.CreditLimit), Version: bal.Version,
-			Source: SourceStore, AsOf: bal.LastEntryAt,
-		},
-	}, nil
-}
-
-// decide applies the rules of money to the locked accounts. It returns a
-// posting to write, a business rejection to record, or an error that records
-// nothing (NOT_FOUND).
-func (l *Ledger) decide(r MoveRequest, fp []byte, locked store.Locked) (decided, error) {
-	d := decided{accounts: make(map[uuid.UUID]store.Account, 2)}
-	for _, a := range locked.Accounts {
-		d.accounts[a.ID] = a
-	}
-	primary, ok := d.accounts[r.AccountID]
-	if !ok {
-		return d, rejection(CodeNotFound, ReasonAccountNotFound, "account %s not found", r.AccountID)
-	}
-	var counter store.Account
-	switch {
-	case r.Counterparty != uuid.Nil:
-		counter, ok = d.accounts[r.Counterparty]
-		if !ok {
-			return d, rejection(CodeNotFound, ReasonAccountNotFound, "account %s not found", r.Counterparty)
-		}
+func (l *Ledger) submit(ctx context.Context, r MoveRequest, fp []byte) (TransferResult, error) {
+	it := &item{r: r, fp: fp, out: make(chan itemResult, 1)}
+	select {
+	case l.batch.in <- it:
 	default:
-		for _, a := range locked.Accounts {
-			if a.ID != r.AccountID {
-				counter, ok = a, true
-			}
-		}
-		if !ok {
-			return d, errSystemAccountMissing
-		}
+		return TransferResult{}, rejection(CodeResourceExhausted, ReasonOverloaded,
+			"too many calls waiting for a batch; retry with the same idempotency key after a backoff")
 	}
-	if len(locked.Accounts) != 2 {
-		panic(fmt.Sprintf("ledger: locked %d accounts for a two-account posting", len(locked.Accounts)))
+	select {
+	case res := <-it.out:
+		return res.res, res.err
+	case <-ctx.Done():
+		return TransferResult{}, fromStore(ctx.Err())
 	}
+}
 
+// decide applies the rules of money to one item, against the batch's working
+// copy of the locked accounts (which it updates), and appends what the item
+// writes to w. It returns the posting's result, or a business rejection
+// (recorded under the key), or an error that records nothing (NOT_FOUND).
+func (l *Ledger) decide(r MoveRequest, fp []byte, accts map[uuid.UUID]*store.Account,
+	system map[string]map[string]uuid.UUID, now time.Time, w *store.BatchWrite) (TransferResult, *Error, error) {
+	primary, ok := accts[r.AccountID]
+	if !ok {
+		return TransferResult{}, nil, rejection(CodeNotFound, ReasonAccountNotFound, "account %s not found", r.AccountID)
+	}
+	var counter *store.Account
+	if r.Counterparty != uuid.Nil {
+		if counter, ok = accts[r.Counterparty]; !ok {
+			return TransferResult{}, nil, rejection(CodeNotFound, ReasonAccountNotFound, "account %s not found", r.Counterparty)
+		}
+	} else {
+		role := store.SystemRoleRevenue
+		if r.Kind == KindCredit {
+			role = store.SystemRoleFunding
+		}
+		id, ok := system[primary.Currency][role]
+		if !ok {
+			return TransferResult{}, nil, errSystemAccountMissing
+		}
+		if counter, ok = accts[id]; !ok {
+			panic(fmt.Sprintf("ledger: system account %s was not locked", id))
+		}
+	}
 	debit, credit := primary, counter
 	if r.Kind == KindCredit {
 		debit, credit = counter, primary
 	}
-	reject := func(code Code, reason, format string, args ...any) (decided, error) {
-		d.rejection = rejection(code, reason, format, args...)
-		return d, nil
+	reject := func(code Code, reason, format string, args ...any) (TransferResult, *Error, error) {
+		e := rejection(code, reason, format, args...)
+		w.Keys = append(w.Keys, rejectionRecord(r, fp, e))
+		return TransferResult{}, e, nil
 	}
 	if debit.Currency != credit.Currency {
 		return reject(CodeFailedPrecondition, ReasonCurrencyMismatch,
@@ -237,60 +168,72 @@ func (l *Ledger) decide(r MoveRequest, fp []byte, locked store.Locked) (decided,
 
 	// Entries are never dated before the account's previous entry, even if
 	// the database clock steps back.
-	at := locked.Now
-	for _, a := range []store.Account{debit, credit} {
+	at := now
+	for _, a := range []*store.Account{debit, credit} {
 		if a.LastEntryAt != nil && a.LastEntryAt.After(at) {
 			at = *a.LastEntryAt
 		}
 	}
 	id, err := uuid.NewV7()
 	if err != nil {
-		return d, fromStore(err)
+		return TransferResult{}, nil, fromStore(err)
 	}
-	p := &store.Posting{
-		Transfer: store.Transfer{
-			ID: id, Scope: r.Scope, Key: r.IdempotencyKey, Kind: int16(r.Kind),
-			DebitAccountID: debit.ID, CreditAccountID: credit.ID, Amount: r.Amount, Currency: debit.Currency,
-			Description: r.Description, Metadata: r.Metadata, CreatedAt: at,
-		},
-		Key: store.KeyRecord{
-			Scope: r.Scope, Key: r.IdempotencyKey, Fingerprint: fp, Kind: int16(r.Kind),
-			TransferID: uuid.NullUUID{UUID: id, Valid: true}, AccountID: r.AccountID,
-		},
+	tr := store.Transfer{
+		ID: id, Scope: r.Scope, Key: r.IdempotencyKey, Kind: int16(r.Kind),
+		DebitAccountID: debit.ID, CreditAccountID: credit.ID, Amount: r.Amount, Currency: debit.Currency,
+		Description: r.Description, Metadata: r.Metadata, CreatedAt: at,
 	}
+	before := [2]store.Account{*debit, *credit}
+	var entries [2]store.Entry
 	for i, side := range []struct {
-		a     store.Account
+		a     *store.Account
 		amt   int64
 		after int64
 	}{{debit, -r.Amount, debitAfter}, {credit, r.Amount, creditAfter}} {
-		p.Entries[i] = store.Entry{
+		entries[i] = store.Entry{
 			TransferID: id, AccountID: side.a.ID, Sequence: side.a.LastSequence + 1, Amount: side.amt,
 			BalanceAfter: side.after, VersionAfter: side.a.Version + 1, CreatedAt: at,
 		}
-		p.Updates[i] = store.AccountUpdate{
-			AccountID: side.a.ID, PrevVersion: side.a.Version, Balance: side.after, Version: side.a.Version + 1,
-			LastSequence: side.a.LastSequence + 1, LastEntryAt: at,
-		}
+		side.a.Balance, side.a.Version, side.a.LastSequence = side.after, side.a.Version+1, side.a.LastSequence+1
+		atCopy := at
+		side.a.LastEntryAt = &atCopy
 	}
-	assertPosting(p)
-	d.posting = p
-	return d, nil
+	assertPosting(tr, entries, before)
+	w.Transfers = append(w.Transfers, tr)
+	w.Entries = append(w.Entries, entries[:]...)
+	w.Keys = append(w.Keys, store.KeyRecord{
+		Scope: r.Scope, Key: r.IdempotencyKey, Fingerprint: fp, Kind: int16(r.Kind),
+		TransferID: uuid.NullUUID{UUID: id, Valid: true}, AccountID: r.AccountID,
+	})
+	named := entries[0]
+	if entries[1].AccountID == r.AccountID {
+		named = entries[1]
+	}
+	return TransferResult{
+		Transfer: toTransfer(tr),
+		Balance: Balance{
+			AccountID: r.AccountID, Currency: primary.Currency, Balance: named.BalanceAfter, CreditLimit: primary.CreditLimit,
+			Available: available(Floor(primary.Floor), named.BalanceAfter, primary.CreditLimit), Version: named.VersionAfter,
+			Source: SourceStore, AsOf: at,
+		},
+	}, nil, nil
 }
 
-// assertPosting checks the double-entry invariants of a posting before it is
-// written. A failure is a bug in decide: panic, so nothing is committed.
-func assertPosting(p *store.Posting) {
-	e0, e1 := p.Entries[0], p.Entries[1]
-	if e0.Amount+e1.Amount != 0 || e0.Amount >= 0 || e1.Amount != p.Transfer.Amount {
-		panic(fmt.Sprintf("ledger: unbalanced posting %+v", p.Entries))
+// assertPosting checks the double-entry invariants of a posting against the
+// accounts as they were before it. A failure is a bug in decide: panic, so
+// the batch is never committed.
+func assertPosting(tr store.Transfer, e [2]store.Entry, before [2]store.Account) {
+	if e[0].Amount+e[1].Amount != 0 || e[0].Amount >= 0 || e[1].Amount != tr.Amount {
+		panic(fmt.Sprintf("ledger: unbalanced posting %+v", e))
 	}
-	if e0.AccountID == e1.AccountID {
-		panic("ledger: posting to one account on both sides")
+	if e[0].AccountID == e[1].AccountID || tr.DebitAccountID != e[0].AccountID || tr.CreditAccountID != e[1].AccountID {
+		panic("ledger: posting sides do not match the transfer")
 	}
-	for i, e := range p.Entries {
-		u := p.Updates[i]
-		if e.Sequence < 1 || u.LastSequence != e.Sequence || u.Balance != e.BalanceAfter || u.Version != e.VersionAfter || u.Version != u.PrevVersion+1 {
-			panic(fmt.Sprintf("ledger: entry and account update disagree: %+v %+v", e, u))
+	for i := range e {
+		b := before[i]
+		if e[i].AccountID != b.ID || e[i].Sequence != b.LastSequence+1 || e[i].VersionAfter != b.Version+1 ||
+			e[i].BalanceAfter != b.Balance+e[i].Amount {
+			panic(fmt.Sprintf("ledger: entry %+v does not follow account state %+v", e[i], b))
 		}
 	}
 }

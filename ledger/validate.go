@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"regexp"
 	"sort"
+	"strings"
 	"unicode/utf8"
 )
 
@@ -115,8 +116,8 @@ func (l *Limits) validateMetadata(m map[string]string) error {
 		if len(v) > l.MetadataValueBytesMax {
 			return invalid("metadata", "metadata values must be at most %d bytes", l.MetadataValueBytesMax)
 		}
-		if !utf8.ValidString(k) || !utf8.ValidString(v) {
-			return invalid("metadata", "metadata must be valid UTF-8")
+		if !validText(k) || !validText(v) {
+			return invalid("metadata", "metadata must be valid UTF-8 without NUL characters")
 		}
 	}
 	return nil
@@ -126,8 +127,8 @@ func (l *Limits) validateDescription(d string) error {
 	if len(d) > l.DescriptionBytesMax {
 		return invalid("description", "description is longer than %d bytes", l.DescriptionBytesMax)
 	}
-	if !utf8.ValidString(d) {
-		return invalid("description", "description must be valid UTF-8")
+	if !validText(d) {
+		return invalid("description", "description must be valid UTF-8 without NUL characters")
 	}
 	return nil
 }
@@ -176,4 +177,10 @@ func fingerprint(r MoveRequest) []byte {
 		writeStr(r.Metadata[k])
 	}
 	return h.Sum(nil)
+}
+
+// validText accepts what PostgreSQL text and jsonb can store: valid UTF-8
+// without NUL.
+func validText(s string) bool {
+	return utf8.ValidString(s) && !strings.ContainsRune(s, 0)
 }

@@ -110,26 +110,30 @@ func TestLedgerTablesAreAppendOnly(t *testing.T) {
 	}
 	tid := uuid.Must(uuid.NewV7())
 	now := time.Now()
+	key := "append-" + tid.String()
+	posting := func(tid uuid.UUID, key string, seq, prevA, prevB int64, balA, balB int64) store.BatchWrite {
+		return store.BatchWrite{
+			Transfers: []store.Transfer{{ID: tid, Key: key, Kind: 3, DebitAccountID: a, CreditAccountID: b, Amount: 5, Currency: "APP", CreatedAt: now}},
+			Entries: []store.Entry{
+				{TransferID: tid, AccountID: a, Sequence: seq, Amount: -5, BalanceAfter: balA, VersionAfter: seq, CreatedAt: now},
+				{TransferID: tid, AccountID: b, Sequence: seq, Amount: 5, BalanceAfter: balB, VersionAfter: seq, CreatedAt: now},
+			},
+			Updates: []store.AccountUpdate{
+				{AccountID: a, PrevVersion: prevA, Balance: balA, Version: seq, LastSequence: seq, LastEntryAt: now},
+				{AccountID: b, PrevVersion: prevB, Balance: balB, Version: seq, LastSequence: seq, LastEntryAt: now},
+			},
+			Keys: []store.KeyRecord{{Key: key, Fingerprint: []byte{1}, Kind: 3, TransferID: uuid.NullUUID{UUID: tid, Valid: true}, AccountID: a}},
+		}
+	}
 	err := st.InTx(ctx, func(tx *store.Tx) error {
-		l, err := tx.LockForPosting(ctx, store.PostLock{Key: "append-" + tid.String(), Primary: a, Counterparty: uuid.NullUUID{UUID: b, Valid: true}})
+		l, err := tx.LockBatch(ctx, store.BatchLock{Keys: []store.KeyRef{{Key: key}}, Accounts: []uuid.UUID{a, b}})
 		if err != nil {
 			return err
 		}
-		if len(l.Accounts) != 2 || l.Key != nil {
+		if len(l.Accounts) != 2 || len(l.Keys) != 0 {
 			t.Fatalf("locked %+v", l)
 		}
-		return tx.WritePosting(ctx, store.Posting{
-			Transfer: store.Transfer{ID: tid, Key: "append-" + tid.String(), Kind: 3, DebitAccountID: a, CreditAccountID: b, Amount: 5, Currency: "APP", CreatedAt: now},
-			Entries: [2]store.Entry{
-				{TransferID: tid, AccountID: a, Sequence: 1, Amount: -5, BalanceAfter: -5, VersionAfter: 1, CreatedAt: now},
-				{TransferID: tid, AccountID: b, Sequence: 1, Amount: 5, BalanceAfter: 5, VersionAfter: 1, CreatedAt: now},
-			},
-			Updates: [2]store.AccountUpdate{
-				{AccountID: a, PrevVersion: 0, Balance: -5, Version: 1, LastSequence: 1, LastEntryAt: now},
-				{AccountID: b, PrevVersion: 0, Balance: 5, Version: 1, LastSequence: 1, LastEntryAt: now},
-			},
-			Key: store.KeyRecord{Key: "append-" + tid.String(), Fingerprint: []byte{1}, Kind: 3, TransferID: uuid.NullUUID{UUID: tid, Valid: true}, AccountID: a},
-		})
+		return tx.WriteBatch(ctx, posting(tid, key, 1, 0, 0, -5, 5))
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -151,30 +155,36 @@ func TestLedgerTablesAreAppendOnly(t *testing.T) {
 			t.Errorf("TRUNCATE %s: allowed", table)
 		}
 	}
-	// A second posting with a stale version is refused, not committed.
+	// The key is found by the next batch that names it.
 	err = st.InTx(ctx, func(tx *store.Tx) error {
-		if _, err := tx.LockForPosting(ctx, store.PostLock{Key: "stale", Primary: a, Counterparty: uuid.NullUUID{UUID: b, Valid: true}}); err != nil {
+		l, err := tx.LockBatch(ctx, store.BatchLock{Keys: []store.KeyRef{{Key: key}, {Key: key}}, Accounts: []uuid.UUID{a}})
+		if err != nil {
 			return err
 		}
-		t2 := uuid.Must(uuid.NewV7())
-		return tx.WritePosting(ctx, store.Posting{
-			Transfer: store.Transfer{ID: t2, Key: "stale", Kind: 3, DebitAccountID: a, CreditAccountID: b, Amount: 1, Currency: "APP", CreatedAt: now},
-			Entries: [2]store.Entry{
-				{TransferID: t2, AccountID: a, Sequence: 2, Amount: -1, BalanceAfter: -6, VersionAfter: 2, CreatedAt: now},
-				{TransferID: t2, AccountID: b, Sequence: 2, Amount: 1, BalanceAfter: 6, VersionAfter: 2, CreatedAt: now},
-			},
-			Updates: [2]store.AccountUpdate{
-				{AccountID: a, PrevVersion: 0, Balance: -6, Version: 2, LastSequence: 2, LastEntryAt: now},
-				{AccountID: b, PrevVersion: 1, Balance: 6, Version: 2, LastSequence: 2, LastEntryAt: now},
-			},
-			Key: store.KeyRecord{Key: "stale", Fingerprint: []byte{1}, Kind: 3, TransferID: uuid.NullUUID{UUID: t2, Valid: true}, AccountID: a},
-		})
+		if k, ok := l.Keys[store.KeyRef{Key: key}]; !ok || k.TransferID.UUID != tid {
+			t.Fatalf("stored key not found: %+v", l.Keys)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A posting with a stale version guard is refused, not committed.
+	t2 := uuid.Must(uuid.NewV7())
+	err = st.InTx(ctx, func(tx *store.Tx) error {
+		if _, err := tx.LockBatch(ctx, store.BatchLock{Keys: []store.KeyRef{{Key: "stale"}}, Accounts: []uuid.UUID{a, b}}); err != nil {
+			return err
+		}
+		return tx.WriteBatch(ctx, posting(t2, "stale", 2, 0, 1, -10, 10))
 	})
 	if !errors.Is(err, store.ErrInternal) {
 		t.Fatalf("stale-version posting: %v, want ErrInternal", err)
 	}
 	if got, _ := st.GetAccount(ctx, a); got.Balance != -5 || got.Version != 1 {
 		t.Fatalf("account changed by a refused posting: %+v", got)
+	}
+	if _, err := st.GetTransfer(ctx, t2); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("refused posting's transfer exists: %v", err)
 	}
 }
 

@@ -87,38 +87,6 @@ type AccountUpdate struct {
 	LastEntryAt  time.Time
 }
 
-// Posting is everything one successful money movement writes, in one
-// transaction: the transfer, its two entries, both accounts and the key.
-type Posting struct {
-	Transfer Transfer
-	Entries  [2]Entry
-	Updates  [2]AccountUpdate
-	Key      KeyRecord
-}
-
-// PostLock says which key and accounts a posting needs locked.
-type PostLock struct {
-	Scope string
-	Key   string
-	// Primary is the account the caller named.
-	Primary uuid.UUID
-	// Counterparty is the other account when the caller named it.
-	Counterparty uuid.NullUUID
-	// SystemRole ("revenue" or "funding") selects the currency's default
-	// system account when Counterparty is not set.
-	SystemRole string
-}
-
-// Locked is what LockForPosting found, with the accounts' rows locked.
-type Locked struct {
-	// Key is the stored outcome when the key was already used.
-	Key *KeyRecord
-	// Accounts are the locked accounts in account_id order.
-	Accounts []Account
-	// Now is PostgreSQL's clock, read after the locks were granted.
-	Now time.Time
-}
-
 // Role names of the per-currency default system accounts.
 const (
 	SystemRoleRevenue = "revenue"

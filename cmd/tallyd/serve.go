@@ -51,6 +51,7 @@ type serveConfig struct {
 	streamsMax         uint
 
 	limits ledger.Limits
+	batch  ledger.BatchConfig
 }
 
 func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
@@ -76,6 +77,11 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.msgBytesMax, "msg-bytes-max", api.MsgBytesMaxDefault, "largest gRPC message accepted or sent")
 	fs.DurationVar(&c.callTimeoutDefault, "call-timeout-default", api.CallTimeoutDefault, "deadline for calls that arrive without one")
 	fs.UintVar(&c.streamsMax, "streams-max", api.StreamsMaxDefault, "concurrent gRPC streams per connection")
+	fs.IntVar(&c.batch.ItemsMax, "batch-items-max", ledger.BatchItemsMaxDefault, "most calls group-committed in one transaction (1 disables batching)")
+	fs.DurationVar(&c.batch.WaitMax, "batch-wait-max", ledger.BatchWaitMaxDefault, "how long a batch waits for more calls after its first")
+	fs.IntVar(&c.batch.WorkersMax, "batch-workers-max", ledger.BatchWorkersMaxDefault, "batches in flight at once")
+	fs.IntVar(&c.batch.QueueItemsMax, "batch-queue-items-max", ledger.BatchQueueItemsMaxDefault, "calls waiting for a batch before RESOURCE_EXHAUSTED")
+	fs.DurationVar(&c.batch.Timeout, "batch-timeout", ledger.BatchTimeoutDefault, "bound on one batch's transaction")
 	d := ledger.DefaultLimits()
 	c.limits = d
 	fs.IntVar(&c.limits.PageSizeMax, "page-size-max", d.PageSizeMax, "largest page_size accepted")
@@ -190,7 +196,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	}
 
 	var bc *cache.Cache
-	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits}
+	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: c.batch}
 	if c.redisURL != "" {
 		bc, err = cache.New(cache.Config{
 			URL: c.redisURL, OpTimeout: c.cacheOpTimeout, TTL: c.cacheTTL, FailuresMax: c.cacheFailuresMax,
@@ -234,7 +240,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		}
 	}()
 	log.Info("tallyd serving", "grpc_addr", glis.Addr().String(), "http_addr", hlis.Addr().String(),
-		"cache", c.redisURL != "", "schema_fingerprint", store.MigrationsFingerprint())
+		"cache", c.redisURL != "", "schema_fingerprint", store.MigrationsFingerprint(),
+		"batch_items_max", c.batch.ItemsMax, "batch_wait_max", c.batch.WaitMax.String(),
+		"batch_workers_max", c.batch.WorkersMax, "pool_conns_max", c.poolConnsMax)
 	if ready != nil {
 		ready(glis.Addr().String(), hlis.Addr().String())
 	}
@@ -260,6 +268,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	_ = hsrv.Shutdown(sctx)
 	cancel()
 	wg.Wait()
+	l.Close()
 	log.Info("tallyd stopped")
 	return serveErr
 }

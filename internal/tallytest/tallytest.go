@@ -57,6 +57,8 @@ type Options struct {
 	ClientPolicy client.Policy
 	// PoolConnsMax overrides the store's pool size.
 	PoolConnsMax int32
+	// Batch configures group commit.
+	Batch ledger.BatchConfig
 }
 
 // Env is a running Tally.
@@ -106,7 +108,9 @@ func Start(t testing.TB, o Options) *Env {
 		env.KeyPrefix = o.KeyPrefix
 		lcfg.Cache = c
 	}
+	lcfg.Batch = o.Batch
 	env.Ledger = ledger.New(lcfg)
+	t.Cleanup(env.Ledger.Close) // runs after the server stops (cleanups are LIFO)
 	gs := api.NewGRPCServer(env.Ledger, health.NewServer(), api.ServerOptions{Logger: log})
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
