@@ -62,7 +62,8 @@ func transferPB(t ledger.Transfer) *tallyv1.Transfer {
 		TransferId: t.ID.String(), IdempotencyKey: t.IdempotencyKey, Kind: tallyv1.TransferKind(t.Kind),
 		DebitAccountId: t.DebitAccountID.String(), CreditAccountId: t.CreditAccountID.String(),
 		Amount: t.Amount, Currency: t.Currency, Description: t.Description, Metadata: t.Metadata,
-		CreatedAt: timestamppb.New(t.CreatedAt),
+		CreatedAt:         timestamppb.New(t.CreatedAt),
+		CreatedByClientId: idString(t.CreatedByClient), CreatedByKeyId: t.CreatedByKey,
 	}
 }
 
@@ -85,5 +86,6 @@ func entryPB(e ledger.Entry) *tallyv1.Entry {
 	return &tallyv1.Entry{
 		TransferId: e.TransferID.String(), AccountId: e.AccountID.String(), Sequence: e.Sequence, Amount: e.Amount,
 		BalanceAfter: e.BalanceAfter, VersionAfter: e.VersionAfter, CreatedAt: timestamppb.New(e.CreatedAt),
+		CreatedByClientId: idString(e.CreatedByClient), CreatedByKeyId: e.CreatedByKey,
 	}
 }

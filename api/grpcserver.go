@@ -10,6 +10,7 @@ import (
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -28,6 +29,16 @@ const (
 	CallTimeoutDefault = 30 * time.Second
 	// StreamsMaxDefault bounds concurrent streams per client connection.
 	StreamsMaxDefault = 1024
+	// HeaderBytesMaxDefault bounds a call's metadata.
+	HeaderBytesMaxDefault = 16 << 10
+	// KeepaliveTimeDefault: the server pings a connection idle this long...
+	KeepaliveTimeDefault = 30 * time.Second
+	// KeepaliveTimeoutDefault: ...and closes it when the ping is not
+	// answered within this time.
+	KeepaliveTimeoutDefault = 10 * time.Second
+	// KeepaliveMinTimeDefault: a client pinging more often than this is
+	// disconnected (GOAWAY "too_many_pings").
+	KeepaliveMinTimeDefault = 10 * time.Second
 )
 
 // ServerOptions configures NewGRPCServer.
@@ -36,11 +47,22 @@ type ServerOptions struct {
 	MsgBytesMax        int
 	CallTimeoutDefault time.Duration
 	StreamsMax         uint32
+	HeaderBytesMax     uint32
+	KeepaliveTime      time.Duration
+	KeepaliveTimeout   time.Duration
+	KeepaliveMinTime   time.Duration
+	// Auth turns authentication on; nil serves every caller without it.
+	Auth *AuthOptions
+	// Creds is the transport security (TLS); nil serves plaintext.
+	Creds credentials.TransportCredentials
+	// NoReflection turns server reflection off.
+	NoReflection bool
 }
 
 // NewGRPCServer builds the gRPC server: LedgerService, grpc.health.v1 and
-// reflection, with the interceptor chain logging → deadline → recovery
-// (recovery innermost, so a panic is logged as the INTERNAL it becomes).
+// reflection, with the interceptor chain logging → auth → deadline →
+// recovery (auth after logging, so refused calls are logged; recovery
+// innermost, so a panic is logged as the INTERNAL it becomes).
 func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.Server {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -53,6 +75,18 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 	}
 	if o.StreamsMax == 0 {
 		o.StreamsMax = StreamsMaxDefault
+	}
+	if o.HeaderBytesMax == 0 {
+		o.HeaderBytesMax = HeaderBytesMaxDefault
+	}
+	if o.KeepaliveTime <= 0 {
+		o.KeepaliveTime = KeepaliveTimeDefault
+	}
+	if o.KeepaliveTimeout <= 0 {
+		o.KeepaliveTimeout = KeepaliveTimeoutDefault
+	}
+	if o.KeepaliveMinTime <= 0 {
+		o.KeepaliveMinTime = KeepaliveMinTimeDefault
 	}
 	log := o.Logger
 	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
@@ -73,25 +107,41 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 		log.ErrorContext(ctx, "panic in handler", "panic", p, "stack", string(debug.Stack()))
 		return newStatus(codes.Internal, ledger.ReasonInternal, "internal error", nil)
 	})
-	s := grpc.NewServer(
+	unary := []grpc.UnaryServerInterceptor{
+		logging.UnaryServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels),
+	}
+	stream := []grpc.StreamServerInterceptor{
+		logging.StreamServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels),
+	}
+	if o.Auth != nil {
+		if o.Auth.Verifier == nil {
+			panic("api: AuthOptions without a Verifier")
+		}
+		a := &authenticator{o: *o.Auth, log: log}
+		unary = append(unary, a.unary())
+		stream = append(stream, a.stream())
+	}
+	unary = append(unary, deadlineInterceptor(o.CallTimeoutDefault), recovery.UnaryServerInterceptor(recoveryOpt))
+	stream = append(stream, recovery.StreamServerInterceptor(recoveryOpt))
+	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(o.MsgBytesMax),
 		grpc.MaxSendMsgSize(o.MsgBytesMax),
 		grpc.MaxConcurrentStreams(o.StreamsMax),
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.ChainUnaryInterceptor(
-			logging.UnaryServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels),
-			deadlineInterceptor(o.CallTimeoutDefault),
-			recovery.UnaryServerInterceptor(recoveryOpt),
-		),
-		grpc.ChainStreamInterceptor(
-			logging.StreamServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels),
-			recovery.StreamServerInterceptor(recoveryOpt),
-		),
-	)
+		grpc.MaxHeaderListSize(o.HeaderBytesMax),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: o.KeepaliveTime, Timeout: o.KeepaliveTimeout}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: o.KeepaliveMinTime, PermitWithoutStream: true}),
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
+	}
+	if o.Creds != nil {
+		opts = append(opts, grpc.Creds(o.Creds))
+	}
+	s := grpc.NewServer(opts...)
 	tallyv1.RegisterLedgerServiceServer(s, NewServer(l))
 	healthpb.RegisterHealthServer(s, hs)
-	reflection.Register(s)
+	if !o.NoReflection {
+		reflection.Register(s)
+	}
 	return s
 }
 

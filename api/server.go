@@ -6,6 +6,9 @@ package api
 import (
 	"context"
 
+	"google.golang.org/grpc/codes"
+
+	"github.com/tallyledger/tally/auth"
 	"github.com/tallyledger/tally/ledger"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
 )
@@ -19,9 +22,31 @@ type Server struct {
 // NewServer returns a LedgerService backed by l.
 func NewServer(l *ledger.Ledger) *Server { return &Server{l: l} }
 
-// scope returns the idempotency scope of the caller. Until authentication
-// exists, every caller shares the global scope "".
-func scope(context.Context) string { return "" }
+// scope returns the idempotency scope of the caller: its client id, so that
+// two clients never see each other's keys while every key of one client
+// (rotated keys included) shares one scope. Without authentication
+// (--insecure-no-auth) every caller shares the global scope "".
+func scope(ctx context.Context) string {
+	if p, ok := auth.FromContext(ctx); ok {
+		return p.Scope()
+	}
+	return ""
+}
+
+// moveRequest fills in the caller's scope and the audit trail.
+func moveRequest(ctx context.Context, r ledger.MoveRequest) ledger.MoveRequest {
+	r.Scope = scope(ctx)
+	if p, ok := auth.FromContext(ctx); ok {
+		r.CreatedByClient, r.CreatedByKey = p.ClientID, p.KeyID
+	}
+	return r
+}
+
+// ownOnly reports whether the caller may see only its own transfers.
+func ownOnly(ctx context.Context) (auth.Principal, bool) {
+	p, ok := auth.FromContext(ctx)
+	return p, ok && p.Role == auth.RoleCharger
+}
 
 // CreateAccount implements LedgerService.
 func (s *Server) CreateAccount(ctx context.Context, r *tallyv1.CreateAccountRequest) (*tallyv1.Account, error) {
@@ -78,10 +103,10 @@ func (s *Server) Charge(ctx context.Context, r *tallyv1.ChargeRequest) (*tallyv1
 	if err != nil {
 		return nil, err
 	}
-	res, err := s.l.Charge(ctx, ledger.MoveRequest{
-		Scope: scope(ctx), AccountID: acct, Counterparty: rev, Amount: r.GetAmount(),
+	res, err := s.l.Charge(ctx, moveRequest(ctx, ledger.MoveRequest{
+		AccountID: acct, Counterparty: rev, Amount: r.GetAmount(),
 		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
-	})
+	}))
 	if err != nil {
 		return nil, statusError(err)
 	}
@@ -98,10 +123,10 @@ func (s *Server) Credit(ctx context.Context, r *tallyv1.CreditRequest) (*tallyv1
 	if err != nil {
 		return nil, err
 	}
-	res, err := s.l.Credit(ctx, ledger.MoveRequest{
-		Scope: scope(ctx), AccountID: acct, Counterparty: fund, Amount: r.GetAmount(),
+	res, err := s.l.Credit(ctx, moveRequest(ctx, ledger.MoveRequest{
+		AccountID: acct, Counterparty: fund, Amount: r.GetAmount(),
 		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
-	})
+	}))
 	if err != nil {
 		return nil, statusError(err)
 	}
@@ -118,10 +143,10 @@ func (s *Server) Transfer(ctx context.Context, r *tallyv1.TransferRequest) (*tal
 	if err != nil {
 		return nil, err
 	}
-	res, err := s.l.Transfer(ctx, ledger.MoveRequest{
-		Scope: scope(ctx), AccountID: debit, Counterparty: credit, Amount: r.GetAmount(),
+	res, err := s.l.Transfer(ctx, moveRequest(ctx, ledger.MoveRequest{
+		AccountID: debit, Counterparty: credit, Amount: r.GetAmount(),
 		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
-	})
+	}))
 	if err != nil {
 		return nil, statusError(err)
 	}
@@ -150,21 +175,44 @@ func (s *Server) GetBalance(ctx context.Context, r *tallyv1.GetBalanceRequest) (
 	return balancePB(b), nil
 }
 
-// GetTransfer implements LedgerService.
+// GetTransfer implements LedgerService. By idempotency_key it looks in the
+// caller's own client scope, or in client_id's (every role but charger may
+// name another client). By transfer_id a charger sees only transfers its own
+// client created; any other is NOT_FOUND, exactly as if it did not exist.
 func (s *Server) GetTransfer(ctx context.Context, r *tallyv1.GetTransferRequest) (*tallyv1.Transfer, error) {
 	if (r.GetTransferId() == "") == (r.GetIdempotencyKey() == "") {
 		return nil, invalidArg("transfer_id", "give exactly one of transfer_id and idempotency_key")
 	}
+	me, chargerOnly := ownOnly(ctx)
 	var t ledger.Transfer
 	var err error
 	if r.GetTransferId() != "" {
+		if r.GetClientId() != "" {
+			return nil, invalidArg("client_id", "client_id applies to idempotency_key only")
+		}
 		id, perr := parseID("transfer_id", r.GetTransferId(), true)
 		if perr != nil {
 			return nil, perr
 		}
 		t, err = s.l.GetTransfer(ctx, id)
+		if err == nil && chargerOnly && t.CreatedByClient != me.ClientID {
+			return nil, statusError(&ledger.Error{Code: ledger.CodeNotFound, Reason: ledger.ReasonTransferNotFound,
+				Message: "transfer " + id.String() + " not found"})
+		}
 	} else {
-		t, err = s.l.GetTransferByKey(ctx, scope(ctx), r.GetIdempotencyKey())
+		sc := scope(ctx)
+		if r.GetClientId() != "" {
+			cid, perr := parseID("client_id", r.GetClientId(), true)
+			if perr != nil {
+				return nil, perr
+			}
+			if chargerOnly && cid != me.ClientID {
+				return nil, newStatus(codes.PermissionDenied, ReasonPermissionDenied,
+					"role charger may only read its own client's idempotency keys", nil)
+			}
+			sc = cid.String()
+		}
+		t, err = s.l.GetTransferByKey(ctx, sc, r.GetIdempotencyKey())
 	}
 	if err != nil {
 		return nil, statusError(err)

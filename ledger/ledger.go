@@ -359,5 +359,6 @@ func toTransfer(t store.Transfer) Transfer {
 		ID: t.ID, IdempotencyKey: t.Key, Kind: Kind(t.Kind), DebitAccountID: t.DebitAccountID,
 		CreditAccountID: t.CreditAccountID, Amount: t.Amount, Currency: t.Currency,
 		Description: t.Description, Metadata: t.Metadata, CreatedAt: t.CreatedAt,
+		CreatedByClient: t.CreatedByClient, CreatedByKey: t.CreatedByKey,
 	}
 }

@@ -182,6 +182,7 @@ func (l *Ledger) decide(r MoveRequest, fp []byte, accts map[uuid.UUID]*store.Acc
 		ID: id, Scope: r.Scope, Key: r.IdempotencyKey, Kind: int16(r.Kind),
 		DebitAccountID: debit.ID, CreditAccountID: credit.ID, Amount: r.Amount, Currency: debit.Currency,
 		Description: r.Description, Metadata: r.Metadata, CreatedAt: at,
+		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey,
 	}
 	before := [2]store.Account{*debit, *credit}
 	var entries [2]store.Entry

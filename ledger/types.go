@@ -96,6 +96,10 @@ type Transfer struct {
 	Description     string
 	Metadata        map[string]string
 	CreatedAt       time.Time
+	// CreatedByClient and CreatedByKey name the principal that created the
+	// transfer (uuid.Nil and "" when it was made without authentication).
+	CreatedByClient uuid.UUID
+	CreatedByKey    string
 }
 
 // Entry is one side of a transfer on one account.
@@ -107,6 +111,9 @@ type Entry struct {
 	BalanceAfter int64
 	VersionAfter int64
 	CreatedAt    time.Time
+	// CreatedByClient and CreatedByKey are those of the entry's transfer.
+	CreatedByClient uuid.UUID
+	CreatedByKey    string
 }
 
 // Balance is an account's balance at one version.
@@ -143,9 +150,15 @@ type CreateAccountRequest struct {
 
 // MoveRequest is a Charge, Credit or Transfer.
 type MoveRequest struct {
-	// Scope isolates idempotency keys per caller ("" until authentication).
+	// Scope isolates idempotency keys per caller: the caller's client id,
+	// so every key of one client shares it ("" without authentication).
 	Scope string
-	Kind  Kind
+	// CreatedByClient and CreatedByKey are recorded on the transfer as its
+	// audit trail. They are not part of the request's fingerprint: a retry
+	// with another key of the same client replays.
+	CreatedByClient uuid.UUID
+	CreatedByKey    string
+	Kind            Kind
 	// AccountID is the account the caller named: the charged or credited
 	// account, or the debit account of a Transfer.
 	AccountID uuid.UUID

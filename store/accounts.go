@@ -157,14 +157,16 @@ type EntryFilter struct {
 	Limit         int
 }
 
-// ListEntries returns up to f.Limit entries of an account, oldest first.
+// ListEntries returns up to f.Limit entries of an account, oldest first,
+// each with the audit trail of its transfer.
 func (s *Store) ListEntries(ctx context.Context, f EntryFilter) ([]Entry, error) {
-	rows, err := s.pool.Query(ctx, `SELECT transfer_id, account_id, sequence, amount, balance_after, version_after, created_at
-		FROM entries
-		WHERE account_id = $1 AND sequence > $2
-		  AND ($3::timestamptz IS NULL OR created_at >= $3)
-		  AND ($4::timestamptz IS NULL OR created_at < $4)
-		ORDER BY sequence
+	rows, err := s.pool.Query(ctx, `SELECT e.transfer_id, e.account_id, e.sequence, e.amount, e.balance_after,
+		e.version_after, e.created_at, t.created_by_client, coalesce(t.created_by_key, '')
+		FROM entries e JOIN transfers t ON t.transfer_id = e.transfer_id
+		WHERE e.account_id = $1 AND e.sequence > $2
+		  AND ($3::timestamptz IS NULL OR e.created_at >= $3)
+		  AND ($4::timestamptz IS NULL OR e.created_at < $4)
+		ORDER BY e.sequence
 		LIMIT $5`, f.AccountID, f.AfterSequence, f.Start, f.End, f.Limit)
 	if err != nil {
 		return nil, translate(err)
@@ -173,9 +175,12 @@ func (s *Store) ListEntries(ctx context.Context, f EntryFilter) ([]Entry, error)
 	var out []Entry
 	for rows.Next() {
 		var e Entry
-		if err := rows.Scan(&e.TransferID, &e.AccountID, &e.Sequence, &e.Amount, &e.BalanceAfter, &e.VersionAfter, &e.CreatedAt); err != nil {
+		var by uuid.NullUUID
+		if err := rows.Scan(&e.TransferID, &e.AccountID, &e.Sequence, &e.Amount, &e.BalanceAfter, &e.VersionAfter,
+			&e.CreatedAt, &by, &e.CreatedByKey); err != nil {
 			return nil, translate(err)
 		}
+		e.CreatedByClient = by.UUID
 		out = append(out, e)
 	}
 	return out, translate(rows.Err())

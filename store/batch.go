@@ -147,18 +147,29 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 		descs := make([]string, n)
 		metas := make([]string, n)
 		ats := make([]time.Time, n)
+		byClients := make([]*string, n)
+		byKeys := make([]*string, n)
 		for i, tr := range w.Transfers {
 			ids[i], scopes[i], keys[i], kinds[i] = tr.ID, tr.Scope, tr.Key, tr.Kind
 			debits[i], credits[i], amounts[i], currencies[i] = tr.DebitAccountID, tr.CreditAccountID, tr.Amount, tr.Currency
 			descs[i], metas[i], ats[i] = tr.Description, string(encodeMeta(tr.Metadata)), tr.CreatedAt
+			if tr.CreatedByClient != uuid.Nil {
+				s := tr.CreatedByClient.String()
+				byClients[i] = &s
+			}
+			if tr.CreatedByKey != "" {
+				k := tr.CreatedByKey
+				byKeys[i] = &k
+			}
 		}
 		b.Queue(`INSERT INTO transfers (transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
-			amount, currency, description, metadata, created_at)
-			SELECT t.id, t.scope, t.key, t.kind, t.debit, t.credit, t.amount, t.currency, t.description, t.meta::jsonb, t.at
+			amount, currency, description, metadata, created_at, created_by_client, created_by_key)
+			SELECT t.id, t.scope, t.key, t.kind, t.debit, t.credit, t.amount, t.currency, t.description, t.meta::jsonb, t.at,
+			       t.by_client, t.by_key
 			FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::uuid[], $6::uuid[], $7::int8[], $8::text[],
-			            $9::text[], $10::text[], $11::timestamptz[])
-			  AS t(id, scope, key, kind, debit, credit, amount, currency, description, meta, at)`,
-			ids, scopes, keys, kinds, debits, credits, amounts, currencies, descs, metas, ats)
+			            $9::text[], $10::text[], $11::timestamptz[], $12::text[]::uuid[], $13::text[])
+			  AS t(id, scope, key, kind, debit, credit, amount, currency, description, meta, at, by_client, by_key)`,
+			ids, scopes, keys, kinds, debits, credits, amounts, currencies, descs, metas, ats, byClients, byKeys)
 	}
 	if n := len(w.Entries); n > 0 {
 		tids := make([]uuid.UUID, n)

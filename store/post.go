@@ -53,16 +53,18 @@ func scanKey(r rowScanner) (KeyRecord, error) {
 }
 
 const transferCols = `transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
-	amount, currency, description, metadata, created_at`
+	amount, currency, description, metadata, created_at, created_by_client, coalesce(created_by_key, '')`
 
 func scanTransfer(r rowScanner) (Transfer, error) {
 	var t Transfer
 	var meta []byte
+	var by uuid.NullUUID
 	err := r.Scan(&t.ID, &t.Scope, &t.Key, &t.Kind, &t.DebitAccountID, &t.CreditAccountID,
-		&t.Amount, &t.Currency, &t.Description, &meta, &t.CreatedAt)
+		&t.Amount, &t.Currency, &t.Description, &meta, &t.CreatedAt, &by, &t.CreatedByKey)
 	if err != nil {
 		return Transfer{}, err
 	}
+	t.CreatedByClient = by.UUID
 	t.Metadata, err = decodeMeta(meta)
 	return t, err
 }

@@ -38,6 +38,10 @@ type Transfer struct {
 	Description     string
 	Metadata        map[string]string
 	CreatedAt       time.Time
+	// CreatedByClient and CreatedByKey are the audit trail: the client and
+	// key that created the transfer (uuid.Nil and "" are stored as NULL).
+	CreatedByClient uuid.UUID
+	CreatedByKey    string
 }
 
 // Entry is an entries row: one side of a transfer on one account.
@@ -49,6 +53,10 @@ type Entry struct {
 	BalanceAfter int64
 	VersionAfter int64
 	CreatedAt    time.Time
+	// CreatedByClient and CreatedByKey come from the entry's transfer; only
+	// ListEntries fills them (WriteBatch ignores them).
+	CreatedByClient uuid.UUID
+	CreatedByKey    string
 }
 
 // KeyRecord is an idempotency_keys row: the final outcome of one key.

@@ -6,17 +6,22 @@ package tallytest
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 
 	"github.com/tallyledger/tally/api"
 	"github.com/tallyledger/tally/api/client"
+	"github.com/tallyledger/tally/auth"
 	"github.com/tallyledger/tally/cache"
 	"github.com/tallyledger/tally/internal/testdb"
 	"github.com/tallyledger/tally/ledger"
@@ -59,6 +64,28 @@ type Options struct {
 	PoolConnsMax int32
 	// Batch configures group commit.
 	Batch ledger.BatchConfig
+
+	// NoAuth serves without authentication (tallyd --insecure-no-auth).
+	// By default authentication is on: Start creates an admin client and
+	// key, and Env.Client uses it.
+	NoAuth bool
+	// AuthCacheTTL is the verifier's cache TTL (default auth.CacheTTLDefault).
+	AuthCacheTTL time.Duration
+	// AuthTouchInterval is how often last_used_at is flushed.
+	AuthTouchInterval time.Duration
+	// RateLimitPerKey and RateBurstPerKey set the per-key rate limit
+	// (0: no limit).
+	RateLimitPerKey float64
+	RateBurstPerKey int
+	// ServerTLS, when set, serves TLS with this config; ClientDialOptions
+	// then must give Env.Client matching transport credentials.
+	ServerTLS *tls.Config
+	// CertRoles maps client certificate common names to roles (mTLS).
+	CertRoles map[string]auth.Role
+	// ClientDialOptions replace the default client transport (plaintext).
+	ClientDialOptions []grpc.DialOption
+	// LogWriter receives the server's logs (default: stderr, errors only).
+	LogWriter io.Writer
 }
 
 // Env is a running Tally.
@@ -71,6 +98,15 @@ type Env struct {
 	Ledger *ledger.Ledger
 	// KeyPrefix is the cache key prefix in use.
 	KeyPrefix string
+	// AdminKey is the admin API key Client uses ("" with NoAuth).
+	AdminKey string
+	// Verifier checks keys (nil with NoAuth).
+	Verifier *auth.Verifier
+	// Limiter is the per-key rate limiter (nil: none).
+	Limiter *auth.Limiter
+
+	policy      client.Policy
+	dialOptions []grpc.DialOption
 }
 
 // RandomSuffix returns a short random hex string.
@@ -84,7 +120,12 @@ func RandomSuffix() string {
 func Start(t testing.TB, o Options) *Env {
 	t.Helper()
 	ctx := context.Background()
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+	var log *slog.Logger
+	if o.LogWriter != nil {
+		log = slog.New(slog.NewJSONHandler(o.LogWriter, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	} else {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+	}
 	st, err := store.Open(ctx, store.Config{URL: o.DatabaseURL, Logger: log, PoolConnsMax: o.PoolConnsMax})
 	if err != nil {
 		t.Fatalf("store.Open: %v", err)
@@ -111,7 +152,22 @@ func Start(t testing.TB, o Options) *Env {
 	lcfg.Batch = o.Batch
 	env.Ledger = ledger.New(lcfg)
 	t.Cleanup(env.Ledger.Close) // runs after the server stops (cleanups are LIFO)
-	gs := api.NewGRPCServer(env.Ledger, health.NewServer(), api.ServerOptions{Logger: log})
+	sopts := api.ServerOptions{Logger: log}
+	if !o.NoAuth {
+		env.Verifier = auth.NewVerifier(auth.VerifierConfig{Store: st, CacheTTL: o.AuthCacheTTL, TouchInterval: o.AuthTouchInterval, Logger: log})
+		t.Cleanup(env.Verifier.Close)
+		env.Limiter = auth.NewLimiter(o.RateLimitPerKey, o.RateBurstPerKey)
+		sopts.Auth = &api.AuthOptions{Verifier: env.Verifier, CertRoles: o.CertRoles, Limiter: env.Limiter}
+		created, err := auth.CreateKey(ctx, st, "tallytest-admin-"+RandomSuffix(), auth.RoleAdmin, "")
+		if err != nil {
+			t.Fatalf("create admin key: %v", err)
+		}
+		env.AdminKey = created.Key.String()
+	}
+	if o.ServerTLS != nil {
+		sopts.Creds = credentials.NewTLS(o.ServerTLS)
+	}
+	gs := api.NewGRPCServer(env.Ledger, health.NewServer(), sopts)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("listen: %v", err)
@@ -119,14 +175,40 @@ func Start(t testing.TB, o Options) *Env {
 	go func() { _ = gs.Serve(lis) }()
 	t.Cleanup(gs.Stop)
 	env.Addr = lis.Addr().String()
-	cl, err := client.New(client.Config{Addr: env.Addr, Policy: o.ClientPolicy})
+	env.policy, env.dialOptions = o.ClientPolicy, o.ClientDialOptions
+	env.Client = env.Dial(t, env.AdminKey)
+	env.Raw = env.Client.Raw()
+	return env
+}
+
+// Dial returns a client of this env that sends key ("" sends none), with
+// extra dial options (for example TLS credentials) replacing the env's.
+func (e *Env) Dial(t testing.TB, key string, opts ...grpc.DialOption) *client.Client {
+	t.Helper()
+	if len(opts) == 0 {
+		opts = e.dialOptions
+	}
+	cl, err := client.New(client.Config{Addr: e.Addr, APIKey: key, Policy: e.policy, DialOptions: opts})
 	if err != nil {
 		t.Fatalf("client.New: %v", err)
 	}
 	t.Cleanup(func() { _ = cl.Close() })
-	env.Client = cl
-	env.Raw = cl.Raw()
-	return env
+	return cl
+}
+
+// NewKey creates a key for a new client of the given role (clientName ""),
+// or another key of an existing client.
+func (e *Env) NewKey(t testing.TB, role auth.Role, clientName string) auth.Created {
+	t.Helper()
+	name := "tallytest-" + string(role) + "-" + RandomSuffix()
+	if clientName != "" {
+		role = ""
+	}
+	c, err := auth.CreateKey(context.Background(), e.Store, name, role, clientName)
+	if err != nil {
+		t.Fatalf("create key: %v", err)
+	}
+	return c
 }
 
 // Counts are row counts of the money tables, to prove a call changed nothing.

@@ -996,8 +996,14 @@ type Transfer struct {
 	Description     string                 `protobuf:"bytes,8,opt,name=description,proto3" json:"description,omitempty"`
 	Metadata        map[string]string      `protobuf:"bytes,9,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	CreatedAt       *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The client (UUID) and API key id that created the transfer: the audit
+	// trail of who moved money. Empty for transfers made without
+	// authentication. A principal authenticated by a mapped TLS client
+	// certificate shows a key id of the form "tls:CN=<common name>".
+	CreatedByClientId string `protobuf:"bytes,11,opt,name=created_by_client_id,json=createdByClientId,proto3" json:"created_by_client_id,omitempty"`
+	CreatedByKeyId    string `protobuf:"bytes,12,opt,name=created_by_key_id,json=createdByKeyId,proto3" json:"created_by_key_id,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Transfer) Reset() {
@@ -1098,6 +1104,20 @@ func (x *Transfer) GetCreatedAt() *timestamppb.Timestamp {
 		return x.CreatedAt
 	}
 	return nil
+}
+
+func (x *Transfer) GetCreatedByClientId() string {
+	if x != nil {
+		return x.CreatedByClientId
+	}
+	return ""
+}
+
+func (x *Transfer) GetCreatedByKeyId() string {
+	if x != nil {
+		return x.CreatedByKeyId
+	}
+	return ""
 }
 
 // TransferResult is the outcome of a money-moving call.
@@ -1332,8 +1352,12 @@ type GetTransferRequest struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
 	TransferId     string                 `protobuf:"bytes,1,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
 	IdempotencyKey string                 `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Optional, with idempotency_key only: the client (UUID) whose key scope to
+	// look in. Empty means the caller's own client. Every role but charger may
+	// name another client.
+	ClientId      string `protobuf:"bytes,3,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetTransferRequest) Reset() {
@@ -1376,6 +1400,13 @@ func (x *GetTransferRequest) GetTransferId() string {
 func (x *GetTransferRequest) GetIdempotencyKey() string {
 	if x != nil {
 		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *GetTransferRequest) GetClientId() string {
+	if x != nil {
+		return x.ClientId
 	}
 	return ""
 }
@@ -1464,12 +1495,16 @@ type Entry struct {
 	AccountId  string                 `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
 	Sequence   int64                  `protobuf:"varint,3,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	// Signed: credits positive, debits negative.
-	Amount        int64                  `protobuf:"varint,4,opt,name=amount,proto3" json:"amount,omitempty"`
-	BalanceAfter  int64                  `protobuf:"varint,5,opt,name=balance_after,json=balanceAfter,proto3" json:"balance_after,omitempty"`
-	VersionAfter  int64                  `protobuf:"varint,6,opt,name=version_after,json=versionAfter,proto3" json:"version_after,omitempty"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Amount       int64                  `protobuf:"varint,4,opt,name=amount,proto3" json:"amount,omitempty"`
+	BalanceAfter int64                  `protobuf:"varint,5,opt,name=balance_after,json=balanceAfter,proto3" json:"balance_after,omitempty"`
+	VersionAfter int64                  `protobuf:"varint,6,opt,name=version_after,json=versionAfter,proto3" json:"version_after,omitempty"`
+	CreatedAt    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// The client and API key id that created the entry's transfer (see
+	// Transfer.created_by_client_id).
+	CreatedByClientId string `protobuf:"bytes,8,opt,name=created_by_client_id,json=createdByClientId,proto3" json:"created_by_client_id,omitempty"`
+	CreatedByKeyId    string `protobuf:"bytes,9,opt,name=created_by_key_id,json=createdByKeyId,proto3" json:"created_by_key_id,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Entry) Reset() {
@@ -1549,6 +1584,20 @@ func (x *Entry) GetCreatedAt() *timestamppb.Timestamp {
 		return x.CreatedAt
 	}
 	return nil
+}
+
+func (x *Entry) GetCreatedByClientId() string {
+	if x != nil {
+		return x.CreatedByClientId
+	}
+	return ""
+}
+
+func (x *Entry) GetCreatedByKeyId() string {
+	if x != nil {
+		return x.CreatedByKeyId
+	}
+	return ""
 }
 
 // ListEntriesResponse is one page of entries.
@@ -1682,7 +1731,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\bmetadata\x18\x06 \x03(\v2'.tally.v1.TransferRequest.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xe2\x03\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbe\x04\n" +
 	"\bTransfer\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12'\n" +
@@ -1696,7 +1745,9 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\bmetadata\x18\t \x03(\v2 .tally.v1.Transfer.MetadataEntryR\bmetadata\x129\n" +
 	"\n" +
 	"created_at\x18\n" +
-	" \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x1a;\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12/\n" +
+	"\x14created_by_client_id\x18\v \x01(\tR\x11createdByClientId\x12)\n" +
+	"\x11created_by_key_id\x18\f \x01(\tR\x0ecreatedByKeyId\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x89\x01\n" +
@@ -1719,11 +1770,12 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\fcredit_limit\x18\x05 \x01(\x03R\vcreditLimit\x12\x18\n" +
 	"\aversion\x18\x06 \x01(\x03R\aversion\x12/\n" +
 	"\x06source\x18\a \x01(\x0e2\x17.tally.v1.BalanceSourceR\x06source\x12/\n" +
-	"\x05as_of\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x04asOf\"^\n" +
+	"\x05as_of\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x04asOf\"{\n" +
 	"\x12GetTransferRequest\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12'\n" +
-	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\"\xe1\x01\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\x12\x1b\n" +
+	"\tclient_id\x18\x03 \x01(\tR\bclientId\"\xe1\x01\n" +
 	"\x12ListEntriesRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1b\n" +
@@ -1732,7 +1784,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\x129\n" +
 	"\n" +
 	"start_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
-	"\bend_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\"\x80\x02\n" +
+	"\bend_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\"\xdc\x02\n" +
 	"\x05Entry\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12\x1d\n" +
@@ -1743,7 +1795,9 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\rbalance_after\x18\x05 \x01(\x03R\fbalanceAfter\x12#\n" +
 	"\rversion_after\x18\x06 \x01(\x03R\fversionAfter\x129\n" +
 	"\n" +
-	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"h\n" +
+	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12/\n" +
+	"\x14created_by_client_id\x18\b \x01(\tR\x11createdByClientId\x12)\n" +
+	"\x11created_by_key_id\x18\t \x01(\tR\x0ecreatedByKeyId\"h\n" +
 	"\x13ListEntriesResponse\x12)\n" +
 	"\aentries\x18\x01 \x03(\v2\x0f.tally.v1.EntryR\aentries\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*z\n" +
