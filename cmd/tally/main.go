@@ -6,12 +6,12 @@
 //	tally credit   --account ID --amount N --key K [--funding ID] [--description D]
 //	tally charge   --account ID --amount N --key K [--revenue ID] [--description D]
 //	tally transfer create --from ID --to ID --amount N --key K
-//	tally transfer get (--id ID | --key K)
+//	tally transfer get (--id ID | --key K [--client-id C])
 //	tally balance  --account ID [--strong] [--min-version N]
 //	tally entries  --account ID [--page-size N] [--all]
 //
-// Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY) and
-// --json. Money-moving commands retry UNAVAILABLE and DEADLINE_EXCEEDED with
+// Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY),
+// --tls/--tls-ca/--tls-cert/--tls-key and --json. Money-moving commands retry UNAVAILABLE and DEADLINE_EXCEEDED with
 // the same idempotency key (package api/client); a missing --key gets a
 // fresh one, printed so the call can be repeated safely.
 package main
@@ -19,6 +19,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -29,6 +31,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -50,7 +54,7 @@ commands:
   entries                   list an account's statement
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
---json, --timeout. Run "tally <command> -h" for more.
+--tls-ca/--tls-cert/--tls-key (TLS and mTLS), --json, --timeout. Run "tally <command> -h" for more.
 `
 
 type common struct {
@@ -59,6 +63,10 @@ type common struct {
 	json    bool
 	timeout time.Duration
 	retries int
+	tlsCA   string
+	tlsCert string
+	tlsKey  string
+	tls     bool
 }
 
 func (c *common) register(fs *flag.FlagSet) {
@@ -67,6 +75,41 @@ func (c *common) register(fs *flag.FlagSet) {
 	fs.BoolVar(&c.json, "json", false, "print JSON")
 	fs.DurationVar(&c.timeout, "timeout", 30*time.Second, "overall deadline, retries included")
 	fs.IntVar(&c.retries, "retry-attempts-max", client.RetryAttemptsMaxDefault, "attempts per call, the first included")
+	fs.BoolVar(&c.tls, "tls", false, "connect with TLS, trusting the system's CAs (implied by --tls-ca)")
+	fs.StringVar(&c.tlsCA, "tls-ca", "", "PEM CA bundle to verify tallyd's certificate (implies --tls)")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM client certificate, for a tallyd that requires one (mTLS)")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM private key of --tls-cert")
+}
+
+// dialOptions returns the transport credentials the flags ask for (none:
+// plaintext, the client package's default).
+func (c *common) dialOptions() ([]grpc.DialOption, error) {
+	if !c.tls && c.tlsCA == "" && c.tlsCert == "" {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if c.tlsCA != "" {
+		pem, err := os.ReadFile(c.tlsCA)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--tls-ca %s: no PEM certificate found", c.tlsCA)
+		}
+		cfg.RootCAs = pool
+	}
+	if (c.tlsCert == "") != (c.tlsKey == "") {
+		return nil, errors.New("--tls-cert and --tls-key go together")
+	}
+	if c.tlsCert != "" {
+		cert, err := tls.LoadX509KeyPair(c.tlsCert, c.tlsKey)
+		if err != nil {
+			return nil, err
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cfg))}, nil
 }
 
 func main() {
@@ -134,7 +177,11 @@ func run(args []string, out io.Writer) error {
 func connect(c *common) (*client.Client, context.Context, context.CancelFunc, error) {
 	p := client.DefaultPolicy()
 	p.RetryAttemptsMax = c.retries
-	cl, err := client.New(client.Config{Addr: c.addr, APIKey: c.apiKey, Policy: p})
+	opts, err := c.dialOptions()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	cl, err := client.New(client.Config{Addr: c.addr, APIKey: c.apiKey, Policy: p, DialOptions: opts})
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -376,6 +423,7 @@ func transferGet(args []string, out io.Writer) error {
 	c.register(fs)
 	id := fs.String("id", "", "transfer id")
 	key := fs.String("key", "", "idempotency key")
+	clientID := fs.String("client-id", "", "with --key: look in this client's key scope (default: the caller's own)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -385,18 +433,27 @@ func transferGet(args []string, out io.Writer) error {
 	}
 	defer cancel()
 	defer cl.Close()
-	t, err := cl.GetTransfer(ctx, &tallyv1.GetTransferRequest{TransferId: *id, IdempotencyKey: *key})
+	t, err := cl.GetTransfer(ctx, &tallyv1.GetTransferRequest{TransferId: *id, IdempotencyKey: *key, ClientId: *clientID})
 	if err != nil {
 		return err
 	}
 	if c.json {
 		return printJSON(out, t)
 	}
-	table(out, "TRANSFER\tKIND\tDEBIT\tCREDIT\tAMOUNT\tKEY\tCREATED",
-		fmt.Sprintf("%s\t%s\t%s\t%s\t%d %s\t%s\t%s", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
+	table(out, "TRANSFER\tKIND\tDEBIT\tCREDIT\tAMOUNT\tKEY\tCREATED\tCREATED_BY",
+		fmt.Sprintf("%s\t%s\t%s\t%s\t%d %s\t%s\t%s\t%s", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
 			t.GetDebitAccountId(), t.GetCreditAccountId(), t.GetAmount(), t.GetCurrency(), t.GetIdempotencyKey(),
-			t.GetCreatedAt().AsTime().Format(time.RFC3339Nano)))
+			t.GetCreatedAt().AsTime().Format(time.RFC3339Nano), createdBy(t.GetCreatedByClientId(), t.GetCreatedByKeyId())))
 	return nil
+}
+
+// createdBy renders the audit trail: "client/key", or "-" for a transfer
+// made without authentication.
+func createdBy(clientID, keyID string) string {
+	if clientID == "" {
+		return "-"
+	}
+	return clientID + "/" + keyID
 }
 
 func balance(args []string, out io.Writer) error {
@@ -469,10 +526,11 @@ func entries(args []string, out io.Writer) error {
 	}
 	rows := make([]string, 0, len(list))
 	for _, e := range list {
-		rows = append(rows, fmt.Sprintf("%d\t%s\t%d\t%d\t%d\t%s", e.GetSequence(), e.GetTransferId(), e.GetAmount(),
-			e.GetBalanceAfter(), e.GetVersionAfter(), e.GetCreatedAt().AsTime().Format(time.RFC3339Nano)))
+		rows = append(rows, fmt.Sprintf("%d\t%s\t%d\t%d\t%d\t%s\t%s", e.GetSequence(), e.GetTransferId(), e.GetAmount(),
+			e.GetBalanceAfter(), e.GetVersionAfter(), e.GetCreatedAt().AsTime().Format(time.RFC3339Nano),
+			createdBy(e.GetCreatedByClientId(), e.GetCreatedByKeyId())))
 	}
-	table(out, "SEQ\tTRANSFER\tAMOUNT\tBALANCE_AFTER\tVERSION\tCREATED", rows...)
+	table(out, "SEQ\tTRANSFER\tAMOUNT\tBALANCE_AFTER\tVERSION\tCREATED\tCREATED_BY", rows...)
 	if next != "" {
 		fmt.Fprintln(out, "next page: --page-token", next)
 	}

@@ -2,12 +2,15 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"os/exec"
+	"strings"
 	"time"
 
+	"github.com/tallyledger/tally/auth"
 	"github.com/tallyledger/tally/internal/flagenv"
 	"github.com/tallyledger/tally/internal/localsvc"
 	"github.com/tallyledger/tally/store"
@@ -43,6 +46,12 @@ func runDev(ctx context.Context, args []string) error {
 	if err := store.Migrate(startCtx, c.databaseURL); err != nil {
 		return err
 	}
+	apiKey := ""
+	if !c.insecureNoAuth {
+		if apiKey, err = devAdminKey(startCtx, c.databaseURL); err != nil {
+			return err
+		}
+	}
 	if _, err := exec.LookPath("redis-server"); err == nil && !*noRedis {
 		rd, err := localsvc.StartRedis(startCtx, localsvc.RedisOptions{Dir: *dataDir, Logger: log})
 		if err != nil {
@@ -54,6 +63,10 @@ func runDev(ctx context.Context, args []string) error {
 		log.Info("redis-server not found on PATH: running without a balance cache")
 	}
 	return serve(ctx, c, log, func(grpcAddr, httpAddr string) {
+		keyLine := "  export TALLY_API_KEY=" + apiKey
+		if apiKey == "" {
+			keyLine = "  (no authentication: --insecure-no-auth)"
+		}
 		fmt.Fprintf(os.Stderr, `
 Tally dev server is up (Ctrl-C stops it and removes its data).
 
@@ -61,16 +74,41 @@ Tally dev server is up (Ctrl-C stops it and removes its data).
   health:    http://%s/healthz
   database:  %s
   cache:     %s
+  API key:   an admin key was made for this run (TALLY_API_KEY below)
 
-Try:
+Try, in another terminal:
   export TALLY_ADDR=%s
+%s
   go run ./cmd/tally account create --currency USD
   go run ./cmd/tally credit  --account <id> --amount 1000 --key topup-1
   go run ./cmd/tally charge  --account <id> --amount 250  --key order-1
   go run ./cmd/tally charge  --account <id> --amount 250  --key order-1   # replayed, charged once
 
-`, grpcAddr, grpcAddr, httpAddr, c.databaseURL, orNone(c.redisURL), grpcAddr)
+`, grpcAddr, grpcAddr, httpAddr, c.databaseURL, orNone(c.redisURL), grpcAddr, keyLine)
+		// Also on stdout alone, for scripts: eval "$(tallyd dev | head -1)".
+		fmt.Fprintf(os.Stdout, "%s\n", strings.TrimSpace(keyLine))
 	})
+}
+
+// devAdminKey makes an admin key for this dev run: a new key of the client
+// "dev-admin", created on first use (a kept --data-dir reuses it).
+func devAdminKey(ctx context.Context, url string) (string, error) {
+	st, err := store.Open(ctx, store.Config{URL: url, PoolConnsMax: 2})
+	if err != nil {
+		return "", err
+	}
+	defer st.Close()
+	clientName := "dev-admin"
+	if _, err := st.GetClientByName(ctx, clientName); errors.Is(err, store.ErrNotFound) {
+		clientName = ""
+	} else if err != nil {
+		return "", err
+	}
+	c, err := auth.CreateKey(ctx, st, "dev-admin", auth.RoleAdmin, clientName)
+	if err != nil {
+		return "", err
+	}
+	return c.Key.String(), nil
 }
 
 func orNone(s string) string {

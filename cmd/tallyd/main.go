@@ -3,6 +3,7 @@
 //	tallyd serve    run the gRPC service against PostgreSQL (and Redis)
 //	tallyd migrate  apply the embedded schema migrations
 //	tallyd dev      start a private PostgreSQL and Redis, migrate, and serve
+//	tallyd keys     create, list and revoke API keys
 package main
 
 import (
@@ -21,6 +22,7 @@ commands:
   serve     run the gRPC service (needs --database-url)
   migrate   apply the embedded migrations to --database-url
   dev       start a private throwaway PostgreSQL (and Redis, when installed) and serve
+  keys      create, list and revoke API keys (tallyd keys -h)
   healthcheck  exit 0 when a local tallyd's /readyz answers 200 (for container health checks)
 
 Run "tallyd <command> -h" for the flags of a command. Every flag --name can
@@ -43,6 +45,8 @@ func main() {
 		err = runMigrate(ctx, os.Args[2:])
 	case "dev":
 		err = runDev(ctx, os.Args[2:])
+	case "keys":
+		err = runKeys(ctx, os.Args[2:])
 	case "healthcheck":
 		err = runHealthcheck(ctx, os.Args[2:])
 	case "-h", "--help", "help":

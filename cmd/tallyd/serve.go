@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -14,10 +16,12 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/tallyledger/tally/api"
+	"github.com/tallyledger/tally/auth"
 	"github.com/tallyledger/tally/cache"
 	"github.com/tallyledger/tally/internal/flagenv"
 	"github.com/tallyledger/tally/ledger"
@@ -50,8 +54,26 @@ type serveConfig struct {
 	callTimeoutDefault time.Duration
 	streamsMax         uint
 
+	headerBytesMax   uint
+	keepaliveTime    time.Duration
+	keepaliveTimeout time.Duration
+	keepaliveMinTime time.Duration
+
 	limits ledger.Limits
 	batch  ledger.BatchConfig
+
+	// Authentication and transport security.
+	insecureNoAuth    bool
+	authCacheTTL      time.Duration
+	authTouchInterval time.Duration
+	reflection        bool
+	tlsCert           string
+	tlsKey            string
+	tlsClientCA       string
+	tlsClientRoleMap  string
+	insecure          bool
+	rateLimitPerKey   float64
+	rateBurstPerKey   int
 }
 
 func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
@@ -77,6 +99,21 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.msgBytesMax, "msg-bytes-max", api.MsgBytesMaxDefault, "largest gRPC message accepted or sent")
 	fs.DurationVar(&c.callTimeoutDefault, "call-timeout-default", api.CallTimeoutDefault, "deadline for calls that arrive without one")
 	fs.UintVar(&c.streamsMax, "streams-max", api.StreamsMaxDefault, "concurrent gRPC streams per connection")
+	fs.UintVar(&c.headerBytesMax, "header-bytes-max", api.HeaderBytesMaxDefault, "largest gRPC metadata (headers) accepted per call")
+	fs.DurationVar(&c.keepaliveTime, "keepalive-time", api.KeepaliveTimeDefault, "ping a connection idle this long")
+	fs.DurationVar(&c.keepaliveTimeout, "keepalive-timeout", api.KeepaliveTimeoutDefault, "close a connection whose keepalive ping is not answered within this time")
+	fs.DurationVar(&c.keepaliveMinTime, "keepalive-min-time", api.KeepaliveMinTimeDefault, "disconnect clients that ping more often than this")
+	fs.BoolVar(&c.insecureNoAuth, "insecure-no-auth", false, "serve WITHOUT authentication: any caller that reaches the port may move money (tests and trusted networks only)")
+	fs.DurationVar(&c.authCacheTTL, "auth-cache-ttl", auth.CacheTTLDefault, "how long a validated API key is trusted without asking PostgreSQL: a revoked key stops working within this time")
+	fs.DurationVar(&c.authTouchInterval, "auth-touch-interval", auth.TouchIntervalDefault, "how often keys' last_used_at is written (batched)")
+	fs.BoolVar(&c.reflection, "reflection", true, "serve gRPC server reflection (open to every caller; it reveals only the API's schema)")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM certificate (chain) to serve TLS with")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM private key of --tls-cert")
+	fs.StringVar(&c.tlsClientCA, "tls-client-ca", "", "PEM CA bundle: require client certificates signed by it (mTLS)")
+	fs.StringVar(&c.tlsClientRoleMap, "tls-client-role-map", "", "map client certificate subjects to roles, e.g. CN=recon-job:reconciler,CN=ops:admin; a mapped certificate needs no API key")
+	fs.BoolVar(&c.insecure, "insecure", false, "allow plaintext gRPC on a non-loopback --grpc-addr (behind a trusted network or a TLS-terminating proxy)")
+	fs.Float64Var(&c.rateLimitPerKey, "rate-limit-per-key", auth.RateLimitPerKeyDefault, "requests per second per API key (token bucket; 0 = no limit)")
+	fs.IntVar(&c.rateBurstPerKey, "rate-burst-per-key", auth.RateBurstPerKeyDefault, "burst size of the per-key token bucket")
 	fs.IntVar(&c.batch.ItemsMax, "batch-items-max", ledger.BatchItemsMaxDefault, "most calls group-committed in one transaction (1 disables batching)")
 	fs.DurationVar(&c.batch.WaitMax, "batch-wait-max", ledger.BatchWaitMaxDefault, "how long a batch waits for more calls after its first")
 	fs.IntVar(&c.batch.WorkersMax, "batch-workers-max", ledger.BatchWorkersMaxDefault, "batches in flight at once")
@@ -195,6 +232,35 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 			"synchronous_commit", syncCommit, "fsync", fsync)
 	}
 
+	sopts := api.ServerOptions{
+		Logger: log, MsgBytesMax: c.msgBytesMax, CallTimeoutDefault: c.callTimeoutDefault, StreamsMax: uint32(c.streamsMax),
+		HeaderBytesMax: uint32(c.headerBytesMax), KeepaliveTime: c.keepaliveTime, KeepaliveTimeout: c.keepaliveTimeout,
+		KeepaliveMinTime: c.keepaliveMinTime, NoReflection: !c.reflection,
+	}
+	tlsCfg, certRoles, err := c.transport(log)
+	if err != nil {
+		return err
+	}
+	if tlsCfg != nil {
+		sopts.Creds = credentials.NewTLS(tlsCfg)
+	}
+	if c.insecureNoAuth {
+		log.Warn("serving WITHOUT authentication (--insecure-no-auth): every caller that reaches the port may move money")
+	} else {
+		n, err := st.ActiveAPIKeys(ctx)
+		if err != nil {
+			return err
+		}
+		if n == 0 && len(certRoles) == 0 {
+			return errors.New("no active API key in the database, so no caller could authenticate. Create the first admin key with\n" +
+				"  tallyd keys create --name admin --role admin --database-url <same URL>\n" +
+				"(it prints the key once), or pass --insecure-no-auth to serve without authentication")
+		}
+		v := auth.NewVerifier(auth.VerifierConfig{Store: st, CacheTTL: c.authCacheTTL, TouchInterval: c.authTouchInterval, Logger: log})
+		defer v.Close()
+		sopts.Auth = &api.AuthOptions{Verifier: v, CertRoles: certRoles, Limiter: auth.NewLimiter(c.rateLimitPerKey, c.rateBurstPerKey)}
+	}
+
 	var bc *cache.Cache
 	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: c.batch}
 	if c.redisURL != "" {
@@ -215,9 +281,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus("tally.v1.LedgerService", healthpb.HealthCheckResponse_SERVING)
-	gs := api.NewGRPCServer(l, hs, api.ServerOptions{
-		Logger: log, MsgBytesMax: c.msgBytesMax, CallTimeoutDefault: c.callTimeoutDefault, StreamsMax: uint32(c.streamsMax),
-	})
+	gs := api.NewGRPCServer(l, hs, sopts)
 	glis, err := net.Listen("tcp", c.grpcAddr)
 	if err != nil {
 		return err
@@ -242,7 +306,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	log.Info("tallyd serving", "grpc_addr", glis.Addr().String(), "http_addr", hlis.Addr().String(),
 		"cache", c.redisURL != "", "schema_fingerprint", store.MigrationsFingerprint(),
 		"batch_items_max", c.batch.ItemsMax, "batch_wait_max", c.batch.WaitMax.String(),
-		"batch_workers_max", c.batch.WorkersMax, "pool_conns_max", c.poolConnsMax)
+		"batch_workers_max", c.batch.WorkersMax, "pool_conns_max", c.poolConnsMax,
+		"auth", !c.insecureNoAuth, "auth_cache_ttl", c.authCacheTTL.String(), "tls", tlsCfg != nil,
+		"mtls", c.tlsClientCA != "", "rate_limit_per_key", c.rateLimitPerKey, "reflection", c.reflection)
 	if ready != nil {
 		ready(glis.Addr().String(), hlis.Addr().String())
 	}
@@ -271,6 +337,96 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	l.Close()
 	log.Info("tallyd stopped")
 	return serveErr
+}
+
+// transport checks the transport flags and returns the TLS config (nil for
+// plaintext) and the client certificate role map.
+func (c *serveConfig) transport(log *slog.Logger) (*tls.Config, map[string]auth.Role, error) {
+	if (c.tlsCert == "") != (c.tlsKey == "") {
+		return nil, nil, errors.New("--tls-cert and --tls-key go together")
+	}
+	if c.tlsCert == "" {
+		if c.tlsClientCA != "" || c.tlsClientRoleMap != "" {
+			return nil, nil, errors.New("--tls-client-ca and --tls-client-role-map need --tls-cert and --tls-key")
+		}
+		if !isLoopback(c.grpcAddr) {
+			if !c.insecure {
+				return nil, nil, fmt.Errorf("refusing to serve plaintext gRPC on the non-loopback address %s: API keys would cross the network in clear. "+
+					"Serve TLS with --tls-cert and --tls-key, or pass --insecure when a trusted network or a TLS-terminating proxy protects the port", c.grpcAddr)
+			}
+			log.Warn("serving plaintext gRPC on a non-loopback address (--insecure): API keys and data cross the network unencrypted",
+				"grpc_addr", c.grpcAddr)
+		}
+		return nil, nil, nil
+	}
+	cfg, err := serverTLS(c.tlsCert, c.tlsKey, c.tlsClientCA)
+	if err != nil {
+		return nil, nil, err
+	}
+	roles, err := parseRoleMap(c.tlsClientRoleMap)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(roles) > 0 && c.tlsClientCA == "" {
+		return nil, nil, errors.New("--tls-client-role-map needs --tls-client-ca (only verified client certificates can be mapped)")
+	}
+	return cfg, roles, nil
+}
+
+func serverTLS(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if clientCAFile != "" {
+		pem, err := os.ReadFile(clientCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-client-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, errors.New("--tls-client-ca: no PEM certificate found")
+		}
+		cfg.ClientCAs = pool
+		cfg.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return cfg, nil
+}
+
+// parseRoleMap parses "CN=recon-job:reconciler,CN=ops:admin".
+func parseRoleMap(s string) (map[string]auth.Role, error) {
+	out := map[string]auth.Role{}
+	if strings.TrimSpace(s) == "" {
+		return out, nil
+	}
+	for _, item := range strings.Split(s, ",") {
+		item = strings.TrimSpace(item)
+		i := strings.LastIndex(item, ":")
+		if i < 0 || !strings.HasPrefix(item, "CN=") || i <= len("CN=") {
+			return nil, fmt.Errorf("--tls-client-role-map: %q is not CN=<common name>:<role>", item)
+		}
+		role, err := auth.ParseRole(item[i+1:])
+		if err != nil {
+			return nil, fmt.Errorf("--tls-client-role-map: %w", err)
+		}
+		out[item[len("CN="):i]] = role
+	}
+	return out, nil
+}
+
+// isLoopback reports whether a listen address only accepts local
+// connections. An empty host, 0.0.0.0 and :: listen on every interface.
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 type depState struct {

@@ -253,6 +253,15 @@ func (r *runner) setup(ctx context.Context) error {
 	if out, err := mig.CombinedOutput(); err != nil {
 		return fmt.Errorf("tallyd migrate: %w\n%s", err, out)
 	}
+	// Authentication is on, as in production: the workload runs as an
+	// admin client (it creates accounts and credits as well as charges).
+	mk := exec.CommandContext(ctx, bin, "keys", "create", "--database-url", r.dbURL, "--name", "torture", "--role", "admin", "--quiet")
+	mk.Env = childEnv()
+	out, err := mk.Output()
+	if err != nil {
+		return fmt.Errorf("tallyd keys create: %w", err)
+	}
+	apiKey := strings.TrimSpace(string(out))
 
 	pgTarget := fmt.Sprintf("127.0.0.1:%d", r.pg.Port())
 	for i := 0; i < r.cfg.Tallyds; i++ {
@@ -261,7 +270,7 @@ func (r *runner) setup(ctx context.Context) error {
 			return err
 		}
 		r.tds = append(r.tds, t)
-		if t.cl, err = newClient(i, t.grpcAddr, r.hist); err != nil {
+		if t.cl, err = newClient(i, t.grpcAddr, apiKey, r.hist); err != nil {
 			return err
 		}
 		if err := t.start(ctx); err != nil {

@@ -88,12 +88,13 @@ func interceptor(idx int, hist *History) grpc.UnaryClientInterceptor {
 // newClient connects a retry-contract client to one tallyd. gRPC's
 // reconnect backoff is capped at a second so a restarted tallyd is used
 // again quickly.
-func newClient(idx int, addr string, hist *History) (*client.Client, error) {
+func newClient(idx int, addr, apiKey string, hist *History) (*client.Client, error) {
 	bc := backoff.DefaultConfig
 	bc.BaseDelay = 50 * time.Millisecond
 	bc.MaxDelay = time.Second
 	return client.New(client.Config{
 		Addr:   addr,
+		APIKey: apiKey,
 		Policy: clientPolicy(),
 		DialOptions: []grpc.DialOption{
 			grpc.WithTransportCredentials(insecure.NewCredentials()),
