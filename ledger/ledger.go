@@ -223,13 +223,9 @@ func (l *Ledger) FindAccounts(ctx context.Context, q AccountQuery) ([]Account, s
 	query := fmt.Sprintf("accounts|%q|%q|%d", q.ExternalRef, q.Currency, q.Type)
 	f := store.AccountFilter{ExternalRef: q.ExternalRef, Currency: q.Currency, Type: int16(q.Type), Limit: size + 1}
 	if q.PageToken != "" {
-		c, err := decodeToken(query, q.PageToken)
+		after, err := accountsCursor(query, q.PageToken)
 		if err != nil {
 			return nil, "", err
-		}
-		after, err := uuid.Parse(c.After)
-		if err != nil {
-			return nil, "", invalid("page_token", "page_token is malformed or belongs to another query")
 		}
 		f.After = uuid.NullUUID{UUID: after, Valid: true}
 	}
@@ -261,14 +257,11 @@ func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string
 	query := fmt.Sprintf("entries|%s|%v|%v", q.AccountID, timeKey(q.Start), timeKey(q.End))
 	f := store.EntryFilter{AccountID: q.AccountID, Start: q.Start, End: q.End, Limit: size + 1}
 	if q.PageToken != "" {
-		c, err := decodeToken(query, q.PageToken)
+		seq, err := entriesCursor(query, q.PageToken)
 		if err != nil {
 			return nil, "", err
 		}
-		if c.Seq < 0 {
-			return nil, "", invalid("page_token", "page_token is malformed or belongs to another query")
-		}
-		f.AfterSequence = c.Seq
+		f.AfterSequence = seq
 	} else if _, err := l.GetAccount(ctx, q.AccountID); err != nil {
 		// An unknown account is NOT_FOUND, not an empty statement.
 		return nil, "", err

@@ -4,6 +4,8 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+
+	"github.com/google/uuid"
 )
 
 // Page tokens are opaque to callers: base64url of a small JSON cursor plus a
@@ -46,4 +48,31 @@ func decodeToken(query, tok string) (pageCursor, error) {
 		return pageCursor{}, bad
 	}
 	return c, nil
+}
+
+// accountsCursor decodes a FindAccounts page token: the account id to
+// continue after.
+func accountsCursor(query, tok string) (uuid.UUID, error) {
+	c, err := decodeToken(query, tok)
+	if err != nil {
+		return uuid.Nil, err
+	}
+	after, err := uuid.Parse(c.After)
+	if err != nil || len(c.After) != 36 {
+		return uuid.Nil, invalid("page_token", "page_token is malformed or belongs to another query")
+	}
+	return after, nil
+}
+
+// entriesCursor decodes a ListEntries page token: the sequence to continue
+// after.
+func entriesCursor(query, tok string) (int64, error) {
+	c, err := decodeToken(query, tok)
+	if err != nil {
+		return 0, err
+	}
+	if c.Seq < 0 {
+		return 0, invalid("page_token", "page_token is malformed or belongs to another query")
+	}
+	return c.Seq, nil
 }
