@@ -141,10 +141,15 @@ func newLogger(level, format string) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(os.Stderr, opts))
 }
 
-func runServe(ctx context.Context, args []string) error {
-	var c serveConfig
+func newFlagSet(c *serveConfig) *flag.FlagSet {
 	fs := flag.NewFlagSet("tallyd serve", flag.ContinueOnError)
 	c.register(fs, true)
+	return fs
+}
+
+func runServe(ctx context.Context, args []string) error {
+	var c serveConfig
+	fs := newFlagSet(&c)
 	if err := flagenv.Parse(fs, args); err != nil {
 		return err
 	}
