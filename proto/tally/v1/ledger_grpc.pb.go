@@ -39,6 +39,12 @@ const (
 //
 // LedgerService moves money between accounts exactly once per idempotency key.
 // PostgreSQL is the only source of truth; Redis only caches balance reads.
+//
+// Every call needs the metadata "authorization: Bearer <API key>" (or a
+// client certificate mapped to a role); the key's role decides which RPCs it
+// may call (docs/SECURITY.md). A bad or missing key is UNAUTHENTICATED, a
+// method outside the role PERMISSION_DENIED, both with an ErrorInfo reason.
+// Idempotency keys are scoped to the caller's client.
 type LedgerServiceClient interface {
 	// CreateAccount creates an account. With a client-supplied account_id the
 	// call is idempotent: the same request returns the existing account.
@@ -166,6 +172,12 @@ func (c *ledgerServiceClient) ListEntries(ctx context.Context, in *ListEntriesRe
 //
 // LedgerService moves money between accounts exactly once per idempotency key.
 // PostgreSQL is the only source of truth; Redis only caches balance reads.
+//
+// Every call needs the metadata "authorization: Bearer <API key>" (or a
+// client certificate mapped to a role); the key's role decides which RPCs it
+// may call (docs/SECURITY.md). A bad or missing key is UNAUTHENTICATED, a
+// method outside the role PERMISSION_DENIED, both with an ErrorInfo reason.
+// Idempotency keys are scoped to the caller's client.
 type LedgerServiceServer interface {
 	// CreateAccount creates an account. With a client-supplied account_id the
 	// call is idempotent: the same request returns the existing account.
