@@ -3,6 +3,7 @@ package ledger
 import (
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 
 	"github.com/google/uuid"
@@ -20,17 +21,42 @@ type pageCursor struct {
 	Sum   string `json:"c"`
 }
 
+// tokenVersion is the cursor format. Version 1 checksummed the cursor's JSON
+// re-encoding, which is not canonical (encoding/json rewrites invalid UTF-8),
+// as fuzzing found; version 2 checksums a length-prefixed binary encoding.
+const tokenVersion = 2
+
+// checksum binds a cursor to its query. It hashes a canonical, length-
+// prefixed encoding of the query and every cursor field, so no two
+// (query, cursor) pairs share an input and JSON's spelling does not matter.
 func checksum(query string, c pageCursor) string {
-	c.Sum = ""
-	b, _ := json.Marshal(c)
-	h := sha256.Sum256(append([]byte(query+"\x00"), b...))
-	return base64.RawURLEncoding.EncodeToString(h[:12])
+	h := sha256.New()
+	var buf [8]byte
+	writeInt := func(v int64) {
+		binary.BigEndian.PutUint64(buf[:], uint64(v))
+		h.Write(buf[:])
+	}
+	writeStr := func(s string) {
+		writeInt(int64(len(s)))
+		h.Write([]byte(s))
+	}
+	writeStr("tally.pagetoken")
+	writeStr(query)
+	writeInt(int64(c.V))
+	writeStr(c.After)
+	writeInt(c.Seq)
+	return base64.RawURLEncoding.EncodeToString(h.Sum(nil)[:12])
 }
 
 func encodeToken(query string, c pageCursor) string {
-	c.V = 1
-	c.Sum = checksum(query, c)
+	c.V, c.Sum = tokenVersion, ""
+	// Checksum the cursor as the decoder will see it: JSON replaces invalid
+	// UTF-8, so round-trip it first (a no-op for the ids and sequences the
+	// ledger puts in cursors).
 	b, _ := json.Marshal(c)
+	_ = json.Unmarshal(b, &c)
+	c.Sum = checksum(query, c)
+	b, _ = json.Marshal(c)
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
@@ -44,7 +70,7 @@ func decodeToken(query, tok string) (pageCursor, error) {
 		return pageCursor{}, bad
 	}
 	var c pageCursor
-	if err := json.Unmarshal(b, &c); err != nil || c.V != 1 || c.Sum != checksum(query, c) {
+	if err := json.Unmarshal(b, &c); err != nil || c.V != tokenVersion || c.Sum != checksum(query, c) {
 		return pageCursor{}, bad
 	}
 	return c, nil
