@@ -153,8 +153,8 @@ func FuzzPageToken(f *testing.F) {
 			t.Fatalf("account cursor %q decoded to %s", c.After, id)
 		}
 		// Tokens the server makes round-trip for their query only (a cursor
-	// string that is not UTF-8 comes back with U+FFFD, as JSON has it;
-	// found by fuzzing, testdata/fuzz/FuzzPageToken/e0c36e2c762c1428).
+		// string that is not UTF-8 comes back with U+FFFD, as JSON has it;
+		// found by fuzzing, testdata/fuzz/FuzzPageToken/e0c36e2c762c1428).
 		for _, cur := range []pageCursor{{Seq: int64(len(tok))}, {After: query}} {
 			good := encodeToken(query, cur)
 			got, err := decodeToken(query, good)
