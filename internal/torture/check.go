@@ -580,7 +580,13 @@ func (c *checker) checkReads() {
 					o.Client, o.Account, o.MinVersion, o.Version, o.Source)
 			}
 		}
-		if o.Source != SourceCache || ageSkipped {
+		if o.Source != SourceCache {
+			continue
+		}
+		if c.planted(o) {
+			plantedServed++
+		}
+		if ageSkipped {
 			continue
 		}
 		c.checked(InvCachedReadAge, 1)
@@ -590,7 +596,6 @@ func (c *checker) checkReads() {
 		}
 		if age := o.Start.Sub(next.CreatedAt); age > bound {
 			if c.planted(o) {
-				plantedServed++
 				continue
 			}
 			c.fail(InvCachedReadAge, "client %d cached read of account %s at %s returned v%d, superseded %s earlier (bound %s)",
@@ -608,7 +613,7 @@ func (c *checker) checkReads() {
 		c.results[InvCachedReadAge].Skipped = true
 		c.results[InvCachedReadAge].Note = "skipped: no cache TTL given"
 	} else {
-		c.results[InvCachedReadAge].Note = fmt.Sprintf("bound %s; %d reads served a hand-planted stale value within its TTL", bound, plantedServed)
+		c.results[InvCachedReadAge].Note = fmt.Sprintf("bound %s; %d cached reads served a hand-planted stale pair (allowed within its TTL)", bound, plantedServed)
 	}
 }
 

@@ -232,11 +232,24 @@ func (r *runner) plantStale(ctx context.Context, rng *rand.Rand) (string, error)
 		var t target
 		t.acct = a
 		var floor int16
-		err := conn.QueryRow(ctx, `SELECT e.version_after, e.balance_after, a.credit_limit, a.floor, a.currency
-			FROM entries e JOIN accounts a USING (account_id)
-			WHERE e.account_id = $1 AND e.version_after < a.version
-			ORDER BY e.sequence DESC OFFSET $2 LIMIT 1`, a.ID, rng.IntN(10)).
-			Scan(&t.version, &t.balance, &t.limit, &floor, &t.currency)
+		var cur int64
+		err := conn.QueryRow(ctx, `SELECT version, credit_limit, floor, currency FROM accounts WHERE account_id = $1`, a.ID).
+			Scan(&cur, &t.limit, &floor, &t.currency)
+		if err != nil {
+			return "", err
+		}
+		if cur < 2 {
+			continue
+		}
+		// Half the time a recent pair, half the time one from anywhere in
+		// the account's past: both really existed.
+		if rng.IntN(2) == 0 {
+			t.version = cur - 1 - rng.Int64N(min(10, cur-1))
+		} else {
+			t.version = 1 + rng.Int64N(cur-1)
+		}
+		err = conn.QueryRow(ctx, `SELECT balance_after FROM entries WHERE account_id = $1 AND version_after = $2`,
+			a.ID, t.version).Scan(&t.balance)
 		if err == pgx.ErrNoRows {
 			continue
 		}

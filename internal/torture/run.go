@@ -45,6 +45,15 @@ type Config struct {
 	Out io.Writer
 }
 
+// Defaults for the zero fields of Config (and the tally-torture flags).
+const (
+	DefaultDuration = 60 * time.Second
+	DefaultTallyds  = 2
+	DefaultClients  = 8
+	DefaultAccounts = 16
+	DefaultCacheTTL = 2 * time.Second
+)
+
 // Currencies the workload uses.
 var currencies = []string{"USD", "CREDITS"}
 
@@ -134,6 +143,18 @@ func modulePath(gomod string) string {
 // run itself could not be carried out (a server would not start); a run
 // that found violations returns a report with Pass false and no error.
 func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
+	if cfg.Duration <= 0 {
+		cfg.Duration = DefaultDuration
+	}
+	if cfg.Tallyds == 0 {
+		cfg.Tallyds = DefaultTallyds
+	}
+	if cfg.Clients == 0 {
+		cfg.Clients = DefaultClients
+	}
+	if cfg.Accounts == 0 {
+		cfg.Accounts = DefaultAccounts
+	}
 	if cfg.Tallyds < 2 {
 		return nil, errors.New("torture: need at least 2 tallyds")
 	}
@@ -144,7 +165,7 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 		return nil, errors.New("torture: need at least 8 accounts")
 	}
 	if cfg.CacheTTL <= 0 {
-		cfg.CacheTTL = 2 * time.Second
+		cfg.CacheTTL = DefaultCacheTTL
 	}
 	if cfg.Out == nil {
 		cfg.Out = os.Stdout

@@ -307,6 +307,11 @@ func (w *worker) nextOp() (*Op, moveCall) {
 			to = w.pick(p.customers[toCur])
 		}
 		o.Kind, o.Account, o.Counterparty, o.Amount = KindTransfer, from.ID, to.ID, amountFor(w.rng, from)
+		if to.Role == "small" || to.Role == "limit" {
+			// Keep what small accounts receive below what they spend, so
+			// they hover near their floor and INSUFFICIENT_FUNDS is common.
+			o.Amount = 1 + w.rng.Int64N(20)
+		}
 		req := &tallyv1.TransferRequest{DebitAccountId: o.Account, CreditAccountId: o.Counterparty, Amount: o.Amount,
 			IdempotencyKey: o.Key, Description: desc, Metadata: md}
 		return o, func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error) {
