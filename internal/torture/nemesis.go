@@ -20,6 +20,7 @@ const (
 	FaultRedisBlackhole     = "redis_blackhole"
 	FaultRedisLatency       = "redis_latency"
 	FaultPGCut              = "pg_cut"
+	FaultPGBlackhole        = "pg_blackhole"
 	FaultPlantStale         = "plant_stale"
 	FaultPlantGarbage       = "plant_garbage"
 )
@@ -28,7 +29,7 @@ const (
 // once.
 var FaultKinds = []string{
 	FaultKillTallyd, FaultPGRestartFast, FaultPGRestartImmediate, FaultRedisKill, FaultRedisFlushAll,
-	FaultRedisBlackhole, FaultRedisLatency, FaultPGCut, FaultPlantStale, FaultPlantGarbage,
+	FaultRedisBlackhole, FaultRedisLatency, FaultPGCut, FaultPGBlackhole, FaultPlantStale, FaultPlantGarbage,
 }
 
 // randDur returns a duration in [lo, hi).
@@ -164,6 +165,23 @@ func (r *runner) inject(stop context.Context, rng *rand.Rand, kind string) (stri
 			t.pgProxy.Heal()
 		}
 		return fmt.Sprintf("postgres proxy of %s cut for %s", names(ts), d), nil
+
+	case FaultPGBlackhole:
+		// Beyond the list: PostgreSQL connections hang mid-query
+		// (possibly mid-COMMIT) instead of failing, holding row and key
+		// locks until the link is dropped at Heal.
+		ts := r.targets(rng)
+		for _, t := range ts {
+			t.pgProxy.Blackhole()
+		}
+		// Often longer than the clients' 3s per-attempt timeout, so calls
+		// end in DEADLINE_EXCEEDED while their transactions hang.
+		d := randDur(rng, 2*time.Second, 5*time.Second)
+		hold(stop, d)
+		for _, t := range ts {
+			t.pgProxy.Heal()
+		}
+		return fmt.Sprintf("postgres proxy of %s blackholed for %s", names(ts), d), nil
 
 	case FaultPlantStale:
 		return r.plantStale(bg, rng)

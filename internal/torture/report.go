@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -33,6 +34,11 @@ type OpsSummary struct {
 	// earlier attempt had committed without the client hearing back).
 	Replayed int            `json:"acked_as_replay"`
 	ByKind   map[string]int `json:"by_kind"`
+	// Time from an op's first attempt to its definite answer, retries
+	// included, in milliseconds.
+	AnswerMsP50 int64 `json:"answer_ms_p50"`
+	AnswerMsP99 int64 `json:"answer_ms_p99"`
+	AnswerMsMax int64 `json:"answer_ms_max"`
 }
 
 // ReadsSummary counts balance reads.
@@ -105,6 +111,16 @@ func Summarize(h *History, db *DBState) (OpsSummary, ReadsSummary) {
 		}
 	}
 	ops.Retries = ops.Attempts - ops.Attempted
+	if len(h.Ops) > 0 {
+		ms := make([]int64, 0, len(h.Ops))
+		for _, o := range h.Ops {
+			ms = append(ms, o.End.Sub(o.Start).Milliseconds())
+		}
+		slices.Sort(ms)
+		ops.AnswerMsP50 = ms[len(ms)/2]
+		ops.AnswerMsP99 = ms[min(len(ms)-1, len(ms)*99/100)]
+		ops.AnswerMsMax = ms[len(ms)-1]
+	}
 	reads := ReadsSummary{ByConsistency: map[string]int{}, BySource: map[string]int{}, FailuresByCode: map[string]int{}}
 	for _, o := range h.Observations {
 		reads.Total++
@@ -177,6 +193,7 @@ func (r *Report) PrintSummary(w io.Writer) {
 	}
 	fmt.Fprintf(w, "retries: %d retries over %d attempts; %d ops retried, %d on another tallyd, %d acked as a replay\n",
 		o.Retries, o.Attempts, o.Retried, o.OtherTallyd, o.Replayed)
+	fmt.Fprintf(w, "         time to a definite answer: p50 %dms, p99 %dms, max %dms\n", o.AnswerMsP50, o.AnswerMsP99, o.AnswerMsMax)
 	fmt.Fprintf(w, "reads:   %d ok (%s; from %s), %d failed", r.Reads.Total, formatCounts(r.Reads.ByConsistency),
 		formatCounts(r.Reads.BySource), r.Reads.Failures)
 	if r.Reads.Failures > 0 {
