@@ -369,7 +369,7 @@ func (r *runner) fund(ctx context.Context) error {
 		o := &Op{Client: -1, Key: client.NewIdempotencyKey(), Kind: KindCredit, Account: f.acct.ID, Amount: f.amount}
 		req := &tallyv1.CreditRequest{AccountId: o.Account, Amount: o.Amount, IdempotencyKey: o.Key,
 			Description: fmt.Sprintf("torture opening balance %d", i)}
-		r.execOp(ctx, rng, o, func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error) {
+		r.execOp(ctx, rng, o, false, func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error) {
 			return c.Credit(ctx, req)
 		})
 		if o.Outcome != OutcomeAcked {
