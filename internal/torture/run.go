@@ -2,6 +2,7 @@ package torture
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -215,6 +216,10 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	}
 	if !rep.Pass {
 		keep = true
+		// The whole history, for working out what went wrong.
+		if b, err := json.Marshal(r.hist); err == nil {
+			_ = os.WriteFile(filepath.Join(r.dir, "history.json"), b, 0o644)
+		}
 	}
 	if keep {
 		rep.TempDir = r.dir
