@@ -9,6 +9,7 @@
 //	tally transfer get (--id ID | --key K)
 //	tally balance  --account ID [--strong] [--min-version N]
 //	tally entries  --account ID [--page-size N] [--all]
+//	tally bench    --scenario S [--clients N] [--duration D] [--warmup D] [--accounts N] [--json]
 //
 // Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY) and
 // --json. Money-moving commands retry UNAVAILABLE and DEADLINE_EXCEEDED with
@@ -48,6 +49,7 @@ commands:
   transfer create|get       move money between accounts / look up a transfer or key
   balance                   read a balance
   entries                   list an account's statement
+  bench                     load-test a running tallyd (throughput, latency, batch sizes)
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
 --json, --timeout. Run "tally <command> -h" for more.
@@ -127,6 +129,8 @@ func run(args []string, out io.Writer) error {
 		return balance(rest, out)
 	case "entries":
 		return entries(rest, out)
+	case "bench":
+		return benchCmd(rest, out)
 	}
 	return errUsage
 }
