@@ -23,6 +23,11 @@
 #   REDIS_HOST (127.0.0.1) REDIS_PORT (6379) REDIS_DB (9)
 #   SCENARIOS (all: "charge-uniform charge-hot transfer-uniform balance-cached mixed balance-nocache")
 #   SKIP_REFS=1  skip the pgbench/redis-benchmark references (sweeps of Tally settings)
+#   BIG=1        afterwards, load bench/history.sql into the bench database
+#                (HISTORY_ACCOUNTS=1000000 accounts, HISTORY_PER=5 transfers
+#                each: 10,000,000 entries) and measure charge-uniform again
+#   WAITS=1      sample pg_stat_activity of the bench database 5 times a second
+#                during each Tally scenario and print what its sessions wait on
 #   OUT_DIR      keep raw results here (default: a temporary directory, removed)
 #   Any tallyd flag as TALLY_<FLAG> (e.g. TALLY_BATCH_WAIT_MAX=1ms,
 #   TALLY_BATCH_ITEMS_MAX=64, TALLY_BATCH_WORKERS_MAX=2, TALLY_POOL_CONNS_MAX=16).
@@ -49,6 +54,10 @@ REDIS_PORT="${REDIS_PORT:-6379}"
 REDIS_DB="${REDIS_DB:-9}"
 SCENARIOS="${SCENARIOS:-charge-uniform charge-hot transfer-uniform balance-cached mixed balance-nocache}"
 SKIP_REFS="${SKIP_REFS:-0}"
+WAITS="${WAITS:-0}"
+BIG="${BIG:-0}"
+HISTORY_ACCOUNTS="${HISTORY_ACCOUNTS:-1000000}"
+HISTORY_PER="${HISTORY_PER:-5}"
 PGBENCH="${PGBENCH:-$(command -v pgbench || echo /usr/lib/postgresql/15/bin/pgbench)}"
 
 for tool in psql "$PGBENCH" redis-cli redis-benchmark jq go; do
@@ -69,8 +78,21 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 rcli() { redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" -n "$REDIS_DB" "$@"; }
 sql() { psql -X -q -At -v ON_ERROR_STOP=1 -d "${DB:-postgres}" -c "$1"; }
 
+# fgwait CMD...: runs CMD in the background and waits for it, so that a
+# signal reaches the trap at once instead of after CMD ends.
+CHILD=""
+fgwait() {
+  "$@" &
+  CHILD=$!
+  local rc=0
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  return "$rc"
+}
+
 cleanup() {
   set +e
+  [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null && wait "$CHILD" 2>/dev/null
   for pid in "${PIDS[@]}"; do
     kill -TERM "$pid" 2>/dev/null
   done
@@ -88,16 +110,17 @@ cleanup() {
   for db in "${DBS[@]}"; do
     sql "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || log "could not drop database $db"
   done
-  if [ -z "${OUT_DIR:-}" ]; then rm -rf "$WORK"; else rm -rf "$WORK/bin" "$WORK"/*.log; fi
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- build
+log "load average $(cut -d" " -f1-3 /proc/loadavg)"
 log "building tallyd and tally from $(git rev-parse --short HEAD 2>/dev/null || echo 'this checkout')"
 mkdir -p "$WORK/bin"
-go build -o "$WORK/bin/tallyd" ./cmd/tallyd
-go build -o "$WORK/bin/tally" ./cmd/tally
+fgwait go build -o "$WORK/bin/tallyd" ./cmd/tallyd
+fgwait go build -o "$WORK/bin/tally" ./cmd/tally
 TALLYD="$WORK/bin/tallyd"
 TALLY="$WORK/bin/tally"
 
@@ -143,7 +166,7 @@ if [ "$SKIP_REFS" != 1 ]; then
   sql "CREATE DATABASE \"$REF_DB\""
   DBS+=("$REF_DB")
   log "pgbench -i -s 10 ($REF_DB)"
-  "$PGBENCH" -i -s 10 -q "$REF_DB" >"$WORK/pgbench-init.log" 2>&1
+  fgwait "$PGBENCH" -i -s 10 -q "$REF_DB" >"$WORK/pgbench-init.log" 2>&1
   cat >"$WORK/hot.sql" <<'EOF'
 \set delta random(-5000, 5000)
 UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = 1;
@@ -156,7 +179,7 @@ fi
 pgbench_run() {
   local name="$1" run="$2"; shift 2
   checkpoint
-  "$PGBENCH" -c "$CLIENTS" -j 2 -T "$DURATION" "$@" "$REF_DB" >"$WORK/$name.$run.log" 2>&1 ||
+  fgwait "$PGBENCH" -c "$CLIENTS" -j 2 -T "$DURATION" "$@" "$REF_DB" >"$WORK/$name.$run.log" 2>&1 ||
     { cat "$WORK/$name.$run.log" >&2; exit 1; }
   local tps lat
   tps="$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$WORK/$name.$run.log" | tail -1)"
@@ -169,7 +192,7 @@ pgbench_run() {
 redis_run() {
   local run="$1" n
   n=$((DURATION * 40000))
-  redis-benchmark -h "$REDIS_HOST" -p "$REDIS_PORT" --dbnum "$REDIS_DB" -c "$CLIENTS" -P 1 -r 10000 -n "$n" --csv \
+  fgwait redis-benchmark -h "$REDIS_HOST" -p "$REDIS_PORT" --dbnum "$REDIS_DB" -c "$CLIENTS" -P 1 -r 10000 -n "$n" --csv \
     GET "${REDIS_REF_PREFIX}__rand_int__" >"$WORK/redis-get.$run.log" 2>&1
   local rps p99
   rps="$(tail -1 "$WORK/redis-get.$run.log" | tr -d '"' | cut -d, -f2)"
@@ -179,24 +202,41 @@ redis_run() {
   log "  redis-get: $rps rps"
 }
 
-# tally_run SCENARIO RUN: one `tally bench` run against the right tallyd.
+# tally_run SCENARIO RUN [NAME]: one `tally bench` run against the right
+# tallyd; its result is stored as NAME (default SCENARIO).
 tally_run() {
-  local sc="$1" run="$2" pid grpc http
+  local sc="$1" run="$2" name="${3:-$1}" pid grpc http
   if [ "$sc" = balance-nocache ]; then
     pid="$NOCACHE_PID" grpc="$NOCACHE_GRPC" http="$NOCACHE_HTTP"
   else
     pid="$CACHED_PID" grpc="$CACHED_GRPC" http="$CACHED_HTTP"
   fi
   [ "$sc" = noop ] || checkpoint
-  "$TALLY" bench --addr "$grpc" --scenario "$sc" --clients "$CLIENTS" --conns "$CONNS" --accounts "$ACCOUNTS" \
+  local sampler=""
+  if [ "$WAITS" = 1 ] && [ "$sc" != noop ]; then
+    # What the tallyd sessions wait on (CPU: active, not waiting), during
+    # the measured window (tally bench logs "measuring" when it starts).
+    (
+      while ! grep -q measuring "$WORK/$name.$run.err" 2>/dev/null; do sleep 0.2; done
+      while :; do
+        DB="$BENCH_DB" sql "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle'" 2>/dev/null
+        sleep 0.2
+      done >"$RES/$name.$run.waits"
+    ) &
+    sampler=$!
+    PIDS+=("$sampler")
+  fi
+  fgwait "$TALLY" bench --addr "$grpc" --scenario "$sc" --clients "$CLIENTS" --conns "$CONNS" --accounts "$ACCOUNTS" \
     --duration "${DURATION}s" --warmup "${WARMUP}s" --seed "compare-$TAG" \
-    --server-pid "$pid" --server-http "$http" --json --quiet >"$RES/$sc.$run.json" 2>"$WORK/$sc.$run.err" ||
-    { cat "$WORK/$sc.$run.err" >&2; exit 1; }
-  log "  $sc: $(jq -r '"\(.throughput_ops_s|floor) ops/s p99 \(.latency.p99_ms) ms, \(.server.batch_items_avg*10|floor/10) items/batch, errors \(.errors)"' "$RES/$sc.$run.json")"
+    --server-pid "$pid" --server-http "$http" --json >"$RES/$name.$run.json" 2>"$WORK/$name.$run.err" ||
+    { cat "$WORK/$name.$run.err" >&2; exit 1; }
+  if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true; fi
+  log "  $name: $(jq -r '"\(.throughput_ops_s|floor) ops/s p99 \(.latency.p99_ms) ms, \(.server.batch_items_avg*10|floor/10) items/batch, errors \(.errors)"' "$RES/$name.$run.json")"
 }
 
 for run in $(seq "$RUNS"); do
-  log "run $run/$RUNS"
+  log "run $run/$RUNS (load average $(cut -d" " -f1-3 /proc/loadavg))"
   if [ "$SKIP_REFS" != 1 ]; then
     pgbench_run pgbench-tpcb "$run" -b tpcb-like
     pgbench_run pgbench-hot "$run" -f "$WORK/hot.sql"
@@ -208,6 +248,16 @@ for run in $(seq "$RUNS"); do
     tally_run "$sc" "$run"
   done
 done
+
+if [ "$BIG" = 1 ]; then
+  log "loading history: $HISTORY_ACCOUNTS accounts, $((HISTORY_ACCOUNTS * HISTORY_PER * 2)) entries (bench/history.sql)"
+  fgwait psql -X -q -d "$BENCH_DB" -v accounts="$HISTORY_ACCOUNTS" -v per="$HISTORY_PER" -f bench/history.sql >"$WORK/history.log" 2>&1 ||
+    { cat "$WORK/history.log" >&2; exit 1; }
+  log "  $(DB="$BENCH_DB" sql "SELECT (SELECT count(*) FROM accounts) || ' accounts, ' || (SELECT count(*) FROM entries) || ' entries, ' || pg_size_pretty(pg_database_size(current_database()))")"
+  for run in $(seq "$RUNS"); do
+    tally_run charge-uniform "$run" charge-uniform-big
+  done
+fi
 
 # ---------------------------------------------------------------- report
 RSS_CACHED="$(awk '/VmHWM/{print $2*1024}' "/proc/$CACHED_PID/status")"
@@ -230,6 +280,7 @@ P99() { median "$1" .latency.p99_ms; }
 cu=$(T charge-uniform) ch=$(T charge-hot) tu=$(T transfer-uniform) bc=$(T balance-cached) bn=$(T balance-nocache) mx=$(T mixed) noop=$(T noop)
 tpcb=$(T pgbench-tpcb) hot=$(T pgbench-hot) sel=$(T pgbench-select) rget=$(T redis-get)
 cu_p99=$(P99 charge-uniform)
+big=$(T charge-uniform-big)
 
 {
 echo
@@ -260,13 +311,26 @@ printf '%-28s %12s   %s\n' "charge-uniform p99 latency" "$( [ -n "$cu_p99" ] && 
   "target <= 25 ms: $( [ -n "$cu_p99" ] && verdict "$cu_p99" 25 "<=" || echo n/a)"
 printf '%-28s %12s   %s\n' "tallyd peak RSS" "$(awk -v b="$RSS_MAX" 'BEGIN{printf "%.1f MB", b/1e6}')" \
   "target <= 150 MB: $(verdict "$(awk -v b="$RSS_MAX" 'BEGIN{print b/1e6}')" 150 "<=")  (with Redis $(awk -v b="$RSS_CACHED" 'BEGIN{printf "%.1f", b/1e6}') MB, without $(awk -v b="$RSS_NOCACHE" 'BEGIN{printf "%.1f", b/1e6}') MB)"
+if [ -n "$big" ]; then
+  printf '%-28s %12s   %s\n' "charge-uniform, big db" "$(fmt "$big")" \
+    "vs fresh: $(ratio "$big" "$cu")  (target: within 20%: $(verdict "$(ratio "$big" "$cu")" 0.8 ">="))"
+fi
 echo
 echo "== per scenario (median of $RUNS): latency ms p50/p95/p99/max, batch items avg, server CPU cores, errors"
-for sc in noop $SCENARIOS; do
+for sc in noop $SCENARIOS charge-uniform-big; do
   [ -e "$RES/$sc.1.json" ] || continue
   printf '%-18s %8s ops/s  p50 %6.2f p95 %6.2f p99 %7.2f max %8.2f  batch %5.1f  cpu %4.2f  errors %s\n' "$sc" \
     "$(fmt "$(T "$sc")")" "$(median "$sc" .latency.p50_ms)" "$(median "$sc" .latency.p95_ms)" "$(P99 "$sc")" \
     "$(median "$sc" .latency.max_ms)" "$(median "$sc" .server.batch_items_avg)" "$(median "$sc" .server.cpu_cores)" \
     "$(jq -cs 'map(.errors) | add' "$RES/$sc".*.json)"
 done
+if [ "$WAITS" = 1 ]; then
+  echo
+  echo "== what tallyd's PostgreSQL sessions were doing (share of non-idle samples, all runs)"
+  for sc in $SCENARIOS charge-uniform-big; do
+    [ -e "$RES/$sc.1.waits" ] || continue
+    cat "$RES/$sc".*.waits 2>/dev/null | sort | uniq -c | sort -rn |
+      awk -v sc="$sc" '{n[NR]=$1; w[NR]=$2; t+=$1} END{printf "%-18s", sc; for(i=1;i<=NR&&i<=5;i++) printf " %s %.0f%%", w[i], 100*n[i]/t; printf "  (%d samples)\n", t}'
+  done
+fi
 } | tee "$RES/summary.txt"

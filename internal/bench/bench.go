@@ -268,6 +268,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	cpu0 := selfCPU()
 	t0 := time.Now()
 	measuring.Store(true)
+	cfg.Log("measuring for %s", cfg.Duration)
 	sleep(ctx, cfg.Duration)
 	measuring.Store(false)
 	window := time.Since(t0)
