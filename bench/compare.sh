@@ -322,7 +322,7 @@ for sc in noop $SCENARIOS charge-uniform-big; do
   printf '%-18s %8s ops/s  p50 %6.2f p95 %6.2f p99 %7.2f max %8.2f  batch %5.1f  cpu %4.2f  errors %s\n' "$sc" \
     "$(fmt "$(T "$sc")")" "$(median "$sc" .latency.p50_ms)" "$(median "$sc" .latency.p95_ms)" "$(P99 "$sc")" \
     "$(median "$sc" .latency.max_ms)" "$(median "$sc" .server.batch_items_avg)" "$(median "$sc" .server.cpu_cores)" \
-    "$(jq -cs 'map(.errors) | add' "$RES/$sc".*.json)"
+    "$(jq -cs 'map(.errors) | add' "$RES/$sc".*.json)$(jq -rs 'map(.balance_sources // {}) | reduce .[] as $m ({}; reduce ($m|to_entries[]) as $e (.; .[$e.key] += $e.value)) | if length > 0 then "  reads " + (to_entries | map("\(.key)=\(.value)") | join(" ")) else "" end' "$RES/$sc".*.json)"
 done
 if [ "$WAITS" = 1 ]; then
   echo
