@@ -10,8 +10,9 @@
 //
 //	go run ./cmd/tally-torture -duration 60s -seed 1
 //
-// Exit status: 0 all invariants hold; 1 a violation was found; 2 the run
-// could not be carried out (bad flags, a server would not start).
+// Exit status: 0 all invariants hold; 1 a violation was found (or a run of
+// at least a minute did not inject every fault kind); 2 the run could not be
+// carried out (bad flags, a server would not start).
 package main
 
 import (
@@ -34,12 +35,12 @@ func run() int {
 	var cfg torture.Config
 	var jsonOut string
 	fs := flag.NewFlagSet("tally-torture", flag.ContinueOnError)
-	fs.DurationVar(&cfg.Duration, "duration", 60*time.Second, "how long the workload and nemesis run (checking comes after)")
+	fs.DurationVar(&cfg.Duration, "duration", torture.DefaultDuration, "how long the workload and nemesis run (checking comes after)")
 	fs.Int64Var(&cfg.Seed, "seed", 0, "seed of the fault schedule and workload (default: time-based, printed)")
-	fs.IntVar(&cfg.Tallyds, "tallyds", 2, "number of tallyd processes (at least 2)")
-	fs.IntVar(&cfg.Clients, "clients", 8, "number of concurrent clients")
-	fs.IntVar(&cfg.Accounts, "accounts", 16, "number of customer accounts (over two currencies; at least 8)")
-	fs.DurationVar(&cfg.CacheTTL, "cache-ttl", 2*time.Second, "tallyd --cache-ttl for the run")
+	fs.IntVar(&cfg.Tallyds, "tallyds", torture.DefaultTallyds, "number of tallyd processes (at least 2)")
+	fs.IntVar(&cfg.Clients, "clients", torture.DefaultClients, "number of concurrent clients")
+	fs.IntVar(&cfg.Accounts, "accounts", torture.DefaultAccounts, "number of customer accounts (over two currencies; at least 8)")
+	fs.DurationVar(&cfg.CacheTTL, "cache-ttl", torture.DefaultCacheTTL, "tallyd --cache-ttl for the run")
 	fs.StringVar(&jsonOut, "json-out", "", "write the report as JSON to this file")
 	fs.StringVar(&cfg.TallydBin, "tallyd-bin", "", "use this tallyd binary instead of building ./cmd/tallyd")
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the work dir (logs, stopped PostgreSQL data) after the run")
@@ -76,6 +77,10 @@ func run() int {
 		fmt.Printf("work dir kept: %s\n", rep.TempDir)
 	}
 	if !rep.Pass {
+		return 1
+	}
+	if len(rep.FaultsMissing) > 0 && cfg.Duration >= torture.DefaultDuration {
+		fmt.Fprintf(os.Stderr, "tally-torture: a %s run must inject every fault kind; never injected: %v\n", cfg.Duration, rep.FaultsMissing)
 		return 1
 	}
 	return 0

@@ -9,6 +9,7 @@
 //	tally transfer get (--id ID | --key K [--client-id C])
 //	tally balance  --account ID [--strong] [--min-version N]
 //	tally entries  --account ID [--page-size N] [--all]
+//	tally bench    --scenario S [--clients N] [--duration D] [--warmup D] [--accounts N] [--json]
 //
 // Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY),
 // --tls/--tls-ca/--tls-cert/--tls-key and --json. Money-moving commands retry UNAVAILABLE and DEADLINE_EXCEEDED with
@@ -52,6 +53,7 @@ commands:
   transfer create|get       move money between accounts / look up a transfer or key
   balance                   read a balance
   entries                   list an account's statement
+  bench                     load-test a running tallyd (throughput, latency, batch sizes)
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
 --tls-ca/--tls-cert/--tls-key (TLS and mTLS), --json, --timeout. Run "tally <command> -h" for more.
@@ -170,6 +172,8 @@ func run(args []string, out io.Writer) error {
 		return balance(rest, out)
 	case "entries":
 		return entries(rest, out)
+	case "bench":
+		return benchCmd(rest, out)
 	}
 	return errUsage
 }

@@ -61,6 +61,7 @@ type serveConfig struct {
 
 	limits ledger.Limits
 	batch  ledger.BatchConfig
+	pprof  bool
 
 	// Authentication and transport security.
 	insecureNoAuth    bool
@@ -119,6 +120,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.batch.WorkersMax, "batch-workers-max", ledger.BatchWorkersMaxDefault, "batches in flight at once")
 	fs.IntVar(&c.batch.QueueItemsMax, "batch-queue-items-max", ledger.BatchQueueItemsMaxDefault, "calls waiting for a batch before RESOURCE_EXHAUSTED")
 	fs.DurationVar(&c.batch.Timeout, "batch-timeout", ledger.BatchTimeoutDefault, "bound on one batch's transaction")
+	fs.BoolVar(&c.pprof, "pprof", false, "serve net/http/pprof under /debug/pprof/ on --http-addr (for profiling)")
 	d := ledger.DefaultLimits()
 	c.limits = d
 	fs.IntVar(&c.limits.PageSizeMax, "page-size-max", d.PageSizeMax, "largest page_size accepted")
@@ -296,7 +298,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		glis.Close()
 		return err
 	}
-	hsrv := &http.Server{Handler: healthHandler(st, bc), ReadHeaderTimeout: 5 * time.Second}
+	hsrv := &http.Server{Handler: debugHandler(healthHandler(st, bc), l, c.pprof), ReadHeaderTimeout: 5 * time.Second}
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 2)

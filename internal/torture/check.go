@@ -38,7 +38,7 @@ var invariantDescriptions = []struct{ name, desc string }{
 	{InvKeysAtMostOnce, "every idempotency key produced at most one transfer, and idempotency_keys agrees with transfers"},
 	{InvNoUnsentTransfers, "every transfer and idempotency key in Postgres belongs to a request some client sent"},
 	{InvAckedPresent, "every acknowledged op is in Postgres with the acknowledged transfer id, kind, accounts and amount, its key row, and the acknowledged (version, balance)"},
-	{InvFinalAnswersMatchDB, "every definite final answer matches Postgres: a success is there; a rejection left no transfer and its key row holds that rejection"},
+	{InvFinalAnswersMatchDB, "every definite answer matches Postgres: a success is there; a rejection left no transfer and its key row holds that rejection; two answers to one key agree"},
 	{InvOpsAnswered, "after healing, every op got a definite answer before its deadline"},
 	{InvTransferEntries, "every transfer has exactly one debit and one credit entry of its amount, in its currency"},
 	{InvBalanceEqualsEntries, "each account's balance equals the sum of its entries and its last balance_after"},
@@ -54,7 +54,7 @@ var invariantDescriptions = []struct{ name, desc string }{
 	{InvCachedReadAge, "a cached read was never superseded for longer than the cache TTL (plus slack), hand-planted values aside"},
 	{InvCacheMatchesDB, "after healing and one cache TTL, every balance cached in Redis equals Postgres (or is absent)"},
 	{InvNoInternalAnswers, "the service never answered INTERNAL or UNKNOWN, faults or not"},
-	{InvNoUnexpectedAnswers, "no valid request got a final answer other than success or a business rejection, and no first answer was a replay"},
+	{InvNoUnexpectedAnswers, "no valid request got a final answer other than success or a business rejection; no first answer was a replay; no two answers to one key both claim to have executed it"},
 	{InvNoTallydCrashes, "no tallyd process exited without being killed by the nemesis"},
 }
 
@@ -341,6 +341,12 @@ func (c *checker) checkFinalAnswers() {
 		}
 		ts := c.transfersByKey[o.Key]
 		ks := c.keysByKey[o.Key]
+		for _, h := range o.HedgeAnswers {
+			if h.Code != o.FinalCode || h.Reason != o.FinalReason || h.TransferID != o.TransferID {
+				c.fail(InvFinalAnswersMatchDB, "key %s sent twice at once got different answers: %s %s %s and %s %s %s",
+					o.Key, o.FinalCode, o.FinalReason, o.TransferID, h.Code, h.Reason, h.TransferID)
+			}
+		}
 		if o.Outcome == OutcomeAcked {
 			found := false
 			for _, t := range ts {
@@ -580,7 +586,13 @@ func (c *checker) checkReads() {
 					o.Client, o.Account, o.MinVersion, o.Version, o.Source)
 			}
 		}
-		if o.Source != SourceCache || ageSkipped {
+		if o.Source != SourceCache {
+			continue
+		}
+		if c.planted(o) {
+			plantedServed++
+		}
+		if ageSkipped {
 			continue
 		}
 		c.checked(InvCachedReadAge, 1)
@@ -590,7 +602,6 @@ func (c *checker) checkReads() {
 		}
 		if age := o.Start.Sub(next.CreatedAt); age > bound {
 			if c.planted(o) {
-				plantedServed++
 				continue
 			}
 			c.fail(InvCachedReadAge, "client %d cached read of account %s at %s returned v%d, superseded %s earlier (bound %s)",
@@ -608,7 +619,7 @@ func (c *checker) checkReads() {
 		c.results[InvCachedReadAge].Skipped = true
 		c.results[InvCachedReadAge].Note = "skipped: no cache TTL given"
 	} else {
-		c.results[InvCachedReadAge].Note = fmt.Sprintf("bound %s; %d reads served a hand-planted stale value within its TTL", bound, plantedServed)
+		c.results[InvCachedReadAge].Note = fmt.Sprintf("bound %s; %d cached reads served a hand-planted stale pair (allowed within its TTL)", bound, plantedServed)
 	}
 }
 
@@ -665,6 +676,18 @@ func (c *checker) checkAnswers() {
 	for _, o := range c.h.Ops {
 		if o.Outcome == OutcomeUnexpected {
 			c.fail(InvNoUnexpectedAnswers, "%s key %s account %s: final answer %s %s", o.Kind, o.Key, o.Account, o.FinalCode, o.FinalReason)
+		}
+		firsts := 0
+		if o.Outcome == OutcomeAcked && !o.Replayed {
+			firsts++
+		}
+		for _, h := range o.HedgeAnswers {
+			if h.Code == "OK" && !h.Replayed {
+				firsts++
+			}
+		}
+		if firsts > 1 {
+			c.fail(InvNoUnexpectedAnswers, "%s key %s: %d answers claim to have executed it (replayed=false)", o.Kind, o.Key, firsts)
 		}
 		if o.FirstAnswerReplayed && o.EarlierAnswers == 0 && o.Attempts == 1 {
 			c.fail(InvNoUnexpectedAnswers, "%s key %s: the first and only attempt was answered as a replay", o.Kind, o.Key)

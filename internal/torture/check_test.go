@@ -525,6 +525,24 @@ func TestChecker(t *testing.T) {
 			want: InvCacheMatchesDB,
 		},
 		{
+			name: "key sent twice at once got two different answers",
+			editHist: func(h *History) {
+				o := opByKey(h, f.keyAcked)
+				o.Hedged = true
+				o.HedgeAnswers = []HedgeAnswer{{Code: "FAILED_PRECONDITION", Reason: "INSUFFICIENT_FUNDS"}}
+			},
+			want: InvFinalAnswersMatchDB,
+		},
+		{
+			name: "key sent twice at once executed twice",
+			editHist: func(h *History) {
+				o := opByKey(h, f.keyAcked)
+				o.Hedged = true
+				o.HedgeAnswers = []HedgeAnswer{{Code: "OK", TransferID: o.TransferID}}
+			},
+			want: InvNoUnexpectedAnswers,
+		},
+		{
 			name: "tallyd crashed",
 			editHist: func(h *History) {
 				h.Crashes = append(h.Crashes, Crash{Tallyd: 1, Status: "exit status 2", LogTail: "panic: boom"})

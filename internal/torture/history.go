@@ -92,10 +92,30 @@ type Op struct {
 	FirstAnswerReplayed bool `json:"first_answer_replayed,omitempty"`
 	// EarlierAnswers counts attempts that got no answer or a retryable one.
 	EarlierAnswers int `json:"earlier_answers,omitempty"`
+	// Hedged ops sent their first attempt twice at once; HedgeAnswers are
+	// the definite answers other than the final one.
+	Hedged       bool          `json:"hedged,omitempty"`
+	HedgeAnswers []HedgeAnswer `json:"hedge_answers,omitempty"`
 }
 
-// Retried reports whether the op needed more than one attempt.
-func (o *Op) Retried() bool { return o.Attempts > 1 }
+// HedgeAnswer is a further definite answer to the same op.
+type HedgeAnswer struct {
+	Code       string `json:"code"`
+	Reason     string `json:"reason,omitempty"`
+	TransferID string `json:"transfer_id,omitempty"`
+	Replayed   bool   `json:"replayed,omitempty"`
+}
+
+// Retried reports whether the op needed more than one attempt (a hedged
+// op's concurrent duplicate does not count).
+func (o *Op) Retried() bool { return o.Attempts > o.firstRound() }
+
+func (o *Op) firstRound() int {
+	if o.Hedged {
+		return 2
+	}
+	return 1
+}
 
 // Read consistency modes as recorded in observations.
 const (

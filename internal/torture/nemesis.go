@@ -20,6 +20,7 @@ const (
 	FaultRedisBlackhole     = "redis_blackhole"
 	FaultRedisLatency       = "redis_latency"
 	FaultPGCut              = "pg_cut"
+	FaultPGBlackhole        = "pg_blackhole"
 	FaultPlantStale         = "plant_stale"
 	FaultPlantGarbage       = "plant_garbage"
 )
@@ -28,7 +29,7 @@ const (
 // once.
 var FaultKinds = []string{
 	FaultKillTallyd, FaultPGRestartFast, FaultPGRestartImmediate, FaultRedisKill, FaultRedisFlushAll,
-	FaultRedisBlackhole, FaultRedisLatency, FaultPGCut, FaultPlantStale, FaultPlantGarbage,
+	FaultRedisBlackhole, FaultRedisLatency, FaultPGCut, FaultPGBlackhole, FaultPlantStale, FaultPlantGarbage,
 }
 
 // randDur returns a duration in [lo, hi).
@@ -165,6 +166,23 @@ func (r *runner) inject(stop context.Context, rng *rand.Rand, kind string) (stri
 		}
 		return fmt.Sprintf("postgres proxy of %s cut for %s", names(ts), d), nil
 
+	case FaultPGBlackhole:
+		// Beyond the issue's list: PostgreSQL connections hang mid-query
+		// (possibly mid-COMMIT) instead of failing, holding row and key
+		// locks until the link is dropped at Heal.
+		ts := r.targets(rng)
+		for _, t := range ts {
+			t.pgProxy.Blackhole()
+		}
+		// Often longer than the clients' 3s per-attempt timeout, so calls
+		// end in DEADLINE_EXCEEDED while their transactions hang.
+		d := randDur(rng, 2*time.Second, 5*time.Second)
+		hold(stop, d)
+		for _, t := range ts {
+			t.pgProxy.Heal()
+		}
+		return fmt.Sprintf("postgres proxy of %s blackholed for %s", names(ts), d), nil
+
 	case FaultPlantStale:
 		return r.plantStale(bg, rng)
 
@@ -232,11 +250,24 @@ func (r *runner) plantStale(ctx context.Context, rng *rand.Rand) (string, error)
 		var t target
 		t.acct = a
 		var floor int16
-		err := conn.QueryRow(ctx, `SELECT e.version_after, e.balance_after, a.credit_limit, a.floor, a.currency
-			FROM entries e JOIN accounts a USING (account_id)
-			WHERE e.account_id = $1 AND e.version_after < a.version
-			ORDER BY e.sequence DESC OFFSET $2 LIMIT 1`, a.ID, rng.IntN(10)).
-			Scan(&t.version, &t.balance, &t.limit, &floor, &t.currency)
+		var cur int64
+		err := conn.QueryRow(ctx, `SELECT version, credit_limit, floor, currency FROM accounts WHERE account_id = $1`, a.ID).
+			Scan(&cur, &t.limit, &floor, &t.currency)
+		if err != nil {
+			return "", err
+		}
+		if cur < 2 {
+			continue
+		}
+		// Half the time a recent pair, half the time one from anywhere in
+		// the account's past: both really existed.
+		if rng.IntN(2) == 0 {
+			t.version = cur - 1 - rng.Int64N(min(10, cur-1))
+		} else {
+			t.version = 1 + rng.Int64N(cur-1)
+		}
+		err = conn.QueryRow(ctx, `SELECT balance_after FROM entries WHERE account_id = $1 AND version_after = $2`,
+			a.ID, t.version).Scan(&t.balance)
 		if err == pgx.ErrNoRows {
 			continue
 		}

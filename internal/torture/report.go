@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -22,7 +23,8 @@ type OpsSummary struct {
 	// UnknownApplied counts ops without a definite answer that Postgres
 	// shows applied.
 	UnknownApplied int `json:"unknown_outcome_applied"`
-	// Attempts is the number of RPCs sent; Retries = Attempts - Attempted.
+	// Attempts is the number of RPCs sent; Retries excludes each op's first
+	// attempt (both of a hedged op's concurrent first attempts).
 	Attempts int `json:"attempts"`
 	Retries  int `json:"retries"`
 	// Retried counts ops that needed more than one attempt.
@@ -31,8 +33,15 @@ type OpsSummary struct {
 	OtherTallyd int `json:"retried_on_other_tallyd"`
 	// Replayed counts acked ops whose final answer was a replay (an
 	// earlier attempt had committed without the client hearing back).
-	Replayed int            `json:"acked_as_replay"`
-	ByKind   map[string]int `json:"by_kind"`
+	Replayed int `json:"acked_as_replay"`
+	// Hedged counts ops whose first attempt was sent twice at once.
+	Hedged int            `json:"hedged"`
+	ByKind map[string]int `json:"by_kind"`
+	// Time from an op's first attempt to its definite answer, retries
+	// included, in milliseconds.
+	AnswerMsP50 int64 `json:"answer_ms_p50"`
+	AnswerMsP99 int64 `json:"answer_ms_p99"`
+	AnswerMsMax int64 `json:"answer_ms_max"`
 }
 
 // ReadsSummary counts balance reads.
@@ -80,11 +89,15 @@ func Summarize(h *History, db *DBState) (OpsSummary, ReadsSummary) {
 		ops.Attempted++
 		ops.ByKind[string(o.Kind)]++
 		ops.Attempts += o.Attempts
+		ops.Retries += max(o.Attempts-o.firstRound(), 0)
 		if o.Retried() {
 			ops.Retried++
 		}
 		if o.Tallyds > 1 {
 			ops.OtherTallyd++
+		}
+		if o.Hedged {
+			ops.Hedged++
 		}
 		switch o.Outcome {
 		case OutcomeAcked:
@@ -104,7 +117,16 @@ func Summarize(h *History, db *DBState) (OpsSummary, ReadsSummary) {
 			ops.UnknownApplied++
 		}
 	}
-	ops.Retries = ops.Attempts - ops.Attempted
+	if len(h.Ops) > 0 {
+		ms := make([]int64, 0, len(h.Ops))
+		for _, o := range h.Ops {
+			ms = append(ms, o.End.Sub(o.Start).Milliseconds())
+		}
+		slices.Sort(ms)
+		ops.AnswerMsP50 = ms[len(ms)/2]
+		ops.AnswerMsP99 = ms[min(len(ms)-1, len(ms)*99/100)]
+		ops.AnswerMsMax = ms[len(ms)-1]
+	}
 	reads := ReadsSummary{ByConsistency: map[string]int{}, BySource: map[string]int{}, FailuresByCode: map[string]int{}}
 	for _, o := range h.Observations {
 		reads.Total++
@@ -175,8 +197,9 @@ func (r *Report) PrintSummary(w io.Writer) {
 	if len(o.RejectedByReason) > 0 {
 		fmt.Fprintf(w, "         rejections: %s\n", formatCounts(o.RejectedByReason))
 	}
-	fmt.Fprintf(w, "retries: %d retries over %d attempts; %d ops retried, %d on another tallyd, %d acked as a replay\n",
-		o.Retries, o.Attempts, o.Retried, o.OtherTallyd, o.Replayed)
+	fmt.Fprintf(w, "retries: %d retries over %d attempts; %d ops retried, %d on another tallyd, %d acked as a replay; %d sent twice at once\n",
+		o.Retries, o.Attempts, o.Retried, o.OtherTallyd, o.Replayed, o.Hedged)
+	fmt.Fprintf(w, "         time to a definite answer: p50 %dms, p99 %dms, max %dms\n", o.AnswerMsP50, o.AnswerMsP99, o.AnswerMsMax)
 	fmt.Fprintf(w, "reads:   %d ok (%s; from %s), %d failed", r.Reads.Total, formatCounts(r.Reads.ByConsistency),
 		formatCounts(r.Reads.BySource), r.Reads.Failures)
 	if r.Reads.Failures > 0 {

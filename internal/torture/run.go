@@ -2,6 +2,7 @@ package torture
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -44,6 +45,15 @@ type Config struct {
 	// Out receives progress and the summary; default os.Stdout.
 	Out io.Writer
 }
+
+// Defaults for the zero fields of Config (and the tally-torture flags).
+const (
+	DefaultDuration = 60 * time.Second
+	DefaultTallyds  = 2
+	DefaultClients  = 8
+	DefaultAccounts = 16
+	DefaultCacheTTL = 2 * time.Second
+)
 
 // Currencies the workload uses.
 var currencies = []string{"USD", "CREDITS"}
@@ -134,6 +144,18 @@ func modulePath(gomod string) string {
 // run itself could not be carried out (a server would not start); a run
 // that found violations returns a report with Pass false and no error.
 func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
+	if cfg.Duration <= 0 {
+		cfg.Duration = DefaultDuration
+	}
+	if cfg.Tallyds == 0 {
+		cfg.Tallyds = DefaultTallyds
+	}
+	if cfg.Clients == 0 {
+		cfg.Clients = DefaultClients
+	}
+	if cfg.Accounts == 0 {
+		cfg.Accounts = DefaultAccounts
+	}
 	if cfg.Tallyds < 2 {
 		return nil, errors.New("torture: need at least 2 tallyds")
 	}
@@ -144,7 +166,7 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 		return nil, errors.New("torture: need at least 8 accounts")
 	}
 	if cfg.CacheTTL <= 0 {
-		cfg.CacheTTL = 2 * time.Second
+		cfg.CacheTTL = DefaultCacheTTL
 	}
 	if cfg.Out == nil {
 		cfg.Out = os.Stdout
@@ -194,6 +216,10 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	}
 	if !rep.Pass {
 		keep = true
+		// The whole history, for working out what went wrong.
+		if b, err := json.Marshal(r.hist); err == nil {
+			_ = os.WriteFile(filepath.Join(r.dir, "history.json"), b, 0o644)
+		}
 	}
 	if keep {
 		rep.TempDir = r.dir
@@ -357,7 +383,7 @@ func (r *runner) fund(ctx context.Context) error {
 		o := &Op{Client: -1, Key: client.NewIdempotencyKey(), Kind: KindCredit, Account: f.acct.ID, Amount: f.amount}
 		req := &tallyv1.CreditRequest{AccountId: o.Account, Amount: o.Amount, IdempotencyKey: o.Key,
 			Description: fmt.Sprintf("torture opening balance %d", i)}
-		r.execOp(ctx, rng, o, func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error) {
+		r.execOp(ctx, rng, o, false, func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error) {
 			return c.Credit(ctx, req)
 		})
 		if o.Outcome != OutcomeAcked {

@@ -25,6 +25,8 @@ import (
 const (
 	opDeadline   = 3 * time.Minute
 	readDeadline = 30 * time.Second
+	// hedgeFraction of ops send their first attempt twice concurrently.
+	hedgeFraction = 0.05
 )
 
 // clientPolicy is the retry contract's policy for the torture clients: a
@@ -152,48 +154,104 @@ type pools struct {
 // moveCall is one money-moving request, resent unchanged on every attempt.
 type moveCall func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error)
 
+// answer is one attempt's (or round's) result, classified.
+type answer struct {
+	definite bool
+	outcome  Outcome
+	code     string
+	reason   string
+	res      *tallyv1.TransferResult
+	err      error
+}
+
+func classify(res *tallyv1.TransferResult, err error) answer {
+	code := status.Code(err)
+	a := answer{code: codeName(code), reason: reasonOf(err), res: res, err: err, definite: true}
+	switch code {
+	case codes.OK:
+		a.outcome = OutcomeAcked
+	case codes.FailedPrecondition, codes.OutOfRange:
+		a.outcome = OutcomeRejected
+	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Internal, codes.Unknown:
+		a.definite = false
+	default:
+		a.outcome = OutcomeUnexpected
+	}
+	return a
+}
+
 // execOp runs one op to a definite answer: each round is a call through the
 // client's retry contract on one tallyd; retryable endings (and INTERNAL or
 // UNKNOWN, which are recorded as violations) move on to the next tallyd
-// after a backoff, until opDeadline.
-func (r *runner) execOp(ctx context.Context, rng *rand.Rand, o *Op, call moveCall) {
+// after a backoff, until opDeadline. A hedged op sends its first round twice
+// at once (to the same tallyd or to two), the way an impatient client or a
+// proxy that retries might: exactly one may execute, and both answers must
+// agree.
+func (r *runner) execOp(ctx context.Context, rng *rand.Rand, o *Op, hedge bool, call moveCall) {
 	rec := &recorder{what: fmt.Sprintf("op %s %s", o.Kind, o.Key), hist: r.hist, tallyds: map[int]bool{}}
 	ctx, cancel := context.WithTimeout(ctx, opDeadline)
 	defer cancel()
 	ctx = withRecorder(ctx, rec)
 	o.Start = time.Now()
 	first := rng.IntN(len(r.tds))
-	for round := 0; ; round++ {
+	var final *answer
+	for round := 0; final == nil; round++ {
 		t := r.tds[(first+round)%len(r.tds)]
-		res, err := call(ctx, t.cl)
-		code := status.Code(err)
-		if err != nil && ctx.Err() != nil {
-			o.Outcome, o.FinalCode = OutcomeUnknown, codeName(code)
+		var answers []answer
+		if round == 0 && hedge {
+			o.Hedged = true
+			t2 := t
+			if rng.IntN(2) == 0 {
+				t2 = r.tds[(first+1)%len(r.tds)]
+			}
+			ch := make(chan answer, 2)
+			for _, tt := range []*tallyd{t, t2} {
+				go func() {
+					res, err := call(ctx, tt.cl)
+					ch <- classify(res, err)
+				}()
+			}
+			answers = []answer{<-ch, <-ch}
+		} else {
+			res, err := call(ctx, t.cl)
+			answers = []answer{classify(res, err)}
+		}
+		for i := range answers {
+			a := &answers[i]
+			if !a.definite {
+				continue
+			}
+			if final == nil {
+				final = a
+				continue
+			}
+			h := HedgeAnswer{Code: a.code, Reason: a.reason}
+			if a.res != nil {
+				h.TransferID, h.Replayed = a.res.GetTransfer().GetTransferId(), a.res.GetReplayed()
+			}
+			o.HedgeAnswers = append(o.HedgeAnswers, h)
+		}
+		if final != nil {
 			break
 		}
-		o.FinalCode, o.FinalReason = codeName(code), reasonOf(err)
-		done := true
-		switch code {
-		case codes.OK:
-			o.Outcome = OutcomeAcked
-			o.TransferID = res.GetTransfer().GetTransferId()
-			o.Replayed = res.GetReplayed()
-			o.BalanceVersion = res.GetBalance().GetVersion()
-			o.BalanceAfter = res.GetBalance().GetBalance()
-		case codes.FailedPrecondition, codes.OutOfRange:
-			o.Outcome = OutcomeRejected
-		case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Internal, codes.Unknown:
-			done = false
-		default:
-			o.Outcome = OutcomeUnexpected
-		}
-		if done {
+		last := answers[len(answers)-1]
+		if ctx.Err() != nil {
+			o.Outcome, o.FinalCode, o.FinalReason = OutcomeUnknown, last.code, last.reason
 			break
 		}
 		wait := time.Duration(50+rng.IntN(100)) * time.Millisecond * time.Duration(min(round+1, 8))
 		select {
 		case <-ctx.Done():
 		case <-time.After(wait):
+		}
+	}
+	if final != nil {
+		o.Outcome, o.FinalCode, o.FinalReason = final.outcome, final.code, final.reason
+		if final.outcome == OutcomeAcked {
+			o.TransferID = final.res.GetTransfer().GetTransferId()
+			o.Replayed = final.res.GetReplayed()
+			o.BalanceVersion = final.res.GetBalance().GetVersion()
+			o.BalanceAfter = final.res.GetBalance().GetBalance()
 		}
 	}
 	o.End = time.Now()
@@ -308,6 +366,11 @@ func (w *worker) nextOp() (*Op, moveCall) {
 			to = w.pick(p.customers[toCur])
 		}
 		o.Kind, o.Account, o.Counterparty, o.Amount = KindTransfer, from.ID, to.ID, amountFor(w.rng, from)
+		if to.Role == "small" || to.Role == "limit" {
+			// Keep what small accounts receive below what they spend, so
+			// they hover near their floor and INSUFFICIENT_FUNDS is common.
+			o.Amount = 1 + w.rng.Int64N(20)
+		}
 		req := &tallyv1.TransferRequest{DebitAccountId: o.Account, CreditAccountId: o.Counterparty, Amount: o.Amount,
 			IdempotencyKey: o.Key, Description: desc, Metadata: md}
 		return o, func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error) {
@@ -318,7 +381,7 @@ func (w *worker) nextOp() (*Op, moveCall) {
 
 func (w *worker) doOp(ctx context.Context) {
 	o, call := w.nextOp()
-	w.r.execOp(ctx, w.rng, o, call)
+	w.r.execOp(ctx, w.rng, o, w.rng.Float64() < hedgeFraction, call)
 	if o.Outcome == OutcomeAcked && o.BalanceVersion > w.lastAcked[o.Account] {
 		w.lastAcked[o.Account] = o.BalanceVersion
 		w.touched = append(w.touched, o.Account)

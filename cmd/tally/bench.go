@@ -1,0 +1,59 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+
+	"github.com/tallyledger/tally/api/client"
+	"github.com/tallyledger/tally/internal/bench"
+)
+
+// benchCmd runs `tally bench`: a load generator against a running tallyd.
+func benchCmd(args []string, out io.Writer) error {
+	var cfg bench.Config
+	fs := flag.NewFlagSet("tally bench", flag.ContinueOnError)
+	fs.StringVar(&cfg.Addr, "addr", client.AddrDefault, "tallyd gRPC address")
+	fs.StringVar(&cfg.APIKey, "api-key", "", "API key")
+	fs.StringVar(&cfg.Scenario, "scenario", "charge-uniform", "one of "+strings.Join(bench.Scenarios, ", "))
+	fs.IntVar(&cfg.Clients, "clients", bench.ClientsDefault, "concurrent clients (each runs one call at a time)")
+	fs.IntVar(&cfg.Conns, "conns", bench.ConnsDefault, "gRPC connections the clients share")
+	fs.DurationVar(&cfg.Duration, "duration", bench.DurationDefault, "measured time")
+	fs.DurationVar(&cfg.Warmup, "warmup", bench.WarmupDefault, "unmeasured load before the measured time")
+	fs.IntVar(&cfg.Accounts, "accounts", bench.AccountsDefault, "accounts of the uniform scenarios")
+	fs.IntVar(&cfg.SetupClients, "setup-clients", bench.SetupClientsDefault, "concurrency of account setup")
+	fs.StringVar(&cfg.Currency, "currency", bench.CurrencyDefault, "currency of the bench accounts")
+	fs.StringVar(&cfg.Seed, "seed", "", "names the bench accounts; the same seed reuses them (default: fresh accounts)")
+	fs.StringVar(&cfg.Consistency, "consistency", "", "balance reads: cached (default) or strong")
+	fs.IntVar(&cfg.ServerPID, "server-pid", 0, "tallyd's pid, to read its peak RSS and CPU time from /proc")
+	fs.StringVar(&cfg.ServerHTTP, "server-http", "", "tallyd's --http-addr, to read its batch statistics")
+	jsonOut := fs.Bool("json", false, "print the result as JSON")
+	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("tally bench: unexpected argument %q", fs.Arg(0))
+	}
+	if !*quiet {
+		cfg.Log = func(format string, a ...any) { fmt.Fprintf(os.Stderr, "tally bench: "+format+"\n", a...) }
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	res, err := bench.Run(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	if *jsonOut {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	bench.Print(out, res)
+	return nil
+}
