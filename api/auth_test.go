@@ -181,20 +181,21 @@ func TestAuthRevokedKeyRefusedWithinCacheTTL(t *testing.T) {
 	if _, err := env.Store.RevokeAPIKey(context.Background(), k.Key.ID); err != nil {
 		t.Fatal(err)
 	}
+	// The revocation has committed. The bound: any call that starts more
+	// than the TTL later is refused (measured from each call's start, so a
+	// slow machine cannot make the test flaky).
 	revokedAt := time.Now()
 	for {
+		start := time.Now()
 		err := get()
 		if err != nil {
 			wantErr(t, err, codes.Unauthenticated, api.ReasonUnauthenticated)
 			break
 		}
-		if time.Since(revokedAt) > ttl+time.Second {
-			t.Fatalf("revoked key still accepted %s after revocation (TTL %s)", time.Since(revokedAt), ttl)
+		if late := start.Sub(revokedAt); late >= ttl {
+			t.Fatalf("revoked key accepted by a call that started %s after revocation (TTL %s)", late, ttl)
 		}
 		time.Sleep(20 * time.Millisecond)
-	}
-	if took := time.Since(revokedAt); took > ttl+250*time.Millisecond {
-		t.Fatalf("revocation took %s, bound is the TTL %s", took, ttl)
 	}
 	// And it stays refused.
 	time.Sleep(ttl)
@@ -446,7 +447,7 @@ func TestAuthLastUsedIsRecordedOffTheCriticalPath(t *testing.T) {
 	if _, err := env.Dial(t, k.Key.String()).Raw().GetBalance(ctxT(t), &tallyv1.GetBalanceRequest{AccountId: acct.GetAccountId()}); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		row, err := env.Store.GetAPIKey(context.Background(), k.Key.ID)
 		if err != nil {
@@ -464,7 +465,9 @@ func TestAuthLastUsedIsRecordedOffTheCriticalPath(t *testing.T) {
 
 func TestAuthRateLimitIsResourceExhausted(t *testing.T) {
 	t.Parallel()
-	env := newAuthEnv(t, func(o *tallytest.Options) { o.RateLimitPerKey, o.RateBurstPerKey = 1, 3 })
+	// A bucket of 3 that refills once in 100 s: the test does not depend on
+	// how fast the machine makes the calls.
+	env := newAuthEnv(t, func(o *tallytest.Options) { o.RateLimitPerKey, o.RateBurstPerKey = 0.01, 3 })
 	acct := createAccount(t, env, newCurrency())
 	limited := env.Dial(t, env.NewKey(t, auth.RoleViewer, "").Key.String()).Raw()
 	other := env.Dial(t, env.NewKey(t, auth.RoleViewer, "").Key.String()).Raw()
@@ -483,7 +486,7 @@ func TestAuthRateLimitIsResourceExhausted(t *testing.T) {
 			t.Fatalf("call %d: %v", i, err)
 		}
 	}
-	if ok < 3 || exhausted < 2 {
+	if ok != 3 || exhausted != 3 {
 		t.Fatalf("%d ok, %d exhausted; want the burst of 3 then RESOURCE_EXHAUSTED", ok, exhausted)
 	}
 	// The limit is per key: another key is unaffected.

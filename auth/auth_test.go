@@ -262,3 +262,53 @@ func TestCertPrincipalIsStable(t *testing.T) {
 		t.Fatalf("%+v %+v", a, b)
 	}
 }
+
+// gatedStore reads a key's row, then waits for the gate: a look-up that
+// read the row before a revocation and answers after it.
+type gatedStore struct {
+	*fakeStore
+	gate    chan struct{}
+	entered chan struct{}
+	once    sync.Once
+}
+
+func (g *gatedStore) GetAPIKey(ctx context.Context, id string) (store.APIKey, error) {
+	k, err := g.fakeStore.GetAPIKey(ctx, id)
+	first := false
+	g.once.Do(func() { first = true })
+	if first {
+		close(g.entered)
+		<-g.gate
+	}
+	return k, err
+}
+
+// A call that begins after the TTL never takes the answer of a look-up that
+// started (and read the row) before: it looks again.
+func TestVerifierDoesNotJoinAStaleLookup(t *testing.T) {
+	fs := &fakeStore{keys: map[string]store.APIKey{}, touched: map[string]time.Time{}}
+	gs := &gatedStore{fakeStore: fs, gate: make(chan struct{}), entered: make(chan struct{})}
+	v := NewVerifier(VerifierConfig{Store: gs, CacheTTL: time.Second, TouchInterval: time.Hour})
+	defer v.Close()
+	clock := time.Now()
+	var clockMu sync.Mutex
+	v.now = func() time.Time { clockMu.Lock(); defer clockMu.Unlock(); return clock }
+	k := fs.add(RoleCharger)
+	first := make(chan error, 1)
+	go func() { _, err := v.Verify(context.Background(), k.String()); first <- err }()
+	<-gs.entered // the first look-up has read the row (not revoked) and waits
+	fs.revoke(k.ID)
+	clockMu.Lock()
+	clock = clock.Add(2 * time.Second)
+	clockMu.Unlock()
+	second := make(chan error, 1)
+	go func() { _, err := v.Verify(context.Background(), k.String()); second <- err }()
+	time.Sleep(50 * time.Millisecond) // let the second call join the in-flight look-up
+	close(gs.gate)
+	if err := <-first; err != nil {
+		t.Fatalf("first call (began before the revocation): %v", err)
+	}
+	if err := <-second; !errors.Is(err, ErrUnauthenticated) {
+		t.Fatalf("second call (began a TTL after): %v, want ErrUnauthenticated", err)
+	}
+}

@@ -155,6 +155,22 @@ func (v *Verifier) lookup(ctx context.Context, id string) (cached, error) {
 			return c, nil
 		}
 	}
+	for attempt := 0; ; attempt++ {
+		c, err := v.fetch(ctx, id)
+		if err != nil {
+			return cached{}, err
+		}
+		// A look-up that was already in flight may have read the row before
+		// this call began; never let it stretch the revocation bound.
+		if attempt > 0 || now.Sub(c.fetched) < v.ttl {
+			return c, nil
+		}
+		v.sf.Forget(id)
+	}
+}
+
+// fetch reads a key's row, sharing one query among concurrent callers.
+func (v *Verifier) fetch(ctx context.Context, id string) (cached, error) {
 	res, err, _ := v.sf.Do(id, func() (any, error) {
 		select {
 		case v.lookups <- struct{}{}:
