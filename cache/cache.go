@@ -296,6 +296,14 @@ func (c *Cache) key(id uuid.UUID) string { return c.prefix + id.String() }
 // every kind of trouble (garbage value, entry without a proper expiry, Redis
 // error or timeout, breaker open): the caller then reads PostgreSQL.
 func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
+	// Only a successful write may close the breaker: while it is half-open,
+	// reads stay off Redis and the next Put is the probe. Otherwise a Redis
+	// that still answers reads but refuses writes (a read-only replica) would
+	// pass a read probe and go back to serving balances it can no longer
+	// update.
+	if c.breaker.State() != gobreaker.StateClosed {
+		return Balance{}, false
+	}
 	var raw string
 	err := c.do(ctx, func(ctx context.Context) error {
 		res, err := getScript.Run(ctx, c.client, []string{c.key(id)}, c.ttl.Milliseconds()).Slice()
