@@ -74,6 +74,13 @@ REDIS_REF_PREFIX="tally-compare:$TAG:key:"
 PIDS=()
 DBS=()
 
+# forget PID: drops a process that has ended from PIDS, so the exit trap
+# never signals a recycled pid.
+forget() {
+  local keep=() p
+  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 rcli() { redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" -n "$REDIS_DB" "$@"; }
 sql() { psql -X -q -At -v ON_ERROR_STOP=1 -d "${DB:-postgres}" -c "$1"; }
@@ -163,9 +170,24 @@ start_tallyd() {
   printf -v "${name}_HTTP" '%s' "$(jq -r .http_addr <<<"$line")"
   printf -v "${name}_LINE" '%s' "$line"
 }
-start_tallyd CACHED --redis-url "redis://$REDIS_HOST:$REDIS_PORT/$REDIS_DB"
-start_tallyd NOCACHE
-log "tallyd with Redis: pid $CACHED_PID grpc $CACHED_GRPC; without Redis: pid $NOCACHE_PID grpc $NOCACHE_GRPC"
+
+# stop_tallyd NAME: records the process's peak RSS (VmHWM) into
+# RSS_<NAME> (the largest over its runs), then stops it. Each tallyd runs
+# only during its own scenarios, so that its pooled connections never
+# compete with pgbench's for max_connections.
+RSS_CACHED=0
+RSS_NOCACHE=0
+stop_tallyd() {
+  local name="$1" pidvar="${1}_PID" rssvar="RSS_${1}" pid rss
+  pid="${!pidvar}"
+  rss="$(awk '/VmHWM/{print $2*1024}' "/proc/$pid/status" 2>/dev/null || echo 0)"
+  [ "${rss:-0}" -gt "${!rssvar}" ] && printf -v "$rssvar" '%s' "$rss"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 75); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  forget "$pid"
+}
 
 checkpoint() { sql "CHECKPOINT" >/dev/null; }
 
@@ -186,9 +208,17 @@ fi
 # pgbench_tps NAME ARGS...: one pgbench run; records its tps.
 pgbench_run() {
   local name="$1" run="$2"; shift 2
-  checkpoint
-  fgwait "$PGBENCH" -c "$CLIENTS" -j 2 -T "$DURATION" "$@" "$REF_DB" >"$WORK/$name.$run.log" 2>&1 ||
-    { cat "$WORK/$name.$run.log" >&2; exit 1; }
+  local try
+  for try in 1 2 3 4 5; do
+    checkpoint
+    fgwait "$PGBENCH" -c "$CLIENTS" -j 2 -T "$DURATION" "$@" "$REF_DB" >"$WORK/$name.$run.log" 2>&1 && break
+    # The PostgreSQL server is shared: other sessions can hold most of
+    # max_connections for a while. Wait and try again.
+    if grep -q 'too many clients' "$WORK/$name.$run.log" && [ "$try" -lt 5 ]; then
+      log "  $name: PostgreSQL has too many clients; retrying in 15s"; sleep 15; continue
+    fi
+    cat "$WORK/$name.$run.log" >&2; exit 1
+  done
   local tps lat
   tps="$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$WORK/$name.$run.log" | tail -1)"
   lat="$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$WORK/$name.$run.log")"
@@ -239,7 +269,7 @@ tally_run() {
     --duration "${DURATION}s" --warmup "${WARMUP}s" --seed "compare-$TAG" \
     --server-pid "$pid" --server-http "$http" --json >"$RES/$name.$run.json" 2>"$WORK/$name.$run.err" ||
     { cat "$WORK/$name.$run.err" >&2; exit 1; }
-  if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true; fi
+  if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true; forget "$sampler"; fi
   log "  $name: $(jq -r '"\(.throughput_ops_s|floor) ops/s p99 \(.latency.p99_ms) ms, \(.server.batch_items_avg*10|floor/10) items/batch, errors \(.errors)"' "$RES/$name.$run.json")"
 }
 
@@ -251,10 +281,19 @@ for run in $(seq "$RUNS"); do
     pgbench_run pgbench-select "$run" -S
     redis_run "$run"
   fi
+  start_tallyd CACHED --redis-url "redis://$REDIS_HOST:$REDIS_PORT/$REDIS_DB"
+  log "  tallyd with Redis: pid $CACHED_PID grpc $CACHED_GRPC"
   tally_run noop "$run"
   for sc in $SCENARIOS; do
-    tally_run "$sc" "$run"
+    [ "$sc" = balance-nocache ] || tally_run "$sc" "$run"
   done
+  stop_tallyd CACHED
+  if [[ " $SCENARIOS " == *" balance-nocache "* ]]; then
+    start_tallyd NOCACHE
+    log "  tallyd without Redis: pid $NOCACHE_PID grpc $NOCACHE_GRPC"
+    tally_run balance-nocache "$run"
+    stop_tallyd NOCACHE
+  fi
 done
 
 if [ "$BIG" = 1 ]; then
@@ -262,14 +301,14 @@ if [ "$BIG" = 1 ]; then
   fgwait psql -X -q -d "$BENCH_DB" -v accounts="$HISTORY_ACCOUNTS" -v per="$HISTORY_PER" -f bench/history.sql >"$WORK/history.log" 2>&1 ||
     { cat "$WORK/history.log" >&2; exit 1; }
   log "  $(DB="$BENCH_DB" sql "SELECT (SELECT count(*) FROM accounts) || ' accounts, ' || (SELECT count(*) FROM entries) || ' entries, ' || pg_size_pretty(pg_database_size(current_database()))")"
+  start_tallyd CACHED --redis-url "redis://$REDIS_HOST:$REDIS_PORT/$REDIS_DB"
   for run in $(seq "$RUNS"); do
     tally_run charge-uniform "$run" charge-uniform-big
   done
+  stop_tallyd CACHED
 fi
 
 # ---------------------------------------------------------------- report
-RSS_CACHED="$(awk '/VmHWM/{print $2*1024}' "/proc/$CACHED_PID/status")"
-RSS_NOCACHE="$(awk '/VmHWM/{print $2*1024}' "/proc/$NOCACHE_PID/status")"
 RSS_MAX=$((RSS_CACHED > RSS_NOCACHE ? RSS_CACHED : RSS_NOCACHE))
 
 # median NAME JQ-EXPR: the median of EXPR over the runs of NAME ("" if none).

@@ -126,12 +126,20 @@ type Cache struct {
 // configured TTL (ARGV[1], ms): such an entry was not written by Put and
 // could break the age bound, so it is never served. It returns nil (a miss)
 // or {value, pttl}. Doing the check in the script avoids a window where a
-// separate DEL could remove a fresh value stored in between. Because the
-// script may write, a read-only Redis (a replica) refuses it with READONLY:
-// Get then fails and counts toward the breaker, which is what we want from a
-// Redis that can no longer be kept up to date.
+// separate DEL could remove a fresh value stored in between. A read-only
+// Redis (a replica) runs the script as long as it only reads, and refuses
+// the DEL with READONLY: Get then fails and counts toward the breaker, which
+// is what we want from a Redis that can no longer be kept up to date (it is
+// mostly failed Puts that open the breaker there). A key of another type (a
+// hash, a list) makes GET fail with WRONGTYPE; that is garbage too, deleted
+// like the above, rather than an error that would count toward the breaker
+// and keep the key from ever being refilled.
 var getScript = redis.NewScript(`
-local v = redis.call('GET', KEYS[1])
+local v = redis.pcall('GET', KEYS[1])
+if type(v) == 'table' then
+  redis.call('DEL', KEYS[1])
+  return false
+end
 if not v then return false end
 local t = redis.call('PTTL', KEYS[1])
 if t == -1 or t > tonumber(ARGV[1]) then
@@ -148,7 +156,8 @@ return {v, t}
 // script's idea of "parses" is the same shape as decode's and at most looser
 // (it does not range-check the other numbers), never stricter: so a value
 // Get would serve is never overwritten by an older one, while garbage is
-// overwritten. Returns 1 if set, 0 if kept.
+// overwritten, and so is a key of another type (GET fails with WRONGTYPE;
+// SET replaces it). Returns 1 if set, 0 if kept.
 var putScript = redis.NewScript(`
 local function canon(s)
   if not s then return nil end
@@ -156,8 +165,8 @@ local function canon(s)
   if #s > 19 or (#s == 19 and s > '9223372036854775807') then return nil end
   return s
 end
-local cur = redis.call('GET', KEYS[1])
-if cur then
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'string' then
   local cv = canon(string.match(cur, '^v1|(%d+)|%-?%d+|%-?%d+|%-?%d+|[^|]+|%-?%d+$'))
   if cv then
     local nv = ARGV[2]
@@ -287,6 +296,14 @@ func (c *Cache) key(id uuid.UUID) string { return c.prefix + id.String() }
 // every kind of trouble (garbage value, entry without a proper expiry, Redis
 // error or timeout, breaker open): the caller then reads PostgreSQL.
 func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
+	// Only a successful write may close the breaker: while it is half-open,
+	// reads stay off Redis and the next Put is the probe. Otherwise a Redis
+	// that still answers reads but refuses writes (a read-only replica) would
+	// pass a read probe and go back to serving balances it can no longer
+	// update.
+	if c.breaker.State() != gobreaker.StateClosed {
+		return Balance{}, false
+	}
 	var raw string
 	err := c.do(ctx, func(ctx context.Context) error {
 		res, err := getScript.Run(ctx, c.client, []string{c.key(id)}, c.ttl.Milliseconds()).Slice()

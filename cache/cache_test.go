@@ -359,6 +359,10 @@ func sickRedis(t *testing.T, makeSick func(), heal func(), url string) {
 
 	heal()
 	eventually(t, cooldown+2*time.Second, "hit after heal", func() bool {
+		// Only a successful write closes the breaker (reads stay off Redis
+		// while it is half-open), as the ledger's read path does on a miss.
+		// An equal version leaves the stored value as it is.
+		c.Put(ctx, bal(id, 1, 10))
 		_, ok := c.Get(ctx, id)
 		return ok
 	})
@@ -420,11 +424,14 @@ func TestRedisKilledAndRestartedEmpty(t *testing.T) {
 	time.Sleep(cooldown)
 	// Empty after restart: miss (and not an error that keeps the breaker
 	// open), then a refill is served.
+	probe := uuid.New()
 	eventually(t, 3*time.Second, "breaker closed after restart", func() bool {
 		_, ok := c.Get(ctx, id)
 		if ok {
 			t.Fatal("hit on a Redis restarted empty")
 		}
+		// A write to another key is the half-open probe.
+		c.Put(ctx, bal(probe, 1, 1))
 		return c.Status().State == StateOK
 	})
 	c.Put(ctx, bal(id, 3, 30))
@@ -470,6 +477,16 @@ func TestReadOnlyRedis(t *testing.T) {
 		t.Fatalf("value gone from read-only Redis: %q %v", v, err)
 	}
 	mustMiss(t, c, id)
+	// Still read-only after the cooldown: reads stay off Redis (a read is
+	// never the half-open probe), and the next failed write reopens it.
+	time.Sleep(cooldown + 50*time.Millisecond)
+	for i := 0; i < 5; i++ {
+		mustMiss(t, c, id)
+		c.Put(ctx, bal(id, 9, 90))
+	}
+	if st := c.Status(); st.State != StateDegraded {
+		t.Fatalf("status %+v while still read-only, want degraded", st)
+	}
 
 	// Heal: writable again, and after the cooldown the cache works.
 	if err := admin.Do(ctx, "REPLICAOF", "NO", "ONE").Err(); err != nil {

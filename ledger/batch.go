@@ -96,6 +96,9 @@ type batcher struct {
 	stop  chan struct{}
 	done  chan struct{}
 	wg    sync.WaitGroup
+	// ctx is the parent of every batch's transaction; abort cancels it.
+	ctx   context.Context
+	abort context.CancelFunc
 
 	batches, items, itemsPeak, splits atomic.Int64
 }
@@ -109,6 +112,7 @@ func newBatcher(l *Ledger, cfg BatchConfig) *batcher {
 		stop:  make(chan struct{}),
 		done:  make(chan struct{}),
 	}
+	b.ctx, b.abort = context.WithCancel(context.Background())
 	go b.loop()
 	return b
 }
@@ -159,6 +163,7 @@ func (b *batcher) close() {
 	close(b.stop)
 	<-b.done
 	b.wg.Wait()
+	b.abort()
 }
 
 func (b *batcher) stats() BatchStats {
@@ -178,7 +183,7 @@ func (b *batcher) run(items []*item) {
 // alone and the others proceed. If the connection is lost, every item gets
 // UNAVAILABLE: its outcome is unknown until the client retries its key.
 func (b *batcher) apply(items []*item) (results []itemResult) {
-	ctx, cancel := context.WithTimeout(context.Background(), b.cfg.Timeout)
+	ctx, cancel := context.WithTimeout(b.ctx, b.cfg.Timeout)
 	defer cancel()
 	results, err := b.commit(ctx, items)
 	if err == nil {
@@ -192,7 +197,7 @@ func (b *batcher) apply(items []*item) (results []itemResult) {
 		}
 		return results
 	}
-	if len(items) == 1 || errors.Is(err, store.ErrUnavailable) || errors.Is(err, store.ErrTimeout) {
+	if len(items) == 1 || errors.Is(err, store.ErrUnavailable) || errors.Is(err, store.ErrTimeout) || b.ctx.Err() != nil {
 		le := fromStore(err)
 		results = make([]itemResult, len(items))
 		for i := range results {

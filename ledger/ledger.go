@@ -75,6 +75,13 @@ func New(cfg Config) *Ledger {
 // the gRPC server has drained, so no call is still waiting for a batch.
 func (l *Ledger) Close() { l.batch.close() }
 
+// Abort cancels the transactions of the batches in flight, for a shutdown
+// that can wait no longer (after the gRPC server was stopped, so their
+// callers are gone). Each rolls back, or, if cut during COMMIT, has an
+// unknown outcome like any lost connection; either way a retry of its keys
+// is safe. Close still has to be called.
+func (l *Ledger) Abort() { l.batch.abort() }
+
 // BatchStats reports what group commit has achieved so far.
 func (l *Ledger) BatchStats() BatchStats { return l.batch.stats() }
 

@@ -336,6 +336,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	case <-time.After(c.drainTimeout):
 		log.Warn("drain timeout: closing remaining calls")
 		gs.Stop()
+		// Their batches may still wait for locks, up to the batch timeout;
+		// nobody waits for their answers any more.
+		l.Abort()
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	_ = hsrv.Shutdown(sctx)

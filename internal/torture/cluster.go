@@ -40,6 +40,7 @@ type tallyd struct {
 	cmd      *exec.Cmd
 	done     chan struct{}
 	expected bool // the current process is meant to exit (killed or stopped)
+	termed   bool // ... and was asked to with SIGTERM, so it must exit 0
 }
 
 // readyTimeout bounds how long a (re)started tallyd may take to answer
@@ -120,7 +121,7 @@ func (t *tallyd) start(ctx context.Context) error {
 		return fmt.Errorf("start tallyd %d: %w", t.idx, err)
 	}
 	done := make(chan struct{})
-	t.cmd, t.done, t.expected = cmd, done, false
+	t.cmd, t.done, t.expected, t.termed = cmd, done, false, false
 	t.mu.Unlock()
 	go t.reap(cmd, done)
 	return t.waitReady(ctx, done)
@@ -130,7 +131,12 @@ func (t *tallyd) reap(cmd *exec.Cmd, done chan struct{}) {
 	err := cmd.Wait()
 	t.mu.Lock()
 	expected := t.expected && t.cmd == cmd
+	termed := t.termed && t.cmd == cmd
 	t.mu.Unlock()
+	if termed && err != nil {
+		t.log.Error("tallyd failed its graceful shutdown", "tallyd", t.idx, "status", err.Error())
+		t.hist.AddCrash(Crash{Tallyd: t.idx, At: time.Now(), Status: err.Error() + " after SIGTERM", LogTail: tail(t.logPath, 1500)})
+	}
 	if !expected {
 		status := "exit 0"
 		if err != nil {
@@ -194,6 +200,7 @@ func (t *tallyd) signal(sig syscall.Signal, wait time.Duration) (exited bool, er
 		return true, nil
 	}
 	t.expected = true
+	t.termed = t.termed || sig == syscall.SIGTERM
 	cmd, done := t.cmd, t.done
 	t.mu.Unlock()
 	if err := cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
@@ -214,6 +221,22 @@ func (t *tallyd) kill() error {
 		err = fmt.Errorf("tallyd %d survived SIGKILL", t.idx)
 	}
 	return err
+}
+
+// term is a graceful stop as a deployment does it: SIGTERM, then tallyd
+// drains (its --drain-timeout is 5s) and must exit 0 well within wait. A
+// tallyd that does not is recorded and killed.
+func (t *tallyd) term(wait time.Duration) error {
+	exited, err := t.signal(syscall.SIGTERM, wait)
+	if err != nil {
+		return err
+	}
+	if !exited {
+		t.hist.AddCrash(Crash{Tallyd: t.idx, At: time.Now(), Status: fmt.Sprintf("still running %s after SIGTERM", wait),
+			LogTail: tail(t.logPath, 1500)})
+		return t.kill()
+	}
+	return nil
 }
 
 // stop asks for a graceful shutdown and kills after a while.

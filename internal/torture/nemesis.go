@@ -13,6 +13,7 @@ import (
 // Fault kinds the nemesis injects.
 const (
 	FaultKillTallyd         = "kill_tallyd"
+	FaultTermTallyd         = "term_tallyd"
 	FaultPGRestartFast      = "pg_restart_fast"
 	FaultPGRestartImmediate = "pg_restart_immediate"
 	FaultRedisKill          = "redis_kill"
@@ -28,7 +29,7 @@ const (
 // FaultKinds lists every fault kind; a run of a minute injects each at least
 // once.
 var FaultKinds = []string{
-	FaultKillTallyd, FaultPGRestartFast, FaultPGRestartImmediate, FaultRedisKill, FaultRedisFlushAll,
+	FaultKillTallyd, FaultTermTallyd, FaultPGRestartFast, FaultPGRestartImmediate, FaultRedisKill, FaultRedisFlushAll,
 	FaultRedisBlackhole, FaultRedisLatency, FaultPGCut, FaultPGBlackhole, FaultPlantStale, FaultPlantGarbage,
 }
 
@@ -103,6 +104,18 @@ func (r *runner) inject(stop context.Context, rng *rand.Rand, kind string) (stri
 		down := randDur(rng, 200*time.Millisecond, 1500*time.Millisecond)
 		hold(stop, down)
 		return fmt.Sprintf("kill -9 tallyd %d, down %s", t.idx, down), t.start(bg)
+
+	case FaultTermTallyd:
+		// Beyond the list: a graceful restart, as in a deploy.
+		t := r.tds[rng.IntN(len(r.tds))]
+		start := time.Now()
+		if err := t.term(20 * time.Second); err != nil {
+			return "", err
+		}
+		took := time.Since(start)
+		down := randDur(rng, 200*time.Millisecond, time.Second)
+		hold(stop, down)
+		return fmt.Sprintf("SIGTERM tallyd %d, exited after %s, down %s", t.idx, took.Round(time.Millisecond), down), t.start(bg)
 
 	case FaultPGRestartFast, FaultPGRestartImmediate:
 		mode := "fast"

@@ -29,7 +29,8 @@ type OpsSummary struct {
 	Retries  int `json:"retries"`
 	// Retried counts ops that needed more than one attempt.
 	Retried int `json:"retried_ops"`
-	// OtherTallyd counts ops that were tried on more than one tallyd.
+	// OtherTallyd counts ops that were sent to more than one tallyd (by a
+	// retry or a hedge).
 	OtherTallyd int `json:"retried_on_other_tallyd"`
 	// Replayed counts acked ops whose final answer was a replay (an
 	// earlier attempt had committed without the client hearing back).
@@ -197,7 +198,7 @@ func (r *Report) PrintSummary(w io.Writer) {
 	if len(o.RejectedByReason) > 0 {
 		fmt.Fprintf(w, "         rejections: %s\n", formatCounts(o.RejectedByReason))
 	}
-	fmt.Fprintf(w, "retries: %d retries over %d attempts; %d ops retried, %d on another tallyd, %d acked as a replay; %d sent twice at once\n",
+	fmt.Fprintf(w, "retries: %d retries over %d attempts; %d ops retried, %d reached more than one tallyd, %d acked as a replay; %d sent twice at once\n",
 		o.Retries, o.Attempts, o.Retried, o.OtherTallyd, o.Replayed, o.Hedged)
 	fmt.Fprintf(w, "         time to a definite answer: p50 %dms, p99 %dms, max %dms\n", o.AnswerMsP50, o.AnswerMsP99, o.AnswerMsMax)
 	fmt.Fprintf(w, "reads:   %d ok (%s; from %s), %d failed", r.Reads.Total, formatCounts(r.Reads.ByConsistency),
