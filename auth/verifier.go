@@ -156,7 +156,7 @@ func (v *Verifier) lookup(ctx context.Context, id string) (cached, error) {
 		}
 	}
 	for attempt := 0; ; attempt++ {
-		c, err := v.fetch(ctx, id)
+		c, err := v.fetch(ctx, id, now)
 		if err != nil {
 			return cached{}, err
 		}
@@ -170,8 +170,17 @@ func (v *Verifier) lookup(ctx context.Context, id string) (cached, error) {
 }
 
 // fetch reads a key's row, sharing one query among concurrent callers.
-func (v *Verifier) fetch(ctx context.Context, id string) (cached, error) {
+// A look-up stored after the caller began (by a concurrent caller whose query
+// finished just before this one joined) is as fresh as a new one, so it is
+// used instead of querying again.
+func (v *Verifier) fetch(ctx context.Context, id string, began time.Time) (cached, error) {
 	res, err, _ := v.sf.Do(id, func() (any, error) {
+		v.mu.Lock()
+		prev, ok := v.cache[id]
+		v.mu.Unlock()
+		if ok && !prev.fetched.Before(began) {
+			return prev, nil
+		}
 		select {
 		case v.lookups <- struct{}{}:
 		case <-ctx.Done():
