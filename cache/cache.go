@@ -173,7 +173,7 @@ local function canon(s)
 end
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'string' then
-  local cv = canon(string.match(cur, '^v2|(%d+)|%-?%d+|%-?%d+|%-?%d+|[^|]+|%-?%d+|%-?%d+|%-?%d+$'))
+  local cv = canon(string.match(cur, '^v2|(%d+)|%-?%d+|%-?%d+|%-?%d+|[^|]+|%-?%d+|%d+|%-?%d+$'))
   if cv then
     local nv = ARGV[2]
     if #cv > #nv or (#cv == #nv and cv >= nv) then return 0 end

@@ -650,7 +650,7 @@ func TestCachedReadAgeBound(t *testing.T) {
 
 func TestCacheValueRoundTrip(t *testing.T) {
 	v := CacheValue(42, -7, 10, 3, "CREDITS", time.Unix(1, 5))
-	if v != "v1|42|-7|10|3|CREDITS|1000000005" {
+	if v != "v2|42|-7|10|3|CREDITS|1000000005|0|0" {
 		t.Fatalf("CacheValue = %q", v)
 	}
 	if ver, bal, ok := ParseCacheValue(v); !ok || ver != 42 || bal != -7 {
