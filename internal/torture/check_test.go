@@ -468,7 +468,7 @@ func TestChecker(t *testing.T) {
 		{
 			name: "balance below the floor",
 			sql: []string{
-				"ALTER TABLE accounts DROP CONSTRAINT accounts_balance_floor",
+				"ALTER TABLE accounts DROP CONSTRAINT accounts_balance_floor, DROP CONSTRAINT accounts_held_within_floor",
 				fmt.Sprintf(`UPDATE accounts SET credit_limit = 0 WHERE account_id = '%s'`, f.c),
 			},
 			want: InvFloorRespected,
