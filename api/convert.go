@@ -53,7 +53,7 @@ func accountPB(a ledger.Account) *tallyv1.Account {
 		AccountId: a.ID.String(), Currency: a.Currency, Type: tallyv1.AccountType(a.Type),
 		ExternalRef: a.ExternalRef, Floor: tallyv1.Floor(a.Floor), CreditLimit: a.CreditLimit,
 		Status: tallyv1.AccountStatus(a.Status), Metadata: a.Metadata, CreatedAt: timestamppb.New(a.CreatedAt),
-		Version: a.Version,
+		Version: a.Version, LowBalanceThreshold: a.LowBalanceThreshold,
 	}
 }
 

@@ -601,8 +601,8 @@ func TestThresholdCrossedOnce(t *testing.T) {
 	a := createAccount(t, env, newCurrency()).GetAccountId()
 	credit(t, env, a, 100)
 	th := int64(50)
-	if _, err := env.Client.UpdateAccount(ctxT(t), &tallyv1.UpdateAccountRequest{AccountId: a, LowBalanceThreshold: &th}); err != nil {
-		t.Fatal(err)
+	if up, err := env.Client.UpdateAccount(ctxT(t), &tallyv1.UpdateAccountRequest{AccountId: a, LowBalanceThreshold: &th}); err != nil || up.GetLowBalanceThreshold() != 50 {
+		t.Fatalf("UpdateAccount: %v %v", up, err)
 	}
 	var crossed []bool
 	for _, amt := range []int64{40, 20, 10} { // 60, 40 (crossed), 30
