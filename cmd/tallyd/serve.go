@@ -64,8 +64,8 @@ type serveConfig struct {
 	submitBatchBytesMax int
 	// holdSweepInterval is how often the sweeper writes down expired holds.
 	holdSweepInterval time.Duration
-	batch  ledger.BatchConfig
-	pprof  bool
+	batch             ledger.BatchConfig
+	pprof             bool
 
 	// Authentication and transport security.
 	insecureNoAuth    bool
