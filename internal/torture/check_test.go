@@ -723,7 +723,7 @@ func TestChecker(t *testing.T) {
 		},
 		{
 			name: "open hold marked released without freeing held",
-			sql: []string{fmt.Sprintf(`UPDATE holds SET status = 3, finalized_at = created_at WHERE idempotency_key = '%s'`, f.keyHoldOpen)},
+			sql:  []string{fmt.Sprintf(`UPDATE holds SET status = 3, finalized_at = created_at WHERE idempotency_key = '%s'`, f.keyHoldOpen)},
 			want: InvHeldMatchesHolds,
 		},
 		{
@@ -787,12 +787,12 @@ func TestChecker(t *testing.T) {
 		},
 		{
 			name: "refunds exceed a charge",
-			sql: []string{fmt.Sprintf(`UPDATE transfers SET amount = 1 WHERE idempotency_key = '%s'`, f.keyAcked)},
+			sql:  []string{fmt.Sprintf(`UPDATE transfers SET amount = 1 WHERE idempotency_key = '%s'`, f.keyAcked)},
 			want: InvRefundsWithinCharge,
 		},
 		{
 			name: "refund of a credit",
-			sql: []string{`UPDATE transfers SET refund_of = (SELECT transfer_id FROM transfers WHERE kind = 2 LIMIT 1) WHERE kind = 4`},
+			sql:  []string{`UPDATE transfers SET refund_of = (SELECT transfer_id FROM transfers WHERE kind = 2 LIMIT 1) WHERE kind = 4`},
 			want: InvRefundsWithinCharge,
 		},
 		{

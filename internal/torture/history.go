@@ -125,8 +125,8 @@ type Op struct {
 	// ("" for an op sent on its own); BatchIndex its position.
 	BatchKey   string `json:"batch_key,omitempty"`
 	BatchIndex int    `json:"batch_index,omitempty"`
-	Start        time.Time
-	End          time.Time
+	Start      time.Time
+	End        time.Time
 	// Attempts is how many RPCs were sent with this key (1 = no retry).
 	Attempts int `json:"attempts"`
 	// Tallyds is how many different tallyd processes were tried.

@@ -289,15 +289,21 @@ type moveCall func(ctx context.Context, c *client.Client) (*opResult, error)
 func singleCall(bo *tallyv1.BatchOperation) moveCall {
 	switch x := bo.GetOp().(type) {
 	case *tallyv1.BatchOperation_Charge:
-		return func(ctx context.Context, c *client.Client) (*opResult, error) { return fromTransfer(c.Charge(ctx, x.Charge)) }
+		return func(ctx context.Context, c *client.Client) (*opResult, error) {
+			return fromTransfer(c.Charge(ctx, x.Charge))
+		}
 	case *tallyv1.BatchOperation_Credit:
-		return func(ctx context.Context, c *client.Client) (*opResult, error) { return fromTransfer(c.Credit(ctx, x.Credit)) }
+		return func(ctx context.Context, c *client.Client) (*opResult, error) {
+			return fromTransfer(c.Credit(ctx, x.Credit))
+		}
 	case *tallyv1.BatchOperation_Transfer:
 		return func(ctx context.Context, c *client.Client) (*opResult, error) {
 			return fromTransfer(c.Transfer(ctx, x.Transfer))
 		}
 	case *tallyv1.BatchOperation_Refund:
-		return func(ctx context.Context, c *client.Client) (*opResult, error) { return fromTransfer(c.Refund(ctx, x.Refund)) }
+		return func(ctx context.Context, c *client.Client) (*opResult, error) {
+			return fromTransfer(c.Refund(ctx, x.Refund))
+		}
 	case *tallyv1.BatchOperation_Hold:
 		return func(ctx context.Context, c *client.Client) (*opResult, error) { return fromHold(c.Hold(ctx, x.Hold)) }
 	case *tallyv1.BatchOperation_CaptureHold:
