@@ -291,6 +291,10 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 		wk       *work
 		original map[uuid.UUID]store.Account
 	)
+	usageSet, err := l.usageSetID(ctx)
+	if err != nil {
+		return nil, false, err
+	}
 	err = l.st.InTx(ctx, func(tx *store.Tx) error {
 		replays = map[int]store.KeyRecord{}
 		if sb != nil {
@@ -418,6 +422,7 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 			})
 		}
 		wk.feedEvents()
+		wk.usageRollup(l.usage.keys, usageSet)
 		if err := tx.WriteBatch(ctx, wk.w); err != nil {
 			return err
 		}

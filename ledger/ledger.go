@@ -39,6 +39,10 @@ type Config struct {
 	Logger *slog.Logger
 	Limits Limits
 	Batch  BatchConfig
+	// UsageDimensions are up to three metadata keys that spend breakdowns
+	// group charges by (tallyd --usage-dimensions); see
+	// ValidateUsageDimensions.
+	UsageDimensions []string
 }
 
 // Ledger applies the rules of money on top of the store.
@@ -52,6 +56,7 @@ type Ledger struct {
 	// systemReady remembers currencies whose default system accounts exist.
 	// They are never deleted, so remembering them in process is safe.
 	systemReady sync.Map
+	usage       usageConfig
 }
 
 // New returns a Ledger.
@@ -63,7 +68,11 @@ func New(cfg Config) *Ledger {
 		cfg.Logger = slog.Default()
 	}
 	cfg.Limits.fill()
+	if err := ValidateUsageDimensions(cfg.UsageDimensions); err != nil {
+		panic("ledger: " + err.Error())
+	}
 	l := &Ledger{st: cfg.Store, log: cfg.Logger, limits: cfg.Limits}
+	l.usage.keys = append([]string{}, cfg.UsageDimensions...)
 	if cfg.Cache != nil {
 		l.cache = cfg.Cache
 	}

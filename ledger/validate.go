@@ -32,6 +32,10 @@ type Limits struct {
 	// is not final (a transaction dated before it may still commit). It must
 	// exceed the batch timeout.
 	HistorySettleWindow time.Duration
+	// UsageRowsMax bounds the rows of one SummarizeUsage answer;
+	// UsageRangeDaysMax the days of its time range.
+	UsageRowsMax      int
+	UsageRangeDaysMax int
 }
 
 // Default limits.
@@ -54,6 +58,12 @@ const (
 	SubmitBatchItemsMaxDefault = 1000
 	BalancesAccountsMaxDefault = 10000
 	HistorySettleWindowDefault = 60 * time.Second
+	// UsageRowsMaxDefault bounds a SummarizeUsage answer (a support screen
+	// or a CSV, not a data export: the change feed is that).
+	UsageRowsMaxDefault = 10000
+	// UsageRangeDaysMaxDefault is a bit over a year, so a yearly report by
+	// month fits in one call.
+	UsageRangeDaysMaxDefault = 400
 )
 
 // DefaultLimits returns the default limits.
@@ -72,6 +82,8 @@ func DefaultLimits() Limits {
 		SubmitBatchItemsMax:   SubmitBatchItemsMaxDefault,
 		BalancesAccountsMax:   BalancesAccountsMaxDefault,
 		HistorySettleWindow:   HistorySettleWindowDefault,
+		UsageRowsMax:          UsageRowsMaxDefault,
+		UsageRangeDaysMax:     UsageRangeDaysMaxDefault,
 	}
 }
 
@@ -116,6 +128,12 @@ func (l *Limits) fill() {
 	}
 	if l.HistorySettleWindow <= 0 {
 		l.HistorySettleWindow = d.HistorySettleWindow
+	}
+	if l.UsageRowsMax <= 0 {
+		l.UsageRowsMax = d.UsageRowsMax
+	}
+	if l.UsageRangeDaysMax <= 0 {
+		l.UsageRangeDaysMax = d.UsageRangeDaysMax
 	}
 }
 

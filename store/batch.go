@@ -283,6 +283,12 @@ type BatchWrite struct {
 	// Events are the batch's change-feed rows (xid and id are assigned by
 	// the database).
 	Events []EventRow
+	// Usage and UsageTotals are the batch's additions to the spend
+	// rollups (per customer account, and per revenue account over all
+	// customers), under dimension set UsageSetID.
+	Usage       []UsageAdd
+	UsageTotals []UsageAdd
+	UsageSetID  int16
 }
 
 // WriteBatch writes a batch with one set-based statement per table,
@@ -525,6 +531,9 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 			FROM unnest($1::text[], $2::uuid[], $3::text[]::uuid[], $4::text[], $5::timestamptz[]) WITH ORDINALITY
 			  AS e(kind, subject, acct, payload, at, n)
 			ORDER BY e.n`, kinds, subjects, accts, payloads, ats)
+	}
+	if len(w.UsageTotals) > 0 {
+		queueUsage(queue, w)
 	}
 	if b.Len() == 0 {
 		return nil
