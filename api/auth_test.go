@@ -255,6 +255,9 @@ func requestFor(method, acct, other, transferID string, fx *fixtures) (any, any)
 		return &tallyv1.UpdateAccountRequest{AccountId: other, UpdateMetadata: true, Metadata: map[string]string{"k": "v"}}, &tallyv1.Account{}
 	case "GetBalances":
 		return &tallyv1.GetBalancesRequest{AccountIds: []string{acct}}, &tallyv1.GetBalancesResponse{}
+	case "SummarizeUsage":
+		return &tallyv1.SummarizeUsageRequest{AccountId: acct, FromDay: "2026-01-01", ToDay: "2026-02-01",
+			GroupBy: []string{"month"}}, &tallyv1.SummarizeUsageResponse{}
 	}
 	panic("no request for " + method)
 }
@@ -299,6 +302,8 @@ var wantAllowed = map[string][]auth.Role{
 	"CloseAccount":    {auth.RoleSupport, auth.RoleAdmin},
 	"UpdateAccount":   {auth.RoleSupport, auth.RoleAdmin},
 	"GetBalances":     {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	// Issue 7: spend breakdowns are for support, finance and reconciliation.
+	"SummarizeUsage": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 }
 
 func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {

@@ -307,3 +307,8 @@ func (c *Client) UpdateAccount(ctx context.Context, r *tallyv1.UpdateAccountRequ
 func (c *Client) GetBalances(ctx context.Context, r *tallyv1.GetBalancesRequest) (*tallyv1.GetBalancesResponse, error) {
 	return call(ctx, c, c.raw.GetBalances, r)
 }
+
+// SummarizeUsage returns a spend breakdown (a read: retried like one).
+func (c *Client) SummarizeUsage(ctx context.Context, r *tallyv1.SummarizeUsageRequest) (*tallyv1.SummarizeUsageResponse, error) {
+	return call(ctx, c, c.raw.SummarizeUsage, r)
+}

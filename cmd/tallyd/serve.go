@@ -66,6 +66,8 @@ type serveConfig struct {
 	holdSweepInterval time.Duration
 	// exportPollInterval and exportStreamDurationMax tune feed streams.
 	exportPollInterval, exportStreamDurationMax time.Duration
+	// usageDimensions is the comma-separated --usage-dimensions.
+	usageDimensions string
 	batch                                       ledger.BatchConfig
 	pprof                                       bool
 
@@ -143,6 +145,9 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.DurationVar(&c.limits.HistorySettleWindow, "history-settle-window", d.HistorySettleWindow, "a balance at an instant closer to now than this is not final (must exceed --batch-timeout)")
 	fs.DurationVar(&c.exportPollInterval, "export-poll-interval", api.ExportPollIntervalDefault, "how often a following ExportTransfers stream looks for new events")
 	fs.DurationVar(&c.exportStreamDurationMax, "export-stream-duration-max", api.ExportStreamDurationMaxDefault, "longest following ExportTransfers stream (clients resume from their cursor)")
+	fs.StringVar(&c.usageDimensions, "usage-dimensions", "", "up to three charge metadata keys that spend breakdowns (SummarizeUsage) group by, e.g. product,team,sku")
+	fs.IntVar(&c.limits.UsageRowsMax, "usage-rows-max", d.UsageRowsMax, "most rows of one SummarizeUsage answer")
+	fs.IntVar(&c.limits.UsageRangeDaysMax, "usage-range-days-max", d.UsageRangeDaysMax, "longest SummarizeUsage range in days")
 	fs.DurationVar(&c.holdSweepInterval, "hold-sweep-interval", 30*time.Second, "how often expired holds are written down (0: never; reads never need it)")
 }
 
@@ -285,7 +290,11 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	}
 
 	var bc *cache.Cache
-	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: c.batch}
+	dims, err := parseUsageDimensions(c.usageDimensions)
+	if err != nil {
+		return err
+	}
+	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: c.batch, UsageDimensions: dims}
 	if c.redisURL != "" {
 		bc, err = cache.New(cache.Config{
 			URL: c.redisURL, OpTimeout: c.cacheOpTimeout, TTL: c.cacheTTL, FailuresMax: c.cacheFailuresMax,
@@ -510,4 +519,19 @@ func healthHandler(st *store.Store, bc *cache.Cache) http.Handler {
 		fmt.Fprintln(w, "ok")
 	})
 	return mux
+}
+
+// parseUsageDimensions parses --usage-dimensions: a comma-separated list of
+// up to three metadata keys.
+func parseUsageDimensions(s string) ([]string, error) {
+	var dims []string
+	for _, d := range strings.Split(s, ",") {
+		if d = strings.TrimSpace(d); d != "" {
+			dims = append(dims, d)
+		}
+	}
+	if err := ledger.ValidateUsageDimensions(dims); err != nil {
+		return nil, fmt.Errorf("--usage-dimensions: %w", err)
+	}
+	return dims, nil
 }

@@ -58,6 +58,9 @@ type Options struct {
 	FailuresMax     int
 	BreakerCooldown time.Duration
 	Limits          ledger.Limits
+	// UsageDimensions are the metadata keys of spend breakdowns (tallyd
+	// --usage-dimensions).
+	UsageDimensions []string
 	// ClientPolicy overrides the client's retry policy.
 	ClientPolicy client.Policy
 	// PoolConnsMax overrides the store's pool size.
@@ -132,7 +135,7 @@ func Start(t testing.TB, o Options) *Env {
 	}
 	t.Cleanup(st.Close)
 	env := &Env{Store: st}
-	lcfg := ledger.Config{Store: st, Logger: log, Limits: o.Limits}
+	lcfg := ledger.Config{Store: st, Logger: log, Limits: o.Limits, UsageDimensions: o.UsageDimensions}
 	if o.RedisURL != "" {
 		if o.KeyPrefix == "" {
 			o.KeyPrefix = "tallytest:" + RandomSuffix() + ":"

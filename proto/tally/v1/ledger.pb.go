@@ -3614,6 +3614,268 @@ func (*ExportTransfersResponse_AccountChange) isExportTransfersResponse_Event() 
 
 func (*ExportTransfersResponse_LowBalance) isExportTransfersResponse_Event() {}
 
+// SummarizeUsageRequest selects and groups a spend breakdown.
+type SummarizeUsageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most one of account_id and external_ref; neither: all accounts.
+	AccountId   string `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	ExternalRef string `protobuf:"bytes,2,opt,name=external_ref,json=externalRef,proto3" json:"external_ref,omitempty"`
+	// The UTC days from_day <= day < to_day, as YYYY-MM-DD. A charge counts on
+	// the day it was posted, a refund on the day it was posted (under its
+	// charge's dimensions), so a closed period never changes.
+	FromDay string `protobuf:"bytes,3,opt,name=from_day,json=fromDay,proto3" json:"from_day,omitempty"`
+	ToDay   string `protobuf:"bytes,4,opt,name=to_day,json=toDay,proto3" json:"to_day,omitempty"`
+	// Any of the tracked metadata keys, "revenue_account", "account", and one
+	// of "day" and "month". Rows are always split by currency.
+	GroupBy       []string `protobuf:"bytes,5,rep,name=group_by,json=groupBy,proto3" json:"group_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SummarizeUsageRequest) Reset() {
+	*x = SummarizeUsageRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SummarizeUsageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SummarizeUsageRequest) ProtoMessage() {}
+
+func (x *SummarizeUsageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SummarizeUsageRequest.ProtoReflect.Descriptor instead.
+func (*SummarizeUsageRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *SummarizeUsageRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *SummarizeUsageRequest) GetExternalRef() string {
+	if x != nil {
+		return x.ExternalRef
+	}
+	return ""
+}
+
+func (x *SummarizeUsageRequest) GetFromDay() string {
+	if x != nil {
+		return x.FromDay
+	}
+	return ""
+}
+
+func (x *SummarizeUsageRequest) GetToDay() string {
+	if x != nil {
+		return x.ToDay
+	}
+	return ""
+}
+
+func (x *SummarizeUsageRequest) GetGroupBy() []string {
+	if x != nil {
+		return x.GroupBy
+	}
+	return nil
+}
+
+// UsageRow is one group of a spend breakdown. Amounts are minor units.
+type UsageRow struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Currency string                 `protobuf:"bytes,1,opt,name=currency,proto3" json:"currency,omitempty"`
+	// Set when grouped by account.
+	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Set when grouped by revenue_account.
+	RevenueAccountId string `protobuf:"bytes,3,opt,name=revenue_account_id,json=revenueAccountId,proto3" json:"revenue_account_id,omitempty"`
+	// YYYY-MM-DD when grouped by day, YYYY-MM by month, else empty.
+	Period string `protobuf:"bytes,4,opt,name=period,proto3" json:"period,omitempty"`
+	// The grouped metadata keys' values ("" when the charges did not carry
+	// the key). A key is missing when these charges were posted while the
+	// server did not track it.
+	Dimensions map[string]string `protobuf:"bytes,5,rep,name=dimensions,proto3" json:"dimensions,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Charged    int64             `protobuf:"varint,6,opt,name=charged,proto3" json:"charged,omitempty"`
+	Refunded   int64             `protobuf:"varint,7,opt,name=refunded,proto3" json:"refunded,omitempty"`
+	// charged - refunded.
+	Net           int64 `protobuf:"varint,8,opt,name=net,proto3" json:"net,omitempty"`
+	Charges       int64 `protobuf:"varint,9,opt,name=charges,proto3" json:"charges,omitempty"`
+	Refunds       int64 `protobuf:"varint,10,opt,name=refunds,proto3" json:"refunds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UsageRow) Reset() {
+	*x = UsageRow{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UsageRow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UsageRow) ProtoMessage() {}
+
+func (x *UsageRow) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UsageRow.ProtoReflect.Descriptor instead.
+func (*UsageRow) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *UsageRow) GetCurrency() string {
+	if x != nil {
+		return x.Currency
+	}
+	return ""
+}
+
+func (x *UsageRow) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *UsageRow) GetRevenueAccountId() string {
+	if x != nil {
+		return x.RevenueAccountId
+	}
+	return ""
+}
+
+func (x *UsageRow) GetPeriod() string {
+	if x != nil {
+		return x.Period
+	}
+	return ""
+}
+
+func (x *UsageRow) GetDimensions() map[string]string {
+	if x != nil {
+		return x.Dimensions
+	}
+	return nil
+}
+
+func (x *UsageRow) GetCharged() int64 {
+	if x != nil {
+		return x.Charged
+	}
+	return 0
+}
+
+func (x *UsageRow) GetRefunded() int64 {
+	if x != nil {
+		return x.Refunded
+	}
+	return 0
+}
+
+func (x *UsageRow) GetNet() int64 {
+	if x != nil {
+		return x.Net
+	}
+	return 0
+}
+
+func (x *UsageRow) GetCharges() int64 {
+	if x != nil {
+		return x.Charges
+	}
+	return 0
+}
+
+func (x *UsageRow) GetRefunds() int64 {
+	if x != nil {
+		return x.Refunds
+	}
+	return 0
+}
+
+// SummarizeUsageResponse holds the groups, ordered by currency and then the
+// group_by fields.
+type SummarizeUsageResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Rows  []*UsageRow            `protobuf:"bytes,1,rep,name=rows,proto3" json:"rows,omitempty"`
+	// The metadata keys the server tracks now.
+	Dimensions    []string `protobuf:"bytes,2,rep,name=dimensions,proto3" json:"dimensions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SummarizeUsageResponse) Reset() {
+	*x = SummarizeUsageResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SummarizeUsageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SummarizeUsageResponse) ProtoMessage() {}
+
+func (x *SummarizeUsageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SummarizeUsageResponse.ProtoReflect.Descriptor instead.
+func (*SummarizeUsageResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *SummarizeUsageResponse) GetRows() []*UsageRow {
+	if x != nil {
+		return x.Rows
+	}
+	return nil
+}
+
+func (x *SummarizeUsageResponse) GetDimensions() []string {
+	if x != nil {
+		return x.Dimensions
+	}
+	return nil
+}
+
 var File_tally_v1_ledger_proto protoreflect.FileDescriptor
 
 const file_tally_v1_ledger_proto_rawDesc = "" +
@@ -3933,7 +4195,37 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x0eaccount_change\x18\x05 \x01(\v2\x1c.tally.v1.AccountChangeEventH\x00R\raccountChange\x12<\n" +
 	"\vlow_balance\x18\x06 \x01(\v2\x19.tally.v1.LowBalanceEventH\x00R\n" +
 	"lowBalanceB\a\n" +
-	"\x05event*z\n" +
+	"\x05event\"\xa6\x01\n" +
+	"\x15SummarizeUsageRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12!\n" +
+	"\fexternal_ref\x18\x02 \x01(\tR\vexternalRef\x12\x19\n" +
+	"\bfrom_day\x18\x03 \x01(\tR\afromDay\x12\x15\n" +
+	"\x06to_day\x18\x04 \x01(\tR\x05toDay\x12\x19\n" +
+	"\bgroup_by\x18\x05 \x03(\tR\agroupBy\"\x8a\x03\n" +
+	"\bUsageRow\x12\x1a\n" +
+	"\bcurrency\x18\x01 \x01(\tR\bcurrency\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12,\n" +
+	"\x12revenue_account_id\x18\x03 \x01(\tR\x10revenueAccountId\x12\x16\n" +
+	"\x06period\x18\x04 \x01(\tR\x06period\x12B\n" +
+	"\n" +
+	"dimensions\x18\x05 \x03(\v2\".tally.v1.UsageRow.DimensionsEntryR\n" +
+	"dimensions\x12\x18\n" +
+	"\acharged\x18\x06 \x01(\x03R\acharged\x12\x1a\n" +
+	"\brefunded\x18\a \x01(\x03R\brefunded\x12\x10\n" +
+	"\x03net\x18\b \x01(\x03R\x03net\x12\x18\n" +
+	"\acharges\x18\t \x01(\x03R\acharges\x12\x18\n" +
+	"\arefunds\x18\n" +
+	" \x01(\x03R\arefunds\x1a=\n" +
+	"\x0fDimensionsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"`\n" +
+	"\x16SummarizeUsageResponse\x12&\n" +
+	"\x04rows\x18\x01 \x03(\v2\x12.tally.v1.UsageRowR\x04rows\x12\x1e\n" +
+	"\n" +
+	"dimensions\x18\x02 \x03(\tR\n" +
+	"dimensions*z\n" +
 	"\vAccountType\x12\x1c\n" +
 	"\x18ACCOUNT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15ACCOUNT_TYPE_CUSTOMER\x10\x01\x12\x18\n" +
@@ -3973,7 +4265,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\rBalanceSource\x12\x1e\n" +
 	"\x1aBALANCE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14BALANCE_SOURCE_CACHE\x10\x01\x12\x18\n" +
-	"\x14BALANCE_SOURCE_STORE\x10\x022\x97\v\n" +
+	"\x14BALANCE_SOURCE_STORE\x10\x022\xec\v\n" +
 	"\rLedgerService\x12B\n" +
 	"\rCreateAccount\x12\x1e.tally.v1.CreateAccountRequest\x1a\x11.tally.v1.Account\x12<\n" +
 	"\n" +
@@ -3997,7 +4289,8 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\fCloseAccount\x12\x1d.tally.v1.CloseAccountRequest\x1a\x11.tally.v1.Account\x12B\n" +
 	"\rUpdateAccount\x12\x1e.tally.v1.UpdateAccountRequest\x1a\x11.tally.v1.Account\x12J\n" +
 	"\vGetBalances\x12\x1c.tally.v1.GetBalancesRequest\x1a\x1d.tally.v1.GetBalancesResponse\x12X\n" +
-	"\x0fExportTransfers\x12 .tally.v1.ExportTransfersRequest\x1a!.tally.v1.ExportTransfersResponse0\x01B5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
+	"\x0fExportTransfers\x12 .tally.v1.ExportTransfersRequest\x1a!.tally.v1.ExportTransfersResponse0\x01\x12S\n" +
+	"\x0eSummarizeUsage\x12\x1f.tally.v1.SummarizeUsageRequest\x1a .tally.v1.SummarizeUsageResponseB5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
 
 var (
 	file_tally_v1_ledger_proto_rawDescOnce sync.Once
@@ -4012,7 +4305,7 @@ func file_tally_v1_ledger_proto_rawDescGZIP() []byte {
 }
 
 var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
 var file_tally_v1_ledger_proto_goTypes = []any{
 	(AccountType)(0),                // 0: tally.v1.AccountType
 	(Floor)(0),                      // 1: tally.v1.Floor
@@ -4060,55 +4353,59 @@ var file_tally_v1_ledger_proto_goTypes = []any{
 	(*AccountChangeEvent)(nil),      // 43: tally.v1.AccountChangeEvent
 	(*LowBalanceEvent)(nil),         // 44: tally.v1.LowBalanceEvent
 	(*ExportTransfersResponse)(nil), // 45: tally.v1.ExportTransfersResponse
-	nil,                             // 46: tally.v1.Account.MetadataEntry
-	nil,                             // 47: tally.v1.CreateAccountRequest.MetadataEntry
-	nil,                             // 48: tally.v1.ChargeRequest.MetadataEntry
-	nil,                             // 49: tally.v1.CreditRequest.MetadataEntry
-	nil,                             // 50: tally.v1.TransferRequest.MetadataEntry
-	nil,                             // 51: tally.v1.Transfer.MetadataEntry
-	nil,                             // 52: tally.v1.RefundRequest.MetadataEntry
-	nil,                             // 53: tally.v1.Hold.MetadataEntry
-	nil,                             // 54: tally.v1.HoldRequest.MetadataEntry
-	nil,                             // 55: tally.v1.UpdateAccountRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),   // 56: google.protobuf.Timestamp
+	(*SummarizeUsageRequest)(nil),   // 46: tally.v1.SummarizeUsageRequest
+	(*UsageRow)(nil),                // 47: tally.v1.UsageRow
+	(*SummarizeUsageResponse)(nil),  // 48: tally.v1.SummarizeUsageResponse
+	nil,                             // 49: tally.v1.Account.MetadataEntry
+	nil,                             // 50: tally.v1.CreateAccountRequest.MetadataEntry
+	nil,                             // 51: tally.v1.ChargeRequest.MetadataEntry
+	nil,                             // 52: tally.v1.CreditRequest.MetadataEntry
+	nil,                             // 53: tally.v1.TransferRequest.MetadataEntry
+	nil,                             // 54: tally.v1.Transfer.MetadataEntry
+	nil,                             // 55: tally.v1.RefundRequest.MetadataEntry
+	nil,                             // 56: tally.v1.Hold.MetadataEntry
+	nil,                             // 57: tally.v1.HoldRequest.MetadataEntry
+	nil,                             // 58: tally.v1.UpdateAccountRequest.MetadataEntry
+	nil,                             // 59: tally.v1.UsageRow.DimensionsEntry
+	(*timestamppb.Timestamp)(nil),   // 60: google.protobuf.Timestamp
 }
 var file_tally_v1_ledger_proto_depIdxs = []int32{
 	0,  // 0: tally.v1.Account.type:type_name -> tally.v1.AccountType
 	1,  // 1: tally.v1.Account.floor:type_name -> tally.v1.Floor
 	2,  // 2: tally.v1.Account.status:type_name -> tally.v1.AccountStatus
-	46, // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
-	56, // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
+	49, // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
+	60, // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
 	0,  // 5: tally.v1.CreateAccountRequest.type:type_name -> tally.v1.AccountType
 	1,  // 6: tally.v1.CreateAccountRequest.floor:type_name -> tally.v1.Floor
-	47, // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
+	50, // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
 	0,  // 8: tally.v1.FindAccountsRequest.type:type_name -> tally.v1.AccountType
 	8,  // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
-	48, // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
-	49, // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
-	50, // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
+	51, // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
+	52, // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
+	53, // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
 	3,  // 13: tally.v1.Transfer.kind:type_name -> tally.v1.TransferKind
-	51, // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
-	56, // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
+	54, // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
+	60, // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
 	16, // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
 	19, // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
 	6,  // 18: tally.v1.GetBalanceRequest.consistency:type_name -> tally.v1.Consistency
-	56, // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
+	60, // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
 	7,  // 20: tally.v1.Balance.source:type_name -> tally.v1.BalanceSource
-	56, // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
-	56, // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
-	56, // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
+	60, // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
+	60, // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
+	60, // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 24: tally.v1.ListEntriesRequest.kinds:type_name -> tally.v1.TransferKind
-	56, // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	60, // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	3,  // 26: tally.v1.Entry.kind:type_name -> tally.v1.TransferKind
 	22, // 27: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
-	52, // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
+	55, // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
 	4,  // 29: tally.v1.Hold.status:type_name -> tally.v1.HoldStatus
-	56, // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
-	53, // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
-	56, // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
-	56, // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
-	56, // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
-	54, // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
+	60, // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
+	56, // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
+	60, // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
+	60, // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
+	60, // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
+	57, // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
 	25, // 36: tally.v1.HoldResult.hold:type_name -> tally.v1.Hold
 	16, // 37: tally.v1.HoldResult.transfer:type_name -> tally.v1.Transfer
 	19, // 38: tally.v1.HoldResult.balance:type_name -> tally.v1.Balance
@@ -4125,63 +4422,67 @@ var file_tally_v1_ledger_proto_depIdxs = []int32{
 	30, // 49: tally.v1.BatchOperationResult.hold:type_name -> tally.v1.HoldResult
 	33, // 50: tally.v1.BatchOperationResult.error:type_name -> tally.v1.BatchError
 	34, // 51: tally.v1.SubmitBatchResponse.results:type_name -> tally.v1.BatchOperationResult
-	55, // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
-	56, // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
+	58, // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
+	60, // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
 	19, // 54: tally.v1.GetBalancesResponse.balances:type_name -> tally.v1.Balance
-	56, // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
-	56, // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
-	56, // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
+	60, // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
+	60, // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
+	60, // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
 	16, // 58: tally.v1.ExportTransfersResponse.transfer:type_name -> tally.v1.Transfer
 	25, // 59: tally.v1.ExportTransfersResponse.hold:type_name -> tally.v1.Hold
 	43, // 60: tally.v1.ExportTransfersResponse.account_change:type_name -> tally.v1.AccountChangeEvent
 	44, // 61: tally.v1.ExportTransfersResponse.low_balance:type_name -> tally.v1.LowBalanceEvent
-	9,  // 62: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
-	10, // 63: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
-	11, // 64: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
-	13, // 65: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
-	14, // 66: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
-	15, // 67: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
-	18, // 68: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
-	20, // 69: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
-	21, // 70: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
-	24, // 71: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
-	26, // 72: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
-	27, // 73: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
-	28, // 74: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
-	29, // 75: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
-	32, // 76: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
-	36, // 77: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
-	37, // 78: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
-	38, // 79: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
-	39, // 80: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
-	40, // 81: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
-	42, // 82: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
-	8,  // 83: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
-	8,  // 84: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
-	12, // 85: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
-	17, // 86: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
-	17, // 87: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
-	17, // 88: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
-	19, // 89: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
-	16, // 90: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
-	23, // 91: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
-	17, // 92: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
-	30, // 93: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
-	30, // 94: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
-	30, // 95: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
-	25, // 96: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
-	35, // 97: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
-	8,  // 98: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
-	8,  // 99: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
-	8,  // 100: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
-	8,  // 101: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
-	41, // 102: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
-	45, // 103: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
-	83, // [83:104] is the sub-list for method output_type
-	62, // [62:83] is the sub-list for method input_type
-	62, // [62:62] is the sub-list for extension type_name
-	62, // [62:62] is the sub-list for extension extendee
-	0,  // [0:62] is the sub-list for field type_name
+	59, // 62: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
+	47, // 63: tally.v1.SummarizeUsageResponse.rows:type_name -> tally.v1.UsageRow
+	9,  // 64: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
+	10, // 65: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
+	11, // 66: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
+	13, // 67: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
+	14, // 68: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
+	15, // 69: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
+	18, // 70: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
+	20, // 71: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
+	21, // 72: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
+	24, // 73: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
+	26, // 74: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
+	27, // 75: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
+	28, // 76: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
+	29, // 77: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
+	32, // 78: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
+	36, // 79: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
+	37, // 80: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
+	38, // 81: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
+	39, // 82: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
+	40, // 83: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
+	42, // 84: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
+	46, // 85: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
+	8,  // 86: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
+	8,  // 87: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
+	12, // 88: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
+	17, // 89: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
+	17, // 90: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
+	17, // 91: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
+	19, // 92: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
+	16, // 93: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
+	23, // 94: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
+	17, // 95: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
+	30, // 96: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
+	30, // 97: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
+	30, // 98: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
+	25, // 99: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
+	35, // 100: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
+	8,  // 101: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
+	8,  // 102: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
+	8,  // 103: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
+	8,  // 104: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
+	41, // 105: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
+	45, // 106: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
+	48, // 107: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
+	86, // [86:108] is the sub-list for method output_type
+	64, // [64:86] is the sub-list for method input_type
+	64, // [64:64] is the sub-list for extension type_name
+	64, // [64:64] is the sub-list for extension extendee
+	0,  // [0:64] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_ledger_proto_init() }
@@ -4217,7 +4518,7 @@ func file_tally_v1_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tally_v1_ledger_proto_rawDesc), len(file_tally_v1_ledger_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   48,
+			NumMessages:   52,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -43,6 +43,7 @@ const (
 	LedgerService_UpdateAccount_FullMethodName   = "/tally.v1.LedgerService/UpdateAccount"
 	LedgerService_GetBalances_FullMethodName     = "/tally.v1.LedgerService/GetBalances"
 	LedgerService_ExportTransfers_FullMethodName = "/tally.v1.LedgerService/ExportTransfers"
+	LedgerService_SummarizeUsage_FullMethodName  = "/tally.v1.LedgerService/SummarizeUsage"
 )
 
 // LedgerServiceClient is the client API for LedgerService service.
@@ -113,6 +114,12 @@ type LedgerServiceClient interface {
 	// streaming new events (for at most the server's stream duration; resume
 	// from the last cursor).
 	ExportTransfers(ctx context.Context, in *ExportTransfersRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportTransfersResponse], error)
+	// SummarizeUsage totals charges and refunds (net = charged - refunded)
+	// over a range of UTC days, for one account, the accounts of one
+	// external_ref or all accounts, grouped by up to three metadata keys the
+	// server tracks (tallyd --usage-dimensions), revenue account, account,
+	// and day or month. Read from rollups kept in each write transaction.
+	SummarizeUsage(ctx context.Context, in *SummarizeUsageRequest, opts ...grpc.CallOption) (*SummarizeUsageResponse, error)
 }
 
 type ledgerServiceClient struct {
@@ -342,6 +349,16 @@ func (c *ledgerServiceClient) ExportTransfers(ctx context.Context, in *ExportTra
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type LedgerService_ExportTransfersClient = grpc.ServerStreamingClient[ExportTransfersResponse]
 
+func (c *ledgerServiceClient) SummarizeUsage(ctx context.Context, in *SummarizeUsageRequest, opts ...grpc.CallOption) (*SummarizeUsageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SummarizeUsageResponse)
+	err := c.cc.Invoke(ctx, LedgerService_SummarizeUsage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // LedgerServiceServer is the server API for LedgerService service.
 // All implementations must embed UnimplementedLedgerServiceServer
 // for forward compatibility.
@@ -410,6 +427,12 @@ type LedgerServiceServer interface {
 	// streaming new events (for at most the server's stream duration; resume
 	// from the last cursor).
 	ExportTransfers(*ExportTransfersRequest, grpc.ServerStreamingServer[ExportTransfersResponse]) error
+	// SummarizeUsage totals charges and refunds (net = charged - refunded)
+	// over a range of UTC days, for one account, the accounts of one
+	// external_ref or all accounts, grouped by up to three metadata keys the
+	// server tracks (tallyd --usage-dimensions), revenue account, account,
+	// and day or month. Read from rollups kept in each write transaction.
+	SummarizeUsage(context.Context, *SummarizeUsageRequest) (*SummarizeUsageResponse, error)
 	mustEmbedUnimplementedLedgerServiceServer()
 }
 
@@ -482,6 +505,9 @@ func (UnimplementedLedgerServiceServer) GetBalances(context.Context, *GetBalance
 }
 func (UnimplementedLedgerServiceServer) ExportTransfers(*ExportTransfersRequest, grpc.ServerStreamingServer[ExportTransfersResponse]) error {
 	return status.Error(codes.Unimplemented, "method ExportTransfers not implemented")
+}
+func (UnimplementedLedgerServiceServer) SummarizeUsage(context.Context, *SummarizeUsageRequest) (*SummarizeUsageResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SummarizeUsage not implemented")
 }
 func (UnimplementedLedgerServiceServer) mustEmbedUnimplementedLedgerServiceServer() {}
 func (UnimplementedLedgerServiceServer) testEmbeddedByValue()                       {}
@@ -875,6 +901,24 @@ func _LedgerService_ExportTransfers_Handler(srv interface{}, stream grpc.ServerS
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type LedgerService_ExportTransfersServer = grpc.ServerStreamingServer[ExportTransfersResponse]
 
+func _LedgerService_SummarizeUsage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SummarizeUsageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).SummarizeUsage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_SummarizeUsage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).SummarizeUsage(ctx, req.(*SummarizeUsageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // LedgerService_ServiceDesc is the grpc.ServiceDesc for LedgerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -961,6 +1005,10 @@ var LedgerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetBalances",
 			Handler:    _LedgerService_GetBalances_Handler,
+		},
+		{
+			MethodName: "SummarizeUsage",
+			Handler:    _LedgerService_SummarizeUsage_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
