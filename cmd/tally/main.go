@@ -19,6 +19,7 @@
 //	tally balances --account ID ... | --file IDS [--at T]
 //	tally entries  --account ID [--page-size N] [--all] [--kind charge,refund,...] [--since T] [--until T]
 //	tally export   [--since CURSOR] [--format jsonl|csv] [--out FILE] [--follow]
+//	tally usage    [--from DAY] [--to DAY] [--account ID | --external-ref R] [--group-by product,month,...]
 //	tally bench    --scenario S [--clients N] [--duration D] [--warmup D] [--accounts N] [--json]
 //
 // Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY),
@@ -71,6 +72,7 @@ commands:
   balances                  read many balances at once (e.g. month-end)
   entries                   list an account's statement
   export                    write the change feed (JSON lines or CSV) from a cursor
+  usage                     spend breakdown: charges minus refunds by metadata key, revenue account, day or month
   bench                     load-test a running tallyd (throughput, latency, batch sizes)
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
@@ -204,6 +206,8 @@ func run(args []string, out io.Writer) error {
 		return balances(rest, out)
 	case "export":
 		return export(rest, out)
+	case "usage":
+		return usageCmd(rest, out)
 	}
 	return errUsage
 }

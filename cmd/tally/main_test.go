@@ -156,3 +156,33 @@ func TestCLIExportResumes(t *testing.T) {
 	out = cli(t, env, "export", "--since", m2[1], "--out", dir+"/3.jsonl")
 	mustContain(t, out, "exported 0 events", m2[1])
 }
+
+// tally usage groups charges by a metadata key and by month and matches
+// totals computed by hand from the charges and the refund made here.
+func TestCLIUsage(t *testing.T) {
+	env := tallytest.Start(t, tallytest.Options{DatabaseURL: dbURL, UsageDimensions: []string{"product", "team"}})
+	ref := "cli-usage-" + tallytest.RandomSuffix()
+	acct := strings.TrimSpace(cli(t, env, "account", "create", "--currency", "USG", "--external-ref", ref, "--quiet"))
+	cli(t, env, "credit", "--account", acct, "--amount", "10000", "--key", ref+"-topup")
+	cli(t, env, "charge", "--account", acct, "--amount", "300", "--key", ref+"-1", "--meta", "product=api", "--meta", "team=x")
+	ch := firstID(t, cli(t, env, "charge", "--account", acct, "--amount", "200", "--key", ref+"-2", "--meta", "product=api"))
+	cli(t, env, "charge", "--account", acct, "--amount", "45", "--key", ref+"-3", "--meta", "product=storage")
+	cli(t, env, "charge", "--account", acct, "--amount", "5", "--key", ref+"-4")
+	cli(t, env, "refund", "--transfer", ch, "--amount", "60", "--key", ref+"-r1")
+
+	now := time.Now().UTC()
+	month := now.Format("2006-01")
+	from := time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC).AddDate(0, -1, 0).Format(time.DateOnly)
+	to := time.Date(now.Year(), now.Month(), 1, 0, 0, 0, 0, time.UTC).AddDate(0, 1, 0).Format(time.DateOnly)
+	out := cli(t, env, "usage", "--from", from, "--to", to, "--external-ref", ref, "--group-by", "product,month")
+	// api: 300 + 200 charged, 60 refunded; storage 45; no product 5.
+	mustContain(t, out, "tracked dimensions: product, team",
+		"CURRENCY product MONTH CHARGED REFUNDED NET CHARGES REFUNDS",
+		"USG (none) "+month+" 5 0 5 1 0",
+		"USG api "+month+" 500 60 440 2 1",
+		"USG storage "+month+" 45 0 45 1 0",
+		"USG TOTAL TOTAL 550 60 490 4 1")
+	out = cli(t, env, "usage", "--from", from, "--to", to, "--account", acct, "--group-by", "team", "--json")
+	mustContain(t, out, `"team": "x"`, `"net": "300"`, `"net": "190"`)
+	mustContain(t, cliErr(t, env, "usage", "--from", from, "--to", to, "--group-by", "sku"), "INVALID_ARGUMENT", "not a usage dimension")
+}
