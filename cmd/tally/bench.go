@@ -57,3 +57,38 @@ func benchCmd(args []string, out io.Writer) error {
 	bench.Print(out, res)
 	return nil
 }
+
+// benchUsageCmd runs `tally bench-usage`: SummarizeUsage timed against a
+// tallyd whose rollups bench/usage.sql filled (bench/usage.sh does both).
+func benchUsageCmd(args []string, out io.Writer) error {
+	var cfg bench.UsageConfig
+	fs := flag.NewFlagSet("tally bench-usage", flag.ContinueOnError)
+	fs.StringVar(&cfg.Addr, "addr", client.AddrDefault, "tallyd gRPC address")
+	fs.StringVar(&cfg.APIKey, "api-key", "", "API key")
+	fs.StringVar(&cfg.From, "from", "", "first day queried (YYYY-MM-DD)")
+	fs.StringVar(&cfg.To, "to", "", "day the range ends before (YYYY-MM-DD)")
+	fs.StringVar(&cfg.ExternalRef, "external-ref", "", "external_ref of the narrow query (none: skipped)")
+	fs.StringVar(&cfg.AccountID, "account", "", "account of the narrow query (none: skipped)")
+	fs.IntVar(&cfg.Repeats, "repeats", bench.UsageRepeatsDefault, "timed calls per query, after one untimed first call")
+	jsonOut := fs.Bool("json", false, "print the result as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if cfg.From == "" || cfg.To == "" {
+		return fmt.Errorf("tally bench-usage: --from and --to are required")
+	}
+	cfg.Log = func(format string, a ...any) { fmt.Fprintf(os.Stderr, "tally bench-usage: "+format+"\n", a...) }
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	res, err := bench.RunUsage(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	if *jsonOut {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	bench.PrintUsage(out, res)
+	return nil
+}

@@ -74,6 +74,7 @@ commands:
   export                    write the change feed (JSON lines or CSV) from a cursor
   usage                     spend breakdown: charges minus refunds by metadata key, revenue account, day or month
   bench                     load-test a running tallyd (throughput, latency, batch sizes)
+  bench-usage               time SummarizeUsage against filled rollups (bench/usage.sh)
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
 --tls-ca/--tls-cert/--tls-key (TLS and mTLS), --json, --timeout. Run "tally <command> -h" for more.
@@ -208,6 +209,8 @@ func run(args []string, out io.Writer) error {
 		return export(rest, out)
 	case "usage":
 		return usageCmd(rest, out)
+	case "bench-usage":
+		return benchUsageCmd(rest, out)
 	}
 	return errUsage
 }

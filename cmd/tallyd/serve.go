@@ -68,8 +68,8 @@ type serveConfig struct {
 	exportPollInterval, exportStreamDurationMax time.Duration
 	// usageDimensions is the comma-separated --usage-dimensions.
 	usageDimensions string
-	batch                                       ledger.BatchConfig
-	pprof                                       bool
+	batch           ledger.BatchConfig
+	pprof           bool
 
 	// Authentication and transport security.
 	insecureNoAuth    bool
