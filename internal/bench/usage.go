@@ -63,7 +63,8 @@ func RunUsage(ctx context.Context, cfg UsageConfig) ([]UsageQueryResult, error) 
 	}{
 		{"all accounts by product and month", &tallyv1.SummarizeUsageRequest{GroupBy: []string{"product", "month"}}},
 		{"all accounts by sku and month", &tallyv1.SummarizeUsageRequest{GroupBy: []string{"sku", "month"}}},
-		{"all accounts by product, team, sku and day", &tallyv1.SummarizeUsageRequest{GroupBy: []string{"product", "team", "sku", "day"}}},
+		{"all accounts by product, team, sku and month", &tallyv1.SummarizeUsageRequest{GroupBy: []string{"product", "team", "sku", "month"}}},
+		{"all accounts by product and day", &tallyv1.SummarizeUsageRequest{GroupBy: []string{"product", "day"}}},
 		{"all accounts by account and month", &tallyv1.SummarizeUsageRequest{GroupBy: []string{"account", "month"}}},
 		{"one external_ref by product and day", &tallyv1.SummarizeUsageRequest{ExternalRef: cfg.ExternalRef, GroupBy: []string{"product", "day"}}},
 		{"one account by sku and month", &tallyv1.SummarizeUsageRequest{AccountId: cfg.AccountID, GroupBy: []string{"sku", "month"}}},
