@@ -43,6 +43,7 @@ const (
 	LedgerService_UpdateAccount_FullMethodName   = "/tally.v1.LedgerService/UpdateAccount"
 	LedgerService_GetBalances_FullMethodName     = "/tally.v1.LedgerService/GetBalances"
 	LedgerService_ExportTransfers_FullMethodName = "/tally.v1.LedgerService/ExportTransfers"
+	LedgerService_Reconcile_FullMethodName       = "/tally.v1.LedgerService/Reconcile"
 	LedgerService_SummarizeUsage_FullMethodName  = "/tally.v1.LedgerService/SummarizeUsage"
 )
 
@@ -114,6 +115,11 @@ type LedgerServiceClient interface {
 	// streaming new events (for at most the server's stream duration; resume
 	// from the last cursor).
 	ExportTransfers(ctx context.Context, in *ExportTransfersRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportTransfersResponse], error)
+	// Reconcile proves the books add up: per account (balance = sum of
+	// entries, gapless sequences, running balances, held = open holds, cached
+	// balance = PostgreSQL's) in short transactions, then the global sums. It
+	// streams progress and findings, then a summary.
+	Reconcile(ctx context.Context, in *ReconcileRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ReconcileResponse], error)
 	// SummarizeUsage totals charges and refunds (net = charged - refunded)
 	// over a range of UTC days, for one account, the accounts of one
 	// external_ref or all accounts, grouped by up to three metadata keys the
@@ -349,6 +355,25 @@ func (c *ledgerServiceClient) ExportTransfers(ctx context.Context, in *ExportTra
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type LedgerService_ExportTransfersClient = grpc.ServerStreamingClient[ExportTransfersResponse]
 
+func (c *ledgerServiceClient) Reconcile(ctx context.Context, in *ReconcileRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ReconcileResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &LedgerService_ServiceDesc.Streams[1], LedgerService_Reconcile_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ReconcileRequest, ReconcileResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LedgerService_ReconcileClient = grpc.ServerStreamingClient[ReconcileResponse]
+
 func (c *ledgerServiceClient) SummarizeUsage(ctx context.Context, in *SummarizeUsageRequest, opts ...grpc.CallOption) (*SummarizeUsageResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SummarizeUsageResponse)
@@ -427,6 +452,11 @@ type LedgerServiceServer interface {
 	// streaming new events (for at most the server's stream duration; resume
 	// from the last cursor).
 	ExportTransfers(*ExportTransfersRequest, grpc.ServerStreamingServer[ExportTransfersResponse]) error
+	// Reconcile proves the books add up: per account (balance = sum of
+	// entries, gapless sequences, running balances, held = open holds, cached
+	// balance = PostgreSQL's) in short transactions, then the global sums. It
+	// streams progress and findings, then a summary.
+	Reconcile(*ReconcileRequest, grpc.ServerStreamingServer[ReconcileResponse]) error
 	// SummarizeUsage totals charges and refunds (net = charged - refunded)
 	// over a range of UTC days, for one account, the accounts of one
 	// external_ref or all accounts, grouped by up to three metadata keys the
@@ -505,6 +535,9 @@ func (UnimplementedLedgerServiceServer) GetBalances(context.Context, *GetBalance
 }
 func (UnimplementedLedgerServiceServer) ExportTransfers(*ExportTransfersRequest, grpc.ServerStreamingServer[ExportTransfersResponse]) error {
 	return status.Error(codes.Unimplemented, "method ExportTransfers not implemented")
+}
+func (UnimplementedLedgerServiceServer) Reconcile(*ReconcileRequest, grpc.ServerStreamingServer[ReconcileResponse]) error {
+	return status.Error(codes.Unimplemented, "method Reconcile not implemented")
 }
 func (UnimplementedLedgerServiceServer) SummarizeUsage(context.Context, *SummarizeUsageRequest) (*SummarizeUsageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SummarizeUsage not implemented")
@@ -901,6 +934,17 @@ func _LedgerService_ExportTransfers_Handler(srv interface{}, stream grpc.ServerS
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type LedgerService_ExportTransfersServer = grpc.ServerStreamingServer[ExportTransfersResponse]
 
+func _LedgerService_Reconcile_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ReconcileRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(LedgerServiceServer).Reconcile(m, &grpc.GenericServerStream[ReconcileRequest, ReconcileResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LedgerService_ReconcileServer = grpc.ServerStreamingServer[ReconcileResponse]
+
 func _LedgerService_SummarizeUsage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SummarizeUsageRequest)
 	if err := dec(in); err != nil {
@@ -1015,6 +1059,11 @@ var LedgerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "ExportTransfers",
 			Handler:       _LedgerService_ExportTransfers_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Reconcile",
+			Handler:       _LedgerService_Reconcile_Handler,
 			ServerStreams: true,
 		},
 	},
