@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -208,5 +209,38 @@ func TestErrorsAreTranslated(t *testing.T) {
 	cancel()
 	if _, err := st.GetAccount(cctx, uuid.Must(uuid.NewV7())); !errors.Is(err, store.ErrCanceled) {
 		t.Fatalf("canceled: %v", err)
+	}
+}
+
+// Concurrent first registrations of one dimension set all get its id.
+func TestUsageDimensionSetConcurrentFirstUse(t *testing.T) {
+	st := open(t)
+	keys := []string{"k" + uuid.NewString()[:8], "team"}
+	ids := make(chan int16, 8)
+	errs := make(chan error, 8)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id, err := st.UsageDimensionSet(context.Background(), keys)
+			ids <- id
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(ids)
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := int16(-1)
+	for id := range ids {
+		if first >= 0 && id != first || id <= 0 {
+			t.Fatalf("ids differ or are unset: %d vs %d", id, first)
+		}
+		first = id
 	}
 }

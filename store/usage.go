@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -35,11 +36,20 @@ func (s *Store) UsageDimensionSet(ctx context.Context, keys []string) (int16, er
 		keys = []string{}
 	}
 	var id int16
-	err := s.pool.QueryRow(ctx, `WITH ins AS (
-			INSERT INTO usage_dimension_sets (keys) VALUES ($1::text[])
-			ON CONFLICT (keys) DO NOTHING RETURNING set_id)
-		SELECT set_id FROM ins UNION ALL SELECT set_id FROM usage_dimension_sets WHERE keys = $1::text[]
-		LIMIT 1`, keys).Scan(&id)
+	var err error
+	// A concurrent first registration of the same keys makes ours insert
+	// nothing, and its row is invisible to our statement's snapshot: then
+	// the next attempt (a new snapshot) finds it.
+	for range 3 {
+		err = s.pool.QueryRow(ctx, `WITH ins AS (
+				INSERT INTO usage_dimension_sets (keys) VALUES ($1::text[])
+				ON CONFLICT (keys) DO NOTHING RETURNING set_id)
+			SELECT set_id FROM ins UNION ALL SELECT set_id FROM usage_dimension_sets WHERE keys = $1::text[]
+			LIMIT 1`, keys).Scan(&id)
+		if !errors.Is(err, pgx.ErrNoRows) {
+			break
+		}
+	}
 	return id, translate(err)
 }
 
