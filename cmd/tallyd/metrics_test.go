@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -247,6 +248,30 @@ func TestMetricsAfterCalls(t *testing.T) {
 	}
 	if h := fams["tally_batch_size_items"].GetMetric()[0].GetHistogram(); h.GetSampleSum() != 4 {
 		t.Errorf("tally_batch_size_items sum %v, want 4 (one call per batch)", h.GetSampleSum())
+	}
+
+	// Every metric the example alerts in docs/OPERATIONS.md use exists.
+	doc, err := os.ReadFile("../../docs/OPERATIONS.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks := regexp.MustCompile("(?s)```yaml\n(.*?)```").FindAllSubmatch(doc, -1)
+	if len(blocks) < 2 {
+		t.Fatalf("docs/OPERATIONS.md: %d yaml blocks, want the scrape config and the alerts", len(blocks))
+	}
+	used := map[string]bool{}
+	for _, b := range blocks {
+		for _, n := range regexp.MustCompile(`\b(?:tally|grpc_server)_[a-z_]+`).FindAll(b[1], -1) {
+			used[strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(string(n), "_bucket"), "_count"), "_sum")] = true
+		}
+	}
+	if len(used) < 5 {
+		t.Fatalf("only %d metric names in the docs' alerts: %v", len(used), used)
+	}
+	for n := range used {
+		if _, ok := fams[n]; !ok {
+			t.Errorf("docs/OPERATIONS.md alerts use %s, which /metrics does not serve", n)
+		}
 	}
 }
 
