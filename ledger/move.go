@@ -286,3 +286,31 @@ func timeKey(t *time.Time) string {
 	}
 	return t.UTC().Format(time.RFC3339Nano)
 }
+
+// sweepAccountsMax bounds the accounts one sweep writes down.
+const sweepAccountsMax = 500
+
+// SweepHolds writes down expired holds every interval until ctx ends. It is
+// tidying only: every read and write already treats an expired hold as
+// expired, by PostgreSQL's clock, whether or not the sweeper ran.
+func (l *Ledger) SweepHolds(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		ids, err := l.st.ExpiringAccounts(ctx, sweepAccountsMax)
+		if err != nil {
+			l.log.Debug("hold sweep: listing accounts failed", "err", err)
+			continue
+		}
+		for _, id := range ids {
+			if err := l.ExpireHolds(ctx, id); err != nil {
+				l.log.Debug("hold sweep: account failed", "account", id, "err", err)
+			}
+		}
+	}
+}

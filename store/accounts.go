@@ -285,3 +285,23 @@ func kinds(k []int16) []int16 {
 	}
 	return k
 }
+
+// ExpiringAccounts returns up to limit accounts with a hold stored as open
+// past its expiry (by PostgreSQL's clock), for the sweeper.
+func (s *Store) ExpiringAccounts(ctx context.Context, limit int) ([]uuid.UUID, error) {
+	rows, err := s.pool.Query(ctx, `SELECT account_id FROM accounts
+		WHERE next_hold_expiry <= clock_timestamp() ORDER BY next_hold_expiry LIMIT $1`, limit)
+	if err != nil {
+		return nil, translate(err)
+	}
+	defer rows.Close()
+	var out []uuid.UUID
+	for rows.Next() {
+		var id uuid.UUID
+		if err := rows.Scan(&id); err != nil {
+			return nil, translate(err)
+		}
+		out = append(out, id)
+	}
+	return out, translate(rows.Err())
+}

@@ -161,8 +161,9 @@ func TestMetricsAfterCalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	charge := &tallyv1.ChargeRequest{AccountId: a.GetAccountId(), Amount: 250, IdempotencyKey: "charge-1"}
-	if r, err := cl.Charge(ctx, charge); err != nil || r.GetReplayed() {
-		t.Fatalf("charge: %v %v", r, err)
+	first, err := cl.Charge(ctx, charge)
+	if err != nil || first.GetReplayed() {
+		t.Fatalf("charge: %v %v", first, err)
 	}
 	if r, err := cl.Charge(ctx, charge); err != nil || !r.GetReplayed() {
 		t.Fatalf("replay: %v %v", r, err)
@@ -170,6 +171,9 @@ func TestMetricsAfterCalls(t *testing.T) {
 	_, err = cl.Charge(ctx, &tallyv1.ChargeRequest{AccountId: a.GetAccountId(), Amount: 1_000_000, IdempotencyKey: "charge-2"})
 	if info, _ := api.ErrorInfo(err); info.GetReason() != "INSUFFICIENT_FUNDS" {
 		t.Fatalf("overdraft: %v", err)
+	}
+	if _, err := cl.Refund(ctx, &tallyv1.RefundRequest{TransferId: first.GetTransfer().GetTransferId(), Amount: 50, IdempotencyKey: "refund-1"}); err != nil {
+		t.Fatalf("refund: %v", err)
 	}
 	// A fresh account has nothing cached: a miss, then a hit.
 	b, err := cl.CreateAccount(ctx, &tallyv1.CreateAccountRequest{Currency: cur})
@@ -212,6 +216,7 @@ func TestMetricsAfterCalls(t *testing.T) {
 		// Charge amounts by currency: the first charge only.
 		{"tally_charged_minor_units_total", map[string]string{"currency": cur}, eq(250), "250"},
 		{"tally_charge_amount_minor_units", map[string]string{"currency": cur}, eq(1), "1 observation"},
+		{"tally_refunded_minor_units_total", map[string]string{"currency": cur}, eq(50), "50"},
 		// Replays and rejections.
 		{"tally_idempotent_replays_total", map[string]string{"method": "Charge"}, eq(1), "1"},
 		{"tally_rpc_rejections_total", map[string]string{"method": "Charge", "code": "FailedPrecondition", "reason": "INSUFFICIENT_FUNDS"}, eq(1), "1"},
@@ -232,10 +237,11 @@ func TestMetricsAfterCalls(t *testing.T) {
 		{"tally_pg_pool_acquire_seconds_total", nil, atLeast(0), "present"},
 		{"tally_pg_pool_empty_acquires_total", nil, atLeast(0), "present"},
 		{"tally_pg_pool_new_conns_total", nil, atLeast(1), ">= 1"},
-		// Group commit: credit, charge, replay and overdraft, one batch each.
-		{"tally_batch_size_items", nil, eq(4), "4 batches"},
-		{"tally_batches_total", nil, eq(4), "4"},
-		{"tally_batch_items_total", nil, eq(4), "4"},
+		// Group commit: credit, charge, replay, overdraft and refund, one
+		// batch each.
+		{"tally_batch_size_items", nil, eq(5), "5 batches"},
+		{"tally_batches_total", nil, eq(5), "5"},
+		{"tally_batch_items_total", nil, eq(5), "5"},
 		{"tally_batch_queue_items", nil, eq(0), "0"},
 		{"tally_batch_queue_items_max", nil, eq(8192), "8192"},
 		// Runtime.
@@ -246,8 +252,8 @@ func TestMetricsAfterCalls(t *testing.T) {
 			t.Errorf("%s%v = %v (present %v), want %s", ck.name, ck.labels, v, found, ck.want)
 		}
 	}
-	if h := fams["tally_batch_size_items"].GetMetric()[0].GetHistogram(); h.GetSampleSum() != 4 {
-		t.Errorf("tally_batch_size_items sum %v, want 4 (one call per batch)", h.GetSampleSum())
+	if h := fams["tally_batch_size_items"].GetMetric()[0].GetHistogram(); h.GetSampleSum() != 5 {
+		t.Errorf("tally_batch_size_items sum %v, want 5 (one call per batch)", h.GetSampleSum())
 	}
 
 	// Every metric the example alerts in docs/OPERATIONS.md use exists.

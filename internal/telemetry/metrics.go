@@ -33,13 +33,14 @@ var RPCLatencyBuckets = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 // Metrics is the set of tallyd's metrics on one private registry, so that
 // several servers (tests) never share counters.
 type Metrics struct {
-	reg          *prometheus.Registry
-	grpc         *grpcprom.ServerMetrics
-	chargedUnits *prometheus.CounterVec
-	chargeAmount *prometheus.HistogramVec
-	replays      *prometheus.CounterVec
-	rejections   *prometheus.CounterVec
-	batchSize    prometheus.Histogram
+	reg           *prometheus.Registry
+	grpc          *grpcprom.ServerMetrics
+	chargedUnits  *prometheus.CounterVec
+	chargeAmount  *prometheus.HistogramVec
+	refundedUnits *prometheus.CounterVec
+	replays       *prometheus.CounterVec
+	rejections    *prometheus.CounterVec
+	batchSize     prometheus.Histogram
 }
 
 // NewMetrics registers tallyd's metrics, plus the Go runtime and process
@@ -51,12 +52,16 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			grpcprom.WithHistogramBuckets(RPCLatencyBuckets))),
 		chargedUnits: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tally_charged_minor_units_total",
-			Help: "Sum of the amounts of committed charges (replays not counted), in the currency's minor units.",
+			Help: "Sum of the amounts of committed charges (Charge, CaptureHold and charges in SubmitBatch; replays not counted), in the currency's minor units.",
 		}, []string{"currency"}),
 		chargeAmount: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "tally_charge_amount_minor_units",
-			Help:    "Amounts of committed charges (replays not counted), in the currency's minor units.",
+			Help:    "Amounts of committed charges (Charge, CaptureHold and charges in SubmitBatch; replays not counted), in the currency's minor units.",
 			Buckets: prometheus.ExponentialBuckets(1, 10, 10), // 1 .. 10^9
+		}, []string{"currency"}),
+		refundedUnits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tally_refunded_minor_units_total",
+			Help: "Sum of the amounts of committed refunds (replays not counted), in the currency's minor units.",
 		}, []string{"currency"}),
 		replays: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tally_idempotent_replays_total",
@@ -72,7 +77,7 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Buckets: prometheus.ExponentialBuckets(1, 2, 11), // 1 .. 1024
 		}),
 	}
-	reg.MustRegister(m.grpc, m.chargedUnits, m.chargeAmount, m.replays, m.rejections, m.batchSize,
+	reg.MustRegister(m.grpc, m.chargedUnits, m.chargeAmount, m.refundedUnits, m.replays, m.rejections, m.batchSize,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -133,7 +138,8 @@ func methodName(full string) string {
 	return full
 }
 
-// replayed is every response message with a replayed flag (TransferResult).
+// replayed is every response message with a replayed flag (TransferResult,
+// HoldResult, SubmitBatchResponse).
 type replayed interface{ GetReplayed() bool }
 
 func (m *Metrics) outcomeUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
@@ -147,14 +153,41 @@ func (m *Metrics) outcomeUnary(ctx context.Context, req any, info *grpc.UnarySer
 		m.replays.WithLabelValues(method).Inc()
 		return resp, err
 	}
-	if info.FullMethod == tallyv1.LedgerService_Charge_FullMethodName {
-		if r, ok := resp.(*tallyv1.TransferResult); ok && r.GetTransfer() != nil {
-			cur, amount := r.GetTransfer().GetCurrency(), float64(r.GetTransfer().GetAmount())
-			m.chargedUnits.WithLabelValues(cur).Add(amount)
-			m.chargeAmount.WithLabelValues(cur).Observe(amount)
+	switch r := resp.(type) {
+	case *tallyv1.TransferResult:
+		m.observeTransfer(r.GetTransfer())
+	case *tallyv1.HoldResult: // a capture's charge
+		m.observeTransfer(r.GetTransfer())
+	case *tallyv1.SubmitBatchResponse:
+		if !r.GetApplied() {
+			break // an ATOMIC batch that failed wrote nothing
+		}
+		for _, res := range r.GetResults() {
+			if t := res.GetTransfer(); t != nil && !t.GetReplayed() {
+				m.observeTransfer(t.GetTransfer())
+			}
+			if h := res.GetHold(); h != nil && !h.GetReplayed() {
+				m.observeTransfer(h.GetTransfer())
+			}
 		}
 	}
 	return resp, err
+}
+
+// observeTransfer counts the money of a transfer just committed by a call
+// (not a replay): charges and refunds, by currency.
+func (m *Metrics) observeTransfer(t *tallyv1.Transfer) {
+	if t == nil {
+		return
+	}
+	cur, amount := t.GetCurrency(), float64(t.GetAmount())
+	switch t.GetKind() {
+	case tallyv1.TransferKind_TRANSFER_KIND_CHARGE:
+		m.chargedUnits.WithLabelValues(cur).Add(amount)
+		m.chargeAmount.WithLabelValues(cur).Observe(amount)
+	case tallyv1.TransferKind_TRANSFER_KIND_REFUND:
+		m.refundedUnits.WithLabelValues(cur).Add(amount)
+	}
 }
 
 // observeError counts a failed call by its ErrorInfo reason, and as a replay

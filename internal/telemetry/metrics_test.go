@@ -35,13 +35,28 @@ func TestOutcomeInterceptor(t *testing.T) {
 	}
 	charge := tallyv1.LedgerService_Charge_FullMethodName
 	credit := tallyv1.LedgerService_Credit_FullMethodName
+	transfer := func(kind tallyv1.TransferKind, amount int64) *tallyv1.Transfer {
+		return &tallyv1.Transfer{Kind: kind, Amount: amount, Currency: "EUR"}
+	}
 	res := func(amount int64, replayed bool) *tallyv1.TransferResult {
-		return &tallyv1.TransferResult{Transfer: &tallyv1.Transfer{Amount: amount, Currency: "EUR"}, Replayed: replayed}
+		return &tallyv1.TransferResult{Transfer: transfer(tallyv1.TransferKind_TRANSFER_KIND_CHARGE, amount), Replayed: replayed}
 	}
 	call(charge, res(100, false), nil)
 	call(charge, res(100, true), nil)
 	call(charge, res(7, false), nil)
-	call(credit, res(1000, false), nil) // not a charge
+	call(credit, &tallyv1.TransferResult{Transfer: transfer(tallyv1.TransferKind_TRANSFER_KIND_CREDIT, 1000)}, nil) // not a charge
+	call(tallyv1.LedgerService_Refund_FullMethodName, &tallyv1.TransferResult{Transfer: transfer(tallyv1.TransferKind_TRANSFER_KIND_REFUND, 5)}, nil)
+	call(tallyv1.LedgerService_CaptureHold_FullMethodName, &tallyv1.HoldResult{Transfer: transfer(tallyv1.TransferKind_TRANSFER_KIND_CHARGE, 1000)}, nil)
+	batch := func(applied, replayed bool) *tallyv1.SubmitBatchResponse {
+		return &tallyv1.SubmitBatchResponse{Applied: applied, Replayed: replayed, Results: []*tallyv1.BatchOperationResult{
+			{Outcome: &tallyv1.BatchOperationResult_Transfer{Transfer: res(10000, false)}},
+			{Outcome: &tallyv1.BatchOperationResult_Transfer{Transfer: res(100000, true)}}, // an item replayed
+			{Outcome: &tallyv1.BatchOperationResult_Hold{Hold: &tallyv1.HoldResult{}}},     // a hold: no transfer
+		}}
+	}
+	call(tallyv1.LedgerService_SubmitBatch_FullMethodName, batch(true, false), nil)
+	call(tallyv1.LedgerService_SubmitBatch_FullMethodName, batch(true, true), nil)   // the batch replayed
+	call(tallyv1.LedgerService_SubmitBatch_FullMethodName, batch(false, false), nil) // ATOMIC, failed
 	call(charge, nil, withInfo(t, codes.FailedPrecondition, "INSUFFICIENT_FUNDS", nil))
 	call(charge, nil, withInfo(t, codes.FailedPrecondition, "INSUFFICIENT_FUNDS", map[string]string{"replayed": "true"}))
 	call(credit, nil, errors.New("not a status"))
@@ -51,8 +66,10 @@ func TestOutcomeInterceptor(t *testing.T) {
 		want float64
 		what string
 	}{
-		{testutil.ToFloat64(m.chargedUnits.WithLabelValues("EUR")), 107, "charged EUR"},
+		{testutil.ToFloat64(m.chargedUnits.WithLabelValues("EUR")), 100 + 7 + 1000 + 10000, "charged EUR"},
+		{testutil.ToFloat64(m.refundedUnits.WithLabelValues("EUR")), 5, "refunded EUR"},
 		{testutil.ToFloat64(m.replays.WithLabelValues("Charge")), 2, "Charge replays"},
+		{testutil.ToFloat64(m.replays.WithLabelValues("SubmitBatch")), 1, "SubmitBatch replays"},
 		{testutil.ToFloat64(m.replays.WithLabelValues("Credit")), 0, "Credit replays"},
 		{testutil.ToFloat64(m.rejections.WithLabelValues("Charge", "FailedPrecondition", "INSUFFICIENT_FUNDS")), 2, "INSUFFICIENT_FUNDS"},
 		{testutil.ToFloat64(m.rejections.WithLabelValues("Credit", "Unknown", "UNSPECIFIED")), 1, "Credit UNSPECIFIED"},
