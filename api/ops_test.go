@@ -3,6 +3,7 @@ package api_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -629,4 +630,36 @@ func TestThresholdCrossedOnce(t *testing.T) {
 func errInfo(err error) (string, bool) {
 	info, ok := api.ErrorInfo(err)
 	return info.GetReason(), ok
+}
+
+// The database itself refuses what the ledger never does: a second final
+// action on a hold, refunds above the charge, a floor broken by holds.
+func TestDatabaseBacksHoldAndRefundInvariants(t *testing.T) {
+	t.Parallel()
+	env := newEnv(t)
+	a := createAccount(t, env, newCurrency()).GetAccountId()
+	credit(t, env, a, 100)
+	h := hold(t, env, a, 10).GetHold().GetHoldId()
+	if _, err := env.Client.ReleaseHold(ctxT(t), &tallyv1.ReleaseHoldRequest{HoldId: h, IdempotencyKey: client.NewIdempotencyKey()}); err != nil {
+		t.Fatal(err)
+	}
+	ch, err := charge(env, ctxT(t), a, 30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.Client.Refund(ctxT(t), &tallyv1.RefundRequest{TransferId: ch.GetTransfer().GetTransferId(), Amount: 5, IdempotencyKey: client.NewIdempotencyKey()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ name, sql, want string }{
+		{"second final action", `UPDATE holds SET status = 2, captured_amount = 1, finalized_at = now() WHERE hold_id = '` + h + `'`, "final action"},
+		{"refunds above the charge", `UPDATE charge_refunds SET refunded = 31 WHERE transfer_id = '` + ch.GetTransfer().GetTransferId() + `'`, "charge_refunds_within_charge"},
+		{"held beyond the floor", `UPDATE accounts SET held = 1000, next_hold_expiry = now() WHERE account_id = '` + a + `'`, "accounts_held_within_floor"},
+		{"negative held", `UPDATE accounts SET held = -1 WHERE account_id = '` + a + `'`, "accounts_held_nonnegative"},
+		{"delete a hold", `DELETE FROM holds WHERE hold_id = '` + h + `'`, "forbidden"},
+	} {
+		_, err := env.Store.Pool().Exec(context.Background(), c.sql)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: got %v, want an error naming %q", c.name, err, c.want)
+		}
+	}
 }
