@@ -19,6 +19,7 @@
 //	tally balances --account ID ... | --file IDS [--at T]
 //	tally entries  --account ID [--page-size N] [--all] [--kind charge,refund,...] [--since T] [--until T]
 //	tally export   [--since CURSOR] [--format jsonl|csv] [--out FILE] [--follow]
+//	tally reconcile [--account ID ...] [--repair-cache] [--external FILE.csv] [--json]
 //	tally bench    --scenario S [--clients N] [--duration D] [--warmup D] [--accounts N] [--json]
 //
 // Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY),
@@ -71,6 +72,7 @@ commands:
   balances                  read many balances at once (e.g. month-end)
   entries                   list an account's statement
   export                    write the change feed (JSON lines or CSV) from a cursor
+  reconcile                 prove the books add up (and compare an external CSV); exit 1 on any mismatch
   bench                     load-test a running tallyd (throughput, latency, batch sizes)
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
@@ -204,6 +206,8 @@ func run(args []string, out io.Writer) error {
 		return balances(rest, out)
 	case "export":
 		return export(rest, out)
+	case "reconcile":
+		return reconcile(rest, out)
 	}
 	return errUsage
 }
@@ -218,6 +222,11 @@ func connect(c *common) (*client.Client, context.Context, context.CancelFunc, er
 	cl, err := client.New(client.Config{Addr: c.addr, APIKey: c.apiKey, Policy: p, DialOptions: opts})
 	if err != nil {
 		return nil, nil, nil, err
+	}
+	if c.timeout <= 0 {
+		// No overall deadline (long jobs); Ctrl-C still stops the process.
+		ctx, cancel := context.WithCancel(context.Background())
+		return cl, ctx, cancel, nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	return cl, ctx, cancel, nil

@@ -129,8 +129,17 @@ func TestCLIExportResumes(t *testing.T) {
 	cli(t, env, "charge", "--account", acct, "--amount", "10", "--key", "exp-2")
 	dir := t.TempDir()
 	cursorRe := regexp.MustCompile(`resume with: tally export --since (\S+)`)
-	out := cli(t, env, "export", "--out", dir+"/1.jsonl")
-	m := cursorRe.FindStringSubmatch(out)
+	// The feed releases a transaction's events once every older transaction
+	// on the PostgreSQL cluster has finished; other packages' tests share
+	// the cluster, so wait for ours to appear.
+	var out string
+	var m []string
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		out = cli(t, env, "export", "--out", dir+"/1.jsonl")
+		if m = cursorRe.FindStringSubmatch(out); m != nil || time.Now().After(deadline) {
+			break
+		}
+	}
 	if m == nil {
 		t.Fatalf("no cursor in %q", out)
 	}
@@ -140,7 +149,12 @@ func TestCLIExportResumes(t *testing.T) {
 	}
 	mustContain(t, string(first), `"idempotency_key":"exp-1"`, `"idempotency_key":"exp-2"`)
 	cli(t, env, "charge", "--account", acct, "--amount", "7", "--key", "exp-3")
-	out = cli(t, env, "export", "--since", m[1], "--format", "csv", "--out", dir+"/2.csv")
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		out = cli(t, env, "export", "--since", m[1], "--format", "csv", "--out", dir+"/2.csv")
+		if !strings.Contains(out, "exported 0 events") || time.Now().After(deadline) {
+			break
+		}
+	}
 	mustContain(t, out, "exported 1 events")
 	second, err := os.ReadFile(dir + "/2.csv")
 	if err != nil {
