@@ -20,18 +20,29 @@ func (s *Server) Reconcile(r *tallyv1.ReconcileRequest, stream tallyv1.LedgerSer
 		}
 		ids = append(ids, id)
 	}
+	var sendErr error
+	send := func(m *tallyv1.ReconcileResponse) error {
+		if err := stream.Send(m); err != nil {
+			sendErr = err
+			return err
+		}
+		return nil
+	}
 	sum, err := s.l.Reconcile(stream.Context(), ledger.ReconcileRequest{
 		AccountIDs: ids, PageSize: int(r.GetPageSize()), RepairCache: r.GetRepairCache(),
 	}, func(f ledger.Finding) error {
-		return stream.Send(&tallyv1.ReconcileResponse{Message: &tallyv1.ReconcileResponse_Finding{Finding: &tallyv1.ReconcileFinding{
+		return send(&tallyv1.ReconcileResponse{Message: &tallyv1.ReconcileResponse_Finding{Finding: &tallyv1.ReconcileFinding{
 			Check: f.Check, AccountId: idString(f.AccountID), TransferId: idString(f.TransferID), Currency: f.Currency,
 			Detail: f.Detail, Repaired: f.Repaired,
 		}}})
 	}, func(checked, total int64) error {
-		return stream.Send(&tallyv1.ReconcileResponse{Message: &tallyv1.ReconcileResponse_Progress{Progress: &tallyv1.ReconcileProgress{
+		return send(&tallyv1.ReconcileResponse{Message: &tallyv1.ReconcileResponse_Progress{Progress: &tallyv1.ReconcileProgress{
 			AccountsChecked: checked, AccountsTotal: total,
 		}}})
 	})
+	if sendErr != nil {
+		return sendErr // the stream broke; grpc reports it to nobody
+	}
 	if err != nil {
 		return statusError(err)
 	}

@@ -1618,7 +1618,9 @@ type ListEntriesRequest struct {
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	EndTime   *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	// Only entries of transfers of these kinds (empty: all).
-	Kinds         []TransferKind `protobuf:"varint,6,rep,packed,name=kinds,proto3,enum=tally.v1.TransferKind" json:"kinds,omitempty"`
+	Kinds []TransferKind `protobuf:"varint,6,rep,packed,name=kinds,proto3,enum=tally.v1.TransferKind" json:"kinds,omitempty"`
+	// Newest first (for "the last 20 entries").
+	NewestFirst   bool `protobuf:"varint,7,opt,name=newest_first,json=newestFirst,proto3" json:"newest_first,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1693,6 +1695,13 @@ func (x *ListEntriesRequest) GetKinds() []TransferKind {
 		return x.Kinds
 	}
 	return nil
+}
+
+func (x *ListEntriesRequest) GetNewestFirst() bool {
+	if x != nil {
+		return x.NewestFirst
+	}
+	return false
 }
 
 // Entry is one side of a transfer on one account.
@@ -4104,7 +4113,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12'\n" +
 	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\x12\x1b\n" +
-	"\tclient_id\x18\x03 \x01(\tR\bclientId\"\x8f\x02\n" +
+	"\tclient_id\x18\x03 \x01(\tR\bclientId\"\xb2\x02\n" +
 	"\x12ListEntriesRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1b\n" +
@@ -4114,7 +4123,8 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\n" +
 	"start_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
 	"\bend_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12,\n" +
-	"\x05kinds\x18\x06 \x03(\x0e2\x16.tally.v1.TransferKindR\x05kinds\"\x88\x03\n" +
+	"\x05kinds\x18\x06 \x03(\x0e2\x16.tally.v1.TransferKindR\x05kinds\x12!\n" +
+	"\fnewest_first\x18\a \x01(\bR\vnewestFirst\"\x88\x03\n" +
 	"\x05Entry\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12\x1d\n" +
