@@ -3,12 +3,14 @@ package api_test
 import (
 	"context"
 	"errors"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"google.golang.org/grpc/codes"
 
 	"github.com/tallyledger/tally/api"
@@ -211,5 +213,48 @@ func TestFeedRoles(t *testing.T) {
 		if !c.ok {
 			wantErr(t, err, codes.PermissionDenied, api.ReasonPermissionDenied)
 		}
+	}
+}
+
+// A long transaction in another database of the cluster does not hold the
+// feed back: only this database's transactions can write its events.
+func TestFeedIgnoresOtherDatabases(t *testing.T) {
+	t.Parallel()
+	env := newEnv(t)
+	ctx := ctxT(t)
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.Path = "/postgres"
+	other, err := pgx.Connect(ctx, u.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close(context.Background())
+	tx, err := other.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(context.Background())
+	var xid string
+	if err := tx.QueryRow(ctx, `SELECT pg_current_xact_id()::text`).Scan(&xid); err != nil { // takes an xid
+		t.Fatal(err)
+	}
+	a := createAccount(t, env, newCurrency()).GetAccountId()
+	id := credit(t, env, a, 10).GetTransfer().GetTransferId()
+	found := false
+	cursor := ""
+	for deadline := time.Now().Add(10 * time.Second); !found && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		cursor, err = env.Client.Export(ctx, cursor, false, func(ev *tallyv1.ExportTransfersResponse) error {
+			found = found || ev.GetTransfer().GetTransferId() == id
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !found {
+		t.Fatalf("a transaction open in database postgres (xid %s) held this database's feed back", xid)
 	}
 }
