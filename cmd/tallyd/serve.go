@@ -161,9 +161,16 @@ func runServe(ctx context.Context, args []string) error {
 	return serve(ctx, c, newLogger(c.logLevel, c.logFormat), nil)
 }
 
-func runMigrate(ctx context.Context, args []string) error {
+// newMigrateFlagSet returns the flags of `tallyd migrate`.
+func newMigrateFlagSet(url *string) *flag.FlagSet {
 	fs := flag.NewFlagSet("tallyd migrate", flag.ContinueOnError)
-	url := fs.String("database-url", "", "PostgreSQL connection URL (required)")
+	fs.StringVar(url, "database-url", "", "PostgreSQL connection URL (required)")
+	return fs
+}
+
+func runMigrate(ctx context.Context, args []string) error {
+	url := new(string)
+	fs := newMigrateFlagSet(url)
 	if err := flagenv.Parse(fs, args); err != nil {
 		return err
 	}
