@@ -68,7 +68,7 @@ type k8sObject struct {
 }
 
 type podSpec struct {
-	TerminationGracePeriodSeconds *int `json:"terminationGracePeriodSeconds"`
+	TerminationGracePeriodSeconds *int        `json:"terminationGracePeriodSeconds"`
 	Containers                    []container `json:"containers"`
 	InitContainers                []container `json:"initContainers"`
 }
