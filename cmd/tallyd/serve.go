@@ -80,7 +80,7 @@ type serveConfig struct {
 func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	if withURLs {
 		fs.StringVar(&c.databaseURL, "database-url", "", "PostgreSQL connection URL (required)")
-		fs.StringVar(&c.redisURL, "redis-url", "", "Redis URL for the balance cache; empty runs without a cache")
+		fs.StringVar(&c.redisURL, "redis-url", "", "Redis for the balance cache: redis://host:port/db (one node), redis-sentinel://s1:26379,s2:26379/MASTER (Sentinel group) or redis-cluster://n1:6379,n2:6379 (Cluster); empty runs without a cache")
 		fs.BoolVar(&c.migrate, "migrate", false, "apply pending migrations before serving")
 	}
 	fs.StringVar(&c.grpcAddr, "grpc-addr", "127.0.0.1:7070", "gRPC listen address")
@@ -287,6 +287,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		}
 		defer bc.Close()
 		lcfg.Cache = bc
+		log.Info("balance cache", "topology", bc.Topology())
 	} else {
 		log.Info("no --redis-url: running without a balance cache")
 	}
