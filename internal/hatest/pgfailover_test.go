@@ -273,4 +273,3 @@ func connect(t *testing.T, ctx context.Context, url string) *pgx.Conn {
 	}
 	return c
 }
-
