@@ -36,6 +36,7 @@ type serveConfig struct {
 	httpAddr              string
 	migrate               bool
 	allowUnsafeDurability bool
+	requireSyncCommit     bool
 	logLevel              string
 	logFormat             string
 
@@ -86,6 +87,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.StringVar(&c.grpcAddr, "grpc-addr", "127.0.0.1:7070", "gRPC listen address")
 	fs.StringVar(&c.httpAddr, "http-addr", "127.0.0.1:7071", "HTTP listen address for /healthz and /readyz")
 	fs.BoolVar(&c.allowUnsafeDurability, "allow-unsafe-durability", false, "serve even if PostgreSQL has synchronous_commit or fsync off")
+	fs.BoolVar(&c.requireSyncCommit, "require-synchronous-commit", false, "refuse to start unless PostgreSQL waits for a synchronous standby on commit (synchronous_standby_names set, synchronous_commit on or remote_apply), so a failover cannot lose an acknowledged charge")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "log format: json or text")
 	fs.IntVar(&c.poolConnsMax, "pool-conns-max", store.PoolConnsMaxDefault, "PostgreSQL connections per process")
@@ -244,6 +246,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		}
 		log.Warn("serving with unsafe durability settings: acknowledged charges can be lost in a crash",
 			"synchronous_commit", syncCommit, "fsync", fsync)
+	}
+	if err := checkReplication(ctx, st, c.requireSyncCommit, log); err != nil {
+		return err
 	}
 
 	sopts := api.ServerOptions{
