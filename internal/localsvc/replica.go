@@ -68,6 +68,48 @@ func (p *Postgres) Promote(ctx context.Context) error {
 	if err := p.runTool(ctx, bin, p.dataDir, "promote", "-D", p.dataDir, "-w", "-t", strconv.Itoa(int(promoteTimeout.Seconds()))); err != nil {
 		return fmt.Errorf("localsvc: pg_ctl promote: %w", err)
 	}
+	return p.waitPrimary(ctx)
+}
+
+// StartPostgresRecovering starts a server from a restored base backup in
+// opts.Dir/data in targeted archive recovery: it writes recovery.signal and
+// starts the server with opts.ExtraConf, which must hold the recovery
+// settings (restore_command, a recovery_target_* and
+// recovery_target_action = 'promote'). It returns once recovery has
+// reached its target and the server accepts writes.
+func StartPostgresRecovering(ctx context.Context, opts PostgresOptions) (*Postgres, error) {
+	ctx, cancel := withDefaultTimeout(ctx, pgStartTimeout+promoteTimeout)
+	defer cancel()
+	data := filepath.Join(opts.Dir, "data")
+	if _, err := os.Stat(filepath.Join(data, "PG_VERSION")); err != nil {
+		return nil, fmt.Errorf("localsvc: no base backup in %s: %w", data, err)
+	}
+	signal := filepath.Join(data, "recovery.signal")
+	if err := os.WriteFile(signal, nil, 0o600); err != nil {
+		return nil, fmt.Errorf("localsvc: %w", err)
+	}
+	cred, err := serverCredential()
+	if err != nil {
+		return nil, err
+	}
+	if cred != nil {
+		if err := os.Chown(signal, int(cred.Uid), int(cred.Gid)); err != nil {
+			return nil, fmt.Errorf("localsvc: %w", err)
+		}
+	}
+	p, err := StartPostgres(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.waitPrimary(ctx); err != nil {
+		_ = p.Close()
+		return nil, fmt.Errorf("%w\n--- postgres log ---\n%s", err, logSince(p.logPath, 0, 4096))
+	}
+	return p, nil
+}
+
+// waitPrimary waits until the server has left recovery.
+func (p *Postgres) waitPrimary(ctx context.Context) error {
 	for {
 		conn, err := pgx.Connect(ctx, p.URL("postgres"))
 		if err == nil {
@@ -80,7 +122,7 @@ func (p *Postgres) Promote(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("localsvc: standby still in recovery after promote: %w", ctx.Err())
+			return fmt.Errorf("localsvc: server still in recovery: %w", ctx.Err())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -88,16 +130,6 @@ func (p *Postgres) Promote(ctx context.Context) error {
 
 // DataDir returns the server's data directory.
 func (p *Postgres) DataDir() string { return p.dataDir }
-
-// WriteDataFile writes a file into the data directory (for example
-// recovery.signal), owned by the server user.
-func (p *Postgres) WriteDataFile(name string, body []byte) error {
-	path := filepath.Join(p.dataDir, name)
-	if err := os.WriteFile(path, body, 0o600); err != nil {
-		return fmt.Errorf("localsvc: %w", err)
-	}
-	return p.chown(path)
-}
 
 // MakeServerDir creates dir (and its parents) owned by the server user, for
 // files the server itself writes, such as a WAL archive.
