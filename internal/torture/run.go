@@ -84,8 +84,8 @@ type runner struct {
 	// newBin is the tallyd binary of this build (the upgrade target).
 	newBin   string
 	upgraded atomic.Int64
-	tds   []*tallyd
-	pools pools
+	tds      []*tallyd
+	pools    pools
 
 	faultsMu sync.Mutex
 	faults   map[string]int
