@@ -70,6 +70,7 @@ const keyPrefix = "tally:bal:"
 // runner is one torture run in progress.
 type runner struct {
 	cfg       Config
+	outMu     sync.Mutex // serializes writes to out
 	out       io.Writer
 	log       *slog.Logger
 	hist      *History
@@ -119,11 +120,14 @@ func (r *runner) event(msg string, args ...any) {
 		for i := 0; i+1 < len(args); i += 2 {
 			line += fmt.Sprintf(" %v=%v", args[i], args[i+1])
 		}
-		fmt.Fprintln(r.out, line)
+		r.printf("%s\n", line)
 	}
 }
 
 func (r *runner) printf(format string, args ...any) {
+	// The progress loop and the rolling upgrade print concurrently.
+	r.outMu.Lock()
+	defer r.outMu.Unlock()
 	fmt.Fprintf(r.out, format, args...)
 }
 
