@@ -46,6 +46,20 @@ var MethodRoles = map[string][]auth.Role{
 	tallyv1.LedgerService_GetBalance_FullMethodName:    everyone,
 	tallyv1.LedgerService_GetTransfer_FullMethodName:   everyone,
 	tallyv1.LedgerService_ListEntries_FullMethodName:   readers,
+	// A product service refunds, reserves and captures its own usage;
+	// support refunds and releases on a customer's behalf.
+	tallyv1.LedgerService_Refund_FullMethodName:      {auth.RoleCharger, auth.RoleSupport, auth.RoleAdmin},
+	tallyv1.LedgerService_Hold_FullMethodName:        {auth.RoleCharger, auth.RoleAdmin},
+	tallyv1.LedgerService_CaptureHold_FullMethodName: {auth.RoleCharger, auth.RoleAdmin},
+	tallyv1.LedgerService_ReleaseHold_FullMethodName: {auth.RoleCharger, auth.RoleSupport, auth.RoleAdmin},
+	tallyv1.LedgerService_GetHold_FullMethodName:     everyone,
+	// SubmitBatch further refuses credits and transfers from a charger.
+	tallyv1.LedgerService_SubmitBatch_FullMethodName:     {auth.RoleCharger, auth.RoleAdmin},
+	tallyv1.LedgerService_FreezeAccount_FullMethodName:   {auth.RoleSupport, auth.RoleAdmin},
+	tallyv1.LedgerService_UnfreezeAccount_FullMethodName: {auth.RoleSupport, auth.RoleAdmin},
+	tallyv1.LedgerService_CloseAccount_FullMethodName:    {auth.RoleSupport, auth.RoleAdmin},
+	tallyv1.LedgerService_UpdateAccount_FullMethodName:   {auth.RoleSupport, auth.RoleAdmin},
+	tallyv1.LedgerService_GetBalances_FullMethodName:     readers,
 }
 
 // openServices need no credentials: health checks (load balancers, the

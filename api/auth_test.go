@@ -73,7 +73,7 @@ func TestAuthNoKeyIsUnauthenticatedButHealthAndReflectionAreOpen(t *testing.T) {
 	conn := rawConn(t, env)
 	ctx := ctxT(t)
 	for _, m := range tallyv1.LedgerService_ServiceDesc.Methods {
-		req, resp := requestFor(m.MethodName, acct.GetAccountId(), "", "")
+		req, resp := requestFor(m.MethodName, acct.GetAccountId(), "", "", nil)
 		err := conn.Invoke(ctx, "/tally.v1.LedgerService/"+m.MethodName, req, resp)
 		wantErr(t, err, codes.Unauthenticated, api.ReasonUnauthenticated)
 	}
@@ -204,8 +204,11 @@ func TestAuthRevokedKeyRefusedWithinCacheTTL(t *testing.T) {
 
 // requestFor returns a valid request for each LedgerService method, and a
 // response to decode into.
-func requestFor(method, acct, other, transferID string) (any, any) {
+func requestFor(method, acct, other, transferID string, fx *fixtures) (any, any) {
 	key := client.NewIdempotencyKey()
+	if fx == nil {
+		fx = noFixtures()
+	}
 	switch method {
 	case "CreateAccount":
 		return &tallyv1.CreateAccountRequest{AccountId: uuid.Must(uuid.NewV7()).String(), Currency: "RTBL"}, &tallyv1.Account{}
@@ -228,8 +231,47 @@ func requestFor(method, acct, other, transferID string) (any, any) {
 		return &tallyv1.GetTransferRequest{TransferId: transferID}, &tallyv1.Transfer{}
 	case "ListEntries":
 		return &tallyv1.ListEntriesRequest{AccountId: acct}, &tallyv1.ListEntriesResponse{}
+	case "Refund":
+		return &tallyv1.RefundRequest{TransferId: fx.charge, Amount: 1, IdempotencyKey: key}, &tallyv1.TransferResult{}
+	case "Hold":
+		return &tallyv1.HoldRequest{AccountId: acct, Amount: 1, IdempotencyKey: key}, &tallyv1.HoldResult{}
+	case "CaptureHold":
+		return &tallyv1.CaptureHoldRequest{HoldId: fx.newHold(), IdempotencyKey: key}, &tallyv1.HoldResult{}
+	case "ReleaseHold":
+		return &tallyv1.ReleaseHoldRequest{HoldId: fx.newHold(), IdempotencyKey: key}, &tallyv1.HoldResult{}
+	case "GetHold":
+		return &tallyv1.GetHoldRequest{HoldId: fx.newHold()}, &tallyv1.Hold{}
+	case "SubmitBatch":
+		return &tallyv1.SubmitBatchRequest{BatchKey: key, Mode: tallyv1.BatchMode_BATCH_MODE_ATOMIC,
+			Operations: []*tallyv1.BatchOperation{{Op: &tallyv1.BatchOperation_Charge{Charge: &tallyv1.ChargeRequest{
+				AccountId: acct, Amount: 1, IdempotencyKey: client.NewIdempotencyKey()}}}}}, &tallyv1.SubmitBatchResponse{}
+	case "FreezeAccount":
+		return &tallyv1.FreezeAccountRequest{AccountId: fx.newEmpty()}, &tallyv1.Account{}
+	case "UnfreezeAccount":
+		return &tallyv1.UnfreezeAccountRequest{AccountId: fx.newEmpty()}, &tallyv1.Account{}
+	case "CloseAccount":
+		return &tallyv1.CloseAccountRequest{AccountId: fx.newEmpty()}, &tallyv1.Account{}
+	case "UpdateAccount":
+		return &tallyv1.UpdateAccountRequest{AccountId: other, UpdateMetadata: true, Metadata: map[string]string{"k": "v"}}, &tallyv1.Account{}
+	case "GetBalances":
+		return &tallyv1.GetBalancesRequest{AccountIds: []string{acct}}, &tallyv1.GetBalancesResponse{}
 	}
 	panic("no request for " + method)
+}
+
+// matrix holds what the permission-matrix test's requests need to succeed
+// for an allowed role: a charge to refund, fresh open holds, fresh empty
+// accounts. Without them (tests where no call gets that far) the requests
+// name ids that do not exist.
+type fixtures struct {
+	charge   string
+	newHold  func() string
+	newEmpty func() string
+}
+
+func noFixtures() *fixtures {
+	id := func() string { return uuid.Must(uuid.NewV7()).String() }
+	return &fixtures{charge: id(), newHold: id, newEmpty: id}
 }
 
 // The permission matrix, written out from the issue rather than derived
@@ -244,6 +286,19 @@ var wantAllowed = map[string][]auth.Role{
 	"GetBalance":    {auth.RoleCharger, auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 	"GetTransfer":   {auth.RoleCharger, auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 	"ListEntries":   {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	// Issue 6: product services hold, capture, release and refund their
+	// own usage; support refunds, releases and changes accounts.
+	"Refund":          {auth.RoleCharger, auth.RoleSupport, auth.RoleAdmin},
+	"Hold":            {auth.RoleCharger, auth.RoleAdmin},
+	"CaptureHold":     {auth.RoleCharger, auth.RoleAdmin},
+	"ReleaseHold":     {auth.RoleCharger, auth.RoleSupport, auth.RoleAdmin},
+	"GetHold":         {auth.RoleCharger, auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	"SubmitBatch":     {auth.RoleCharger, auth.RoleAdmin},
+	"FreezeAccount":   {auth.RoleSupport, auth.RoleAdmin},
+	"UnfreezeAccount": {auth.RoleSupport, auth.RoleAdmin},
+	"CloseAccount":    {auth.RoleSupport, auth.RoleAdmin},
+	"UpdateAccount":   {auth.RoleSupport, auth.RoleAdmin},
+	"GetBalances":     {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 }
 
 func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
@@ -263,6 +318,19 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 	credit(t, env, acct.GetAccountId(), 1_000_000)
 	// A transfer every reading role may see, and for the charger one of its own.
 	adminTransfer := credit(t, env, acct.GetAccountId(), 1).GetTransfer().GetTransferId()
+	ch, err := env.Client.Charge(ctxT(t), &tallyv1.ChargeRequest{AccountId: acct.GetAccountId(), Amount: 1000, IdempotencyKey: client.NewIdempotencyKey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fx := &fixtures{charge: ch.GetTransfer().GetTransferId()}
+	fx.newHold = func() string {
+		h, err := env.Client.Hold(ctxT(t), &tallyv1.HoldRequest{AccountId: acct.GetAccountId(), Amount: 1, IdempotencyKey: client.NewIdempotencyKey()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h.GetHold().GetHoldId()
+	}
+	fx.newEmpty = func() string { return createAccount(t, env, cur).GetAccountId() }
 	for _, role := range auth.Roles {
 		t.Run(string(role), func(t *testing.T) {
 			k := env.NewKey(t, role, "")
@@ -282,7 +350,7 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 				for _, r := range wantAllowed[m.MethodName] {
 					allowed = allowed || r == role
 				}
-				req, resp := requestFor(m.MethodName, acct.GetAccountId(), other.GetAccountId(), transferID)
+				req, resp := requestFor(m.MethodName, acct.GetAccountId(), other.GetAccountId(), transferID, fx)
 				err := conn.Invoke(ctx, "/tally.v1.LedgerService/"+m.MethodName, req, resp)
 				if allowed && err != nil {
 					t.Errorf("%s as %s: %v, want OK", m.MethodName, role, err)

@@ -576,7 +576,7 @@ func TestCacheRedisReadOnly(t *testing.T) {
 	ctx := ctxT(t)
 	key := env.KeyPrefix + a
 	stale, err := admin.Get(ctx, key).Result()
-	if err != nil || !strings.HasPrefix(stale, fmt.Sprintf("v1|%d|", b.acked(a))) {
+	if err != nil || !strings.HasPrefix(stale, fmt.Sprintf("v2|%d|", b.acked(a))) {
 		t.Fatalf("cached value %q (%v), want the current version v%d", stale, err, b.acked(a))
 	}
 

@@ -53,7 +53,7 @@ func accountPB(a ledger.Account) *tallyv1.Account {
 		AccountId: a.ID.String(), Currency: a.Currency, Type: tallyv1.AccountType(a.Type),
 		ExternalRef: a.ExternalRef, Floor: tallyv1.Floor(a.Floor), CreditLimit: a.CreditLimit,
 		Status: tallyv1.AccountStatus(a.Status), Metadata: a.Metadata, CreatedAt: timestamppb.New(a.CreatedAt),
-		Version: a.Version,
+		Version: a.Version, LowBalanceThreshold: a.LowBalanceThreshold,
 	}
 }
 
@@ -64,6 +64,8 @@ func transferPB(t ledger.Transfer) *tallyv1.Transfer {
 		Amount: t.Amount, Currency: t.Currency, Description: t.Description, Metadata: t.Metadata,
 		CreatedAt:         timestamppb.New(t.CreatedAt),
 		CreatedByClientId: idString(t.CreatedByClient), CreatedByKeyId: t.CreatedByKey,
+		RefundOf: idString(t.RefundOf), HoldId: idString(t.HoldID), RefundedAmount: t.Refunded,
+		ThresholdCrossed: t.ThresholdCrossed,
 	}
 }
 
@@ -75,11 +77,13 @@ func balancePB(b ledger.Balance) *tallyv1.Balance {
 	return &tallyv1.Balance{
 		AccountId: b.AccountID.String(), Currency: b.Currency, Balance: b.Balance, Available: b.Available,
 		CreditLimit: b.CreditLimit, Version: b.Version, Source: src, AsOf: timestamppb.New(b.AsOf),
+		Held: b.Held, Final: b.Final,
 	}
 }
 
 func resultPB(r ledger.TransferResult) *tallyv1.TransferResult {
-	return &tallyv1.TransferResult{Transfer: transferPB(r.Transfer), Balance: balancePB(r.Balance), Replayed: r.Replayed}
+	return &tallyv1.TransferResult{Transfer: transferPB(r.Transfer), Balance: balancePB(r.Balance), Replayed: r.Replayed,
+		ThresholdCrossed: r.ThresholdCrossed}
 }
 
 func entryPB(e ledger.Entry) *tallyv1.Entry {
@@ -87,5 +91,6 @@ func entryPB(e ledger.Entry) *tallyv1.Entry {
 		TransferId: e.TransferID.String(), AccountId: e.AccountID.String(), Sequence: e.Sequence, Amount: e.Amount,
 		BalanceAfter: e.BalanceAfter, VersionAfter: e.VersionAfter, CreatedAt: timestamppb.New(e.CreatedAt),
 		CreatedByClientId: idString(e.CreatedByClient), CreatedByKeyId: e.CreatedByKey,
+		Kind: tallyv1.TransferKind(e.Kind),
 	}
 }

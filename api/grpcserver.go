@@ -23,7 +23,7 @@ import (
 // Defaults for the gRPC server's limits. Each has a tallyd flag.
 const (
 	// MsgBytesMaxDefault bounds request and response messages.
-	MsgBytesMaxDefault = 1 << 20
+	MsgBytesMaxDefault = 4 << 20
 	// CallTimeoutDefault applies to calls that arrive without a deadline, so
 	// no call can hold a connection and row locks indefinitely.
 	CallTimeoutDefault = 30 * time.Second
@@ -57,6 +57,8 @@ type ServerOptions struct {
 	Creds credentials.TransportCredentials
 	// NoReflection turns server reflection off.
 	NoReflection bool
+	// SubmitBatchBytesMax bounds one SubmitBatch request (0: the default).
+	SubmitBatchBytesMax int
 }
 
 // NewGRPCServer builds the gRPC server: LedgerService, grpc.health.v1 and
@@ -137,7 +139,9 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 		opts = append(opts, grpc.Creds(o.Creds))
 	}
 	s := grpc.NewServer(opts...)
-	tallyv1.RegisterLedgerServiceServer(s, NewServer(l))
+	ls := NewServer(l)
+	ls.SubmitBatchBytesMax = o.SubmitBatchBytesMax
+	tallyv1.RegisterLedgerServiceServer(s, ls)
 	healthpb.RegisterHealthServer(s, hs)
 	if !o.NoReflection {
 		reflection.Register(s)

@@ -17,6 +17,9 @@ import (
 type Server struct {
 	tallyv1.UnimplementedLedgerServiceServer
 	l *ledger.Ledger
+	// SubmitBatchBytesMax bounds a SubmitBatch request's encoded size
+	// (0: SubmitBatchBytesMaxDefault).
+	SubmitBatchBytesMax int
 }
 
 // NewServer returns a LedgerService backed by l.
@@ -95,62 +98,80 @@ func (s *Server) FindAccounts(ctx context.Context, r *tallyv1.FindAccountsReques
 
 // Charge implements LedgerService.
 func (s *Server) Charge(ctx context.Context, r *tallyv1.ChargeRequest) (*tallyv1.TransferResult, error) {
-	acct, err := parseID("account_id", r.GetAccountId(), true)
+	m, err := chargeMove(r)
 	if err != nil {
 		return nil, err
 	}
-	rev, err := parseID("revenue_account_id", r.GetRevenueAccountId(), false)
-	if err != nil {
-		return nil, err
-	}
-	res, err := s.l.Charge(ctx, moveRequest(ctx, ledger.MoveRequest{
-		AccountID: acct, Counterparty: rev, Amount: r.GetAmount(),
-		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
-	}))
+	res, err := s.l.Charge(ctx, moveRequest(ctx, m))
 	if err != nil {
 		return nil, statusError(err)
 	}
 	return resultPB(res), nil
+}
+
+func chargeMove(r *tallyv1.ChargeRequest) (ledger.MoveRequest, error) {
+	acct, err := parseID("account_id", r.GetAccountId(), true)
+	if err != nil {
+		return ledger.MoveRequest{}, err
+	}
+	rev, err := parseID("revenue_account_id", r.GetRevenueAccountId(), false)
+	if err != nil {
+		return ledger.MoveRequest{}, err
+	}
+	return ledger.MoveRequest{Kind: ledger.KindCharge, AccountID: acct, Counterparty: rev, Amount: r.GetAmount(),
+		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata()}, nil
 }
 
 // Credit implements LedgerService.
 func (s *Server) Credit(ctx context.Context, r *tallyv1.CreditRequest) (*tallyv1.TransferResult, error) {
-	acct, err := parseID("account_id", r.GetAccountId(), true)
+	m, err := creditMove(r)
 	if err != nil {
 		return nil, err
 	}
-	fund, err := parseID("funding_account_id", r.GetFundingAccountId(), false)
-	if err != nil {
-		return nil, err
-	}
-	res, err := s.l.Credit(ctx, moveRequest(ctx, ledger.MoveRequest{
-		AccountID: acct, Counterparty: fund, Amount: r.GetAmount(),
-		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
-	}))
+	res, err := s.l.Credit(ctx, moveRequest(ctx, m))
 	if err != nil {
 		return nil, statusError(err)
 	}
 	return resultPB(res), nil
 }
 
+func creditMove(r *tallyv1.CreditRequest) (ledger.MoveRequest, error) {
+	acct, err := parseID("account_id", r.GetAccountId(), true)
+	if err != nil {
+		return ledger.MoveRequest{}, err
+	}
+	fund, err := parseID("funding_account_id", r.GetFundingAccountId(), false)
+	if err != nil {
+		return ledger.MoveRequest{}, err
+	}
+	return ledger.MoveRequest{Kind: ledger.KindCredit, AccountID: acct, Counterparty: fund, Amount: r.GetAmount(),
+		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata()}, nil
+}
+
 // Transfer implements LedgerService.
 func (s *Server) Transfer(ctx context.Context, r *tallyv1.TransferRequest) (*tallyv1.TransferResult, error) {
-	debit, err := parseID("debit_account_id", r.GetDebitAccountId(), true)
+	m, err := transferMove(r)
 	if err != nil {
 		return nil, err
 	}
-	credit, err := parseID("credit_account_id", r.GetCreditAccountId(), true)
-	if err != nil {
-		return nil, err
-	}
-	res, err := s.l.Transfer(ctx, moveRequest(ctx, ledger.MoveRequest{
-		AccountID: debit, Counterparty: credit, Amount: r.GetAmount(),
-		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata(),
-	}))
+	res, err := s.l.Transfer(ctx, moveRequest(ctx, m))
 	if err != nil {
 		return nil, statusError(err)
 	}
 	return resultPB(res), nil
+}
+
+func transferMove(r *tallyv1.TransferRequest) (ledger.MoveRequest, error) {
+	debit, err := parseID("debit_account_id", r.GetDebitAccountId(), true)
+	if err != nil {
+		return ledger.MoveRequest{}, err
+	}
+	credit, err := parseID("credit_account_id", r.GetCreditAccountId(), true)
+	if err != nil {
+		return ledger.MoveRequest{}, err
+	}
+	return ledger.MoveRequest{Kind: ledger.KindTransfer, AccountID: debit, Counterparty: credit, Amount: r.GetAmount(),
+		IdempotencyKey: r.GetIdempotencyKey(), Description: r.GetDescription(), Metadata: r.GetMetadata()}, nil
 }
 
 // GetBalance implements LedgerService.
@@ -167,6 +188,20 @@ func (s *Server) GetBalance(ctx context.Context, r *tallyv1.GetBalanceRequest) (
 		c = ledger.ConsistencyStrong
 	default:
 		return nil, invalidArg("consistency", "unknown consistency")
+	}
+	if r.GetAt() != nil {
+		if r.GetMinVersion() != 0 || r.GetConsistency() == tallyv1.Consistency_CONSISTENCY_CACHED {
+			return nil, invalidArg("at", "at reads history from PostgreSQL; it takes no min_version or CACHED consistency")
+		}
+		at, err := parseTime("at", r.GetAt())
+		if err != nil {
+			return nil, err
+		}
+		b, err := s.l.GetBalanceAt(ctx, id, *at)
+		if err != nil {
+			return nil, statusError(err)
+		}
+		return balancePB(b), nil
 	}
 	b, err := s.l.GetBalance(ctx, id, c, r.GetMinVersion())
 	if err != nil {
@@ -234,8 +269,12 @@ func (s *Server) ListEntries(ctx context.Context, r *tallyv1.ListEntriesRequest)
 	if err != nil {
 		return nil, err
 	}
+	var kinds []ledger.Kind
+	for _, k := range r.GetKinds() {
+		kinds = append(kinds, ledger.Kind(k))
+	}
 	entries, next, err := s.l.ListEntries(ctx, ledger.EntryQuery{
-		AccountID: id, PageSize: int(r.GetPageSize()), PageToken: r.GetPageToken(), Start: start, End: end,
+		AccountID: id, PageSize: int(r.GetPageSize()), PageToken: r.GetPageToken(), Start: start, End: end, Kinds: kinds,
 	})
 	if err != nil {
 		return nil, statusError(err)

@@ -67,7 +67,7 @@ const (
 
 // valueFormat is the tag of the current value encoding; a value with any
 // other tag is a miss, so the encoding can change without a flush.
-const valueFormat = "v1"
+const valueFormat = "v2"
 
 // Balance is one cached (version, balance) pair of an account.
 type Balance struct {
@@ -78,6 +78,12 @@ type Balance struct {
 	Available   int64
 	Version     int64
 	AsOf        time.Time // when this pair was read from / written to PostgreSQL
+	// Held is the sum of the account's unexpired holds at AsOf.
+	Held int64
+	// ServeUntil, when set, is when the value stops being valid before its
+	// TTL: shortly before the account's next hold expires, since the expiry
+	// frees funds without changing the version.
+	ServeUntil time.Time
 }
 
 // Config configures a Cache. Zero fields take the defaults noted.
@@ -168,7 +174,7 @@ local function canon(s)
 end
 local cur = redis.pcall('GET', KEYS[1])
 if type(cur) == 'string' then
-  local cv = canon(string.match(cur, '^v1|(%d+)|%-?%d+|%-?%d+|%-?%d+|[^|]+|%-?%d+$'))
+  local cv = canon(string.match(cur, '^v2|(%d+)|%-?%d+|%-?%d+|%-?%d+|[^|]+|%-?%d+|%d+|%-?%d+$'))
   if cv then
     local nv = ARGV[2]
     if #cv > #nv or (#cv == #nv and cv >= nv) then return 0 end
@@ -330,6 +336,13 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		return Balance{}, false
 	}
 	b.AccountID = id
+	if !b.ServeUntil.IsZero() && !time.Now().Before(b.ServeUntil) {
+		// A hold of the account may have expired since: a miss. Delete it
+		// so the next Put of the same version (with a later ServeUntil) is
+		// not refused by the compare-and-set.
+		c.Delete(ctx, id)
+		return Balance{}, false
+	}
 	return b, true
 }
 
@@ -407,7 +420,8 @@ func (c *Cache) lastError() string {
 	return c.lastErr
 }
 
-// encode renders b as v1|version|balance|credit_limit|available|currency|asof_unix_nanos.
+// encode renders b as
+// v2|version|balance|credit_limit|available|currency|asof_unix_nanos|held|serve_until_unix_nanos.
 // The account ID is not stored: the key already names it.
 func encode(b Balance) (string, error) {
 	if b.Version < 0 {
@@ -416,9 +430,12 @@ func encode(b Balance) (string, error) {
 	if b.Currency == "" || strings.ContainsAny(b.Currency, "|") {
 		return "", fmt.Errorf("bad currency %q", b.Currency)
 	}
-	var asOf int64
+	var asOf, until int64
 	if !b.AsOf.IsZero() {
 		asOf = b.AsOf.UnixNano()
+	}
+	if !b.ServeUntil.IsZero() {
+		until = b.ServeUntil.UnixNano()
 	}
 	return strings.Join([]string{
 		valueFormat,
@@ -428,6 +445,8 @@ func encode(b Balance) (string, error) {
 		strconv.FormatInt(b.Available, 10),
 		b.Currency,
 		strconv.FormatInt(asOf, 10),
+		strconv.FormatInt(b.Held, 10),
+		strconv.FormatInt(until, 10),
 	}, "|"), nil
 }
 
@@ -436,11 +455,11 @@ func encode(b Balance) (string, error) {
 // which values are valid.
 func decode(s string) (Balance, error) {
 	f := strings.Split(s, "|")
-	if len(f) != 7 || f[0] != valueFormat {
-		return Balance{}, errors.New("not a v1 value")
+	if len(f) != 9 || f[0] != valueFormat {
+		return Balance{}, errors.New("not a " + valueFormat + " value")
 	}
-	var n [5]int64
-	for i, idx := range []int{1, 2, 3, 4, 6} {
+	var n [7]int64
+	for i, idx := range []int{1, 2, 3, 4, 6, 7, 8} {
 		v, err := strconv.ParseInt(f[idx], 10, 64)
 		if err != nil || strconv.FormatInt(v, 10) != f[idx] {
 			return Balance{}, fmt.Errorf("field %d: bad integer %q", idx, f[idx])
@@ -462,6 +481,13 @@ func decode(s string) (Balance, error) {
 	}
 	if n[4] != 0 {
 		b.AsOf = time.Unix(0, n[4]).UTC()
+	}
+	if n[5] < 0 {
+		return Balance{}, fmt.Errorf("negative held %d", n[5])
+	}
+	b.Held = n[5]
+	if n[6] != 0 {
+		b.ServeUntil = time.Unix(0, n[6]).UTC()
 	}
 	return b, nil
 }

@@ -173,15 +173,17 @@ func TestGarbageIsMiss(t *testing.T) {
 		"",
 		"hello",
 		"\x00\xff\xfe",
-		"v2" + strings.TrimPrefix(good, "v1"),   // unknown format
+		"v3" + strings.TrimPrefix(good, "v2"),   // unknown format
+		"v1|3|30|0|30|USD|0",                    // the previous format
 		strings.Replace(good, "|3|", "|03|", 1), // non-canonical version
 		strings.Replace(good, "|3|", "|-3|", 1), // negative version
 		strings.Replace(good, "|3|", "|+3|", 1), // signed version
 		strings.Replace(good, "|3|30|", "|3|3x|", 1), // bad balance
 		strings.Replace(good, "|USD|", "||", 1),      // empty currency
 		good + "|extra",
-		good[:strings.LastIndex(good, "|")],   // missing field
-		"v1|99999999999999999999|1|2|3|USD|0", // version overflows int64
+		good[:strings.LastIndex(good, "|")],                                // missing field
+		"v2|99999999999999999999|1|2|3|USD|0|0|0",                          // version overflows int64
+		strings.Replace(good, "|USD|", "|USD|", 1)[:len(good)-4] + "|-1|0", // negative held
 	}
 	for _, g := range garbage {
 		id := uuid.New()
@@ -474,7 +476,7 @@ func TestReadOnlyRedis(t *testing.T) {
 		t.Fatal("breaker opening not logged")
 	}
 	// The value is still in Redis, but is not served.
-	if v, err := admin.Get(ctx, c.key(id)).Result(); err != nil || !strings.HasPrefix(v, "v1|1|") {
+	if v, err := admin.Get(ctx, c.key(id)).Result(); err != nil || !strings.HasPrefix(v, "v2|1|") {
 		t.Fatalf("value gone from read-only Redis: %q %v", v, err)
 	}
 	mustMiss(t, c, id)
@@ -524,3 +526,31 @@ func TestEncodeDecode(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestServeUntil: a value is not served past its ServeUntil (shortly before
+// the account's next hold expiry, which frees funds without a new version),
+// and a refill of the same version then succeeds.
+func TestServeUntil(t *testing.T) {
+	t.Parallel()
+	c, _ := newCache(t, sharedRedisURL(), Config{})
+	ctx := context.Background()
+	id := uuid.New()
+	b := bal(id, 4, 40)
+	b.Held = 7
+	b.ServeUntil = time.Now().Add(300 * time.Millisecond)
+	c.Put(ctx, b)
+	got, ok := c.Get(ctx, id)
+	if !ok || got.Held != 7 || got.Version != 4 {
+		t.Fatalf("before serve-until: got %+v %v, want held 7 version 4", got, ok)
+	}
+	time.Sleep(400 * time.Millisecond)
+	if _, ok := c.Get(ctx, id); ok {
+		t.Fatal("value served past its ServeUntil")
+	}
+	b.ServeUntil = time.Now().Add(time.Minute)
+	b.Held = 0
+	c.Put(ctx, b)
+	if got, ok := c.Get(ctx, id); !ok || got.Held != 0 {
+		t.Fatalf("refill of the same version after serve-until: got %+v %v", got, ok)
+	}
+}

@@ -45,6 +45,7 @@ func (l *Ledger) GetBalance(ctx context.Context, id uuid.UUID, c Consistency, mi
 			return Balance{
 				AccountID: id, Currency: b.Currency, Balance: b.Balance, Available: b.Available,
 				CreditLimit: b.CreditLimit, Version: b.Version, Source: SourceCache, AsOf: b.AsOf,
+				Held: b.Held, Final: true,
 			}, nil
 		}
 	}
@@ -83,14 +84,115 @@ func (l *Ledger) GetBalance(ctx context.Context, id uuid.UUID, c Consistency, mi
 		return Balance{}, rejection(CodeFailedPrecondition, ReasonVersionNotReached,
 			"account is at version %d, below min_version %d", row.Version, minVersion)
 	}
-	b := Balance{
-		AccountID: id, Currency: row.Currency, Balance: row.Balance,
-		Available: available(Floor(row.Floor), row.Balance, row.CreditLimit), CreditLimit: row.CreditLimit,
-		Version: row.Version, Source: SourceStore, AsOf: row.ReadAt,
-	}
+	b := balanceFromRow(row)
 	l.cachePut(ctx, cache.Balance{
-		AccountID: id, Currency: b.Currency, Balance: b.Balance, CreditLimit: b.CreditLimit,
-		Available: b.Available, Version: b.Version, AsOf: b.AsOf,
+		AccountID: id, Currency: b.Currency, Balance: b.Balance, CreditLimit: b.CreditLimit, Held: b.Held,
+		Available: b.Available, Version: b.Version, AsOf: b.AsOf, ServeUntil: serveUntil(row.NextHoldExpiry),
 	})
 	return b, nil
+}
+
+// holdExpirySkewMax is how far tallyd's clock may run behind PostgreSQL's
+// (whose clock decides hold expiry): a cached balance stops being served
+// this long before its account's next hold expiry.
+const holdExpirySkewMax = time.Second
+
+// serveUntil is when a cached balance whose next hold expires at next must
+// stop being served (zero: no hold, no limit but the TTL).
+func serveUntil(next *time.Time) time.Time {
+	if next == nil {
+		return time.Time{}
+	}
+	return next.Add(-holdExpirySkewMax)
+}
+
+func balanceFromRow(row store.BalanceRow) Balance {
+	avail := row.Balance
+	if Floor(row.Floor) == FloorNonNegative {
+		avail = row.Balance - row.Held + row.CreditLimit
+	}
+	return Balance{
+		AccountID: row.AccountID, Currency: row.Currency, Balance: row.Balance, Held: row.Held,
+		Available: avail, CreditLimit: row.CreditLimit, Version: row.Version, Source: SourceStore,
+		AsOf: row.ReadAt, Final: true, NextHoldExpiry: row.NextHoldExpiry,
+	}
+}
+
+// GetBalanceAt returns an account's balance at instant at, from its entries,
+// exact to the entry. Final is false when at is within the settle window of
+// now, since a transaction dated before at may still commit; older answers
+// never change. Version is 0: versions are not kept by time.
+func (l *Ledger) GetBalanceAt(ctx context.Context, id uuid.UUID, at time.Time) (Balance, error) {
+	bs, err := l.GetBalances(ctx, []uuid.UUID{id}, &at)
+	if err != nil {
+		return Balance{}, err
+	}
+	if len(bs) == 0 {
+		return Balance{}, rejection(CodeNotFound, ReasonAccountNotFound, "account %s not found", id)
+	}
+	return bs[0], nil
+}
+
+// GetBalances reads many balances from PostgreSQL in one statement: the
+// current ones, or with at those at that instant. Unknown accounts are left
+// out; ids may hold at most Limits.BalancesAccountsMax accounts.
+func (l *Ledger) GetBalances(ctx context.Context, ids []uuid.UUID, at *time.Time) ([]Balance, error) {
+	if len(ids) == 0 {
+		return nil, invalid("account_ids", "account_ids is required")
+	}
+	if len(ids) > l.limits.BalancesAccountsMax {
+		return nil, invalid("account_ids", "at most %d accounts per call", l.limits.BalancesAccountsMax)
+	}
+	for _, id := range ids {
+		if id == uuid.Nil {
+			return nil, invalid("account_ids", "account_ids must be UUIDs")
+		}
+	}
+	if at == nil {
+		rows, err := l.st.GetBalances(ctx, ids)
+		if err != nil {
+			return nil, fromStore(err)
+		}
+		out := make([]Balance, len(rows))
+		for i, r := range rows {
+			out[i] = balanceFromRow(r)
+		}
+		return out, nil
+	}
+	rows, err := l.st.BalancesAt(ctx, ids, *at)
+	if err != nil {
+		return nil, fromStore(err)
+	}
+	out := make([]Balance, len(rows))
+	for i, r := range rows {
+		if at.After(r.Now) {
+			return nil, invalid("at", "at is in the future")
+		}
+		avail := r.Balance
+		if Floor(r.Floor) == FloorNonNegative {
+			avail = r.Balance - r.Held + r.CreditLimit
+		}
+		out[i] = Balance{
+			AccountID: r.AccountID, Currency: r.Currency, Balance: r.Balance, Held: r.Held, Available: avail,
+			CreditLimit: r.CreditLimit, Source: SourceStore, AsOf: *at,
+			Final: !at.After(r.Now.Add(-l.limits.HistorySettleWindow)),
+		}
+	}
+	return out, nil
+}
+
+// GetHold returns a hold; an open hold past its expiry reads as EXPIRED.
+func (l *Ledger) GetHold(ctx context.Context, id uuid.UUID) (Hold, error) {
+	h, err := l.st.GetHold(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return Hold{}, rejection(CodeNotFound, ReasonHoldNotFound, "hold %s not found", id)
+	}
+	if err != nil {
+		return Hold{}, fromStore(err)
+	}
+	now, err := l.st.Now(ctx)
+	if err != nil {
+		return Hold{}, fromStore(err)
+	}
+	return toHold(h, now), nil
 }

@@ -232,124 +232,246 @@ type keyState struct {
 	rejection *Error          // a recorded business rejection
 }
 
-// commit runs one batch in one transaction and returns each item's result.
-// A panic (a broken invariant) fails the batch's items with INTERNAL and
-// commits nothing.
-func (b *batcher) commit(ctx context.Context, items []*item) (results []itemResult, err error) {
+// commit runs one group-commit batch in one transaction and returns each
+// item's result.
+func (b *batcher) commit(ctx context.Context, items []*item) ([]itemResult, error) {
+	results, _, err := b.l.commitItems(ctx, items, nil)
+	return results, err
+}
+
+// submitBatch is a SubmitBatch call's own key and mode.
+type submitBatch struct {
+	scope, key string
+	fp         []byte
+	mode       BatchMode
+	// stored is set when the batch key was used before: its stored outcome.
+	stored *store.BatchRecord
+}
+
+// commitItems runs items in one transaction and returns each item's result.
+// With sb nil (group commit) and in INDEPENDENT mode every item stands alone;
+// in ATOMIC mode the first item that fails makes the transaction write
+// nothing but the batch key's outcome, and every other item reports
+// NOT_APPLIED. A panic (a broken invariant) fails every item with INTERNAL
+// and commits nothing.
+func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch) (results []itemResult, applied bool, err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			b.l.log.Error("ledger invariant violated; batch not committed", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
-			results, err = nil, &Error{Code: CodeInternal, Reason: ReasonInternal, Message: "internal error"}
+			l.log.Error("ledger invariant violated; batch not committed", "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			results, applied, err = nil, false, &Error{Code: CodeInternal, Reason: ReasonInternal, Message: "internal error"}
 		}
 	}()
 	lock := store.BatchLock{}
 	for _, it := range items {
-		lock.Keys = append(lock.Keys, store.KeyRef{Scope: it.r.Scope, Key: it.r.IdempotencyKey})
-		lock.Accounts = append(lock.Accounts, it.r.AccountID)
-		if it.r.Counterparty != uuid.Nil {
-			lock.Accounts = append(lock.Accounts, it.r.Counterparty)
-		} else {
-			lock.DefaultsFor = append(lock.DefaultsFor, it.r.AccountID)
+		r := it.r
+		if r.Kind.keyed() {
+			lock.Keys = append(lock.Keys, store.KeyRef{Scope: r.Scope, Key: r.IdempotencyKey})
+		}
+		switch r.Kind {
+		case KindCharge, KindCredit, KindTransfer, KindHold:
+			lock.Accounts = append(lock.Accounts, r.AccountID)
+			switch {
+			case r.Counterparty != uuid.Nil:
+				lock.Accounts = append(lock.Accounts, r.Counterparty)
+			case r.Kind == KindCharge:
+				lock.RevenueFor = append(lock.RevenueFor, r.AccountID)
+			case r.Kind == KindCredit:
+				lock.FundingFor = append(lock.FundingFor, r.AccountID)
+			}
+		case KindCapture, KindRelease:
+			lock.Holds = append(lock.Holds, r.HoldID)
+		case KindRefund:
+			lock.Charges = append(lock.Charges, r.ChargeID)
+		default:
+			lock.Accounts = append(lock.Accounts, r.AccountID)
 		}
 	}
 	var (
 		replays  = map[int]store.KeyRecord{}
-		final    map[uuid.UUID]*store.Account
+		wk       *work
 		original map[uuid.UUID]store.Account
 	)
-	err = b.l.st.InTx(ctx, func(tx *store.Tx) error {
+	err = l.st.InTx(ctx, func(tx *store.Tx) error {
+		replays = map[int]store.KeyRecord{}
+		if sb != nil {
+			rec, found, err := tx.LockBatchKey(ctx, sb.scope, sb.key)
+			if err != nil {
+				return err
+			}
+			if found {
+				sb.stored = &rec
+				return nil
+			}
+		}
 		locked, err := tx.LockBatch(ctx, lock)
 		if err != nil {
 			return err
 		}
 		results = make([]itemResult, len(items))
 		original = locked.Accounts
-		final = make(map[uuid.UUID]*store.Account, len(locked.Accounts))
-		for id, a := range locked.Accounts {
-			a := a
-			final[id] = &a
-		}
-		var w store.BatchWrite
+		wk = newWork(locked)
+		wk.writeDownExpiries()
 		seen := map[store.KeyRef]*keyState{}
+		failed := -1
 		for i, it := range items {
+			if sb != nil && sb.mode == BatchAtomic && failed >= 0 {
+				break
+			}
 			ref := store.KeyRef{Scope: it.r.Scope, Key: it.r.IdempotencyKey}
-			if k, ok := locked.Keys[ref]; ok {
-				// Used before this batch: replay, or refuse a different request.
-				switch {
-				case string(k.Fingerprint) != string(it.fp) || k.Kind != int16(it.r.Kind):
-					results[i].err = keyReused()
-				case !k.TransferID.Valid:
-					results[i].err = storedRejection(k)
-				default:
-					replays[i] = k
-				}
-				continue
-			}
-			if prev, ok := seen[ref]; ok {
-				// Used earlier in this batch: the same rules as a replay.
-				switch {
-				case string(prev.fp) != string(it.fp) || prev.kind != it.r.Kind:
-					results[i].err = keyReused()
-					continue
-				case prev.result != nil:
-					r := *prev.result
-					r.Replayed = true
-					results[i].res = r
-					continue
-				case prev.rejection != nil:
-					rej := *prev.rejection
-					rej.Replayed = true
-					results[i].err = &rej
+			if it.r.Kind.keyed() {
+				if k, ok := locked.Keys[ref]; ok {
+					// Used before this batch: replay, or refuse a different request.
+					switch {
+					case string(k.Fingerprint) != string(it.fp) || k.Kind != int16(it.r.Kind):
+						results[i].err = keyReused()
+					case !k.TransferID.Valid && !k.HoldID.Valid:
+						results[i].err = storedRejection(k)
+					default:
+						replays[i] = k
+					}
+					if results[i].err != nil && failed < 0 {
+						failed = i
+					}
 					continue
 				}
-				// The first one recorded nothing (NOT_FOUND): decide again.
+				if prev, ok := seen[ref]; ok {
+					// Used earlier in this batch: the same rules as a replay.
+					switch {
+					case string(prev.fp) != string(it.fp) || prev.kind != it.r.Kind:
+						results[i].err = keyReused()
+					case prev.result != nil:
+						r := *prev.result
+						r.Replayed = true
+						results[i].res = r
+					case prev.rejection != nil:
+						rej := *prev.rejection
+						rej.Replayed = true
+						results[i].err = &rej
+					}
+					if results[i].err != nil && failed < 0 {
+						failed = i
+					}
+					if results[i].err != nil || results[i].res.Replayed {
+						continue
+					}
+					// The first one recorded nothing (NOT_FOUND): decide again.
+				}
 			}
-			res, rej, err := b.l.decide(it.r, it.fp, final, locked.System, locked.Now, &w)
+			res, rej, err := l.decide(it.r, it.fp, wk)
+			var missing *systemMissingError
 			switch {
+			case errors.As(err, &missing) && sb != nil:
+				// Abort the whole batch: SubmitBatch creates the system
+				// accounts and runs it again.
+				return err
 			case err != nil:
 				results[i].err = err
 			case rej != nil:
 				results[i].err = rej
-				seen[ref] = &keyState{fp: it.fp, kind: it.r.Kind, rejection: rej}
+				if it.r.Kind.keyed() {
+					seen[ref] = &keyState{fp: it.fp, kind: it.r.Kind, rejection: rej}
+				}
 			default:
 				results[i].res = res
-				seen[ref] = &keyState{fp: it.fp, kind: it.r.Kind, result: &res}
+				if it.r.Kind.keyed() {
+					seen[ref] = &keyState{fp: it.fp, kind: it.r.Kind, result: &res}
+				}
+			}
+			if results[i].err != nil && failed < 0 {
+				failed = i
 			}
 		}
-		ids := make([]uuid.UUID, 0, len(final))
-		for id, a := range final {
+		applied = true
+		if sb != nil && sb.mode == BatchAtomic && failed >= 0 {
+			// All or nothing: write none of the items, not even their keys
+			// (they may be used again), only the batch key's outcome.
+			applied = false
+			replays = map[int]store.KeyRecord{}
+			for i := range results {
+				if i != failed {
+					results[i] = itemResult{err: rejection(CodeFailedPrecondition, ReasonNotApplied,
+						"not applied: item %d of this ATOMIC batch failed", failed)}
+				}
+			}
+			wk = nil
+			return tx.InsertBatch(ctx, store.BatchRecord{
+				Scope: sb.scope, Key: sb.key, Fingerprint: sb.fp, Mode: int16(sb.mode), Applied: false,
+				Results: encodeResults(results),
+			})
+		}
+		ids := make([]uuid.UUID, 0, len(wk.accts))
+		for id, a := range wk.accts {
 			if a.Version != original[id].Version {
 				ids = append(ids, id)
 			}
 		}
 		sort.Slice(ids, func(i, j int) bool { return ids[i].String() < ids[j].String() })
 		for _, id := range ids {
-			a := final[id]
-			w.Updates = append(w.Updates, store.AccountUpdate{
+			a := wk.accts[id]
+			if a.Held != original[id].Held && !wk.holdsChanged[id] {
+				panic(fmt.Sprintf("ledger: held of %s changed without a hold change", id))
+			}
+			wk.w.Updates = append(wk.w.Updates, store.AccountUpdate{
 				AccountID: id, PrevVersion: original[id].Version, Balance: a.Balance, Version: a.Version,
-				LastSequence: a.LastSequence, LastEntryAt: *a.LastEntryAt,
+				LastSequence: a.LastSequence, LastEntryAt: a.LastEntryAt, Held: a.Held, HoldsChanged: wk.holdsChanged[id],
+				Status: a.Status, CreditLimit: a.CreditLimit, Metadata: a.Metadata, LowBalanceThreshold: a.LowBalanceThreshold,
 			})
 		}
-		return tx.WriteBatch(ctx, w)
+		if err := tx.WriteBatch(ctx, wk.w); err != nil {
+			return err
+		}
+		if sb != nil {
+			// Replays inside a batch are resolved now so the stored outcome
+			// is complete; they read committed rows only.
+			for i, k := range replays {
+				results[i].res, results[i].err = l.replay(ctx, &k)
+			}
+			replays = map[int]store.KeyRecord{}
+			return tx.InsertBatch(ctx, store.BatchRecord{
+				Scope: sb.scope, Key: sb.key, Fingerprint: sb.fp, Mode: int16(sb.mode), Applied: true,
+				Results: encodeResults(results),
+			})
+		}
+		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	// Committed. Refresh the cache with each touched account's final state;
-	// a failure here changes nothing (reads fall back to PostgreSQL).
-	for id, a := range final {
-		if a.Version == original[id].Version {
-			continue
+	if sb != nil && sb.stored != nil {
+		return nil, sb.stored.Applied, nil
+	}
+	if wk != nil {
+		// Committed. Refresh the cache with each touched account's final
+		// state; a failure here changes nothing (reads fall back to
+		// PostgreSQL).
+		for id, a := range wk.accts {
+			if a.Version == original[id].Version {
+				continue
+			}
+			l.cachePutAccount(ctx, a, wk.nextExpiry[id], wk.now)
 		}
-		b.l.cachePut(ctx, cache.Balance{
-			AccountID: id, Currency: a.Currency, Balance: a.Balance, CreditLimit: a.CreditLimit,
-			Available: available(Floor(a.Floor), a.Balance, a.CreditLimit), Version: a.Version, AsOf: *a.LastEntryAt,
-		})
 	}
 	for i, k := range replays {
-		results[i].res, results[i].err = b.l.replay(ctx, items[i].r, &k)
+		results[i].res, results[i].err = l.replay(ctx, &k)
 	}
-	return results, nil
+	return results, applied, nil
+}
+
+// cachePutAccount caches an account's state after a commit. next is an
+// early bound of its next hold expiry: the cached value is never served
+// past it.
+func (l *Ledger) cachePutAccount(ctx context.Context, a *store.Account, next *time.Time, now time.Time) {
+	asOf := now
+	if a.LastEntryAt != nil && a.LastEntryAt.After(asOf) {
+		asOf = *a.LastEntryAt
+	}
+	if a.Held == 0 {
+		next = nil
+	}
+	l.cachePut(ctx, cache.Balance{
+		AccountID: a.ID, Currency: a.Currency, Balance: a.Balance, CreditLimit: a.CreditLimit, Held: a.Held,
+		Available: availableOf(a), Version: a.Version, AsOf: asOf, ServeUntil: serveUntil(next),
+	})
 }
 
 func keyReused() *Error {

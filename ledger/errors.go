@@ -57,6 +57,18 @@ const (
 	ReasonCanceled               = "CANCELED"
 	ReasonInternal               = "INTERNAL"
 	ReasonOverloaded             = "OVERLOADED"
+	ReasonHoldNotFound           = "HOLD_NOT_FOUND"
+	ReasonHoldFinalized          = "HOLD_FINALIZED"
+	ReasonHoldExpired            = "HOLD_EXPIRED"
+	ReasonHoldAmountExceeded     = "HOLD_AMOUNT_EXCEEDED"
+	ReasonHoldNotAllowed         = "HOLD_NOT_ALLOWED"
+	ReasonNotACharge             = "NOT_A_CHARGE"
+	ReasonRefundExceedsCharge    = "REFUND_EXCEEDS_CHARGE"
+	ReasonAccountClosed          = "ACCOUNT_CLOSED"
+	ReasonAccountNotEmpty        = "ACCOUNT_NOT_EMPTY"
+	ReasonCreditLimitInUse       = "CREDIT_LIMIT_IN_USE"
+	ReasonBatchItemFailed        = "BATCH_ITEM_FAILED"
+	ReasonNotApplied             = "NOT_APPLIED"
 )
 
 // Error is the only error type the ledger returns.

@@ -261,8 +261,15 @@ func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string
 	if q.Start != nil && q.End != nil && q.End.Before(*q.Start) {
 		return nil, "", invalid("end_time", "end_time is before start_time")
 	}
-	query := fmt.Sprintf("entries|%s|%v|%v", q.AccountID, timeKey(q.Start), timeKey(q.End))
-	f := store.EntryFilter{AccountID: q.AccountID, Start: q.Start, End: q.End, Limit: size + 1}
+	kinds := make([]int16, 0, len(q.Kinds))
+	for _, k := range q.Kinds {
+		if k < KindCharge || k > KindRefund {
+			return nil, "", invalid("kinds", "unknown transfer kind %d", k)
+		}
+		kinds = append(kinds, int16(k))
+	}
+	query := fmt.Sprintf("entries|%s|%v|%v|%v", q.AccountID, timeKey(q.Start), timeKey(q.End), kinds)
+	f := store.EntryFilter{AccountID: q.AccountID, Start: q.Start, End: q.End, Kinds: kinds, Limit: size + 1}
 	if q.PageToken != "" {
 		seq, err := entriesCursor(query, q.PageToken)
 		if err != nil {
@@ -284,7 +291,11 @@ func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string
 	}
 	out := make([]Entry, len(rows))
 	for i, e := range rows {
-		out[i] = Entry(e)
+		out[i] = Entry{
+			TransferID: e.TransferID, AccountID: e.AccountID, Sequence: e.Sequence, Amount: e.Amount,
+			BalanceAfter: e.BalanceAfter, VersionAfter: e.VersionAfter, CreatedAt: e.CreatedAt,
+			CreatedByClient: e.CreatedByClient, CreatedByKey: e.CreatedByKey, Kind: Kind(e.Kind),
+		}
 	}
 	return out, next, nil
 }
@@ -350,7 +361,7 @@ func toAccount(a store.Account) Account {
 	return Account{
 		ID: a.ID, Currency: a.Currency, Type: AccountType(a.Type), ExternalRef: a.ExternalRef,
 		Floor: Floor(a.Floor), CreditLimit: a.CreditLimit, Status: Status(a.Status), Metadata: a.Metadata,
-		CreatedAt: a.CreatedAt, Version: a.Version,
+		CreatedAt: a.CreatedAt, Version: a.Version, LowBalanceThreshold: a.LowBalanceThreshold,
 	}
 }
 
@@ -360,5 +371,6 @@ func toTransfer(t store.Transfer) Transfer {
 		CreditAccountID: t.CreditAccountID, Amount: t.Amount, Currency: t.Currency,
 		Description: t.Description, Metadata: t.Metadata, CreatedAt: t.CreatedAt,
 		CreatedByClient: t.CreatedByClient, CreatedByKey: t.CreatedByKey,
+		RefundOf: t.RefundOf, HoldID: t.HoldID, ThresholdCrossed: t.ThresholdCrossed, Refunded: t.Refunded,
 	}
 }

@@ -87,9 +87,10 @@ func BenchmarkDecideBatch(b *testing.B) {
 					c := customers[i]
 					accts[c.ID] = &c
 				}
-				var w store.BatchWrite
+				wk := &work{accts: accts, system: system, now: now, holds: map[uuid.UUID]*store.Hold{},
+					refunded: map[uuid.UUID]int64{}, holdsChanged: map[uuid.UUID]bool{}, nextExpiry: map[uuid.UUID]*time.Time{}}
 				for i, r := range reqs {
-					if _, rej, err := l.decide(r, fps[i], accts, system, now, &w); err != nil || rej != nil {
+					if _, rej, err := l.decide(r, fps[i], wk); err != nil || rej != nil {
 						b.Fatal(err, rej)
 					}
 				}

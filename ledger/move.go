@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"time"
 
 	"github.com/google/uuid"
@@ -12,9 +11,13 @@ import (
 	"github.com/tallyledger/tally/store"
 )
 
-// errSystemAccountMissing means the currency's default system account does
-// not exist yet (accounts created before it); ensure it and try again.
-var errSystemAccountMissing = errors.New("ledger: system account missing")
+// systemMissingError means the currency's default system account does not
+// exist yet (accounts created before it); ensure it and try again.
+type systemMissingError struct{ currency string }
+
+func (e *systemMissingError) Error() string {
+	return "ledger: default system accounts of " + e.currency + " missing"
+}
 
 // Charge debits r.AccountID and credits a revenue account.
 func (l *Ledger) Charge(ctx context.Context, r MoveRequest) (TransferResult, error) {
@@ -34,18 +37,115 @@ func (l *Ledger) Transfer(ctx context.Context, r MoveRequest) (TransferResult, e
 	return l.move(ctx, r)
 }
 
+// Refund reverses all or part of a charge (r.ChargeID) back to its account.
+// Amount 0 refunds all that remains refundable.
+func (l *Ledger) Refund(ctx context.Context, r MoveRequest) (TransferResult, error) {
+	r.Kind = KindRefund
+	return l.move(ctx, r)
+}
+
+// Hold reserves r.Amount on r.AccountID until it is captured, released or
+// expires. r.Counterparty optionally names the revenue account to capture to.
+func (l *Ledger) Hold(ctx context.Context, r MoveRequest) (TransferResult, error) {
+	r.Kind = KindHold
+	return l.move(ctx, r)
+}
+
+// CaptureHold charges r.Amount (0: all) of hold r.HoldID and releases the rest.
+func (l *Ledger) CaptureHold(ctx context.Context, r MoveRequest) (TransferResult, error) {
+	r.Kind = KindCapture
+	return l.move(ctx, r)
+}
+
+// ReleaseHold frees all of hold r.HoldID.
+func (l *Ledger) ReleaseHold(ctx context.Context, r MoveRequest) (TransferResult, error) {
+	r.Kind = KindRelease
+	return l.move(ctx, r)
+}
+
+// ChangeAccount freezes, unfreezes, closes or updates an account (r.Kind
+// says which), recording who did it. r needs no idempotency key.
+func (l *Ledger) ChangeAccount(ctx context.Context, r MoveRequest) (Account, error) {
+	switch r.Kind {
+	case KindFreeze, KindUnfreeze, KindClose, KindUpdate:
+	default:
+		panic(fmt.Sprintf("ledger: ChangeAccount with kind %d", r.Kind))
+	}
+	res, err := l.move(ctx, r)
+	if err != nil {
+		return Account{}, err
+	}
+	return *res.Account, nil
+}
+
+// ExpireHolds writes down the expiry of an account's expired holds (for the
+// sweeper; reads never need it).
+func (l *Ledger) ExpireHolds(ctx context.Context, id uuid.UUID) error {
+	_, err := l.move(ctx, MoveRequest{Kind: KindExpire, AccountID: id})
+	return err
+}
+
 func (l *Ledger) validateMove(r MoveRequest) error {
-	if r.AccountID == uuid.Nil {
+	needAccount := true
+	switch r.Kind {
+	case KindCapture, KindRelease:
+		if r.HoldID == uuid.Nil {
+			return invalid("hold_id", "hold_id is required")
+		}
+		needAccount = false
+	case KindRefund:
+		if r.ChargeID == uuid.Nil {
+			return invalid("transfer_id", "transfer_id of the charge is required")
+		}
+		needAccount = false
+	}
+	if needAccount && r.AccountID == uuid.Nil {
 		return invalid("account_id", "account_id is required")
+	}
+	if !r.Kind.keyed() {
+		if r.Kind == KindUpdate {
+			if r.NewCreditLimit != nil && (*r.NewCreditLimit < 0 || *r.NewCreditLimit > l.limits.CreditLimitMax) {
+				return invalid("credit_limit", "credit_limit must be between 0 and %d", l.limits.CreditLimitMax)
+			}
+			if r.NewThreshold != nil && (*r.NewThreshold < -CreditLimitMax || *r.NewThreshold > CreditLimitMax) {
+				return invalid("low_balance_threshold", "low_balance_threshold must be between %d and %d", -CreditLimitMax, CreditLimitMax)
+			}
+			if r.NewMetadata != nil {
+				if err := l.limits.validateMetadata(r.NewMetadata); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
 	}
 	if r.Kind == KindTransfer && r.Counterparty == uuid.Nil {
 		return invalid("credit_account_id", "credit_account_id is required")
 	}
-	if r.Counterparty == r.AccountID {
+	if r.Counterparty != uuid.Nil && r.Counterparty == r.AccountID {
 		return invalid("account_id", "debit and credit accounts must differ")
 	}
-	if r.Amount <= 0 {
-		return invalid("amount", "amount must be positive")
+	switch r.Kind {
+	case KindCapture, KindRefund:
+		// 0 means "all": all of the hold, all that remains refundable.
+		if r.Amount < 0 {
+			return invalid("amount", "amount must not be negative")
+		}
+	case KindRelease:
+		if r.Amount != 0 {
+			return invalid("amount", "a release takes no amount")
+		}
+	default:
+		if r.Amount <= 0 {
+			return invalid("amount", "amount must be positive")
+		}
+	}
+	if r.Kind == KindHold {
+		if r.ExpiresAt != nil && r.ExpiresIn != 0 {
+			return invalid("expires_in", "set expires_at or expires_in, not both")
+		}
+		if r.ExpiresIn < 0 || r.ExpiresIn > l.limits.HoldExpiryMax {
+			return invalid("expires_in", "expires_in must be between 0 and %s", l.limits.HoldExpiryMax)
+		}
 	}
 	if err := validateKey(r.IdempotencyKey); err != nil {
 		return err
@@ -56,29 +156,29 @@ func (l *Ledger) validateMove(r MoveRequest) error {
 	return l.limits.validateMetadata(r.Metadata)
 }
 
-// move runs one Charge, Credit or Transfer through group commit: it joins
-// the next batch, and returns once that batch's transaction has committed (or
-// failed). If the caller's context ends first, the call returns
-// DEADLINE_EXCEEDED or CANCELED while the batch may still commit: the outcome
-// is then unknown, and a retry with the same key replays it.
+// move runs one operation through group commit: it joins the next batch,
+// and returns once that batch's transaction has committed (or failed). If
+// the caller's context ends first, the call returns DEADLINE_EXCEEDED or
+// CANCELED while the batch may still commit: the outcome is then unknown,
+// and a retry with the same key replays it.
 func (l *Ledger) move(ctx context.Context, r MoveRequest) (TransferResult, error) {
 	if err := l.validateMove(r); err != nil {
 		return TransferResult{}, err
 	}
-	fp := fingerprint(r)
+	var fp []byte
+	if r.Kind.keyed() {
+		fp = fingerprint(r)
+	}
 	for attempt := 0; ; attempt++ {
 		res, err := l.submit(ctx, r, fp)
-		if !errors.Is(err, errSystemAccountMissing) {
+		var missing *systemMissingError
+		if !errors.As(err, &missing) {
 			return res, err
 		}
 		if attempt > 0 {
 			return TransferResult{}, fromStore(fmt.Errorf("system account still missing: %w", store.ErrInternal))
 		}
-		a, gerr := l.st.GetAccount(ctx, r.AccountID)
-		if gerr != nil {
-			return TransferResult{}, fromStore(gerr)
-		}
-		if err := l.ensureSystemAccounts(ctx, a.Currency); err != nil {
+		if err := l.ensureSystemAccounts(ctx, missing.currency); err != nil {
 			return TransferResult{}, err
 		}
 	}
@@ -98,126 +198,6 @@ func (l *Ledger) submit(ctx context.Context, r MoveRequest, fp []byte) (Transfer
 	case <-ctx.Done():
 		return TransferResult{}, fromStore(ctx.Err())
 	}
-}
-
-// decide applies the rules of money to one item, against the batch's working
-// copy of the locked accounts (which it updates), and appends what the item
-// writes to w. It returns the posting's result, or a business rejection
-// (recorded under the key), or an error that records nothing (NOT_FOUND).
-func (l *Ledger) decide(r MoveRequest, fp []byte, accts map[uuid.UUID]*store.Account,
-	system map[string]map[string]uuid.UUID, now time.Time, w *store.BatchWrite) (TransferResult, *Error, error) {
-	primary, ok := accts[r.AccountID]
-	if !ok {
-		return TransferResult{}, nil, rejection(CodeNotFound, ReasonAccountNotFound, "account %s not found", r.AccountID)
-	}
-	var counter *store.Account
-	if r.Counterparty != uuid.Nil {
-		if counter, ok = accts[r.Counterparty]; !ok {
-			return TransferResult{}, nil, rejection(CodeNotFound, ReasonAccountNotFound, "account %s not found", r.Counterparty)
-		}
-	} else {
-		role := store.SystemRoleRevenue
-		if r.Kind == KindCredit {
-			role = store.SystemRoleFunding
-		}
-		id, ok := system[primary.Currency][role]
-		if !ok {
-			return TransferResult{}, nil, errSystemAccountMissing
-		}
-		if counter, ok = accts[id]; !ok {
-			panic(fmt.Sprintf("ledger: system account %s was not locked", id))
-		}
-	}
-	debit, credit := primary, counter
-	if r.Kind == KindCredit {
-		debit, credit = counter, primary
-	}
-	reject := func(code Code, reason, format string, args ...any) (TransferResult, *Error, error) {
-		e := rejection(code, reason, format, args...)
-		w.Keys = append(w.Keys, rejectionRecord(r, fp, e))
-		return TransferResult{}, e, nil
-	}
-	if debit.Currency != credit.Currency {
-		return reject(CodeFailedPrecondition, ReasonCurrencyMismatch,
-			"accounts have different currencies (%s, %s)", debit.Currency, credit.Currency)
-	}
-	switch {
-	case r.Kind == KindCharge && AccountType(counter.Type) != AccountTypeRevenue:
-		return reject(CodeFailedPrecondition, ReasonAccountTypeMismatch, "revenue_account_id must be a REVENUE account")
-	case r.Kind == KindCredit && AccountType(counter.Type) != AccountTypeFunding:
-		return reject(CodeFailedPrecondition, ReasonAccountTypeMismatch, "funding_account_id must be a FUNDING account")
-	}
-	if Status(debit.Status) != StatusActive {
-		return reject(CodeFailedPrecondition, ReasonAccountNotActive, "account %s does not accept debits", debit.ID)
-	}
-	if Status(credit.Status) == StatusClosed {
-		return reject(CodeFailedPrecondition, ReasonAccountNotActive, "account %s is closed", credit.ID)
-	}
-	if debit.Balance < math.MinInt64+r.Amount {
-		return reject(CodeOutOfRange, ReasonBalanceOverflow, "debit would overflow the balance of %s", debit.ID)
-	}
-	debitAfter := debit.Balance - r.Amount
-	if credit.Balance > math.MaxInt64-r.Amount || credit.Balance+r.Amount > math.MaxInt64-credit.CreditLimit {
-		return reject(CodeOutOfRange, ReasonBalanceOverflow, "credit would overflow the balance of %s", credit.ID)
-	}
-	creditAfter := credit.Balance + r.Amount
-	if Floor(debit.Floor) == FloorNonNegative && debitAfter < -debit.CreditLimit {
-		return reject(CodeFailedPrecondition, ReasonInsufficientFunds,
-			"insufficient funds: available %d, amount %d", debit.Balance+debit.CreditLimit, r.Amount)
-	}
-
-	// Entries are never dated before the account's previous entry, even if
-	// the database clock steps back.
-	at := now
-	for _, a := range []*store.Account{debit, credit} {
-		if a.LastEntryAt != nil && a.LastEntryAt.After(at) {
-			at = *a.LastEntryAt
-		}
-	}
-	id, err := uuid.NewV7()
-	if err != nil {
-		return TransferResult{}, nil, fromStore(err)
-	}
-	tr := store.Transfer{
-		ID: id, Scope: r.Scope, Key: r.IdempotencyKey, Kind: int16(r.Kind),
-		DebitAccountID: debit.ID, CreditAccountID: credit.ID, Amount: r.Amount, Currency: debit.Currency,
-		Description: r.Description, Metadata: r.Metadata, CreatedAt: at,
-		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey,
-	}
-	before := [2]store.Account{*debit, *credit}
-	var entries [2]store.Entry
-	for i, side := range []struct {
-		a     *store.Account
-		amt   int64
-		after int64
-	}{{debit, -r.Amount, debitAfter}, {credit, r.Amount, creditAfter}} {
-		entries[i] = store.Entry{
-			TransferID: id, AccountID: side.a.ID, Sequence: side.a.LastSequence + 1, Amount: side.amt,
-			BalanceAfter: side.after, VersionAfter: side.a.Version + 1, CreatedAt: at,
-		}
-		side.a.Balance, side.a.Version, side.a.LastSequence = side.after, side.a.Version+1, side.a.LastSequence+1
-		atCopy := at
-		side.a.LastEntryAt = &atCopy
-	}
-	assertPosting(tr, entries, before)
-	w.Transfers = append(w.Transfers, tr)
-	w.Entries = append(w.Entries, entries[:]...)
-	w.Keys = append(w.Keys, store.KeyRecord{
-		Scope: r.Scope, Key: r.IdempotencyKey, Fingerprint: fp, Kind: int16(r.Kind),
-		TransferID: uuid.NullUUID{UUID: id, Valid: true}, AccountID: r.AccountID,
-	})
-	named := entries[0]
-	if entries[1].AccountID == r.AccountID {
-		named = entries[1]
-	}
-	return TransferResult{
-		Transfer: toTransfer(tr),
-		Balance: Balance{
-			AccountID: r.AccountID, Currency: primary.Currency, Balance: named.BalanceAfter, CreditLimit: primary.CreditLimit,
-			Available: available(Floor(primary.Floor), named.BalanceAfter, primary.CreditLimit), Version: named.VersionAfter,
-			Source: SourceStore, AsOf: at,
-		},
-	}, nil, nil
 }
 
 // assertPosting checks the double-entry invariants of a posting against the
@@ -254,32 +234,50 @@ func rejectionRecord(r MoveRequest, fp []byte, e *Error) store.KeyRecord {
 }
 
 // replay returns the stored outcome of a key: the same transfer with the
-// named account's balance as of that transfer, or the same rejection.
-func (l *Ledger) replay(ctx context.Context, r MoveRequest, k *store.KeyRecord) (TransferResult, error) {
-	if !k.TransferID.Valid {
+// named account's balance as of that transfer, or the same hold (with the
+// account's current balance: a hold changes no entry to date it by), or the
+// same rejection.
+func (l *Ledger) replay(ctx context.Context, k *store.KeyRecord) (TransferResult, error) {
+	if !k.TransferID.Valid && !k.HoldID.Valid {
 		return TransferResult{}, storedRejection(*k)
 	}
-	t, err := l.st.GetTransfer(ctx, k.TransferID.UUID)
-	if err != nil {
-		return TransferResult{}, fromStore(err)
+	var res TransferResult
+	if k.HoldID.Valid {
+		h, err := l.st.GetHold(ctx, k.HoldID.UUID)
+		if err != nil {
+			return TransferResult{}, fromStore(err)
+		}
+		b, err := l.st.GetBalance(ctx, k.AccountID)
+		if err != nil {
+			return TransferResult{}, fromStore(err)
+		}
+		hold := toHold(h, b.ReadAt)
+		res.Hold = &hold
+		res.Balance = balanceFromRow(b)
 	}
-	e, err := l.st.GetEntry(ctx, t.ID, r.AccountID)
-	if err != nil {
-		return TransferResult{}, fromStore(err)
-	}
-	a, err := l.st.GetAccount(ctx, r.AccountID)
-	if err != nil {
-		return TransferResult{}, fromStore(err)
-	}
-	return TransferResult{
-		Transfer: toTransfer(t),
-		Balance: Balance{
-			AccountID: r.AccountID, Currency: a.Currency, Balance: e.BalanceAfter, CreditLimit: a.CreditLimit,
+	if k.TransferID.Valid {
+		t, err := l.st.GetTransfer(ctx, k.TransferID.UUID)
+		if err != nil {
+			return TransferResult{}, fromStore(err)
+		}
+		e, err := l.st.GetEntry(ctx, t.ID, k.AccountID)
+		if err != nil {
+			return TransferResult{}, fromStore(err)
+		}
+		a, err := l.st.GetAccount(ctx, k.AccountID)
+		if err != nil {
+			return TransferResult{}, fromStore(err)
+		}
+		res.Transfer = toTransfer(t)
+		res.Balance = Balance{
+			AccountID: k.AccountID, Currency: a.Currency, Balance: e.BalanceAfter, CreditLimit: a.CreditLimit,
 			Available: available(Floor(a.Floor), e.BalanceAfter, a.CreditLimit), Version: e.VersionAfter,
-			Source: SourceStore, AsOf: e.CreatedAt,
-		},
-		Replayed: true,
-	}, nil
+			Source: SourceStore, AsOf: e.CreatedAt, Final: true,
+		}
+		res.ThresholdCrossed = t.ThresholdCrossed && t.DebitAccountID == k.AccountID
+	}
+	res.Replayed = true
+	return res, nil
 }
 
 func timeKey(t *time.Time) string {
@@ -287,4 +285,32 @@ func timeKey(t *time.Time) string {
 		return "-"
 	}
 	return t.UTC().Format(time.RFC3339Nano)
+}
+
+// sweepAccountsMax bounds the accounts one sweep writes down.
+const sweepAccountsMax = 500
+
+// SweepHolds writes down expired holds every interval until ctx ends. It is
+// tidying only: every read and write already treats an expired hold as
+// expired, by PostgreSQL's clock, whether or not the sweeper ran.
+func (l *Ledger) SweepHolds(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		ids, err := l.st.ExpiringAccounts(ctx, sweepAccountsMax)
+		if err != nil {
+			l.log.Debug("hold sweep: listing accounts failed", "err", err)
+			continue
+		}
+		for _, id := range ids {
+			if err := l.ExpireHolds(ctx, id); err != nil {
+				l.log.Debug("hold sweep: account failed", "account", id, "err", err)
+			}
+		}
+	}
 }

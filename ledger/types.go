@@ -39,15 +39,65 @@ const (
 	StatusClosed Status = 3
 )
 
-// Kind says which operation produced a transfer.
+// Kind says which operation a request is, and which produced a transfer
+// (transfers only have kinds Charge to Refund).
 type Kind int16
 
-// Transfer kinds.
+// Operation kinds. The first four are also transfer kinds.
 const (
 	KindCharge   Kind = 1
 	KindCredit   Kind = 2
 	KindTransfer Kind = 3
+	KindRefund   Kind = 4
+	KindHold     Kind = 5
+	KindCapture  Kind = 6
+	KindRelease  Kind = 7
+	// Account lifecycle operations: they carry no idempotency key (each is
+	// naturally idempotent or a plain overwrite) and move no money.
+	KindFreeze   Kind = 8
+	KindUnfreeze Kind = 9
+	KindClose    Kind = 10
+	KindUpdate   Kind = 11
+	// KindExpire only writes down the expiry of an account's expired holds
+	// (the sweeper's operation).
+	KindExpire Kind = 12
 )
+
+// keyed says whether an operation kind carries an idempotency key.
+func (k Kind) keyed() bool { return k >= KindCharge && k <= KindRelease }
+
+// HoldStatus is a hold's state. An open hold past its expiry reads as
+// HoldExpired before any write has recorded it.
+type HoldStatus int16
+
+// Hold statuses (numbers match the proto enum and the holds table).
+const (
+	HoldOpen     HoldStatus = 1
+	HoldCaptured HoldStatus = 2
+	HoldReleased HoldStatus = 3
+	HoldExpired  HoldStatus = 4
+)
+
+// Hold reserves funds on an account until it is captured, released or expires.
+type Hold struct {
+	ID               uuid.UUID
+	IdempotencyKey   string
+	AccountID        uuid.UUID
+	RevenueAccountID uuid.UUID // uuid.Nil: the currency's default at capture
+	Amount           int64
+	Currency         string
+	Status           HoldStatus
+	ExpiresAt        time.Time
+	CapturedAmount   int64
+	// CaptureTransferID is the CHARGE a capture made.
+	CaptureTransferID uuid.UUID
+	Description       string
+	Metadata          map[string]string
+	CreatedAt         time.Time
+	FinalizedAt       *time.Time
+	CreatedByClient   uuid.UUID
+	CreatedByKey      string
+}
 
 // Consistency selects where a balance read may come from.
 type Consistency int
@@ -81,6 +131,9 @@ type Account struct {
 	Metadata    map[string]string
 	CreatedAt   time.Time
 	Version     int64
+	// LowBalanceThreshold, when set, is the available amount below which a
+	// debit or hold reports ThresholdCrossed.
+	LowBalanceThreshold *int64
 }
 
 // Transfer is an immutable movement of Amount from DebitAccountID to
@@ -100,6 +153,15 @@ type Transfer struct {
 	// transfer (uuid.Nil and "" when it was made without authentication).
 	CreatedByClient uuid.UUID
 	CreatedByKey    string
+	// RefundOf is the charge a REFUND reverses.
+	RefundOf uuid.UUID
+	// HoldID is the hold a captured CHARGE came from.
+	HoldID uuid.UUID
+	// ThresholdCrossed: this transfer took the debited account's available
+	// amount below its low-balance threshold.
+	ThresholdCrossed bool
+	// Refunded is how much of a CHARGE has been refunded so far.
+	Refunded int64
 }
 
 // Entry is one side of a transfer on one account.
@@ -114,6 +176,8 @@ type Entry struct {
 	// CreatedByClient and CreatedByKey are those of the entry's transfer.
 	CreatedByClient uuid.UUID
 	CreatedByKey    string
+	// Kind is the kind of the entry's transfer.
+	Kind Kind
 }
 
 // Balance is an account's balance at one version.
@@ -126,6 +190,13 @@ type Balance struct {
 	Version     int64
 	Source      Source
 	AsOf        time.Time
+	// Held is the sum of the open, unexpired holds.
+	Held int64
+	// Final is false for a historical balance within the settle window of
+	// now (a transaction dated before it may still commit); true otherwise.
+	Final bool
+	// NextHoldExpiry is when the earliest open hold expires (nil: none).
+	NextHoldExpiry *time.Time
 }
 
 // TransferResult is the outcome of a money-moving call.
@@ -135,6 +206,13 @@ type TransferResult struct {
 	Balance Balance
 	// Replayed is true when the key was already used.
 	Replayed bool
+	// Hold is the hold a Hold, CaptureHold or ReleaseHold acted on.
+	Hold *Hold
+	// Account is the account after a lifecycle change.
+	Account *Account
+	// ThresholdCrossed: this call took the named account's available amount
+	// below its low-balance threshold (decided in the committing transaction).
+	ThresholdCrossed bool
 }
 
 // CreateAccountRequest creates an account. A zero ID means "generate one".
@@ -170,6 +248,20 @@ type MoveRequest struct {
 	IdempotencyKey string
 	Description    string
 	Metadata       map[string]string
+	// HoldID names the hold of a CaptureHold or ReleaseHold.
+	HoldID uuid.UUID
+	// ChargeID names the charge a Refund reverses.
+	ChargeID uuid.UUID
+	// ExpiresAt and ExpiresIn set a Hold's expiry (at most one of them;
+	// neither: the default hold lifetime).
+	ExpiresAt *time.Time
+	ExpiresIn time.Duration
+	// Account changes (KindUpdate): nil fields stay as they are.
+	NewCreditLimit  *int64
+	NewMetadata     map[string]string
+	NewThreshold    *int64
+	ClearThreshold  bool
+	ReplaceMetadata bool
 }
 
 // AccountQuery filters FindAccounts.
@@ -187,4 +279,6 @@ type EntryQuery struct {
 	PageSize   int
 	PageToken  string
 	Start, End *time.Time
+	// Kinds keeps only entries of transfers of these kinds (empty: all).
+	Kinds []Kind
 }

@@ -6,6 +6,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 	"unicode/utf8"
 )
 
@@ -19,6 +20,18 @@ type Limits struct {
 	DescriptionBytesMax   int
 	ExternalRefBytesMax   int
 	CreditLimitMax        int64
+	// HoldExpiryDefault is a hold's lifetime when the request sets none;
+	// HoldExpiryMax the longest one allowed.
+	HoldExpiryDefault time.Duration
+	HoldExpiryMax     time.Duration
+	// SubmitBatchItemsMax bounds the operations of one SubmitBatch.
+	SubmitBatchItemsMax int
+	// BalancesAccountsMax bounds the accounts of one GetBalances.
+	BalancesAccountsMax int
+	// HistorySettleWindow: a balance at an instant closer to now than this
+	// is not final (a transaction dated before it may still commit). It must
+	// exceed the batch timeout.
+	HistorySettleWindow time.Duration
 }
 
 // Default limits.
@@ -34,7 +47,13 @@ const (
 	// CreditLimitMax is fixed by a CHECK constraint in the schema.
 	CreditLimitMax = int64(1_000_000_000_000_000_000)
 	// IdempotencyKeyBytesMax is part of the API contract and the schema.
-	IdempotencyKeyBytesMax = 128
+	IdempotencyKeyBytesMax   = 128
+	HoldExpiryDefaultDefault = 24 * time.Hour
+	HoldExpiryMaxDefault     = 30 * 24 * time.Hour
+	// SubmitBatchItemsMaxDefault is the 1,000 operations.
+	SubmitBatchItemsMaxDefault = 1000
+	BalancesAccountsMaxDefault = 10000
+	HistorySettleWindowDefault = 60 * time.Second
 )
 
 // DefaultLimits returns the default limits.
@@ -48,6 +67,11 @@ func DefaultLimits() Limits {
 		DescriptionBytesMax:   DescriptionBytesMaxDefault,
 		ExternalRefBytesMax:   ExternalRefBytesMax,
 		CreditLimitMax:        CreditLimitMax,
+		HoldExpiryDefault:     HoldExpiryDefaultDefault,
+		HoldExpiryMax:         HoldExpiryMaxDefault,
+		SubmitBatchItemsMax:   SubmitBatchItemsMaxDefault,
+		BalancesAccountsMax:   BalancesAccountsMaxDefault,
+		HistorySettleWindow:   HistorySettleWindowDefault,
 	}
 }
 
@@ -77,6 +101,21 @@ func (l *Limits) fill() {
 	}
 	if l.CreditLimitMax <= 0 || l.CreditLimitMax > CreditLimitMax {
 		l.CreditLimitMax = CreditLimitMax
+	}
+	if l.HoldExpiryMax <= 0 {
+		l.HoldExpiryMax = d.HoldExpiryMax
+	}
+	if l.HoldExpiryDefault <= 0 || l.HoldExpiryDefault > l.HoldExpiryMax {
+		l.HoldExpiryDefault = min(d.HoldExpiryDefault, l.HoldExpiryMax)
+	}
+	if l.SubmitBatchItemsMax <= 0 {
+		l.SubmitBatchItemsMax = d.SubmitBatchItemsMax
+	}
+	if l.BalancesAccountsMax <= 0 {
+		l.BalancesAccountsMax = d.BalancesAccountsMax
+	}
+	if l.HistorySettleWindow <= 0 {
+		l.HistorySettleWindow = d.HistorySettleWindow
 	}
 }
 
@@ -175,6 +214,19 @@ func fingerprint(r MoveRequest) []byte {
 	for _, k := range keys {
 		writeStr(k)
 		writeStr(r.Metadata[k])
+	}
+	// Fields of the kinds added later are hashed only for them, so keys
+	// stored before they existed keep their fingerprints.
+	if r.Kind >= KindRefund {
+		h.Write(r.HoldID[:])
+		h.Write(r.ChargeID[:])
+		if r.ExpiresAt != nil {
+			writeInt(1)
+			writeInt(r.ExpiresAt.UnixNano())
+		} else {
+			writeInt(0)
+		}
+		writeInt(int64(r.ExpiresIn))
 	}
 	return h.Sum(nil)
 }

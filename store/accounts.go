@@ -10,7 +10,8 @@ import (
 )
 
 const accountCols = `account_id, currency, type, external_ref, floor, credit_limit, status, metadata,
-	coalesce(system_role, ''), balance, version, last_sequence, last_entry_at, created_at`
+	coalesce(system_role, ''), balance, version, last_sequence, last_entry_at, created_at,
+	held, next_hold_expiry, low_balance_threshold`
 
 type rowScanner interface{ Scan(dest ...any) error }
 
@@ -18,7 +19,8 @@ func scanAccount(r rowScanner) (Account, error) {
 	var a Account
 	var meta []byte
 	err := r.Scan(&a.ID, &a.Currency, &a.Type, &a.ExternalRef, &a.Floor, &a.CreditLimit, &a.Status, &meta,
-		&a.SystemRole, &a.Balance, &a.Version, &a.LastSequence, &a.LastEntryAt, &a.CreatedAt)
+		&a.SystemRole, &a.Balance, &a.Version, &a.LastSequence, &a.LastEntryAt, &a.CreatedAt,
+		&a.Held, &a.NextHoldExpiry, &a.LowBalanceThreshold)
 	if err != nil {
 		return Account{}, err
 	}
@@ -140,13 +142,101 @@ func (s *Store) FindAccounts(ctx context.Context, f AccountFilter) ([]Account, e
 	return out, translate(rows.Err())
 }
 
-// GetBalance reads an account's balance straight from PostgreSQL.
-func (s *Store) GetBalance(ctx context.Context, id uuid.UUID) (BalanceRow, error) {
+// balanceSelect reads accounts a as of the time c.now, counting only holds
+// that had not expired by then (held as stored may still include expired
+// ones, see Account.Held), and the next expiry after c.now.
+const balanceSelect = `SELECT a.account_id, a.currency, a.floor, a.balance, a.credit_limit, a.version, c.now,
+		a.held - CASE WHEN a.next_hold_expiry <= c.now THEN
+			(SELECT coalesce(sum(h.amount), 0) FROM holds h
+			 WHERE h.account_id = a.account_id AND h.status = 1 AND h.expires_at <= c.now)::bigint ELSE 0 END,
+		CASE WHEN a.next_hold_expiry <= c.now THEN
+			(SELECT min(h.expires_at) FROM holds h
+			 WHERE h.account_id = a.account_id AND h.status = 1 AND h.expires_at > c.now)
+		ELSE a.next_hold_expiry END,
+		a.status`
+
+func scanBalance(r rowScanner) (BalanceRow, error) {
 	var b BalanceRow
-	err := s.pool.QueryRow(ctx, `SELECT account_id, currency, floor, balance, credit_limit, version, clock_timestamp()
-		FROM accounts WHERE account_id = $1`, id).
-		Scan(&b.AccountID, &b.Currency, &b.Floor, &b.Balance, &b.CreditLimit, &b.Version, &b.ReadAt)
+	err := r.Scan(&b.AccountID, &b.Currency, &b.Floor, &b.Balance, &b.CreditLimit, &b.Version, &b.ReadAt,
+		&b.Held, &b.NextHoldExpiry, &b.Status)
+	return b, err
+}
+
+// GetBalance reads an account's balance straight from PostgreSQL. Held
+// counts only the holds that have not expired by PostgreSQL's clock.
+func (s *Store) GetBalance(ctx context.Context, id uuid.UUID) (BalanceRow, error) {
+	b, err := scanBalance(s.pool.QueryRow(ctx, balanceSelect+`
+		FROM accounts a, (SELECT clock_timestamp() AS now) c WHERE a.account_id = $1`, id))
 	return b, translate(err)
+}
+
+// GetBalances reads many balances in one statement, in the order of ids;
+// unknown ids are left out.
+func (s *Store) GetBalances(ctx context.Context, ids []uuid.UUID) ([]BalanceRow, error) {
+	rows, err := s.pool.Query(ctx, balanceSelect+`
+		FROM unnest($1::uuid[]) WITH ORDINALITY AS q(id, n)
+		JOIN accounts a ON a.account_id = q.id, (SELECT clock_timestamp() AS now) c
+		ORDER BY q.n`, ids)
+	if err != nil {
+		return nil, translate(err)
+	}
+	defer rows.Close()
+	var out []BalanceRow
+	for rows.Next() {
+		b, err := scanBalance(rows)
+		if err != nil {
+			return nil, translate(err)
+		}
+		out = append(out, b)
+	}
+	return out, translate(rows.Err())
+}
+
+// HistoricalBalance is an account's balance at an instant, from its entries.
+type HistoricalBalance struct {
+	AccountID   uuid.UUID
+	Currency    string
+	Floor       int16
+	CreditLimit int64
+	Balance     int64
+	Held        int64
+	// Sequence is the account's last entry at the instant (0: none yet).
+	Sequence int64
+	// Now is PostgreSQL's clock when the read ran.
+	Now time.Time
+}
+
+// BalancesAt returns each account's balance at instant at: the balance_after
+// of its last entry dated at or before it, and the holds open at it. The
+// credit limit is today's (limit changes are in account_changes).
+func (s *Store) BalancesAt(ctx context.Context, ids []uuid.UUID, at time.Time) ([]HistoricalBalance, error) {
+	rows, err := s.pool.Query(ctx, `SELECT a.account_id, a.currency, a.floor, a.credit_limit,
+			coalesce(e.balance_after, 0), coalesce(e.sequence, 0),
+			(SELECT coalesce(sum(h.amount), 0) FROM holds h
+			 WHERE h.account_id = a.account_id AND h.created_at <= $2
+			   AND (h.finalized_at IS NULL OR h.finalized_at > $2) AND h.expires_at > $2)::bigint,
+			clock_timestamp()
+		FROM unnest($1::uuid[]) WITH ORDINALITY AS q(id, n)
+		JOIN accounts a ON a.account_id = q.id
+		LEFT JOIN LATERAL (
+			SELECT balance_after, sequence FROM entries
+			WHERE account_id = a.account_id AND created_at <= $2
+			ORDER BY created_at DESC, sequence DESC LIMIT 1) e ON true
+		ORDER BY q.n`, ids, at)
+	if err != nil {
+		return nil, translate(err)
+	}
+	defer rows.Close()
+	var out []HistoricalBalance
+	for rows.Next() {
+		var h HistoricalBalance
+		if err := rows.Scan(&h.AccountID, &h.Currency, &h.Floor, &h.CreditLimit, &h.Balance, &h.Sequence,
+			&h.Held, &h.Now); err != nil {
+			return nil, translate(err)
+		}
+		out = append(out, h)
+	}
+	return out, translate(rows.Err())
 }
 
 // EntryFilter pages through an account's entries by sequence.
@@ -154,20 +244,23 @@ type EntryFilter struct {
 	AccountID     uuid.UUID
 	AfterSequence int64
 	Start, End    *time.Time
-	Limit         int
+	// Kinds, when not empty, keeps only entries of transfers of these kinds.
+	Kinds []int16
+	Limit int
 }
 
 // ListEntries returns up to f.Limit entries of an account, oldest first,
 // each with the audit trail of its transfer.
 func (s *Store) ListEntries(ctx context.Context, f EntryFilter) ([]Entry, error) {
 	rows, err := s.pool.Query(ctx, `SELECT e.transfer_id, e.account_id, e.sequence, e.amount, e.balance_after,
-		e.version_after, e.created_at, t.created_by_client, coalesce(t.created_by_key, '')
+		e.version_after, e.created_at, t.created_by_client, coalesce(t.created_by_key, ''), t.kind
 		FROM entries e JOIN transfers t ON t.transfer_id = e.transfer_id
 		WHERE e.account_id = $1 AND e.sequence > $2
 		  AND ($3::timestamptz IS NULL OR e.created_at >= $3)
 		  AND ($4::timestamptz IS NULL OR e.created_at < $4)
+		  AND (cardinality($6::int2[]) = 0 OR t.kind = ANY($6))
 		ORDER BY e.sequence
-		LIMIT $5`, f.AccountID, f.AfterSequence, f.Start, f.End, f.Limit)
+		LIMIT $5`, f.AccountID, f.AfterSequence, f.Start, f.End, f.Limit, kinds(f.Kinds))
 	if err != nil {
 		return nil, translate(err)
 	}
@@ -177,11 +270,38 @@ func (s *Store) ListEntries(ctx context.Context, f EntryFilter) ([]Entry, error)
 		var e Entry
 		var by uuid.NullUUID
 		if err := rows.Scan(&e.TransferID, &e.AccountID, &e.Sequence, &e.Amount, &e.BalanceAfter, &e.VersionAfter,
-			&e.CreatedAt, &by, &e.CreatedByKey); err != nil {
+			&e.CreatedAt, &by, &e.CreatedByKey, &e.Kind); err != nil {
 			return nil, translate(err)
 		}
 		e.CreatedByClient = by.UUID
 		out = append(out, e)
+	}
+	return out, translate(rows.Err())
+}
+
+func kinds(k []int16) []int16 {
+	if k == nil {
+		return []int16{}
+	}
+	return k
+}
+
+// ExpiringAccounts returns up to limit accounts with a hold stored as open
+// past its expiry (by PostgreSQL's clock), for the sweeper.
+func (s *Store) ExpiringAccounts(ctx context.Context, limit int) ([]uuid.UUID, error) {
+	rows, err := s.pool.Query(ctx, `SELECT account_id FROM accounts
+		WHERE next_hold_expiry <= clock_timestamp() ORDER BY next_hold_expiry LIMIT $1`, limit)
+	if err != nil {
+		return nil, translate(err)
+	}
+	defer rows.Close()
+	var out []uuid.UUID
+	for rows.Next() {
+		var id uuid.UUID
+		if err := rows.Scan(&id); err != nil {
+			return nil, translate(err)
+		}
+		out = append(out, id)
 	}
 	return out, translate(rows.Err())
 }

@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -43,28 +44,31 @@ func (s *Store) InTx(ctx context.Context, fn func(*Tx) error) (err error) {
 }
 
 const keyCols = `scope, idempotency_key, fingerprint, kind, transfer_id, account_id,
-	coalesce(error_code, ''), coalesce(error_reason, ''), coalesce(error_message, ''), created_at`
+	coalesce(error_code, ''), coalesce(error_reason, ''), coalesce(error_message, ''), created_at, hold_id`
 
 func scanKey(r rowScanner) (KeyRecord, error) {
 	var k KeyRecord
 	err := r.Scan(&k.Scope, &k.Key, &k.Fingerprint, &k.Kind, &k.TransferID, &k.AccountID,
-		&k.ErrorCode, &k.ErrorReason, &k.ErrorMessage, &k.CreatedAt)
+		&k.ErrorCode, &k.ErrorReason, &k.ErrorMessage, &k.CreatedAt, &k.HoldID)
 	return k, err
 }
 
 const transferCols = `transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
-	amount, currency, description, metadata, created_at, created_by_client, coalesce(created_by_key, '')`
+	amount, currency, description, metadata, created_at, created_by_client, coalesce(created_by_key, ''),
+	refund_of, hold_id, threshold_crossed,
+	coalesce((SELECT r.refunded FROM charge_refunds r WHERE r.transfer_id = transfers.transfer_id), 0)`
 
 func scanTransfer(r rowScanner) (Transfer, error) {
 	var t Transfer
 	var meta []byte
-	var by uuid.NullUUID
+	var by, refundOf, hold uuid.NullUUID
 	err := r.Scan(&t.ID, &t.Scope, &t.Key, &t.Kind, &t.DebitAccountID, &t.CreditAccountID,
-		&t.Amount, &t.Currency, &t.Description, &meta, &t.CreatedAt, &by, &t.CreatedByKey)
+		&t.Amount, &t.Currency, &t.Description, &meta, &t.CreatedAt, &by, &t.CreatedByKey,
+		&refundOf, &hold, &t.ThresholdCrossed, &t.Refunded)
 	if err != nil {
 		return Transfer{}, err
 	}
-	t.CreatedByClient = by.UUID
+	t.CreatedByClient, t.RefundOf, t.HoldID = by.UUID, refundOf.UUID, hold.UUID
 	t.Metadata, err = decodeMeta(meta)
 	return t, err
 }
@@ -88,4 +92,11 @@ func (s *Store) GetEntry(ctx context.Context, transferID, accountID uuid.UUID) (
 		FROM entries WHERE transfer_id = $1 AND account_id = $2`, transferID, accountID).
 		Scan(&e.TransferID, &e.AccountID, &e.Sequence, &e.Amount, &e.BalanceAfter, &e.VersionAfter, &e.CreatedAt)
 	return e, translate(err)
+}
+
+// Now returns PostgreSQL's clock, which decides hold expiry.
+func (s *Store) Now(ctx context.Context) (time.Time, error) {
+	var now time.Time
+	err := s.pool.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&now)
+	return now, translate(err)
 }

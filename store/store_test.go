@@ -119,8 +119,8 @@ func TestLedgerTablesAreAppendOnly(t *testing.T) {
 				{TransferID: tid, AccountID: b, Sequence: seq, Amount: 5, BalanceAfter: balB, VersionAfter: seq, CreatedAt: now},
 			},
 			Updates: []store.AccountUpdate{
-				{AccountID: a, PrevVersion: prevA, Balance: balA, Version: seq, LastSequence: seq, LastEntryAt: now},
-				{AccountID: b, PrevVersion: prevB, Balance: balB, Version: seq, LastSequence: seq, LastEntryAt: now},
+				{AccountID: a, PrevVersion: prevA, Balance: balA, Version: seq, LastSequence: seq, LastEntryAt: &now, Status: 1},
+				{AccountID: b, PrevVersion: prevB, Balance: balB, Version: seq, LastSequence: seq, LastEntryAt: &now, Status: 1},
 			},
 			Keys: []store.KeyRecord{{Key: key, Fingerprint: []byte{1}, Kind: 3, TransferID: uuid.NullUUID{UUID: tid, Valid: true}, AccountID: a}},
 		}

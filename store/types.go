@@ -23,6 +23,15 @@ type Account struct {
 	LastSequence int64
 	LastEntryAt  *time.Time
 	CreatedAt    time.Time
+	// Held is the sum of the holds stored as open (see NextHoldExpiry).
+	Held int64
+	// NextHoldExpiry is the earliest expires_at among the holds stored as
+	// open; nil when there are none. From then on Held includes expired holds
+	// until a write records their expiry.
+	NextHoldExpiry *time.Time
+	// LowBalanceThreshold, when set, is the available amount below which a
+	// debit reports threshold_crossed.
+	LowBalanceThreshold *int64
 }
 
 // Transfer is a transfers row.
@@ -42,6 +51,15 @@ type Transfer struct {
 	// key that created the transfer (uuid.Nil and "" are stored as NULL).
 	CreatedByClient uuid.UUID
 	CreatedByKey    string
+	// RefundOf is the charge a REFUND reverses (uuid.Nil otherwise).
+	RefundOf uuid.UUID
+	// HoldID is the hold a capture's CHARGE came from (uuid.Nil otherwise).
+	HoldID uuid.UUID
+	// ThresholdCrossed: this transfer took its debited account's available
+	// amount below its low-balance threshold.
+	ThresholdCrossed bool
+	// Refunded is how much of a CHARGE has been refunded; only reads fill it.
+	Refunded int64
 }
 
 // Entry is an entries row: one side of a transfer on one account.
@@ -57,6 +75,8 @@ type Entry struct {
 	// ListEntries fills them (WriteBatch ignores them).
 	CreatedByClient uuid.UUID
 	CreatedByKey    string
+	// Kind is the kind of the entry's transfer; only ListEntries fills it.
+	Kind int16
 }
 
 // KeyRecord is an idempotency_keys row: the final outcome of one key.
@@ -66,6 +86,7 @@ type KeyRecord struct {
 	Fingerprint  []byte
 	Kind         int16
 	TransferID   uuid.NullUUID
+	HoldID       uuid.NullUUID
 	AccountID    uuid.UUID
 	ErrorCode    string
 	ErrorReason  string
@@ -82,6 +103,11 @@ type BalanceRow struct {
 	CreditLimit int64
 	Version     int64
 	ReadAt      time.Time
+	// Held counts only holds that had not expired at ReadAt.
+	Held int64
+	// NextHoldExpiry is the earliest expiry after ReadAt of an open hold.
+	NextHoldExpiry *time.Time
+	Status         int16
 }
 
 // AccountUpdate is the new state of one account after a posting. PrevVersion
@@ -92,7 +118,82 @@ type AccountUpdate struct {
 	Balance      int64
 	Version      int64
 	LastSequence int64
-	LastEntryAt  time.Time
+	LastEntryAt  *time.Time
+	Held         int64
+	// HoldsChanged makes the update recompute next_hold_expiry from the
+	// open holds (after this batch's hold writes).
+	HoldsChanged        bool
+	Status              int16
+	CreditLimit         int64
+	Metadata            map[string]string
+	LowBalanceThreshold *int64
+}
+
+// Hold statuses as stored.
+const (
+	HoldOpen     int16 = 1
+	HoldCaptured int16 = 2
+	HoldReleased int16 = 3
+	HoldExpired  int16 = 4
+)
+
+// Hold is a holds row.
+type Hold struct {
+	ID                uuid.UUID
+	Scope             string
+	Key               string
+	AccountID         uuid.UUID
+	RevenueAccountID  uuid.UUID // uuid.Nil: the currency's default
+	Amount            int64
+	Currency          string
+	Status            int16
+	ExpiresAt         time.Time
+	CapturedAmount    int64
+	CaptureTransferID uuid.UUID
+	Description       string
+	Metadata          map[string]string
+	CreatedAt         time.Time
+	FinalizedAt       *time.Time
+	CreatedByClient   uuid.UUID
+	CreatedByKey      string
+}
+
+// HoldChange is the final action of a hold, written by WriteBatch.
+type HoldChange struct {
+	HoldID            uuid.UUID
+	Status            int16
+	CapturedAmount    int64
+	CaptureTransferID uuid.UUID
+	FinalizedAt       time.Time
+}
+
+// RefundAdd adds Amount to what has been refunded of a charge.
+type RefundAdd struct {
+	ChargeID     uuid.UUID
+	ChargeAmount int64
+	Amount       int64
+}
+
+// AccountChange is an account_changes row: who changed an account and how.
+type AccountChange struct {
+	AccountID       uuid.UUID
+	Action          string
+	VersionAfter    int64
+	Before, After   map[string]any
+	CreatedByClient uuid.UUID
+	CreatedByKey    string
+	CreatedAt       time.Time
+}
+
+// BatchRecord is a batches row: the stored outcome of a SubmitBatch key.
+type BatchRecord struct {
+	Scope       string
+	Key         string
+	Fingerprint []byte
+	Mode        int16
+	Applied     bool
+	Results     []byte // JSON, owned by the ledger
+	CreatedAt   time.Time
 }
 
 // Role names of the per-currency default system accounts.

@@ -246,3 +246,60 @@ func (c *Client) GetTransfer(ctx context.Context, r *tallyv1.GetTransferRequest)
 func (c *Client) ListEntries(ctx context.Context, r *tallyv1.ListEntriesRequest) (*tallyv1.ListEntriesResponse, error) {
 	return call(ctx, c, c.raw.ListEntries, r)
 }
+
+// Refund refunds a charge; r.IdempotencyKey must be set.
+func (c *Client) Refund(ctx context.Context, r *tallyv1.RefundRequest) (*tallyv1.TransferResult, error) {
+	return call(ctx, c, c.raw.Refund, r)
+}
+
+// Hold reserves funds; r.IdempotencyKey must be set.
+func (c *Client) Hold(ctx context.Context, r *tallyv1.HoldRequest) (*tallyv1.HoldResult, error) {
+	return call(ctx, c, c.raw.Hold, r)
+}
+
+// CaptureHold charges a hold; r.IdempotencyKey must be set.
+func (c *Client) CaptureHold(ctx context.Context, r *tallyv1.CaptureHoldRequest) (*tallyv1.HoldResult, error) {
+	return call(ctx, c, c.raw.CaptureHold, r)
+}
+
+// ReleaseHold frees a hold; r.IdempotencyKey must be set.
+func (c *Client) ReleaseHold(ctx context.Context, r *tallyv1.ReleaseHoldRequest) (*tallyv1.HoldResult, error) {
+	return call(ctx, c, c.raw.ReleaseHold, r)
+}
+
+// GetHold reads a hold.
+func (c *Client) GetHold(ctx context.Context, r *tallyv1.GetHoldRequest) (*tallyv1.Hold, error) {
+	return call(ctx, c, c.raw.GetHold, r)
+}
+
+// SubmitBatch applies a batch; r.BatchKey and every operation's key must be
+// set, so a retried batch replays.
+func (c *Client) SubmitBatch(ctx context.Context, r *tallyv1.SubmitBatchRequest) (*tallyv1.SubmitBatchResponse, error) {
+	return call(ctx, c, c.raw.SubmitBatch, r)
+}
+
+// FreezeAccount freezes an account (retrying is safe: freezing a frozen
+// account changes nothing).
+func (c *Client) FreezeAccount(ctx context.Context, r *tallyv1.FreezeAccountRequest) (*tallyv1.Account, error) {
+	return call(ctx, c, c.raw.FreezeAccount, r)
+}
+
+// UnfreezeAccount unfreezes an account.
+func (c *Client) UnfreezeAccount(ctx context.Context, r *tallyv1.UnfreezeAccountRequest) (*tallyv1.Account, error) {
+	return call(ctx, c, c.raw.UnfreezeAccount, r)
+}
+
+// CloseAccount closes an empty account.
+func (c *Client) CloseAccount(ctx context.Context, r *tallyv1.CloseAccountRequest) (*tallyv1.Account, error) {
+	return call(ctx, c, c.raw.CloseAccount, r)
+}
+
+// UpdateAccount changes an account's settings (an overwrite: retrying is safe).
+func (c *Client) UpdateAccount(ctx context.Context, r *tallyv1.UpdateAccountRequest) (*tallyv1.Account, error) {
+	return call(ctx, c, c.raw.UpdateAccount, r)
+}
+
+// GetBalances reads many balances, current or at an instant.
+func (c *Client) GetBalances(ctx context.Context, r *tallyv1.GetBalancesRequest) (*tallyv1.GetBalancesResponse, error) {
+	return call(ctx, c, c.raw.GetBalances, r)
+}

@@ -7,8 +7,17 @@
 //	tally charge   --account ID --amount N --key K [--revenue ID] [--description D]
 //	tally transfer create --from ID --to ID --amount N --key K
 //	tally transfer get (--id ID | --key K [--client-id C])
-//	tally balance  --account ID [--strong] [--min-version N]
-//	tally entries  --account ID [--page-size N] [--all]
+//	tally account freeze|unfreeze|close --account ID
+//	tally account update --account ID [--credit-limit N] [--low-balance-threshold N|none] [--replace-meta --meta k=v ...]
+//	tally refund   --transfer CHARGE_ID [--amount N] --key K [--reason R]
+//	tally hold create  --account ID --amount N --key K [--expires-in D | --expires-at T] [--revenue ID]
+//	tally hold capture --hold ID [--amount N] --key K
+//	tally hold release --hold ID --key K
+//	tally hold get     --hold ID
+//	tally batch    --mode atomic|independent --key K [--file ops.jsonl]
+//	tally balance  --account ID [--strong] [--min-version N] [--at T]
+//	tally balances --account ID ... | --file IDS [--at T]
+//	tally entries  --account ID [--page-size N] [--all] [--kind charge,refund,...] [--since T] [--until T]
 //	tally bench    --scenario S [--clients N] [--duration D] [--warmup D] [--accounts N] [--json]
 //
 // Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY),
@@ -48,10 +57,17 @@ const usageText = `usage: tally <command> [flags]
 
 commands:
   account create|get|find   manage accounts
+  account freeze|unfreeze|close|update
+                            account lifecycle (recorded with who did it)
   credit                    top up an account (debits the funding account)
   charge                    charge an account (credits the revenue account)
+  refund                    refund all or part of a charge
+  hold create|capture|release|get
+                            reserve funds, then charge or free them
+  batch                     submit up to 1,000 operations, atomic or independent
   transfer create|get       move money between accounts / look up a transfer or key
-  balance                   read a balance
+  balance                   read a balance (now, or --at an instant)
+  balances                  read many balances at once (e.g. month-end)
   entries                   list an account's statement
   bench                     load-test a running tallyd (throughput, latency, batch sizes)
 
@@ -150,7 +166,7 @@ func run(args []string, out io.Writer) error {
 		return errUsage
 	}
 	cmd, rest := args[0], args[1:]
-	if (cmd == "account" || cmd == "transfer") && len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
+	if (cmd == "account" || cmd == "transfer" || cmd == "hold") && len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
 		cmd, rest = cmd+" "+rest[0], rest[1:]
 	}
 	switch cmd {
@@ -174,6 +190,16 @@ func run(args []string, out io.Writer) error {
 		return entries(rest, out)
 	case "bench":
 		return benchCmd(rest, out)
+	case "account freeze", "account unfreeze", "account close", "account update":
+		return accountChange(strings.TrimPrefix(cmd, "account "), rest, out)
+	case "refund":
+		return refund(rest, out)
+	case "hold create", "hold capture", "hold release", "hold get":
+		return holdCmd(strings.TrimPrefix(cmd, "hold "), rest, out)
+	case "batch":
+		return batch(rest, os.Stdin, out)
+	case "balances":
+		return balances(rest, out)
 	}
 	return errUsage
 }
@@ -413,11 +439,7 @@ func move(args []string, out io.Writer, kind string) error {
 	if c.json {
 		return printJSON(out, res)
 	}
-	t, b := res.GetTransfer(), res.GetBalance()
-	table(out, "TRANSFER\tKIND\tDEBIT\tCREDIT\tAMOUNT\tREPLAYED\tBALANCE\tVERSION",
-		fmt.Sprintf("%s\t%s\t%s\t%s\t%d %s\t%v\t%d\t%d", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
-			t.GetDebitAccountId(), t.GetCreditAccountId(), t.GetAmount(), t.GetCurrency(), res.GetReplayed(),
-			b.GetBalance(), b.GetVersion()))
+	printTransferResult(out, res)
 	return nil
 }
 
@@ -444,10 +466,17 @@ func transferGet(args []string, out io.Writer) error {
 	if c.json {
 		return printJSON(out, t)
 	}
-	table(out, "TRANSFER\tKIND\tDEBIT\tCREDIT\tAMOUNT\tKEY\tCREATED\tCREATED_BY",
-		fmt.Sprintf("%s\t%s\t%s\t%s\t%d %s\t%s\t%s\t%s", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
+	table(out, "TRANSFER\tKIND\tDEBIT\tCREDIT\tAMOUNT\tKEY\tCREATED\tCREATED_BY\tREFUNDED",
+		fmt.Sprintf("%s\t%s\t%s\t%s\t%d %s\t%s\t%s\t%s\t%d", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
 			t.GetDebitAccountId(), t.GetCreditAccountId(), t.GetAmount(), t.GetCurrency(), t.GetIdempotencyKey(),
-			t.GetCreatedAt().AsTime().Format(time.RFC3339Nano), createdBy(t.GetCreatedByClientId(), t.GetCreatedByKeyId())))
+			t.GetCreatedAt().AsTime().Format(time.RFC3339Nano), createdBy(t.GetCreatedByClientId(), t.GetCreatedByKeyId()),
+			t.GetRefundedAmount()))
+	if t.GetRefundOf() != "" {
+		fmt.Fprintln(out, "refund of charge", t.GetRefundOf())
+	}
+	if t.GetHoldId() != "" {
+		fmt.Fprintln(out, "captured from hold", t.GetHoldId())
+	}
 	return nil
 }
 
@@ -467,7 +496,12 @@ func balance(args []string, out io.Writer) error {
 	id := fs.String("account", "", "account id")
 	strong := fs.Bool("strong", false, "read PostgreSQL, not the cache")
 	minVersion := fs.Int64("min-version", 0, "never return an older version than this")
+	at := fs.String("at", "", "the balance at this instant (RFC 3339), from entries")
 	if err := parse(fs, args); err != nil {
+		return err
+	}
+	ts, err := parseAt(*at)
+	if err != nil {
 		return err
 	}
 	cl, ctx, cancel, err := connect(&c)
@@ -477,20 +511,17 @@ func balance(args []string, out io.Writer) error {
 	defer cancel()
 	defer cl.Close()
 	cons := tallyv1.Consistency_CONSISTENCY_CACHED
-	if *strong {
+	if *strong || ts != nil {
 		cons = tallyv1.Consistency_CONSISTENCY_STRONG
 	}
-	b, err := cl.GetBalance(ctx, &tallyv1.GetBalanceRequest{AccountId: *id, Consistency: cons, MinVersion: *minVersion})
+	b, err := cl.GetBalance(ctx, &tallyv1.GetBalanceRequest{AccountId: *id, Consistency: cons, MinVersion: *minVersion, At: ts})
 	if err != nil {
 		return err
 	}
 	if c.json {
 		return printJSON(out, b)
 	}
-	table(out, "ACCOUNT\tCURRENCY\tBALANCE\tAVAILABLE\tCREDIT_LIMIT\tVERSION\tSOURCE\tAS_OF",
-		fmt.Sprintf("%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s", b.GetAccountId(), b.GetCurrency(), b.GetBalance(), b.GetAvailable(),
-			b.GetCreditLimit(), b.GetVersion(), enumName(b.GetSource(), "BALANCE_SOURCE_"),
-			b.GetAsOf().AsTime().Format(time.RFC3339Nano)))
+	table(out, balanceHeader, balanceRow(b))
 	return nil
 }
 
@@ -503,7 +534,29 @@ func entries(args []string, out io.Writer) error {
 	token := fs.String("page-token", "", "page token from a previous call")
 	all := fs.Bool("all", false, "follow page tokens to the end (at most --pages-max pages)")
 	pagesMax := fs.Int("pages-max", 1000, "most pages --all fetches")
+	kindList := fs.String("kind", "", "only these transfer kinds, comma-separated: charge, credit, transfer, refund")
+	since := fs.String("since", "", "only entries at or after this instant (RFC 3339)")
+	until := fs.String("until", "", "only entries before this instant (RFC 3339)")
 	if err := parse(fs, args); err != nil {
+		return err
+	}
+	var kinds []tallyv1.TransferKind
+	for _, k := range strings.Split(*kindList, ",") {
+		if k = strings.TrimSpace(k); k == "" {
+			continue
+		}
+		v, ok := tallyv1.TransferKind_value["TRANSFER_KIND_"+strings.ToUpper(k)]
+		if !ok {
+			return fmt.Errorf("--kind: unknown kind %q", k)
+		}
+		kinds = append(kinds, tallyv1.TransferKind(v))
+	}
+	start, err := parseAt(*since)
+	if err != nil {
+		return err
+	}
+	end, err := parseAt(*until)
+	if err != nil {
 		return err
 	}
 	cl, ctx, cancel, err := connect(&c)
@@ -515,7 +568,8 @@ func entries(args []string, out io.Writer) error {
 	var list []*tallyv1.Entry
 	next := *token
 	for page := 0; page < *pagesMax; page++ {
-		resp, err := cl.ListEntries(ctx, &tallyv1.ListEntriesRequest{AccountId: *id, PageSize: int32(*size), PageToken: next})
+		resp, err := cl.ListEntries(ctx, &tallyv1.ListEntriesRequest{AccountId: *id, PageSize: int32(*size), PageToken: next,
+			Kinds: kinds, StartTime: start, EndTime: end})
 		if err != nil {
 			return err
 		}
@@ -530,11 +584,11 @@ func entries(args []string, out io.Writer) error {
 	}
 	rows := make([]string, 0, len(list))
 	for _, e := range list {
-		rows = append(rows, fmt.Sprintf("%d\t%s\t%d\t%d\t%d\t%s\t%s", e.GetSequence(), e.GetTransferId(), e.GetAmount(),
-			e.GetBalanceAfter(), e.GetVersionAfter(), e.GetCreatedAt().AsTime().Format(time.RFC3339Nano),
-			createdBy(e.GetCreatedByClientId(), e.GetCreatedByKeyId())))
+		rows = append(rows, fmt.Sprintf("%d\t%s\t%s\t%d\t%d\t%d\t%s\t%s", e.GetSequence(), e.GetTransferId(),
+			enumName(e.GetKind(), "TRANSFER_KIND_"), e.GetAmount(), e.GetBalanceAfter(), e.GetVersionAfter(),
+			e.GetCreatedAt().AsTime().Format(time.RFC3339Nano), createdBy(e.GetCreatedByClientId(), e.GetCreatedByKeyId())))
 	}
-	table(out, "SEQ\tTRANSFER\tAMOUNT\tBALANCE_AFTER\tVERSION\tCREATED\tCREATED_BY", rows...)
+	table(out, "SEQ\tTRANSFER\tKIND\tAMOUNT\tBALANCE_AFTER\tVERSION\tCREATED\tCREATED_BY", rows...)
 	if next != "" {
 		fmt.Fprintln(out, "next page: --page-token", next)
 	}

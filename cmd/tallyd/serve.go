@@ -61,8 +61,12 @@ type serveConfig struct {
 	keepaliveMinTime time.Duration
 
 	limits ledger.Limits
-	batch  ledger.BatchConfig
-	pprof  bool
+	// submitBatchBytesMax bounds one SubmitBatch request.
+	submitBatchBytesMax int
+	// holdSweepInterval is how often the sweeper writes down expired holds.
+	holdSweepInterval time.Duration
+	batch             ledger.BatchConfig
+	pprof             bool
 
 	// Authentication and transport security.
 	insecureNoAuth    bool
@@ -131,6 +135,13 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.limits.MetadataKeyBytesMax, "metadata-key-bytes-max", d.MetadataKeyBytesMax, "longest metadata key")
 	fs.IntVar(&c.limits.MetadataValueBytesMax, "metadata-value-bytes-max", d.MetadataValueBytesMax, "longest metadata value")
 	fs.IntVar(&c.limits.DescriptionBytesMax, "description-bytes-max", d.DescriptionBytesMax, "longest description")
+	fs.DurationVar(&c.limits.HoldExpiryDefault, "hold-expiry-default", d.HoldExpiryDefault, "lifetime of a hold that sets no expiry")
+	fs.DurationVar(&c.limits.HoldExpiryMax, "hold-expiry-max", d.HoldExpiryMax, "longest hold lifetime accepted")
+	fs.IntVar(&c.limits.SubmitBatchItemsMax, "submit-batch-items-max", d.SubmitBatchItemsMax, "most operations in one SubmitBatch")
+	fs.IntVar(&c.submitBatchBytesMax, "submit-batch-bytes-max", api.SubmitBatchBytesMaxDefault, "largest SubmitBatch request in bytes (keep below --msg-bytes-max)")
+	fs.IntVar(&c.limits.BalancesAccountsMax, "balances-accounts-max", d.BalancesAccountsMax, "most accounts in one GetBalances")
+	fs.DurationVar(&c.limits.HistorySettleWindow, "history-settle-window", d.HistorySettleWindow, "a balance at an instant closer to now than this is not final (must exceed --batch-timeout)")
+	fs.DurationVar(&c.holdSweepInterval, "hold-sweep-interval", 30*time.Second, "how often expired holds are written down (0: never; reads never need it)")
 }
 
 func newLogger(level, format string) *slog.Logger {
@@ -254,7 +265,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	sopts := api.ServerOptions{
 		Logger: log, MsgBytesMax: c.msgBytesMax, CallTimeoutDefault: c.callTimeoutDefault, StreamsMax: uint32(c.streamsMax),
 		HeaderBytesMax: uint32(c.headerBytesMax), KeepaliveTime: c.keepaliveTime, KeepaliveTimeout: c.keepaliveTimeout,
-		KeepaliveMinTime: c.keepaliveMinTime, NoReflection: !c.reflection,
+		KeepaliveMinTime: c.keepaliveMinTime, NoReflection: !c.reflection, SubmitBatchBytesMax: c.submitBatchBytesMax,
 	}
 	tlsCfg, certRoles, err := c.transport(log)
 	if err != nil {
@@ -296,7 +307,16 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	} else {
 		log.Info("no --redis-url: running without a balance cache")
 	}
+	if c.limits.HistorySettleWindow <= c.batch.Timeout {
+		return fmt.Errorf("--history-settle-window (%s) must exceed --batch-timeout (%s): a transaction dated before "+
+			"a final balance could still commit", c.limits.HistorySettleWindow, c.batch.Timeout)
+	}
 	l := ledger.New(lcfg)
+	sweepCtx, stopSweep := context.WithCancel(context.Background())
+	defer stopSweep()
+	if c.holdSweepInterval > 0 {
+		go l.SweepHolds(sweepCtx, c.holdSweepInterval)
+	}
 
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
@@ -357,6 +377,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	_ = hsrv.Shutdown(sctx)
 	cancel()
 	wg.Wait()
+	stopSweep()
 	l.Close()
 	log.Info("tallyd stopped")
 	return serveErr

@@ -468,7 +468,7 @@ func TestChecker(t *testing.T) {
 		{
 			name: "balance below the floor",
 			sql: []string{
-				"ALTER TABLE accounts DROP CONSTRAINT accounts_balance_floor",
+				"ALTER TABLE accounts DROP CONSTRAINT accounts_balance_floor, DROP CONSTRAINT accounts_held_within_floor",
 				fmt.Sprintf(`UPDATE accounts SET credit_limit = 0 WHERE account_id = '%s'`, f.c),
 			},
 			want: InvFloorRespected,
@@ -650,7 +650,7 @@ func TestCachedReadAgeBound(t *testing.T) {
 
 func TestCacheValueRoundTrip(t *testing.T) {
 	v := CacheValue(42, -7, 10, 3, "CREDITS", time.Unix(1, 5))
-	if v != "v1|42|-7|10|3|CREDITS|1000000005" {
+	if v != "v2|42|-7|10|3|CREDITS|1000000005|0|0" {
 		t.Fatalf("CacheValue = %q", v)
 	}
 	if ver, bal, ok := ParseCacheValue(v); !ok || ver != 42 || bal != -7 {

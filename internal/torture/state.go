@@ -250,32 +250,33 @@ func escapeGlob(s string) string {
 	return r.Replace(s)
 }
 
-// CacheValue renders a balance in the cache's v1 value format (see package
-// cache): v1|version|balance|credit_limit|available|currency|asof_unix_nanos.
+// CacheValue renders a balance in the cache's v2 value format (see package
+// cache): v2|version|balance|credit_limit|available|currency|asof_unix_nanos|held|serve_until,
+// with nothing held.
 func CacheValue(version, balance, creditLimit, available int64, currency string, asOf time.Time) string {
 	var ns int64
 	if !asOf.IsZero() {
 		ns = asOf.UnixNano()
 	}
-	return strings.Join([]string{"v1", strconv.FormatInt(version, 10), strconv.FormatInt(balance, 10),
-		strconv.FormatInt(creditLimit, 10), strconv.FormatInt(available, 10), currency, strconv.FormatInt(ns, 10)}, "|")
+	return strings.Join([]string{"v2", strconv.FormatInt(version, 10), strconv.FormatInt(balance, 10),
+		strconv.FormatInt(creditLimit, 10), strconv.FormatInt(available, 10), currency, strconv.FormatInt(ns, 10), "0", "0"}, "|")
 }
 
-// ParseCacheValue parses a v1 cache value as strictly as the cache does.
+// ParseCacheValue parses a v2 cache value as strictly as the cache does.
 func ParseCacheValue(s string) (version, balance int64, ok bool) {
 	f := strings.Split(s, "|")
-	if len(f) != 7 || f[0] != "v1" || f[5] == "" {
+	if len(f) != 9 || f[0] != "v2" || f[5] == "" {
 		return 0, 0, false
 	}
-	var n [5]int64
-	for i, idx := range []int{1, 2, 3, 4, 6} {
+	var n [7]int64
+	for i, idx := range []int{1, 2, 3, 4, 6, 7, 8} {
 		v, err := strconv.ParseInt(f[idx], 10, 64)
 		if err != nil || strconv.FormatInt(v, 10) != f[idx] {
 			return 0, 0, false
 		}
 		n[i] = v
 	}
-	if n[0] < 0 {
+	if n[0] < 0 || n[5] < 0 {
 		return 0, 0, false
 	}
 	return n[0], n[1], true

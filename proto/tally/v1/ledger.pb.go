@@ -193,6 +193,7 @@ const (
 	TransferKind_TRANSFER_KIND_CHARGE      TransferKind = 1
 	TransferKind_TRANSFER_KIND_CREDIT      TransferKind = 2
 	TransferKind_TRANSFER_KIND_TRANSFER    TransferKind = 3
+	TransferKind_TRANSFER_KIND_REFUND      TransferKind = 4
 )
 
 // Enum value maps for TransferKind.
@@ -202,12 +203,14 @@ var (
 		1: "TRANSFER_KIND_CHARGE",
 		2: "TRANSFER_KIND_CREDIT",
 		3: "TRANSFER_KIND_TRANSFER",
+		4: "TRANSFER_KIND_REFUND",
 	}
 	TransferKind_value = map[string]int32{
 		"TRANSFER_KIND_UNSPECIFIED": 0,
 		"TRANSFER_KIND_CHARGE":      1,
 		"TRANSFER_KIND_CREDIT":      2,
 		"TRANSFER_KIND_TRANSFER":    3,
+		"TRANSFER_KIND_REFUND":      4,
 	}
 )
 
@@ -236,6 +239,115 @@ func (x TransferKind) Number() protoreflect.EnumNumber {
 // Deprecated: Use TransferKind.Descriptor instead.
 func (TransferKind) EnumDescriptor() ([]byte, []int) {
 	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{3}
+}
+
+// HoldStatus is a hold's state.
+type HoldStatus int32
+
+const (
+	HoldStatus_HOLD_STATUS_UNSPECIFIED HoldStatus = 0
+	HoldStatus_HOLD_STATUS_OPEN        HoldStatus = 1
+	HoldStatus_HOLD_STATUS_CAPTURED    HoldStatus = 2
+	HoldStatus_HOLD_STATUS_RELEASED    HoldStatus = 3
+	// Reached expires_at (by PostgreSQL's clock) without a final action.
+	HoldStatus_HOLD_STATUS_EXPIRED HoldStatus = 4
+)
+
+// Enum value maps for HoldStatus.
+var (
+	HoldStatus_name = map[int32]string{
+		0: "HOLD_STATUS_UNSPECIFIED",
+		1: "HOLD_STATUS_OPEN",
+		2: "HOLD_STATUS_CAPTURED",
+		3: "HOLD_STATUS_RELEASED",
+		4: "HOLD_STATUS_EXPIRED",
+	}
+	HoldStatus_value = map[string]int32{
+		"HOLD_STATUS_UNSPECIFIED": 0,
+		"HOLD_STATUS_OPEN":        1,
+		"HOLD_STATUS_CAPTURED":    2,
+		"HOLD_STATUS_RELEASED":    3,
+		"HOLD_STATUS_EXPIRED":     4,
+	}
+)
+
+func (x HoldStatus) Enum() *HoldStatus {
+	p := new(HoldStatus)
+	*p = x
+	return p
+}
+
+func (x HoldStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (HoldStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_tally_v1_ledger_proto_enumTypes[4].Descriptor()
+}
+
+func (HoldStatus) Type() protoreflect.EnumType {
+	return &file_tally_v1_ledger_proto_enumTypes[4]
+}
+
+func (x HoldStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use HoldStatus.Descriptor instead.
+func (HoldStatus) EnumDescriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{4}
+}
+
+// BatchMode says how SubmitBatch applies its operations.
+type BatchMode int32
+
+const (
+	BatchMode_BATCH_MODE_UNSPECIFIED BatchMode = 0
+	// All operations apply or none does.
+	BatchMode_BATCH_MODE_ATOMIC BatchMode = 1
+	// Each operation succeeds or fails on its own, in order.
+	BatchMode_BATCH_MODE_INDEPENDENT BatchMode = 2
+)
+
+// Enum value maps for BatchMode.
+var (
+	BatchMode_name = map[int32]string{
+		0: "BATCH_MODE_UNSPECIFIED",
+		1: "BATCH_MODE_ATOMIC",
+		2: "BATCH_MODE_INDEPENDENT",
+	}
+	BatchMode_value = map[string]int32{
+		"BATCH_MODE_UNSPECIFIED": 0,
+		"BATCH_MODE_ATOMIC":      1,
+		"BATCH_MODE_INDEPENDENT": 2,
+	}
+)
+
+func (x BatchMode) Enum() *BatchMode {
+	p := new(BatchMode)
+	*p = x
+	return p
+}
+
+func (x BatchMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (BatchMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_tally_v1_ledger_proto_enumTypes[5].Descriptor()
+}
+
+func (BatchMode) Type() protoreflect.EnumType {
+	return &file_tally_v1_ledger_proto_enumTypes[5]
+}
+
+func (x BatchMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use BatchMode.Descriptor instead.
+func (BatchMode) EnumDescriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{5}
 }
 
 // Consistency selects where a balance read may come from.
@@ -274,11 +386,11 @@ func (x Consistency) String() string {
 }
 
 func (Consistency) Descriptor() protoreflect.EnumDescriptor {
-	return file_tally_v1_ledger_proto_enumTypes[4].Descriptor()
+	return file_tally_v1_ledger_proto_enumTypes[6].Descriptor()
 }
 
 func (Consistency) Type() protoreflect.EnumType {
-	return &file_tally_v1_ledger_proto_enumTypes[4]
+	return &file_tally_v1_ledger_proto_enumTypes[6]
 }
 
 func (x Consistency) Number() protoreflect.EnumNumber {
@@ -287,7 +399,7 @@ func (x Consistency) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Consistency.Descriptor instead.
 func (Consistency) EnumDescriptor() ([]byte, []int) {
-	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{4}
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{6}
 }
 
 // BalanceSource says where a balance read came from.
@@ -324,11 +436,11 @@ func (x BalanceSource) String() string {
 }
 
 func (BalanceSource) Descriptor() protoreflect.EnumDescriptor {
-	return file_tally_v1_ledger_proto_enumTypes[5].Descriptor()
+	return file_tally_v1_ledger_proto_enumTypes[7].Descriptor()
 }
 
 func (BalanceSource) Type() protoreflect.EnumType {
-	return &file_tally_v1_ledger_proto_enumTypes[5]
+	return &file_tally_v1_ledger_proto_enumTypes[7]
 }
 
 func (x BalanceSource) Number() protoreflect.EnumNumber {
@@ -337,24 +449,27 @@ func (x BalanceSource) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use BalanceSource.Descriptor instead.
 func (BalanceSource) EnumDescriptor() ([]byte, []int) {
-	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{5}
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{7}
 }
 
 // Account is a ledger account.
 type Account struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	Currency      string                 `protobuf:"bytes,2,opt,name=currency,proto3" json:"currency,omitempty"`
-	Type          AccountType            `protobuf:"varint,3,opt,name=type,proto3,enum=tally.v1.AccountType" json:"type,omitempty"`
-	ExternalRef   string                 `protobuf:"bytes,4,opt,name=external_ref,json=externalRef,proto3" json:"external_ref,omitempty"`
-	Floor         Floor                  `protobuf:"varint,5,opt,name=floor,proto3,enum=tally.v1.Floor" json:"floor,omitempty"`
-	CreditLimit   int64                  `protobuf:"varint,6,opt,name=credit_limit,json=creditLimit,proto3" json:"credit_limit,omitempty"`
-	Status        AccountStatus          `protobuf:"varint,7,opt,name=status,proto3,enum=tally.v1.AccountStatus" json:"status,omitempty"`
-	Metadata      map[string]string      `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	Version       int64                  `protobuf:"varint,10,opt,name=version,proto3" json:"version,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	AccountId   string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	Currency    string                 `protobuf:"bytes,2,opt,name=currency,proto3" json:"currency,omitempty"`
+	Type        AccountType            `protobuf:"varint,3,opt,name=type,proto3,enum=tally.v1.AccountType" json:"type,omitempty"`
+	ExternalRef string                 `protobuf:"bytes,4,opt,name=external_ref,json=externalRef,proto3" json:"external_ref,omitempty"`
+	Floor       Floor                  `protobuf:"varint,5,opt,name=floor,proto3,enum=tally.v1.Floor" json:"floor,omitempty"`
+	CreditLimit int64                  `protobuf:"varint,6,opt,name=credit_limit,json=creditLimit,proto3" json:"credit_limit,omitempty"`
+	Status      AccountStatus          `protobuf:"varint,7,opt,name=status,proto3,enum=tally.v1.AccountStatus" json:"status,omitempty"`
+	Metadata    map[string]string      `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	Version     int64                  `protobuf:"varint,10,opt,name=version,proto3" json:"version,omitempty"`
+	// When set, a debit or hold that takes available below it reports
+	// threshold_crossed (decided in the committing transaction).
+	LowBalanceThreshold *int64 `protobuf:"varint,11,opt,name=low_balance_threshold,json=lowBalanceThreshold,proto3,oneof" json:"low_balance_threshold,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *Account) Reset() {
@@ -453,6 +568,13 @@ func (x *Account) GetCreatedAt() *timestamppb.Timestamp {
 func (x *Account) GetVersion() int64 {
 	if x != nil {
 		return x.Version
+	}
+	return 0
+}
+
+func (x *Account) GetLowBalanceThreshold() int64 {
+	if x != nil && x.LowBalanceThreshold != nil {
+		return *x.LowBalanceThreshold
 	}
 	return 0
 }
@@ -1002,8 +1124,17 @@ type Transfer struct {
 	// certificate shows a key id of the form "tls:CN=<common name>".
 	CreatedByClientId string `protobuf:"bytes,11,opt,name=created_by_client_id,json=createdByClientId,proto3" json:"created_by_client_id,omitempty"`
 	CreatedByKeyId    string `protobuf:"bytes,12,opt,name=created_by_key_id,json=createdByKeyId,proto3" json:"created_by_key_id,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The charge a REFUND reverses.
+	RefundOf string `protobuf:"bytes,13,opt,name=refund_of,json=refundOf,proto3" json:"refund_of,omitempty"`
+	// The hold a captured CHARGE came from.
+	HoldId string `protobuf:"bytes,14,opt,name=hold_id,json=holdId,proto3" json:"hold_id,omitempty"`
+	// For a CHARGE: how much of it has been refunded so far.
+	RefundedAmount int64 `protobuf:"varint,15,opt,name=refunded_amount,json=refundedAmount,proto3" json:"refunded_amount,omitempty"`
+	// This transfer took the debited account's available amount below its
+	// low-balance threshold.
+	ThresholdCrossed bool `protobuf:"varint,16,opt,name=threshold_crossed,json=thresholdCrossed,proto3" json:"threshold_crossed,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Transfer) Reset() {
@@ -1120,6 +1251,34 @@ func (x *Transfer) GetCreatedByKeyId() string {
 	return ""
 }
 
+func (x *Transfer) GetRefundOf() string {
+	if x != nil {
+		return x.RefundOf
+	}
+	return ""
+}
+
+func (x *Transfer) GetHoldId() string {
+	if x != nil {
+		return x.HoldId
+	}
+	return ""
+}
+
+func (x *Transfer) GetRefundedAmount() int64 {
+	if x != nil {
+		return x.RefundedAmount
+	}
+	return 0
+}
+
+func (x *Transfer) GetThresholdCrossed() bool {
+	if x != nil {
+		return x.ThresholdCrossed
+	}
+	return false
+}
+
 // TransferResult is the outcome of a money-moving call.
 type TransferResult struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
@@ -1128,9 +1287,12 @@ type TransferResult struct {
 	// (account_id for Charge and Credit, the debit account for Transfer).
 	Balance *Balance `protobuf:"bytes,2,opt,name=balance,proto3" json:"balance,omitempty"`
 	// True when the idempotency key was already used and this is the stored outcome.
-	Replayed      bool `protobuf:"varint,3,opt,name=replayed,proto3" json:"replayed,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Replayed bool `protobuf:"varint,3,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	// This call took the named account's available amount below its
+	// low-balance threshold.
+	ThresholdCrossed bool `protobuf:"varint,4,opt,name=threshold_crossed,json=thresholdCrossed,proto3" json:"threshold_crossed,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *TransferResult) Reset() {
@@ -1184,13 +1346,24 @@ func (x *TransferResult) GetReplayed() bool {
 	return false
 }
 
+func (x *TransferResult) GetThresholdCrossed() bool {
+	if x != nil {
+		return x.ThresholdCrossed
+	}
+	return false
+}
+
 // GetBalanceRequest reads one balance.
 type GetBalanceRequest struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	AccountId   string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
 	Consistency Consistency            `protobuf:"varint,2,opt,name=consistency,proto3,enum=tally.v1.Consistency" json:"consistency,omitempty"`
 	// When set, never return a version older than this.
-	MinVersion    int64 `protobuf:"varint,3,opt,name=min_version,json=minVersion,proto3" json:"min_version,omitempty"`
+	MinVersion int64 `protobuf:"varint,3,opt,name=min_version,json=minVersion,proto3" json:"min_version,omitempty"`
+	// When set, the balance at this instant (UTC), from entries; as_of then
+	// equals it, version is 0, and final is false within the settle window
+	// of now (docs/ARCHITECTURE.md).
+	At            *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=at,proto3" json:"at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1246,17 +1419,28 @@ func (x *GetBalanceRequest) GetMinVersion() int64 {
 	return 0
 }
 
+func (x *GetBalanceRequest) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
 // Balance is an account's balance at one version.
 type Balance struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	Currency      string                 `protobuf:"bytes,2,opt,name=currency,proto3" json:"currency,omitempty"`
-	Balance       int64                  `protobuf:"varint,3,opt,name=balance,proto3" json:"balance,omitempty"`
-	Available     int64                  `protobuf:"varint,4,opt,name=available,proto3" json:"available,omitempty"`
-	CreditLimit   int64                  `protobuf:"varint,5,opt,name=credit_limit,json=creditLimit,proto3" json:"credit_limit,omitempty"`
-	Version       int64                  `protobuf:"varint,6,opt,name=version,proto3" json:"version,omitempty"`
-	Source        BalanceSource          `protobuf:"varint,7,opt,name=source,proto3,enum=tally.v1.BalanceSource" json:"source,omitempty"`
-	AsOf          *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=as_of,json=asOf,proto3" json:"as_of,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	AccountId   string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	Currency    string                 `protobuf:"bytes,2,opt,name=currency,proto3" json:"currency,omitempty"`
+	Balance     int64                  `protobuf:"varint,3,opt,name=balance,proto3" json:"balance,omitempty"`
+	Available   int64                  `protobuf:"varint,4,opt,name=available,proto3" json:"available,omitempty"`
+	CreditLimit int64                  `protobuf:"varint,5,opt,name=credit_limit,json=creditLimit,proto3" json:"credit_limit,omitempty"`
+	Version     int64                  `protobuf:"varint,6,opt,name=version,proto3" json:"version,omitempty"`
+	Source      BalanceSource          `protobuf:"varint,7,opt,name=source,proto3,enum=tally.v1.BalanceSource" json:"source,omitempty"`
+	AsOf        *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=as_of,json=asOf,proto3" json:"as_of,omitempty"`
+	// Sum of open, unexpired holds; available = balance - held + credit_limit.
+	Held int64 `protobuf:"varint,9,opt,name=held,proto3" json:"held,omitempty"`
+	// False for a historical balance still inside the settle window.
+	Final         bool `protobuf:"varint,10,opt,name=final,proto3" json:"final,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1347,6 +1531,20 @@ func (x *Balance) GetAsOf() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Balance) GetHeld() int64 {
+	if x != nil {
+		return x.Held
+	}
+	return 0
+}
+
+func (x *Balance) GetFinal() bool {
+	if x != nil {
+		return x.Final
+	}
+	return false
+}
+
 // GetTransferRequest names a transfer by id or by idempotency key.
 type GetTransferRequest struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -1413,12 +1611,14 @@ func (x *GetTransferRequest) GetClientId() string {
 
 // ListEntriesRequest pages through an account's statement.
 type ListEntriesRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	PageSize      int32                  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	PageToken     string                 `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
-	StartTime     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
-	EndTime       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	PageSize  int32                  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken string                 `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	EndTime   *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	// Only entries of transfers of these kinds (empty: all).
+	Kinds         []TransferKind `protobuf:"varint,6,rep,packed,name=kinds,proto3,enum=tally.v1.TransferKind" json:"kinds,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1488,6 +1688,13 @@ func (x *ListEntriesRequest) GetEndTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ListEntriesRequest) GetKinds() []TransferKind {
+	if x != nil {
+		return x.Kinds
+	}
+	return nil
+}
+
 // Entry is one side of a transfer on one account.
 type Entry struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
@@ -1501,8 +1708,9 @@ type Entry struct {
 	CreatedAt    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
 	// The client and API key id that created the entry's transfer (see
 	// Transfer.created_by_client_id).
-	CreatedByClientId string `protobuf:"bytes,8,opt,name=created_by_client_id,json=createdByClientId,proto3" json:"created_by_client_id,omitempty"`
-	CreatedByKeyId    string `protobuf:"bytes,9,opt,name=created_by_key_id,json=createdByKeyId,proto3" json:"created_by_key_id,omitempty"`
+	CreatedByClientId string       `protobuf:"bytes,8,opt,name=created_by_client_id,json=createdByClientId,proto3" json:"created_by_client_id,omitempty"`
+	CreatedByKeyId    string       `protobuf:"bytes,9,opt,name=created_by_key_id,json=createdByKeyId,proto3" json:"created_by_key_id,omitempty"`
+	Kind              TransferKind `protobuf:"varint,10,opt,name=kind,proto3,enum=tally.v1.TransferKind" json:"kind,omitempty"`
 	unknownFields     protoimpl.UnknownFields
 	sizeCache         protoimpl.SizeCache
 }
@@ -1600,6 +1808,13 @@ func (x *Entry) GetCreatedByKeyId() string {
 	return ""
 }
 
+func (x *Entry) GetKind() TransferKind {
+	if x != nil {
+		return x.Kind
+	}
+	return TransferKind_TRANSFER_KIND_UNSPECIFIED
+}
+
 // ListEntriesResponse is one page of entries.
 type ListEntriesResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1653,11 +1868,1379 @@ func (x *ListEntriesResponse) GetNextPageToken() string {
 	return ""
 }
 
+// RefundRequest refunds a charge.
+type RefundRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The CHARGE to refund.
+	TransferId string `protobuf:"bytes,1,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	// 0 refunds all that remains refundable.
+	Amount         int64             `protobuf:"varint,2,opt,name=amount,proto3" json:"amount,omitempty"`
+	IdempotencyKey string            `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	Reason         string            `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	Metadata       map[string]string `protobuf:"bytes,5,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *RefundRequest) Reset() {
+	*x = RefundRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RefundRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RefundRequest) ProtoMessage() {}
+
+func (x *RefundRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RefundRequest.ProtoReflect.Descriptor instead.
+func (*RefundRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *RefundRequest) GetTransferId() string {
+	if x != nil {
+		return x.TransferId
+	}
+	return ""
+}
+
+func (x *RefundRequest) GetAmount() int64 {
+	if x != nil {
+		return x.Amount
+	}
+	return 0
+}
+
+func (x *RefundRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *RefundRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *RefundRequest) GetMetadata() map[string]string {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
+// Hold reserves funds on an account.
+type Hold struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	HoldId         string                 `protobuf:"bytes,1,opt,name=hold_id,json=holdId,proto3" json:"hold_id,omitempty"`
+	IdempotencyKey string                 `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	AccountId      string                 `protobuf:"bytes,3,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Empty: the currency's default revenue account at capture.
+	RevenueAccountId string                 `protobuf:"bytes,4,opt,name=revenue_account_id,json=revenueAccountId,proto3" json:"revenue_account_id,omitempty"`
+	Amount           int64                  `protobuf:"varint,5,opt,name=amount,proto3" json:"amount,omitempty"`
+	Currency         string                 `protobuf:"bytes,6,opt,name=currency,proto3" json:"currency,omitempty"`
+	Status           HoldStatus             `protobuf:"varint,7,opt,name=status,proto3,enum=tally.v1.HoldStatus" json:"status,omitempty"`
+	ExpiresAt        *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	CapturedAmount   int64                  `protobuf:"varint,9,opt,name=captured_amount,json=capturedAmount,proto3" json:"captured_amount,omitempty"`
+	// The CHARGE a capture made.
+	CaptureTransferId string                 `protobuf:"bytes,10,opt,name=capture_transfer_id,json=captureTransferId,proto3" json:"capture_transfer_id,omitempty"`
+	Description       string                 `protobuf:"bytes,11,opt,name=description,proto3" json:"description,omitempty"`
+	Metadata          map[string]string      `protobuf:"bytes,12,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	CreatedAt         *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	FinalizedAt       *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=finalized_at,json=finalizedAt,proto3" json:"finalized_at,omitempty"`
+	CreatedByClientId string                 `protobuf:"bytes,15,opt,name=created_by_client_id,json=createdByClientId,proto3" json:"created_by_client_id,omitempty"`
+	CreatedByKeyId    string                 `protobuf:"bytes,16,opt,name=created_by_key_id,json=createdByKeyId,proto3" json:"created_by_key_id,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *Hold) Reset() {
+	*x = Hold{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Hold) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Hold) ProtoMessage() {}
+
+func (x *Hold) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Hold.ProtoReflect.Descriptor instead.
+func (*Hold) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *Hold) GetHoldId() string {
+	if x != nil {
+		return x.HoldId
+	}
+	return ""
+}
+
+func (x *Hold) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *Hold) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *Hold) GetRevenueAccountId() string {
+	if x != nil {
+		return x.RevenueAccountId
+	}
+	return ""
+}
+
+func (x *Hold) GetAmount() int64 {
+	if x != nil {
+		return x.Amount
+	}
+	return 0
+}
+
+func (x *Hold) GetCurrency() string {
+	if x != nil {
+		return x.Currency
+	}
+	return ""
+}
+
+func (x *Hold) GetStatus() HoldStatus {
+	if x != nil {
+		return x.Status
+	}
+	return HoldStatus_HOLD_STATUS_UNSPECIFIED
+}
+
+func (x *Hold) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *Hold) GetCapturedAmount() int64 {
+	if x != nil {
+		return x.CapturedAmount
+	}
+	return 0
+}
+
+func (x *Hold) GetCaptureTransferId() string {
+	if x != nil {
+		return x.CaptureTransferId
+	}
+	return ""
+}
+
+func (x *Hold) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Hold) GetMetadata() map[string]string {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
+func (x *Hold) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Hold) GetFinalizedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FinalizedAt
+	}
+	return nil
+}
+
+func (x *Hold) GetCreatedByClientId() string {
+	if x != nil {
+		return x.CreatedByClientId
+	}
+	return ""
+}
+
+func (x *Hold) GetCreatedByKeyId() string {
+	if x != nil {
+		return x.CreatedByKeyId
+	}
+	return ""
+}
+
+// HoldRequest reserves amount on account_id.
+type HoldRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	AccountId      string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	Amount         int64                  `protobuf:"varint,2,opt,name=amount,proto3" json:"amount,omitempty"`
+	IdempotencyKey string                 `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	// At most one of expires_at and expires_in_seconds; neither: 24 hours.
+	ExpiresAt        *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	ExpiresInSeconds int64                  `protobuf:"varint,5,opt,name=expires_in_seconds,json=expiresInSeconds,proto3" json:"expires_in_seconds,omitempty"`
+	// Optional revenue account a capture credits.
+	RevenueAccountId string            `protobuf:"bytes,6,opt,name=revenue_account_id,json=revenueAccountId,proto3" json:"revenue_account_id,omitempty"`
+	Description      string            `protobuf:"bytes,7,opt,name=description,proto3" json:"description,omitempty"`
+	Metadata         map[string]string `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *HoldRequest) Reset() {
+	*x = HoldRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HoldRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HoldRequest) ProtoMessage() {}
+
+func (x *HoldRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HoldRequest.ProtoReflect.Descriptor instead.
+func (*HoldRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *HoldRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *HoldRequest) GetAmount() int64 {
+	if x != nil {
+		return x.Amount
+	}
+	return 0
+}
+
+func (x *HoldRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+func (x *HoldRequest) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *HoldRequest) GetExpiresInSeconds() int64 {
+	if x != nil {
+		return x.ExpiresInSeconds
+	}
+	return 0
+}
+
+func (x *HoldRequest) GetRevenueAccountId() string {
+	if x != nil {
+		return x.RevenueAccountId
+	}
+	return ""
+}
+
+func (x *HoldRequest) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *HoldRequest) GetMetadata() map[string]string {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
+// CaptureHoldRequest charges amount (0: all) of a hold.
+type CaptureHoldRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	HoldId         string                 `protobuf:"bytes,1,opt,name=hold_id,json=holdId,proto3" json:"hold_id,omitempty"`
+	Amount         int64                  `protobuf:"varint,2,opt,name=amount,proto3" json:"amount,omitempty"`
+	IdempotencyKey string                 `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *CaptureHoldRequest) Reset() {
+	*x = CaptureHoldRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CaptureHoldRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CaptureHoldRequest) ProtoMessage() {}
+
+func (x *CaptureHoldRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CaptureHoldRequest.ProtoReflect.Descriptor instead.
+func (*CaptureHoldRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *CaptureHoldRequest) GetHoldId() string {
+	if x != nil {
+		return x.HoldId
+	}
+	return ""
+}
+
+func (x *CaptureHoldRequest) GetAmount() int64 {
+	if x != nil {
+		return x.Amount
+	}
+	return 0
+}
+
+func (x *CaptureHoldRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+// ReleaseHoldRequest frees a hold.
+type ReleaseHoldRequest struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	HoldId         string                 `protobuf:"bytes,1,opt,name=hold_id,json=holdId,proto3" json:"hold_id,omitempty"`
+	IdempotencyKey string                 `protobuf:"bytes,2,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ReleaseHoldRequest) Reset() {
+	*x = ReleaseHoldRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseHoldRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseHoldRequest) ProtoMessage() {}
+
+func (x *ReleaseHoldRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseHoldRequest.ProtoReflect.Descriptor instead.
+func (*ReleaseHoldRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ReleaseHoldRequest) GetHoldId() string {
+	if x != nil {
+		return x.HoldId
+	}
+	return ""
+}
+
+func (x *ReleaseHoldRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
+}
+
+// GetHoldRequest names a hold.
+type GetHoldRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	HoldId        string                 `protobuf:"bytes,1,opt,name=hold_id,json=holdId,proto3" json:"hold_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetHoldRequest) Reset() {
+	*x = GetHoldRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetHoldRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetHoldRequest) ProtoMessage() {}
+
+func (x *GetHoldRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetHoldRequest.ProtoReflect.Descriptor instead.
+func (*GetHoldRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *GetHoldRequest) GetHoldId() string {
+	if x != nil {
+		return x.HoldId
+	}
+	return ""
+}
+
+// HoldResult is the outcome of Hold, CaptureHold and ReleaseHold.
+type HoldResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Hold  *Hold                  `protobuf:"bytes,1,opt,name=hold,proto3" json:"hold,omitempty"`
+	// The CHARGE a capture made.
+	Transfer *Transfer `protobuf:"bytes,2,opt,name=transfer,proto3" json:"transfer,omitempty"`
+	// The account's balance after the call (for a replayed Hold or
+	// ReleaseHold, its current balance).
+	Balance          *Balance `protobuf:"bytes,3,opt,name=balance,proto3" json:"balance,omitempty"`
+	Replayed         bool     `protobuf:"varint,4,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	ThresholdCrossed bool     `protobuf:"varint,5,opt,name=threshold_crossed,json=thresholdCrossed,proto3" json:"threshold_crossed,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *HoldResult) Reset() {
+	*x = HoldResult{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HoldResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HoldResult) ProtoMessage() {}
+
+func (x *HoldResult) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HoldResult.ProtoReflect.Descriptor instead.
+func (*HoldResult) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *HoldResult) GetHold() *Hold {
+	if x != nil {
+		return x.Hold
+	}
+	return nil
+}
+
+func (x *HoldResult) GetTransfer() *Transfer {
+	if x != nil {
+		return x.Transfer
+	}
+	return nil
+}
+
+func (x *HoldResult) GetBalance() *Balance {
+	if x != nil {
+		return x.Balance
+	}
+	return nil
+}
+
+func (x *HoldResult) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
+}
+
+func (x *HoldResult) GetThresholdCrossed() bool {
+	if x != nil {
+		return x.ThresholdCrossed
+	}
+	return false
+}
+
+// BatchOperation is one operation of a SubmitBatch.
+type BatchOperation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Op:
+	//
+	//	*BatchOperation_Charge
+	//	*BatchOperation_Credit
+	//	*BatchOperation_Transfer
+	//	*BatchOperation_Hold
+	//	*BatchOperation_CaptureHold
+	//	*BatchOperation_ReleaseHold
+	//	*BatchOperation_Refund
+	Op            isBatchOperation_Op `protobuf_oneof:"op"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchOperation) Reset() {
+	*x = BatchOperation{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchOperation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchOperation) ProtoMessage() {}
+
+func (x *BatchOperation) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchOperation.ProtoReflect.Descriptor instead.
+func (*BatchOperation) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *BatchOperation) GetOp() isBatchOperation_Op {
+	if x != nil {
+		return x.Op
+	}
+	return nil
+}
+
+func (x *BatchOperation) GetCharge() *ChargeRequest {
+	if x != nil {
+		if x, ok := x.Op.(*BatchOperation_Charge); ok {
+			return x.Charge
+		}
+	}
+	return nil
+}
+
+func (x *BatchOperation) GetCredit() *CreditRequest {
+	if x != nil {
+		if x, ok := x.Op.(*BatchOperation_Credit); ok {
+			return x.Credit
+		}
+	}
+	return nil
+}
+
+func (x *BatchOperation) GetTransfer() *TransferRequest {
+	if x != nil {
+		if x, ok := x.Op.(*BatchOperation_Transfer); ok {
+			return x.Transfer
+		}
+	}
+	return nil
+}
+
+func (x *BatchOperation) GetHold() *HoldRequest {
+	if x != nil {
+		if x, ok := x.Op.(*BatchOperation_Hold); ok {
+			return x.Hold
+		}
+	}
+	return nil
+}
+
+func (x *BatchOperation) GetCaptureHold() *CaptureHoldRequest {
+	if x != nil {
+		if x, ok := x.Op.(*BatchOperation_CaptureHold); ok {
+			return x.CaptureHold
+		}
+	}
+	return nil
+}
+
+func (x *BatchOperation) GetReleaseHold() *ReleaseHoldRequest {
+	if x != nil {
+		if x, ok := x.Op.(*BatchOperation_ReleaseHold); ok {
+			return x.ReleaseHold
+		}
+	}
+	return nil
+}
+
+func (x *BatchOperation) GetRefund() *RefundRequest {
+	if x != nil {
+		if x, ok := x.Op.(*BatchOperation_Refund); ok {
+			return x.Refund
+		}
+	}
+	return nil
+}
+
+type isBatchOperation_Op interface {
+	isBatchOperation_Op()
+}
+
+type BatchOperation_Charge struct {
+	Charge *ChargeRequest `protobuf:"bytes,1,opt,name=charge,proto3,oneof"`
+}
+
+type BatchOperation_Credit struct {
+	Credit *CreditRequest `protobuf:"bytes,2,opt,name=credit,proto3,oneof"`
+}
+
+type BatchOperation_Transfer struct {
+	Transfer *TransferRequest `protobuf:"bytes,3,opt,name=transfer,proto3,oneof"`
+}
+
+type BatchOperation_Hold struct {
+	Hold *HoldRequest `protobuf:"bytes,4,opt,name=hold,proto3,oneof"`
+}
+
+type BatchOperation_CaptureHold struct {
+	CaptureHold *CaptureHoldRequest `protobuf:"bytes,5,opt,name=capture_hold,json=captureHold,proto3,oneof"`
+}
+
+type BatchOperation_ReleaseHold struct {
+	ReleaseHold *ReleaseHoldRequest `protobuf:"bytes,6,opt,name=release_hold,json=releaseHold,proto3,oneof"`
+}
+
+type BatchOperation_Refund struct {
+	Refund *RefundRequest `protobuf:"bytes,7,opt,name=refund,proto3,oneof"`
+}
+
+func (*BatchOperation_Charge) isBatchOperation_Op() {}
+
+func (*BatchOperation_Credit) isBatchOperation_Op() {}
+
+func (*BatchOperation_Transfer) isBatchOperation_Op() {}
+
+func (*BatchOperation_Hold) isBatchOperation_Op() {}
+
+func (*BatchOperation_CaptureHold) isBatchOperation_Op() {}
+
+func (*BatchOperation_ReleaseHold) isBatchOperation_Op() {}
+
+func (*BatchOperation_Refund) isBatchOperation_Op() {}
+
+// SubmitBatchRequest applies operations in one transaction.
+type SubmitBatchRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Makes the batch idempotent: a retry returns the same results.
+	BatchKey string    `protobuf:"bytes,1,opt,name=batch_key,json=batchKey,proto3" json:"batch_key,omitempty"`
+	Mode     BatchMode `protobuf:"varint,2,opt,name=mode,proto3,enum=tally.v1.BatchMode" json:"mode,omitempty"`
+	// At most 1,000, and at most 2 MiB in all (docs/CLIENTS.md).
+	Operations    []*BatchOperation `protobuf:"bytes,3,rep,name=operations,proto3" json:"operations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitBatchRequest) Reset() {
+	*x = SubmitBatchRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitBatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitBatchRequest) ProtoMessage() {}
+
+func (x *SubmitBatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitBatchRequest.ProtoReflect.Descriptor instead.
+func (*SubmitBatchRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *SubmitBatchRequest) GetBatchKey() string {
+	if x != nil {
+		return x.BatchKey
+	}
+	return ""
+}
+
+func (x *SubmitBatchRequest) GetMode() BatchMode {
+	if x != nil {
+		return x.Mode
+	}
+	return BatchMode_BATCH_MODE_UNSPECIFIED
+}
+
+func (x *SubmitBatchRequest) GetOperations() []*BatchOperation {
+	if x != nil {
+		return x.Operations
+	}
+	return nil
+}
+
+// BatchError is why one operation failed.
+type BatchError struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The gRPC code the operation alone would have returned.
+	Code          int32  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Message       string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchError) Reset() {
+	*x = BatchError{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchError) ProtoMessage() {}
+
+func (x *BatchError) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchError.ProtoReflect.Descriptor instead.
+func (*BatchError) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *BatchError) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *BatchError) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *BatchError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+// BatchOperationResult is one operation's outcome.
+type BatchOperationResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Outcome:
+	//
+	//	*BatchOperationResult_Transfer
+	//	*BatchOperationResult_Hold
+	//	*BatchOperationResult_Error
+	Outcome       isBatchOperationResult_Outcome `protobuf_oneof:"outcome"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchOperationResult) Reset() {
+	*x = BatchOperationResult{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchOperationResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchOperationResult) ProtoMessage() {}
+
+func (x *BatchOperationResult) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchOperationResult.ProtoReflect.Descriptor instead.
+func (*BatchOperationResult) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *BatchOperationResult) GetOutcome() isBatchOperationResult_Outcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return nil
+}
+
+func (x *BatchOperationResult) GetTransfer() *TransferResult {
+	if x != nil {
+		if x, ok := x.Outcome.(*BatchOperationResult_Transfer); ok {
+			return x.Transfer
+		}
+	}
+	return nil
+}
+
+func (x *BatchOperationResult) GetHold() *HoldResult {
+	if x != nil {
+		if x, ok := x.Outcome.(*BatchOperationResult_Hold); ok {
+			return x.Hold
+		}
+	}
+	return nil
+}
+
+func (x *BatchOperationResult) GetError() *BatchError {
+	if x != nil {
+		if x, ok := x.Outcome.(*BatchOperationResult_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isBatchOperationResult_Outcome interface {
+	isBatchOperationResult_Outcome()
+}
+
+type BatchOperationResult_Transfer struct {
+	Transfer *TransferResult `protobuf:"bytes,1,opt,name=transfer,proto3,oneof"`
+}
+
+type BatchOperationResult_Hold struct {
+	Hold *HoldResult `protobuf:"bytes,2,opt,name=hold,proto3,oneof"`
+}
+
+type BatchOperationResult_Error struct {
+	Error *BatchError `protobuf:"bytes,3,opt,name=error,proto3,oneof"`
+}
+
+func (*BatchOperationResult_Transfer) isBatchOperationResult_Outcome() {}
+
+func (*BatchOperationResult_Hold) isBatchOperationResult_Outcome() {}
+
+func (*BatchOperationResult_Error) isBatchOperationResult_Outcome() {}
+
+// SubmitBatchResponse holds one result per operation, in order.
+type SubmitBatchResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// False when an ATOMIC batch failed: nothing was written, and its
+	// operations' idempotency keys stay unused.
+	Applied bool `protobuf:"varint,1,opt,name=applied,proto3" json:"applied,omitempty"`
+	// The first failed operation of an ATOMIC batch, or -1.
+	FailedIndex int32                   `protobuf:"varint,2,opt,name=failed_index,json=failedIndex,proto3" json:"failed_index,omitempty"`
+	Results     []*BatchOperationResult `protobuf:"bytes,3,rep,name=results,proto3" json:"results,omitempty"`
+	// The batch_key was used before and this is its stored outcome.
+	Replayed      bool `protobuf:"varint,4,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitBatchResponse) Reset() {
+	*x = SubmitBatchResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitBatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitBatchResponse) ProtoMessage() {}
+
+func (x *SubmitBatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitBatchResponse.ProtoReflect.Descriptor instead.
+func (*SubmitBatchResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *SubmitBatchResponse) GetApplied() bool {
+	if x != nil {
+		return x.Applied
+	}
+	return false
+}
+
+func (x *SubmitBatchResponse) GetFailedIndex() int32 {
+	if x != nil {
+		return x.FailedIndex
+	}
+	return 0
+}
+
+func (x *SubmitBatchResponse) GetResults() []*BatchOperationResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+func (x *SubmitBatchResponse) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
+}
+
+// FreezeAccountRequest names the account to freeze.
+type FreezeAccountRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FreezeAccountRequest) Reset() {
+	*x = FreezeAccountRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FreezeAccountRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FreezeAccountRequest) ProtoMessage() {}
+
+func (x *FreezeAccountRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FreezeAccountRequest.ProtoReflect.Descriptor instead.
+func (*FreezeAccountRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *FreezeAccountRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+// UnfreezeAccountRequest names the account to unfreeze.
+type UnfreezeAccountRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnfreezeAccountRequest) Reset() {
+	*x = UnfreezeAccountRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnfreezeAccountRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnfreezeAccountRequest) ProtoMessage() {}
+
+func (x *UnfreezeAccountRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnfreezeAccountRequest.ProtoReflect.Descriptor instead.
+func (*UnfreezeAccountRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *UnfreezeAccountRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+// CloseAccountRequest names the account to close.
+type CloseAccountRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseAccountRequest) Reset() {
+	*x = CloseAccountRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseAccountRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseAccountRequest) ProtoMessage() {}
+
+func (x *CloseAccountRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseAccountRequest.ProtoReflect.Descriptor instead.
+func (*CloseAccountRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *CloseAccountRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+// UpdateAccountRequest changes the fields that are set.
+type UpdateAccountRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	AccountId   string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	CreditLimit *int64                 `protobuf:"varint,2,opt,name=credit_limit,json=creditLimit,proto3,oneof" json:"credit_limit,omitempty"`
+	// Replaces all metadata when update_metadata is set.
+	Metadata                 map[string]string `protobuf:"bytes,3,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	UpdateMetadata           bool              `protobuf:"varint,4,opt,name=update_metadata,json=updateMetadata,proto3" json:"update_metadata,omitempty"`
+	LowBalanceThreshold      *int64            `protobuf:"varint,5,opt,name=low_balance_threshold,json=lowBalanceThreshold,proto3,oneof" json:"low_balance_threshold,omitempty"`
+	ClearLowBalanceThreshold bool              `protobuf:"varint,6,opt,name=clear_low_balance_threshold,json=clearLowBalanceThreshold,proto3" json:"clear_low_balance_threshold,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *UpdateAccountRequest) Reset() {
+	*x = UpdateAccountRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateAccountRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateAccountRequest) ProtoMessage() {}
+
+func (x *UpdateAccountRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateAccountRequest.ProtoReflect.Descriptor instead.
+func (*UpdateAccountRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *UpdateAccountRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *UpdateAccountRequest) GetCreditLimit() int64 {
+	if x != nil && x.CreditLimit != nil {
+		return *x.CreditLimit
+	}
+	return 0
+}
+
+func (x *UpdateAccountRequest) GetMetadata() map[string]string {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
+func (x *UpdateAccountRequest) GetUpdateMetadata() bool {
+	if x != nil {
+		return x.UpdateMetadata
+	}
+	return false
+}
+
+func (x *UpdateAccountRequest) GetLowBalanceThreshold() int64 {
+	if x != nil && x.LowBalanceThreshold != nil {
+		return *x.LowBalanceThreshold
+	}
+	return 0
+}
+
+func (x *UpdateAccountRequest) GetClearLowBalanceThreshold() bool {
+	if x != nil {
+		return x.ClearLowBalanceThreshold
+	}
+	return false
+}
+
+// GetBalancesRequest reads many balances.
+type GetBalancesRequest struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	AccountIds []string               `protobuf:"bytes,1,rep,name=account_ids,json=accountIds,proto3" json:"account_ids,omitempty"`
+	// When set, the balances at this instant.
+	At            *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetBalancesRequest) Reset() {
+	*x = GetBalancesRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetBalancesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetBalancesRequest) ProtoMessage() {}
+
+func (x *GetBalancesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetBalancesRequest.ProtoReflect.Descriptor instead.
+func (*GetBalancesRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *GetBalancesRequest) GetAccountIds() []string {
+	if x != nil {
+		return x.AccountIds
+	}
+	return nil
+}
+
+func (x *GetBalancesRequest) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+// GetBalancesResponse holds the balances of the accounts found, in request order.
+type GetBalancesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Balances      []*Balance             `protobuf:"bytes,1,rep,name=balances,proto3" json:"balances,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetBalancesResponse) Reset() {
+	*x = GetBalancesResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetBalancesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetBalancesResponse) ProtoMessage() {}
+
+func (x *GetBalancesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetBalancesResponse.ProtoReflect.Descriptor instead.
+func (*GetBalancesResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *GetBalancesResponse) GetBalances() []*Balance {
+	if x != nil {
+		return x.Balances
+	}
+	return nil
+}
+
 var File_tally_v1_ledger_proto protoreflect.FileDescriptor
 
 const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\n" +
-	"\x15tally/v1/ledger.proto\x12\btally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x03\n" +
+	"\x15tally/v1/ledger.proto\x12\btally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x04\n" +
 	"\aAccount\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1a\n" +
@@ -1671,10 +3254,12 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x18\n" +
 	"\aversion\x18\n" +
-	" \x01(\x03R\aversion\x1a;\n" +
+	" \x01(\x03R\aversion\x127\n" +
+	"\x15low_balance_threshold\x18\v \x01(\x03H\x00R\x13lowBalanceThreshold\x88\x01\x01\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf0\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x18\n" +
+	"\x16_low_balance_threshold\"\xf0\x02\n" +
 	"\x14CreateAccountRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1a\n" +
@@ -1731,7 +3316,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\bmetadata\x18\x06 \x03(\v2'.tally.v1.TransferRequest.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xbe\x04\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xca\x05\n" +
 	"\bTransfer\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12'\n" +
@@ -1747,20 +3332,26 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"created_at\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12/\n" +
 	"\x14created_by_client_id\x18\v \x01(\tR\x11createdByClientId\x12)\n" +
-	"\x11created_by_key_id\x18\f \x01(\tR\x0ecreatedByKeyId\x1a;\n" +
+	"\x11created_by_key_id\x18\f \x01(\tR\x0ecreatedByKeyId\x12\x1b\n" +
+	"\trefund_of\x18\r \x01(\tR\brefundOf\x12\x17\n" +
+	"\ahold_id\x18\x0e \x01(\tR\x06holdId\x12'\n" +
+	"\x0frefunded_amount\x18\x0f \x01(\x03R\x0erefundedAmount\x12+\n" +
+	"\x11threshold_crossed\x18\x10 \x01(\bR\x10thresholdCrossed\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x89\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb6\x01\n" +
 	"\x0eTransferResult\x12.\n" +
 	"\btransfer\x18\x01 \x01(\v2\x12.tally.v1.TransferR\btransfer\x12+\n" +
 	"\abalance\x18\x02 \x01(\v2\x11.tally.v1.BalanceR\abalance\x12\x1a\n" +
-	"\breplayed\x18\x03 \x01(\bR\breplayed\"\x8c\x01\n" +
+	"\breplayed\x18\x03 \x01(\bR\breplayed\x12+\n" +
+	"\x11threshold_crossed\x18\x04 \x01(\bR\x10thresholdCrossed\"\xb8\x01\n" +
 	"\x11GetBalanceRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x127\n" +
 	"\vconsistency\x18\x02 \x01(\x0e2\x15.tally.v1.ConsistencyR\vconsistency\x12\x1f\n" +
 	"\vmin_version\x18\x03 \x01(\x03R\n" +
-	"minVersion\"\x9b\x02\n" +
+	"minVersion\x12*\n" +
+	"\x02at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"\xc5\x02\n" +
 	"\aBalance\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1a\n" +
@@ -1770,12 +3361,15 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\fcredit_limit\x18\x05 \x01(\x03R\vcreditLimit\x12\x18\n" +
 	"\aversion\x18\x06 \x01(\x03R\aversion\x12/\n" +
 	"\x06source\x18\a \x01(\x0e2\x17.tally.v1.BalanceSourceR\x06source\x12/\n" +
-	"\x05as_of\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x04asOf\"{\n" +
+	"\x05as_of\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x04asOf\x12\x12\n" +
+	"\x04held\x18\t \x01(\x03R\x04held\x12\x14\n" +
+	"\x05final\x18\n" +
+	" \x01(\bR\x05final\"{\n" +
 	"\x12GetTransferRequest\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12'\n" +
 	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\x12\x1b\n" +
-	"\tclient_id\x18\x03 \x01(\tR\bclientId\"\xe1\x01\n" +
+	"\tclient_id\x18\x03 \x01(\tR\bclientId\"\x8f\x02\n" +
 	"\x12ListEntriesRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1b\n" +
@@ -1784,7 +3378,8 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\x129\n" +
 	"\n" +
 	"start_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
-	"\bend_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\"\xdc\x02\n" +
+	"\bend_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12,\n" +
+	"\x05kinds\x18\x06 \x03(\x0e2\x16.tally.v1.TransferKindR\x05kinds\"\x88\x03\n" +
 	"\x05Entry\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12\x1d\n" +
@@ -1797,10 +3392,134 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12/\n" +
 	"\x14created_by_client_id\x18\b \x01(\tR\x11createdByClientId\x12)\n" +
-	"\x11created_by_key_id\x18\t \x01(\tR\x0ecreatedByKeyId\"h\n" +
+	"\x11created_by_key_id\x18\t \x01(\tR\x0ecreatedByKeyId\x12*\n" +
+	"\x04kind\x18\n" +
+	" \x01(\x0e2\x16.tally.v1.TransferKindR\x04kind\"h\n" +
 	"\x13ListEntriesResponse\x12)\n" +
 	"\aentries\x18\x01 \x03(\v2\x0f.tally.v1.EntryR\aentries\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*z\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x89\x02\n" +
+	"\rRefundRequest\x12\x1f\n" +
+	"\vtransfer_id\x18\x01 \x01(\tR\n" +
+	"transferId\x12\x16\n" +
+	"\x06amount\x18\x02 \x01(\x03R\x06amount\x12'\n" +
+	"\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x12A\n" +
+	"\bmetadata\x18\x05 \x03(\v2%.tally.v1.RefundRequest.MetadataEntryR\bmetadata\x1a;\n" +
+	"\rMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfa\x05\n" +
+	"\x04Hold\x12\x17\n" +
+	"\ahold_id\x18\x01 \x01(\tR\x06holdId\x12'\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x03 \x01(\tR\taccountId\x12,\n" +
+	"\x12revenue_account_id\x18\x04 \x01(\tR\x10revenueAccountId\x12\x16\n" +
+	"\x06amount\x18\x05 \x01(\x03R\x06amount\x12\x1a\n" +
+	"\bcurrency\x18\x06 \x01(\tR\bcurrency\x12,\n" +
+	"\x06status\x18\a \x01(\x0e2\x14.tally.v1.HoldStatusR\x06status\x129\n" +
+	"\n" +
+	"expires_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12'\n" +
+	"\x0fcaptured_amount\x18\t \x01(\x03R\x0ecapturedAmount\x12.\n" +
+	"\x13capture_transfer_id\x18\n" +
+	" \x01(\tR\x11captureTransferId\x12 \n" +
+	"\vdescription\x18\v \x01(\tR\vdescription\x128\n" +
+	"\bmetadata\x18\f \x03(\v2\x1c.tally.v1.Hold.MetadataEntryR\bmetadata\x129\n" +
+	"\n" +
+	"created_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12=\n" +
+	"\ffinalized_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\vfinalizedAt\x12/\n" +
+	"\x14created_by_client_id\x18\x0f \x01(\tR\x11createdByClientId\x12)\n" +
+	"\x11created_by_key_id\x18\x10 \x01(\tR\x0ecreatedByKeyId\x1a;\n" +
+	"\rMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa4\x03\n" +
+	"\vHoldRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x16\n" +
+	"\x06amount\x18\x02 \x01(\x03R\x06amount\x12'\n" +
+	"\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\x129\n" +
+	"\n" +
+	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12,\n" +
+	"\x12expires_in_seconds\x18\x05 \x01(\x03R\x10expiresInSeconds\x12,\n" +
+	"\x12revenue_account_id\x18\x06 \x01(\tR\x10revenueAccountId\x12 \n" +
+	"\vdescription\x18\a \x01(\tR\vdescription\x12?\n" +
+	"\bmetadata\x18\b \x03(\v2#.tally.v1.HoldRequest.MetadataEntryR\bmetadata\x1a;\n" +
+	"\rMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"n\n" +
+	"\x12CaptureHoldRequest\x12\x17\n" +
+	"\ahold_id\x18\x01 \x01(\tR\x06holdId\x12\x16\n" +
+	"\x06amount\x18\x02 \x01(\x03R\x06amount\x12'\n" +
+	"\x0fidempotency_key\x18\x03 \x01(\tR\x0eidempotencyKey\"V\n" +
+	"\x12ReleaseHoldRequest\x12\x17\n" +
+	"\ahold_id\x18\x01 \x01(\tR\x06holdId\x12'\n" +
+	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\")\n" +
+	"\x0eGetHoldRequest\x12\x17\n" +
+	"\ahold_id\x18\x01 \x01(\tR\x06holdId\"\xd6\x01\n" +
+	"\n" +
+	"HoldResult\x12\"\n" +
+	"\x04hold\x18\x01 \x01(\v2\x0e.tally.v1.HoldR\x04hold\x12.\n" +
+	"\btransfer\x18\x02 \x01(\v2\x12.tally.v1.TransferR\btransfer\x12+\n" +
+	"\abalance\x18\x03 \x01(\v2\x11.tally.v1.BalanceR\abalance\x12\x1a\n" +
+	"\breplayed\x18\x04 \x01(\bR\breplayed\x12+\n" +
+	"\x11threshold_crossed\x18\x05 \x01(\bR\x10thresholdCrossed\"\x9b\x03\n" +
+	"\x0eBatchOperation\x121\n" +
+	"\x06charge\x18\x01 \x01(\v2\x17.tally.v1.ChargeRequestH\x00R\x06charge\x121\n" +
+	"\x06credit\x18\x02 \x01(\v2\x17.tally.v1.CreditRequestH\x00R\x06credit\x127\n" +
+	"\btransfer\x18\x03 \x01(\v2\x19.tally.v1.TransferRequestH\x00R\btransfer\x12+\n" +
+	"\x04hold\x18\x04 \x01(\v2\x15.tally.v1.HoldRequestH\x00R\x04hold\x12A\n" +
+	"\fcapture_hold\x18\x05 \x01(\v2\x1c.tally.v1.CaptureHoldRequestH\x00R\vcaptureHold\x12A\n" +
+	"\frelease_hold\x18\x06 \x01(\v2\x1c.tally.v1.ReleaseHoldRequestH\x00R\vreleaseHold\x121\n" +
+	"\x06refund\x18\a \x01(\v2\x17.tally.v1.RefundRequestH\x00R\x06refundB\x04\n" +
+	"\x02op\"\x94\x01\n" +
+	"\x12SubmitBatchRequest\x12\x1b\n" +
+	"\tbatch_key\x18\x01 \x01(\tR\bbatchKey\x12'\n" +
+	"\x04mode\x18\x02 \x01(\x0e2\x13.tally.v1.BatchModeR\x04mode\x128\n" +
+	"\n" +
+	"operations\x18\x03 \x03(\v2\x18.tally.v1.BatchOperationR\n" +
+	"operations\"R\n" +
+	"\n" +
+	"BatchError\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"\xb3\x01\n" +
+	"\x14BatchOperationResult\x126\n" +
+	"\btransfer\x18\x01 \x01(\v2\x18.tally.v1.TransferResultH\x00R\btransfer\x12*\n" +
+	"\x04hold\x18\x02 \x01(\v2\x14.tally.v1.HoldResultH\x00R\x04hold\x12,\n" +
+	"\x05error\x18\x03 \x01(\v2\x14.tally.v1.BatchErrorH\x00R\x05errorB\t\n" +
+	"\aoutcome\"\xa8\x01\n" +
+	"\x13SubmitBatchResponse\x12\x18\n" +
+	"\aapplied\x18\x01 \x01(\bR\aapplied\x12!\n" +
+	"\ffailed_index\x18\x02 \x01(\x05R\vfailedIndex\x128\n" +
+	"\aresults\x18\x03 \x03(\v2\x1e.tally.v1.BatchOperationResultR\aresults\x12\x1a\n" +
+	"\breplayed\x18\x04 \x01(\bR\breplayed\"5\n" +
+	"\x14FreezeAccountRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\"7\n" +
+	"\x16UnfreezeAccountRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\"4\n" +
+	"\x13CloseAccountRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\"\xb0\x03\n" +
+	"\x14UpdateAccountRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12&\n" +
+	"\fcredit_limit\x18\x02 \x01(\x03H\x00R\vcreditLimit\x88\x01\x01\x12H\n" +
+	"\bmetadata\x18\x03 \x03(\v2,.tally.v1.UpdateAccountRequest.MetadataEntryR\bmetadata\x12'\n" +
+	"\x0fupdate_metadata\x18\x04 \x01(\bR\x0eupdateMetadata\x127\n" +
+	"\x15low_balance_threshold\x18\x05 \x01(\x03H\x01R\x13lowBalanceThreshold\x88\x01\x01\x12=\n" +
+	"\x1bclear_low_balance_threshold\x18\x06 \x01(\bR\x18clearLowBalanceThreshold\x1a;\n" +
+	"\rMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0f\n" +
+	"\r_credit_limitB\x18\n" +
+	"\x16_low_balance_threshold\"a\n" +
+	"\x12GetBalancesRequest\x12\x1f\n" +
+	"\vaccount_ids\x18\x01 \x03(\tR\n" +
+	"accountIds\x12*\n" +
+	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"D\n" +
+	"\x13GetBalancesResponse\x12-\n" +
+	"\bbalances\x18\x01 \x03(\v2\x11.tally.v1.BalanceR\bbalances*z\n" +
 	"\vAccountType\x12\x1c\n" +
 	"\x18ACCOUNT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15ACCOUNT_TYPE_CUSTOMER\x10\x01\x12\x18\n" +
@@ -1815,12 +3534,24 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x1aACCOUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15ACCOUNT_STATUS_ACTIVE\x10\x01\x12\x19\n" +
 	"\x15ACCOUNT_STATUS_FROZEN\x10\x02\x12\x19\n" +
-	"\x15ACCOUNT_STATUS_CLOSED\x10\x03*}\n" +
+	"\x15ACCOUNT_STATUS_CLOSED\x10\x03*\x97\x01\n" +
 	"\fTransferKind\x12\x1d\n" +
 	"\x19TRANSFER_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14TRANSFER_KIND_CHARGE\x10\x01\x12\x18\n" +
 	"\x14TRANSFER_KIND_CREDIT\x10\x02\x12\x1a\n" +
-	"\x16TRANSFER_KIND_TRANSFER\x10\x03*Z\n" +
+	"\x16TRANSFER_KIND_TRANSFER\x10\x03\x12\x18\n" +
+	"\x14TRANSFER_KIND_REFUND\x10\x04*\x8c\x01\n" +
+	"\n" +
+	"HoldStatus\x12\x1b\n" +
+	"\x17HOLD_STATUS_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10HOLD_STATUS_OPEN\x10\x01\x12\x18\n" +
+	"\x14HOLD_STATUS_CAPTURED\x10\x02\x12\x18\n" +
+	"\x14HOLD_STATUS_RELEASED\x10\x03\x12\x17\n" +
+	"\x13HOLD_STATUS_EXPIRED\x10\x04*Z\n" +
+	"\tBatchMode\x12\x1a\n" +
+	"\x16BATCH_MODE_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11BATCH_MODE_ATOMIC\x10\x01\x12\x1a\n" +
+	"\x16BATCH_MODE_INDEPENDENT\x10\x02*Z\n" +
 	"\vConsistency\x12\x1b\n" +
 	"\x17CONSISTENCY_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12CONSISTENCY_CACHED\x10\x01\x12\x16\n" +
@@ -1828,7 +3559,8 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\rBalanceSource\x12\x1e\n" +
 	"\x1aBALANCE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14BALANCE_SOURCE_CACHE\x10\x01\x12\x18\n" +
-	"\x14BALANCE_SOURCE_STORE\x10\x022\xe6\x04\n" +
+	"\x14BALANCE_SOURCE_STORE\x10\x022\xbd\n" +
+	"\n" +
 	"\rLedgerService\x12B\n" +
 	"\rCreateAccount\x12\x1e.tally.v1.CreateAccountRequest\x1a\x11.tally.v1.Account\x12<\n" +
 	"\n" +
@@ -1840,7 +3572,18 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\n" +
 	"GetBalance\x12\x1b.tally.v1.GetBalanceRequest\x1a\x11.tally.v1.Balance\x12?\n" +
 	"\vGetTransfer\x12\x1c.tally.v1.GetTransferRequest\x1a\x12.tally.v1.Transfer\x12J\n" +
-	"\vListEntries\x12\x1c.tally.v1.ListEntriesRequest\x1a\x1d.tally.v1.ListEntriesResponseB5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
+	"\vListEntries\x12\x1c.tally.v1.ListEntriesRequest\x1a\x1d.tally.v1.ListEntriesResponse\x12;\n" +
+	"\x06Refund\x12\x17.tally.v1.RefundRequest\x1a\x18.tally.v1.TransferResult\x123\n" +
+	"\x04Hold\x12\x15.tally.v1.HoldRequest\x1a\x14.tally.v1.HoldResult\x12A\n" +
+	"\vCaptureHold\x12\x1c.tally.v1.CaptureHoldRequest\x1a\x14.tally.v1.HoldResult\x12A\n" +
+	"\vReleaseHold\x12\x1c.tally.v1.ReleaseHoldRequest\x1a\x14.tally.v1.HoldResult\x123\n" +
+	"\aGetHold\x12\x18.tally.v1.GetHoldRequest\x1a\x0e.tally.v1.Hold\x12J\n" +
+	"\vSubmitBatch\x12\x1c.tally.v1.SubmitBatchRequest\x1a\x1d.tally.v1.SubmitBatchResponse\x12B\n" +
+	"\rFreezeAccount\x12\x1e.tally.v1.FreezeAccountRequest\x1a\x11.tally.v1.Account\x12F\n" +
+	"\x0fUnfreezeAccount\x12 .tally.v1.UnfreezeAccountRequest\x1a\x11.tally.v1.Account\x12@\n" +
+	"\fCloseAccount\x12\x1d.tally.v1.CloseAccountRequest\x1a\x11.tally.v1.Account\x12B\n" +
+	"\rUpdateAccount\x12\x1e.tally.v1.UpdateAccountRequest\x1a\x11.tally.v1.Account\x12J\n" +
+	"\vGetBalances\x12\x1c.tally.v1.GetBalancesRequest\x1a\x1d.tally.v1.GetBalancesResponseB5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
 
 var (
 	file_tally_v1_ledger_proto_rawDescOnce sync.Once
@@ -1854,88 +3597,164 @@ func file_tally_v1_ledger_proto_rawDescGZIP() []byte {
 	return file_tally_v1_ledger_proto_rawDescData
 }
 
-var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
-var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
+var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_tally_v1_ledger_proto_goTypes = []any{
-	(AccountType)(0),              // 0: tally.v1.AccountType
-	(Floor)(0),                    // 1: tally.v1.Floor
-	(AccountStatus)(0),            // 2: tally.v1.AccountStatus
-	(TransferKind)(0),             // 3: tally.v1.TransferKind
-	(Consistency)(0),              // 4: tally.v1.Consistency
-	(BalanceSource)(0),            // 5: tally.v1.BalanceSource
-	(*Account)(nil),               // 6: tally.v1.Account
-	(*CreateAccountRequest)(nil),  // 7: tally.v1.CreateAccountRequest
-	(*GetAccountRequest)(nil),     // 8: tally.v1.GetAccountRequest
-	(*FindAccountsRequest)(nil),   // 9: tally.v1.FindAccountsRequest
-	(*FindAccountsResponse)(nil),  // 10: tally.v1.FindAccountsResponse
-	(*ChargeRequest)(nil),         // 11: tally.v1.ChargeRequest
-	(*CreditRequest)(nil),         // 12: tally.v1.CreditRequest
-	(*TransferRequest)(nil),       // 13: tally.v1.TransferRequest
-	(*Transfer)(nil),              // 14: tally.v1.Transfer
-	(*TransferResult)(nil),        // 15: tally.v1.TransferResult
-	(*GetBalanceRequest)(nil),     // 16: tally.v1.GetBalanceRequest
-	(*Balance)(nil),               // 17: tally.v1.Balance
-	(*GetTransferRequest)(nil),    // 18: tally.v1.GetTransferRequest
-	(*ListEntriesRequest)(nil),    // 19: tally.v1.ListEntriesRequest
-	(*Entry)(nil),                 // 20: tally.v1.Entry
-	(*ListEntriesResponse)(nil),   // 21: tally.v1.ListEntriesResponse
-	nil,                           // 22: tally.v1.Account.MetadataEntry
-	nil,                           // 23: tally.v1.CreateAccountRequest.MetadataEntry
-	nil,                           // 24: tally.v1.ChargeRequest.MetadataEntry
-	nil,                           // 25: tally.v1.CreditRequest.MetadataEntry
-	nil,                           // 26: tally.v1.TransferRequest.MetadataEntry
-	nil,                           // 27: tally.v1.Transfer.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 28: google.protobuf.Timestamp
+	(AccountType)(0),               // 0: tally.v1.AccountType
+	(Floor)(0),                     // 1: tally.v1.Floor
+	(AccountStatus)(0),             // 2: tally.v1.AccountStatus
+	(TransferKind)(0),              // 3: tally.v1.TransferKind
+	(HoldStatus)(0),                // 4: tally.v1.HoldStatus
+	(BatchMode)(0),                 // 5: tally.v1.BatchMode
+	(Consistency)(0),               // 6: tally.v1.Consistency
+	(BalanceSource)(0),             // 7: tally.v1.BalanceSource
+	(*Account)(nil),                // 8: tally.v1.Account
+	(*CreateAccountRequest)(nil),   // 9: tally.v1.CreateAccountRequest
+	(*GetAccountRequest)(nil),      // 10: tally.v1.GetAccountRequest
+	(*FindAccountsRequest)(nil),    // 11: tally.v1.FindAccountsRequest
+	(*FindAccountsResponse)(nil),   // 12: tally.v1.FindAccountsResponse
+	(*ChargeRequest)(nil),          // 13: tally.v1.ChargeRequest
+	(*CreditRequest)(nil),          // 14: tally.v1.CreditRequest
+	(*TransferRequest)(nil),        // 15: tally.v1.TransferRequest
+	(*Transfer)(nil),               // 16: tally.v1.Transfer
+	(*TransferResult)(nil),         // 17: tally.v1.TransferResult
+	(*GetBalanceRequest)(nil),      // 18: tally.v1.GetBalanceRequest
+	(*Balance)(nil),                // 19: tally.v1.Balance
+	(*GetTransferRequest)(nil),     // 20: tally.v1.GetTransferRequest
+	(*ListEntriesRequest)(nil),     // 21: tally.v1.ListEntriesRequest
+	(*Entry)(nil),                  // 22: tally.v1.Entry
+	(*ListEntriesResponse)(nil),    // 23: tally.v1.ListEntriesResponse
+	(*RefundRequest)(nil),          // 24: tally.v1.RefundRequest
+	(*Hold)(nil),                   // 25: tally.v1.Hold
+	(*HoldRequest)(nil),            // 26: tally.v1.HoldRequest
+	(*CaptureHoldRequest)(nil),     // 27: tally.v1.CaptureHoldRequest
+	(*ReleaseHoldRequest)(nil),     // 28: tally.v1.ReleaseHoldRequest
+	(*GetHoldRequest)(nil),         // 29: tally.v1.GetHoldRequest
+	(*HoldResult)(nil),             // 30: tally.v1.HoldResult
+	(*BatchOperation)(nil),         // 31: tally.v1.BatchOperation
+	(*SubmitBatchRequest)(nil),     // 32: tally.v1.SubmitBatchRequest
+	(*BatchError)(nil),             // 33: tally.v1.BatchError
+	(*BatchOperationResult)(nil),   // 34: tally.v1.BatchOperationResult
+	(*SubmitBatchResponse)(nil),    // 35: tally.v1.SubmitBatchResponse
+	(*FreezeAccountRequest)(nil),   // 36: tally.v1.FreezeAccountRequest
+	(*UnfreezeAccountRequest)(nil), // 37: tally.v1.UnfreezeAccountRequest
+	(*CloseAccountRequest)(nil),    // 38: tally.v1.CloseAccountRequest
+	(*UpdateAccountRequest)(nil),   // 39: tally.v1.UpdateAccountRequest
+	(*GetBalancesRequest)(nil),     // 40: tally.v1.GetBalancesRequest
+	(*GetBalancesResponse)(nil),    // 41: tally.v1.GetBalancesResponse
+	nil,                            // 42: tally.v1.Account.MetadataEntry
+	nil,                            // 43: tally.v1.CreateAccountRequest.MetadataEntry
+	nil,                            // 44: tally.v1.ChargeRequest.MetadataEntry
+	nil,                            // 45: tally.v1.CreditRequest.MetadataEntry
+	nil,                            // 46: tally.v1.TransferRequest.MetadataEntry
+	nil,                            // 47: tally.v1.Transfer.MetadataEntry
+	nil,                            // 48: tally.v1.RefundRequest.MetadataEntry
+	nil,                            // 49: tally.v1.Hold.MetadataEntry
+	nil,                            // 50: tally.v1.HoldRequest.MetadataEntry
+	nil,                            // 51: tally.v1.UpdateAccountRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),  // 52: google.protobuf.Timestamp
 }
 var file_tally_v1_ledger_proto_depIdxs = []int32{
 	0,  // 0: tally.v1.Account.type:type_name -> tally.v1.AccountType
 	1,  // 1: tally.v1.Account.floor:type_name -> tally.v1.Floor
 	2,  // 2: tally.v1.Account.status:type_name -> tally.v1.AccountStatus
-	22, // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
-	28, // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
+	42, // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
+	52, // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
 	0,  // 5: tally.v1.CreateAccountRequest.type:type_name -> tally.v1.AccountType
 	1,  // 6: tally.v1.CreateAccountRequest.floor:type_name -> tally.v1.Floor
-	23, // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
+	43, // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
 	0,  // 8: tally.v1.FindAccountsRequest.type:type_name -> tally.v1.AccountType
-	6,  // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
-	24, // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
-	25, // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
-	26, // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
+	8,  // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
+	44, // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
+	45, // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
+	46, // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
 	3,  // 13: tally.v1.Transfer.kind:type_name -> tally.v1.TransferKind
-	27, // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
-	28, // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
-	14, // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
-	17, // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
-	4,  // 18: tally.v1.GetBalanceRequest.consistency:type_name -> tally.v1.Consistency
-	5,  // 19: tally.v1.Balance.source:type_name -> tally.v1.BalanceSource
-	28, // 20: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
-	28, // 21: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
-	28, // 22: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
-	28, // 23: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
-	20, // 24: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
-	7,  // 25: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
-	8,  // 26: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
-	9,  // 27: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
-	11, // 28: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
-	12, // 29: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
-	13, // 30: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
-	16, // 31: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
-	18, // 32: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
-	19, // 33: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
-	6,  // 34: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
-	6,  // 35: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
-	10, // 36: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
-	15, // 37: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
-	15, // 38: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
-	15, // 39: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
-	17, // 40: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
-	14, // 41: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
-	21, // 42: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
-	34, // [34:43] is the sub-list for method output_type
-	25, // [25:34] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	47, // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
+	52, // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
+	16, // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
+	19, // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
+	6,  // 18: tally.v1.GetBalanceRequest.consistency:type_name -> tally.v1.Consistency
+	52, // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
+	7,  // 20: tally.v1.Balance.source:type_name -> tally.v1.BalanceSource
+	52, // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
+	52, // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
+	52, // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
+	3,  // 24: tally.v1.ListEntriesRequest.kinds:type_name -> tally.v1.TransferKind
+	52, // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	3,  // 26: tally.v1.Entry.kind:type_name -> tally.v1.TransferKind
+	22, // 27: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
+	48, // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
+	4,  // 29: tally.v1.Hold.status:type_name -> tally.v1.HoldStatus
+	52, // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
+	49, // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
+	52, // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
+	52, // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
+	52, // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
+	50, // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
+	25, // 36: tally.v1.HoldResult.hold:type_name -> tally.v1.Hold
+	16, // 37: tally.v1.HoldResult.transfer:type_name -> tally.v1.Transfer
+	19, // 38: tally.v1.HoldResult.balance:type_name -> tally.v1.Balance
+	13, // 39: tally.v1.BatchOperation.charge:type_name -> tally.v1.ChargeRequest
+	14, // 40: tally.v1.BatchOperation.credit:type_name -> tally.v1.CreditRequest
+	15, // 41: tally.v1.BatchOperation.transfer:type_name -> tally.v1.TransferRequest
+	26, // 42: tally.v1.BatchOperation.hold:type_name -> tally.v1.HoldRequest
+	27, // 43: tally.v1.BatchOperation.capture_hold:type_name -> tally.v1.CaptureHoldRequest
+	28, // 44: tally.v1.BatchOperation.release_hold:type_name -> tally.v1.ReleaseHoldRequest
+	24, // 45: tally.v1.BatchOperation.refund:type_name -> tally.v1.RefundRequest
+	5,  // 46: tally.v1.SubmitBatchRequest.mode:type_name -> tally.v1.BatchMode
+	31, // 47: tally.v1.SubmitBatchRequest.operations:type_name -> tally.v1.BatchOperation
+	17, // 48: tally.v1.BatchOperationResult.transfer:type_name -> tally.v1.TransferResult
+	30, // 49: tally.v1.BatchOperationResult.hold:type_name -> tally.v1.HoldResult
+	33, // 50: tally.v1.BatchOperationResult.error:type_name -> tally.v1.BatchError
+	34, // 51: tally.v1.SubmitBatchResponse.results:type_name -> tally.v1.BatchOperationResult
+	51, // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
+	52, // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
+	19, // 54: tally.v1.GetBalancesResponse.balances:type_name -> tally.v1.Balance
+	9,  // 55: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
+	10, // 56: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
+	11, // 57: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
+	13, // 58: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
+	14, // 59: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
+	15, // 60: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
+	18, // 61: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
+	20, // 62: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
+	21, // 63: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
+	24, // 64: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
+	26, // 65: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
+	27, // 66: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
+	28, // 67: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
+	29, // 68: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
+	32, // 69: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
+	36, // 70: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
+	37, // 71: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
+	38, // 72: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
+	39, // 73: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
+	40, // 74: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
+	8,  // 75: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
+	8,  // 76: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
+	12, // 77: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
+	17, // 78: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
+	17, // 79: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
+	17, // 80: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
+	19, // 81: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
+	16, // 82: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
+	23, // 83: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
+	17, // 84: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
+	30, // 85: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
+	30, // 86: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
+	30, // 87: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
+	25, // 88: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
+	35, // 89: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
+	8,  // 90: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
+	8,  // 91: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
+	8,  // 92: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
+	8,  // 93: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
+	41, // 94: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
+	75, // [75:95] is the sub-list for method output_type
+	55, // [55:75] is the sub-list for method input_type
+	55, // [55:55] is the sub-list for extension type_name
+	55, // [55:55] is the sub-list for extension extendee
+	0,  // [0:55] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_ledger_proto_init() }
@@ -1943,13 +3762,29 @@ func file_tally_v1_ledger_proto_init() {
 	if File_tally_v1_ledger_proto != nil {
 		return
 	}
+	file_tally_v1_ledger_proto_msgTypes[0].OneofWrappers = []any{}
+	file_tally_v1_ledger_proto_msgTypes[23].OneofWrappers = []any{
+		(*BatchOperation_Charge)(nil),
+		(*BatchOperation_Credit)(nil),
+		(*BatchOperation_Transfer)(nil),
+		(*BatchOperation_Hold)(nil),
+		(*BatchOperation_CaptureHold)(nil),
+		(*BatchOperation_ReleaseHold)(nil),
+		(*BatchOperation_Refund)(nil),
+	}
+	file_tally_v1_ledger_proto_msgTypes[26].OneofWrappers = []any{
+		(*BatchOperationResult_Transfer)(nil),
+		(*BatchOperationResult_Hold)(nil),
+		(*BatchOperationResult_Error)(nil),
+	}
+	file_tally_v1_ledger_proto_msgTypes[31].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tally_v1_ledger_proto_rawDesc), len(file_tally_v1_ledger_proto_rawDesc)),
-			NumEnums:      6,
-			NumMessages:   22,
+			NumEnums:      8,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,15 +22,26 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	LedgerService_CreateAccount_FullMethodName = "/tally.v1.LedgerService/CreateAccount"
-	LedgerService_GetAccount_FullMethodName    = "/tally.v1.LedgerService/GetAccount"
-	LedgerService_FindAccounts_FullMethodName  = "/tally.v1.LedgerService/FindAccounts"
-	LedgerService_Charge_FullMethodName        = "/tally.v1.LedgerService/Charge"
-	LedgerService_Credit_FullMethodName        = "/tally.v1.LedgerService/Credit"
-	LedgerService_Transfer_FullMethodName      = "/tally.v1.LedgerService/Transfer"
-	LedgerService_GetBalance_FullMethodName    = "/tally.v1.LedgerService/GetBalance"
-	LedgerService_GetTransfer_FullMethodName   = "/tally.v1.LedgerService/GetTransfer"
-	LedgerService_ListEntries_FullMethodName   = "/tally.v1.LedgerService/ListEntries"
+	LedgerService_CreateAccount_FullMethodName   = "/tally.v1.LedgerService/CreateAccount"
+	LedgerService_GetAccount_FullMethodName      = "/tally.v1.LedgerService/GetAccount"
+	LedgerService_FindAccounts_FullMethodName    = "/tally.v1.LedgerService/FindAccounts"
+	LedgerService_Charge_FullMethodName          = "/tally.v1.LedgerService/Charge"
+	LedgerService_Credit_FullMethodName          = "/tally.v1.LedgerService/Credit"
+	LedgerService_Transfer_FullMethodName        = "/tally.v1.LedgerService/Transfer"
+	LedgerService_GetBalance_FullMethodName      = "/tally.v1.LedgerService/GetBalance"
+	LedgerService_GetTransfer_FullMethodName     = "/tally.v1.LedgerService/GetTransfer"
+	LedgerService_ListEntries_FullMethodName     = "/tally.v1.LedgerService/ListEntries"
+	LedgerService_Refund_FullMethodName          = "/tally.v1.LedgerService/Refund"
+	LedgerService_Hold_FullMethodName            = "/tally.v1.LedgerService/Hold"
+	LedgerService_CaptureHold_FullMethodName     = "/tally.v1.LedgerService/CaptureHold"
+	LedgerService_ReleaseHold_FullMethodName     = "/tally.v1.LedgerService/ReleaseHold"
+	LedgerService_GetHold_FullMethodName         = "/tally.v1.LedgerService/GetHold"
+	LedgerService_SubmitBatch_FullMethodName     = "/tally.v1.LedgerService/SubmitBatch"
+	LedgerService_FreezeAccount_FullMethodName   = "/tally.v1.LedgerService/FreezeAccount"
+	LedgerService_UnfreezeAccount_FullMethodName = "/tally.v1.LedgerService/UnfreezeAccount"
+	LedgerService_CloseAccount_FullMethodName    = "/tally.v1.LedgerService/CloseAccount"
+	LedgerService_UpdateAccount_FullMethodName   = "/tally.v1.LedgerService/UpdateAccount"
+	LedgerService_GetBalances_FullMethodName     = "/tally.v1.LedgerService/GetBalances"
 )
 
 // LedgerServiceClient is the client API for LedgerService service.
@@ -66,6 +77,35 @@ type LedgerServiceClient interface {
 	GetTransfer(ctx context.Context, in *GetTransferRequest, opts ...grpc.CallOption) (*Transfer, error)
 	// ListEntries returns an account's statement, oldest first.
 	ListEntries(ctx context.Context, in *ListEntriesRequest, opts ...grpc.CallOption) (*ListEntriesResponse, error)
+	// Refund reverses all or part of a charge back to its account, as a
+	// REFUND transfer from the charge's revenue account. The refunds of one
+	// charge never add up to more than it.
+	Refund(ctx context.Context, in *RefundRequest, opts ...grpc.CallOption) (*TransferResult, error)
+	// Hold reserves funds: available drops by the amount, balance does not.
+	Hold(ctx context.Context, in *HoldRequest, opts ...grpc.CallOption) (*HoldResult, error)
+	// CaptureHold charges all or part of a hold and releases the rest. A hold
+	// gets one final action; a second is FAILED_PRECONDITION HOLD_FINALIZED,
+	// one after expiry HOLD_EXPIRED.
+	CaptureHold(ctx context.Context, in *CaptureHoldRequest, opts ...grpc.CallOption) (*HoldResult, error)
+	// ReleaseHold frees all of a hold.
+	ReleaseHold(ctx context.Context, in *ReleaseHoldRequest, opts ...grpc.CallOption) (*HoldResult, error)
+	// GetHold returns a hold; an open hold past expires_at reads as EXPIRED.
+	GetHold(ctx context.Context, in *GetHoldRequest, opts ...grpc.CallOption) (*Hold, error)
+	// SubmitBatch applies up to 1,000 operations in one transaction, ATOMIC or
+	// INDEPENDENT, idempotent by batch_key.
+	SubmitBatch(ctx context.Context, in *SubmitBatchRequest, opts ...grpc.CallOption) (*SubmitBatchResponse, error)
+	// FreezeAccount stops debits and holds (credits and refunds still land).
+	FreezeAccount(ctx context.Context, in *FreezeAccountRequest, opts ...grpc.CallOption) (*Account, error)
+	// UnfreezeAccount lifts a freeze.
+	UnfreezeAccount(ctx context.Context, in *UnfreezeAccountRequest, opts ...grpc.CallOption) (*Account, error)
+	// CloseAccount closes an account whose balance and held are zero; a closed
+	// account accepts nothing and stays readable.
+	CloseAccount(ctx context.Context, in *CloseAccountRequest, opts ...grpc.CallOption) (*Account, error)
+	// UpdateAccount changes metadata, credit_limit and low_balance_threshold.
+	UpdateAccount(ctx context.Context, in *UpdateAccountRequest, opts ...grpc.CallOption) (*Account, error)
+	// GetBalances reads up to 10,000 balances in one call, current or at an
+	// instant (for example month-end).
+	GetBalances(ctx context.Context, in *GetBalancesRequest, opts ...grpc.CallOption) (*GetBalancesResponse, error)
 }
 
 type ledgerServiceClient struct {
@@ -166,6 +206,116 @@ func (c *ledgerServiceClient) ListEntries(ctx context.Context, in *ListEntriesRe
 	return out, nil
 }
 
+func (c *ledgerServiceClient) Refund(ctx context.Context, in *RefundRequest, opts ...grpc.CallOption) (*TransferResult, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TransferResult)
+	err := c.cc.Invoke(ctx, LedgerService_Refund_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) Hold(ctx context.Context, in *HoldRequest, opts ...grpc.CallOption) (*HoldResult, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HoldResult)
+	err := c.cc.Invoke(ctx, LedgerService_Hold_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) CaptureHold(ctx context.Context, in *CaptureHoldRequest, opts ...grpc.CallOption) (*HoldResult, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HoldResult)
+	err := c.cc.Invoke(ctx, LedgerService_CaptureHold_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) ReleaseHold(ctx context.Context, in *ReleaseHoldRequest, opts ...grpc.CallOption) (*HoldResult, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HoldResult)
+	err := c.cc.Invoke(ctx, LedgerService_ReleaseHold_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) GetHold(ctx context.Context, in *GetHoldRequest, opts ...grpc.CallOption) (*Hold, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Hold)
+	err := c.cc.Invoke(ctx, LedgerService_GetHold_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) SubmitBatch(ctx context.Context, in *SubmitBatchRequest, opts ...grpc.CallOption) (*SubmitBatchResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SubmitBatchResponse)
+	err := c.cc.Invoke(ctx, LedgerService_SubmitBatch_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) FreezeAccount(ctx context.Context, in *FreezeAccountRequest, opts ...grpc.CallOption) (*Account, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Account)
+	err := c.cc.Invoke(ctx, LedgerService_FreezeAccount_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) UnfreezeAccount(ctx context.Context, in *UnfreezeAccountRequest, opts ...grpc.CallOption) (*Account, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Account)
+	err := c.cc.Invoke(ctx, LedgerService_UnfreezeAccount_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) CloseAccount(ctx context.Context, in *CloseAccountRequest, opts ...grpc.CallOption) (*Account, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Account)
+	err := c.cc.Invoke(ctx, LedgerService_CloseAccount_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) UpdateAccount(ctx context.Context, in *UpdateAccountRequest, opts ...grpc.CallOption) (*Account, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Account)
+	err := c.cc.Invoke(ctx, LedgerService_UpdateAccount_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) GetBalances(ctx context.Context, in *GetBalancesRequest, opts ...grpc.CallOption) (*GetBalancesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetBalancesResponse)
+	err := c.cc.Invoke(ctx, LedgerService_GetBalances_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // LedgerServiceServer is the server API for LedgerService service.
 // All implementations must embed UnimplementedLedgerServiceServer
 // for forward compatibility.
@@ -199,6 +349,35 @@ type LedgerServiceServer interface {
 	GetTransfer(context.Context, *GetTransferRequest) (*Transfer, error)
 	// ListEntries returns an account's statement, oldest first.
 	ListEntries(context.Context, *ListEntriesRequest) (*ListEntriesResponse, error)
+	// Refund reverses all or part of a charge back to its account, as a
+	// REFUND transfer from the charge's revenue account. The refunds of one
+	// charge never add up to more than it.
+	Refund(context.Context, *RefundRequest) (*TransferResult, error)
+	// Hold reserves funds: available drops by the amount, balance does not.
+	Hold(context.Context, *HoldRequest) (*HoldResult, error)
+	// CaptureHold charges all or part of a hold and releases the rest. A hold
+	// gets one final action; a second is FAILED_PRECONDITION HOLD_FINALIZED,
+	// one after expiry HOLD_EXPIRED.
+	CaptureHold(context.Context, *CaptureHoldRequest) (*HoldResult, error)
+	// ReleaseHold frees all of a hold.
+	ReleaseHold(context.Context, *ReleaseHoldRequest) (*HoldResult, error)
+	// GetHold returns a hold; an open hold past expires_at reads as EXPIRED.
+	GetHold(context.Context, *GetHoldRequest) (*Hold, error)
+	// SubmitBatch applies up to 1,000 operations in one transaction, ATOMIC or
+	// INDEPENDENT, idempotent by batch_key.
+	SubmitBatch(context.Context, *SubmitBatchRequest) (*SubmitBatchResponse, error)
+	// FreezeAccount stops debits and holds (credits and refunds still land).
+	FreezeAccount(context.Context, *FreezeAccountRequest) (*Account, error)
+	// UnfreezeAccount lifts a freeze.
+	UnfreezeAccount(context.Context, *UnfreezeAccountRequest) (*Account, error)
+	// CloseAccount closes an account whose balance and held are zero; a closed
+	// account accepts nothing and stays readable.
+	CloseAccount(context.Context, *CloseAccountRequest) (*Account, error)
+	// UpdateAccount changes metadata, credit_limit and low_balance_threshold.
+	UpdateAccount(context.Context, *UpdateAccountRequest) (*Account, error)
+	// GetBalances reads up to 10,000 balances in one call, current or at an
+	// instant (for example month-end).
+	GetBalances(context.Context, *GetBalancesRequest) (*GetBalancesResponse, error)
 	mustEmbedUnimplementedLedgerServiceServer()
 }
 
@@ -235,6 +414,39 @@ func (UnimplementedLedgerServiceServer) GetTransfer(context.Context, *GetTransfe
 }
 func (UnimplementedLedgerServiceServer) ListEntries(context.Context, *ListEntriesRequest) (*ListEntriesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListEntries not implemented")
+}
+func (UnimplementedLedgerServiceServer) Refund(context.Context, *RefundRequest) (*TransferResult, error) {
+	return nil, status.Error(codes.Unimplemented, "method Refund not implemented")
+}
+func (UnimplementedLedgerServiceServer) Hold(context.Context, *HoldRequest) (*HoldResult, error) {
+	return nil, status.Error(codes.Unimplemented, "method Hold not implemented")
+}
+func (UnimplementedLedgerServiceServer) CaptureHold(context.Context, *CaptureHoldRequest) (*HoldResult, error) {
+	return nil, status.Error(codes.Unimplemented, "method CaptureHold not implemented")
+}
+func (UnimplementedLedgerServiceServer) ReleaseHold(context.Context, *ReleaseHoldRequest) (*HoldResult, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReleaseHold not implemented")
+}
+func (UnimplementedLedgerServiceServer) GetHold(context.Context, *GetHoldRequest) (*Hold, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetHold not implemented")
+}
+func (UnimplementedLedgerServiceServer) SubmitBatch(context.Context, *SubmitBatchRequest) (*SubmitBatchResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SubmitBatch not implemented")
+}
+func (UnimplementedLedgerServiceServer) FreezeAccount(context.Context, *FreezeAccountRequest) (*Account, error) {
+	return nil, status.Error(codes.Unimplemented, "method FreezeAccount not implemented")
+}
+func (UnimplementedLedgerServiceServer) UnfreezeAccount(context.Context, *UnfreezeAccountRequest) (*Account, error) {
+	return nil, status.Error(codes.Unimplemented, "method UnfreezeAccount not implemented")
+}
+func (UnimplementedLedgerServiceServer) CloseAccount(context.Context, *CloseAccountRequest) (*Account, error) {
+	return nil, status.Error(codes.Unimplemented, "method CloseAccount not implemented")
+}
+func (UnimplementedLedgerServiceServer) UpdateAccount(context.Context, *UpdateAccountRequest) (*Account, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateAccount not implemented")
+}
+func (UnimplementedLedgerServiceServer) GetBalances(context.Context, *GetBalancesRequest) (*GetBalancesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetBalances not implemented")
 }
 func (UnimplementedLedgerServiceServer) mustEmbedUnimplementedLedgerServiceServer() {}
 func (UnimplementedLedgerServiceServer) testEmbeddedByValue()                       {}
@@ -419,6 +631,204 @@ func _LedgerService_ListEntries_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _LedgerService_Refund_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RefundRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).Refund(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_Refund_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).Refund(ctx, req.(*RefundRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_Hold_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HoldRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).Hold(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_Hold_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).Hold(ctx, req.(*HoldRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_CaptureHold_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CaptureHoldRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).CaptureHold(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_CaptureHold_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).CaptureHold(ctx, req.(*CaptureHoldRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_ReleaseHold_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReleaseHoldRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).ReleaseHold(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_ReleaseHold_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).ReleaseHold(ctx, req.(*ReleaseHoldRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_GetHold_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetHoldRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).GetHold(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_GetHold_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).GetHold(ctx, req.(*GetHoldRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_SubmitBatch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SubmitBatchRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).SubmitBatch(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_SubmitBatch_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).SubmitBatch(ctx, req.(*SubmitBatchRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_FreezeAccount_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FreezeAccountRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).FreezeAccount(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_FreezeAccount_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).FreezeAccount(ctx, req.(*FreezeAccountRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_UnfreezeAccount_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnfreezeAccountRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).UnfreezeAccount(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_UnfreezeAccount_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).UnfreezeAccount(ctx, req.(*UnfreezeAccountRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_CloseAccount_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CloseAccountRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).CloseAccount(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_CloseAccount_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).CloseAccount(ctx, req.(*CloseAccountRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_UpdateAccount_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateAccountRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).UpdateAccount(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_UpdateAccount_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).UpdateAccount(ctx, req.(*UpdateAccountRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_GetBalances_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetBalancesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).GetBalances(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_GetBalances_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).GetBalances(ctx, req.(*GetBalancesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // LedgerService_ServiceDesc is the grpc.ServiceDesc for LedgerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -461,6 +871,50 @@ var LedgerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListEntries",
 			Handler:    _LedgerService_ListEntries_Handler,
+		},
+		{
+			MethodName: "Refund",
+			Handler:    _LedgerService_Refund_Handler,
+		},
+		{
+			MethodName: "Hold",
+			Handler:    _LedgerService_Hold_Handler,
+		},
+		{
+			MethodName: "CaptureHold",
+			Handler:    _LedgerService_CaptureHold_Handler,
+		},
+		{
+			MethodName: "ReleaseHold",
+			Handler:    _LedgerService_ReleaseHold_Handler,
+		},
+		{
+			MethodName: "GetHold",
+			Handler:    _LedgerService_GetHold_Handler,
+		},
+		{
+			MethodName: "SubmitBatch",
+			Handler:    _LedgerService_SubmitBatch_Handler,
+		},
+		{
+			MethodName: "FreezeAccount",
+			Handler:    _LedgerService_FreezeAccount_Handler,
+		},
+		{
+			MethodName: "UnfreezeAccount",
+			Handler:    _LedgerService_UnfreezeAccount_Handler,
+		},
+		{
+			MethodName: "CloseAccount",
+			Handler:    _LedgerService_CloseAccount_Handler,
+		},
+		{
+			MethodName: "UpdateAccount",
+			Handler:    _LedgerService_UpdateAccount_Handler,
+		},
+		{
+			MethodName: "GetBalances",
+			Handler:    _LedgerService_GetBalances_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

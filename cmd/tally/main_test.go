@@ -1,0 +1,121 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tallyledger/tally/internal/tallytest"
+	"github.com/tallyledger/tally/internal/testdb"
+	"github.com/tallyledger/tally/store"
+)
+
+var dbURL string
+
+func TestMain(m *testing.M) {
+	os.Exit(testdb.Main(m, testdb.Options{Migrate: store.Migrate, TemplateName: "tally_template_" + store.MigrationsFingerprint()},
+		func(db *testdb.DB) { dbURL = db.URL() }))
+}
+
+// cli runs the tally command against env and returns what it printed.
+func cli(t *testing.T, env *tallytest.Env, args ...string) string {
+	t.Helper()
+	var out bytes.Buffer
+	args = append(args[:len(args):len(args)], "--addr", env.Addr, "--api-key", env.AdminKey)
+	if err := run(args, &out); err != nil {
+		t.Fatalf("tally %s: %s", strings.Join(args[:2], " "), describe(err))
+	}
+	return out.String()
+}
+
+func cliErr(t *testing.T, env *tallytest.Env, args ...string) string {
+	t.Helper()
+	args = append(args[:len(args):len(args)], "--addr", env.Addr, "--api-key", env.AdminKey)
+	err := run(args, &bytes.Buffer{})
+	if err == nil {
+		t.Fatalf("tally %s succeeded, want an error", strings.Join(args[:2], " "))
+	}
+	return describe(err)
+}
+
+var uuidRe = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
+
+func firstID(t *testing.T, s string) string {
+	t.Helper()
+	id := uuidRe.FindString(s)
+	if id == "" {
+		t.Fatalf("no id in %q", s)
+	}
+	return id
+}
+
+// mustContain checks for each sub in s, with runs of spaces and tabs (the
+// table padding) compared as one space.
+func mustContain(t *testing.T, s string, subs ...string) {
+	t.Helper()
+	ws := regexp.MustCompile(`[ \t]+`)
+	norm := ws.ReplaceAllString(s, " ")
+	for _, sub := range subs {
+		if !strings.Contains(norm, ws.ReplaceAllString(sub, " ")) {
+			t.Fatalf("output lacks %q:\n%s", sub, s)
+		}
+	}
+}
+
+// The CLI covers holds, captures, releases, refunds, batches, account
+// lifecycle and history, against a real server.
+func TestCLINewOperations(t *testing.T) {
+	env := tallytest.Start(t, tallytest.Options{DatabaseURL: dbURL, RedisURL: tallytest.RedisURL()})
+	acct := strings.TrimSpace(cli(t, env, "account", "create", "--currency", "CLI", "--quiet"))
+	cli(t, env, "credit", "--account", acct, "--amount", "1000", "--key", "cli-topup")
+	start := time.Now().UTC().Format(time.RFC3339Nano)
+	time.Sleep(10 * time.Millisecond)
+
+	out := cli(t, env, "hold", "create", "--account", acct, "--amount", "300", "--key", "cli-hold-1", "--expires-in", "10m")
+	mustContain(t, out, "OPEN", "held 300", "available 700")
+	h := firstID(t, out)
+	out = cli(t, env, "hold", "capture", "--hold", h, "--amount", "120", "--key", "cli-cap-1")
+	mustContain(t, out, "CAPTURED", "capture charge", "balance 880, held 0, available 880")
+	mustContain(t, cliErr(t, env, "hold", "release", "--hold", h, "--key", "cli-rel-1"), "HOLD_FINALIZED")
+	out = cli(t, env, "hold", "create", "--account", acct, "--amount", "50", "--key", "cli-hold-2")
+	h2 := firstID(t, out)
+	mustContain(t, cli(t, env, "hold", "release", "--hold", h2, "--key", "cli-rel-2"), "RELEASED")
+	mustContain(t, cli(t, env, "hold", "get", "--hold", h2), "RELEASED")
+
+	out = cli(t, env, "charge", "--account", acct, "--amount", "100", "--key", "cli-charge-1")
+	ch := firstID(t, out)
+	mustContain(t, cli(t, env, "refund", "--transfer", ch, "--amount", "40", "--key", "cli-refund-1", "--reason", "goodwill"), "REFUND")
+	mustContain(t, cli(t, env, "transfer", "get", "--id", ch), "\t40\n")
+	mustContain(t, cliErr(t, env, "refund", "--transfer", ch, "--amount", "61", "--key", "cli-refund-2"), "REFUND_EXCEEDS_CHARGE")
+
+	ops := `{"charge":{"accountId":"` + acct + `","amount":"5","idempotencyKey":"cli-b1"}}
+{"charge":{"accountId":"` + acct + `","amount":"999999","idempotencyKey":"cli-b2"}}
+`
+	f := t.TempDir() + "/ops.jsonl"
+	if err := os.WriteFile(f, []byte(ops), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustContain(t, cli(t, env, "batch", "--file", f, "--mode", "atomic", "--key", "cli-batch-1"), "applied false, failed item 1", "NOT_APPLIED", "INSUFFICIENT_FUNDS")
+	mustContain(t, cli(t, env, "batch", "--file", f, "--mode", "independent", "--key", "cli-batch-2"), "applied true", "0\tOK\tCHARGE")
+	mustContain(t, cli(t, env, "batch", "--file", f, "--mode", "independent", "--key", "cli-batch-2"), "replayed true")
+
+	mustContain(t, cli(t, env, "account", "update", "--account", acct, "--low-balance-threshold", "500", "--replace-meta", "--meta", "plan=pro", "--json"), `"plan"`, `"pro"`, `"lowBalanceThreshold"`)
+	mustContain(t, cli(t, env, "charge", "--account", acct, "--amount", "400", "--key", "cli-charge-2"), "\ttrue\n")
+	mustContain(t, cli(t, env, "account", "freeze", "--account", acct), "FROZEN")
+	mustContain(t, cliErr(t, env, "charge", "--account", acct, "--amount", "1", "--key", "cli-charge-3"), "ACCOUNT_NOT_ACTIVE")
+	mustContain(t, cli(t, env, "account", "unfreeze", "--account", acct), "ACTIVE")
+	mustContain(t, cliErr(t, env, "account", "close", "--account", acct), "ACCOUNT_NOT_EMPTY")
+
+	// 1000 - 120 - 100 + 40 - 5 - 400 = 415.
+	mustContain(t, cli(t, env, "balance", "--account", acct, "--strong"), "\t415\t0\t415\t")
+	mustContain(t, cli(t, env, "balance", "--account", acct, "--at", start), "\t1000\t0\t1000\t", "false")
+	mustContain(t, cli(t, env, "balances", "--account", acct, "--at", start), "\t1000\t")
+	out = cli(t, env, "entries", "--account", acct, "--kind", "refund")
+	mustContain(t, out, "REFUND\t40\t")
+	if strings.Contains(out, "CHARGE") {
+		t.Fatalf("--kind refund listed other kinds:\n%s", out)
+	}
+}
