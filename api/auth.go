@@ -60,6 +60,8 @@ var MethodRoles = map[string][]auth.Role{
 	tallyv1.LedgerService_CloseAccount_FullMethodName:    {auth.RoleSupport, auth.RoleAdmin},
 	tallyv1.LedgerService_UpdateAccount_FullMethodName:   {auth.RoleSupport, auth.RoleAdmin},
 	tallyv1.LedgerService_GetBalances_FullMethodName:     readers,
+	// The feed shows every client's money movement: reconciliation jobs.
+	tallyv1.LedgerService_ExportTransfers_FullMethodName: {auth.RoleReconciler, auth.RoleAdmin},
 }
 
 // openServices need no credentials: health checks (load balancers, the

@@ -59,6 +59,10 @@ type ServerOptions struct {
 	NoReflection bool
 	// SubmitBatchBytesMax bounds one SubmitBatch request (0: the default).
 	SubmitBatchBytesMax int
+	// ExportPollInterval and ExportStreamDurationMax tune following feed
+	// streams (0: the defaults).
+	ExportPollInterval      time.Duration
+	ExportStreamDurationMax time.Duration
 }
 
 // NewGRPCServer builds the gRPC server: LedgerService, grpc.health.v1 and
@@ -141,6 +145,7 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 	s := grpc.NewServer(opts...)
 	ls := NewServer(l)
 	ls.SubmitBatchBytesMax = o.SubmitBatchBytesMax
+	ls.ExportPollInterval, ls.ExportStreamDurationMax = o.ExportPollInterval, o.ExportStreamDurationMax
 	tallyv1.RegisterLedgerServiceServer(s, ls)
 	healthpb.RegisterHealthServer(s, hs)
 	if !o.NoReflection {

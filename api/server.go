@@ -5,6 +5,7 @@ package api
 
 import (
 	"context"
+	"time"
 
 	"google.golang.org/grpc/codes"
 
@@ -20,6 +21,10 @@ type Server struct {
 	// SubmitBatchBytesMax bounds a SubmitBatch request's encoded size
 	// (0: SubmitBatchBytesMaxDefault).
 	SubmitBatchBytesMax int
+	// ExportPollInterval and ExportStreamDurationMax tune following feed
+	// streams (0: the defaults).
+	ExportPollInterval      time.Duration
+	ExportStreamDurationMax time.Duration
 }
 
 // NewServer returns a LedgerService backed by l.

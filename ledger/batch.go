@@ -417,6 +417,7 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 				Status: a.Status, CreditLimit: a.CreditLimit, Metadata: a.Metadata, LowBalanceThreshold: a.LowBalanceThreshold,
 			})
 		}
+		wk.feedEvents()
 		if err := tx.WriteBatch(ctx, wk.w); err != nil {
 			return err
 		}

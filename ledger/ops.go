@@ -25,7 +25,9 @@ type work struct {
 	// it (for the cache): never later than the true next expiry.
 	holdsChanged map[uuid.UUID]bool
 	nextExpiry   map[uuid.UUID]*time.Time
-	w            store.BatchWrite
+	// lowBalance are the threshold crossings decided so far, for the feed.
+	lowBalance []LowBalanceEvent
+	w          store.BatchWrite
 }
 
 func newWork(locked store.BatchLocked) *work {
@@ -312,6 +314,10 @@ func (l *Ledger) decideMove(r MoveRequest, wk *work) (TransferResult, *Error, er
 		return TransferResult{}, nil, err
 	}
 	tr.ThresholdCrossed = crossed(debit, debitBefore)
+	if tr.ThresholdCrossed {
+		wk.lowBalance = append(wk.lowBalance, LowBalanceEvent{AccountID: debit.ID, TransferID: tr.ID,
+			Available: availableOf(debit), Threshold: *debit.LowBalanceThreshold, CreatedAt: tr.CreatedAt})
+	}
 	wk.w.Transfers = append(wk.w.Transfers, tr)
 	res := TransferResult{Transfer: toTransfer(tr), Balance: wk.balanceOf(primary, entries[0].CreatedAt)}
 	res.ThresholdCrossed = tr.ThresholdCrossed && debit == primary
@@ -443,7 +449,12 @@ func (l *Ledger) decideHold(r MoveRequest, wk *work) (TransferResult, *Error, er
 	wk.holds[id] = &h
 	wk.w.Holds = append(wk.w.Holds, h)
 	hold := toHold(h, wk.now)
-	return TransferResult{Hold: &hold, Balance: wk.balanceOf(a, wk.now), ThresholdCrossed: crossed(a, before)}, nil, nil
+	x := crossed(a, before)
+	if x {
+		wk.lowBalance = append(wk.lowBalance, LowBalanceEvent{AccountID: a.ID, HoldID: h.ID,
+			Available: availableOf(a), Threshold: *a.LowBalanceThreshold, CreatedAt: wk.now})
+	}
+	return TransferResult{Hold: &hold, Balance: wk.balanceOf(a, wk.now), ThresholdCrossed: x}, nil, nil
 }
 
 func (l *Ledger) decideFinalize(r MoveRequest, wk *work) (TransferResult, *Error, error) {

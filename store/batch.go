@@ -280,6 +280,9 @@ type BatchWrite struct {
 	Updates     []AccountUpdate
 	Keys        []KeyRecord
 	Changes     []AccountChange
+	// Events are the batch's change-feed rows (xid and id are assigned by
+	// the database).
+	Events []EventRow
 }
 
 // WriteBatch writes a batch with one set-based statement per table,
@@ -506,6 +509,22 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 			FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[]::uuid[], $7::text[],
 			            $8::timestamptz[]) AS c(acct, action, ver, before, after, by_client, by_key, at)`,
 			accts, actions, vers, befores, afters, byClients, byKeys, ats)
+	}
+	if n := len(w.Events); n > 0 {
+		kinds := make([]string, n)
+		subjects := make([]uuid.UUID, n)
+		accts := make([]*string, n)
+		payloads := make([]string, n)
+		ats := make([]time.Time, n)
+		for i, e := range w.Events {
+			kinds[i], subjects[i], accts[i], payloads[i], ats[i] = e.Kind, e.SubjectID, nullID(e.AccountID), string(e.Payload), e.CreatedAt
+		}
+		// WITH ORDINALITY keeps the batch's order in event_id.
+		queue(n, `INSERT INTO events (kind, subject_id, account_id, payload, created_at)
+			SELECT e.kind, e.subject, e.acct, e.payload::jsonb, e.at
+			FROM unnest($1::text[], $2::uuid[], $3::text[]::uuid[], $4::text[], $5::timestamptz[]) WITH ORDINALITY
+			  AS e(kind, subject, acct, payload, at, n)
+			ORDER BY e.n`, kinds, subjects, accts, payloads, ats)
 	}
 	if b.Len() == 0 {
 		return nil

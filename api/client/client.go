@@ -170,6 +170,10 @@ func New(cfg Config) (*Client, error) {
 			cc *grpc.ClientConn, invoker grpc.UnaryInvoker, o ...grpc.CallOption) error {
 			ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
 			return invoker(ctx, method, req, reply, cc, o...)
+		}), grpc.WithChainStreamInterceptor(func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn,
+			method string, streamer grpc.Streamer, o ...grpc.CallOption) (grpc.ClientStream, error) {
+			ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
+			return streamer(ctx, desc, cc, method, o...)
 		}))
 	}
 	conn, err := grpc.NewClient(cfg.Addr, opts...)

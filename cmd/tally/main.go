@@ -18,6 +18,7 @@
 //	tally balance  --account ID [--strong] [--min-version N] [--at T]
 //	tally balances --account ID ... | --file IDS [--at T]
 //	tally entries  --account ID [--page-size N] [--all] [--kind charge,refund,...] [--since T] [--until T]
+//	tally export   [--since CURSOR] [--format jsonl|csv] [--out FILE] [--follow]
 //	tally bench    --scenario S [--clients N] [--duration D] [--warmup D] [--accounts N] [--json]
 //
 // Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY),
@@ -69,6 +70,7 @@ commands:
   balance                   read a balance (now, or --at an instant)
   balances                  read many balances at once (e.g. month-end)
   entries                   list an account's statement
+  export                    write the change feed (JSON lines or CSV) from a cursor
   bench                     load-test a running tallyd (throughput, latency, batch sizes)
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
@@ -200,6 +202,8 @@ func run(args []string, out io.Writer) error {
 		return batch(rest, os.Stdin, out)
 	case "balances":
 		return balances(rest, out)
+	case "export":
+		return export(rest, out)
 	}
 	return errUsage
 }

@@ -65,8 +65,10 @@ type serveConfig struct {
 	submitBatchBytesMax int
 	// holdSweepInterval is how often the sweeper writes down expired holds.
 	holdSweepInterval time.Duration
-	batch             ledger.BatchConfig
-	pprof             bool
+	// exportPollInterval and exportStreamDurationMax tune feed streams.
+	exportPollInterval, exportStreamDurationMax time.Duration
+	batch                                       ledger.BatchConfig
+	pprof                                       bool
 
 	// Authentication and transport security.
 	insecureNoAuth    bool
@@ -141,6 +143,8 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.submitBatchBytesMax, "submit-batch-bytes-max", api.SubmitBatchBytesMaxDefault, "largest SubmitBatch request in bytes (keep below --msg-bytes-max)")
 	fs.IntVar(&c.limits.BalancesAccountsMax, "balances-accounts-max", d.BalancesAccountsMax, "most accounts in one GetBalances")
 	fs.DurationVar(&c.limits.HistorySettleWindow, "history-settle-window", d.HistorySettleWindow, "a balance at an instant closer to now than this is not final (must exceed --batch-timeout)")
+	fs.DurationVar(&c.exportPollInterval, "export-poll-interval", api.ExportPollIntervalDefault, "how often a following ExportTransfers stream looks for new events")
+	fs.DurationVar(&c.exportStreamDurationMax, "export-stream-duration-max", api.ExportStreamDurationMaxDefault, "longest following ExportTransfers stream (clients resume from their cursor)")
 	fs.DurationVar(&c.holdSweepInterval, "hold-sweep-interval", 30*time.Second, "how often expired holds are written down (0: never; reads never need it)")
 }
 
@@ -266,6 +270,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		Logger: log, MsgBytesMax: c.msgBytesMax, CallTimeoutDefault: c.callTimeoutDefault, StreamsMax: uint32(c.streamsMax),
 		HeaderBytesMax: uint32(c.headerBytesMax), KeepaliveTime: c.keepaliveTime, KeepaliveTimeout: c.keepaliveTimeout,
 		KeepaliveMinTime: c.keepaliveMinTime, NoReflection: !c.reflection, SubmitBatchBytesMax: c.submitBatchBytesMax,
+		ExportPollInterval: c.exportPollInterval, ExportStreamDurationMax: c.exportStreamDurationMax,
 	}
 	tlsCfg, certRoles, err := c.transport(log)
 	if err != nil {

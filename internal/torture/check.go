@@ -30,25 +30,29 @@ const (
 	InvNoInternalAnswers     = "no_internal_answers"
 	InvNoUnexpectedAnswers   = "no_unexpected_answers"
 	InvNoTallydCrashes       = "no_tallyd_crashes"
+	InvHeldMatchesHolds      = "held_matches_open_holds"
+	InvHoldsOneFinalAction   = "holds_one_final_action"
+	InvRefundsWithinCharge   = "refunds_within_charge"
+	InvBatchesAllOrNothing   = "batches_all_or_nothing"
 )
 
 // invariantDescriptions says what each invariant means, in the order the
 // summary prints them.
 var invariantDescriptions = []struct{ name, desc string }{
-	{InvKeysAtMostOnce, "every idempotency key produced at most one transfer, and idempotency_keys agrees with transfers"},
-	{InvNoUnsentTransfers, "every transfer and idempotency key in Postgres belongs to a request some client sent"},
-	{InvAckedPresent, "every acknowledged op is in Postgres with the acknowledged transfer id, kind, accounts and amount, its key row, and the acknowledged (version, balance)"},
-	{InvFinalAnswersMatchDB, "every definite answer matches Postgres: a success is there; a rejection left no transfer and its key row holds that rejection; two answers to one key agree"},
+	{InvKeysAtMostOnce, "every idempotency key produced at most one transfer or hold, and idempotency_keys agrees with transfers and holds"},
+	{InvNoUnsentTransfers, "every transfer, hold, idempotency key and batch in Postgres belongs to a request some client sent"},
+	{InvAckedPresent, "every acknowledged op is in Postgres with the acknowledged transfer or hold id, kind, accounts and amount, its key row, and the acknowledged (version, balance)"},
+	{InvFinalAnswersMatchDB, "every definite answer matches Postgres: a success is there; a rejection left no transfer or hold and its key row holds that rejection; an item of an ATOMIC batch answered not applied left nothing, not even its key; two answers to one key agree"},
 	{InvOpsAnswered, "after healing, every op got a definite answer before its deadline"},
 	{InvTransferEntries, "every transfer has exactly one debit and one credit entry of its amount, in its currency"},
 	{InvBalanceEqualsEntries, "each account's balance equals the sum of its entries and its last balance_after"},
 	{InvSequencesGapless, "each account's entry sequences run 1..n without gaps, and last_sequence = n"},
 	{InvRunningBalance, "each entry's balance_after equals the previous balance_after plus its amount"},
-	{InvVersionsConsistent, "version_after strictly increases and ends at the account's version; created_at never goes back"},
-	{InvFloorRespected, "no FLOOR_NON_NEGATIVE account ever went below -credit_limit"},
+	{InvVersionsConsistent, "version_after strictly increases; created_at never goes back; the account's version is its entries plus holds created, holds released, lifecycle changes and expiry write-downs (between 1 and its number of expired holds, if any)"},
+	{InvFloorRespected, "no FLOOR_NON_NEGATIVE account ever went below -credit_limit, nor ends with balance - held below it"},
 	{InvCurrencySumsZero, "per currency, all balances (and all entries) sum to zero"},
 	{InvBalanceMatchesHistory, "each balance equals acknowledged credits minus acknowledged debits, plus ops of unknown outcome that Postgres shows applied"},
-	{InvReadsExisted, "every balance read is a (version, balance) pair that really existed"},
+	{InvReadsExisted, "every balance read is a (version, balance) pair that really existed: version at most the account's, and balance that of the last entry with version_after <= version"},
 	{InvStrongReadsFresh, "a STRONG read came from Postgres and was never older than a write the same client had seen acknowledged"},
 	{InvMinVersionReads, "a read with min_version never returned an older version (nor VERSION_NOT_REACHED for an acknowledged version)"},
 	{InvCachedReadAge, "a cached read was never superseded for longer than the cache TTL (plus slack), hand-planted values aside"},
@@ -56,6 +60,10 @@ var invariantDescriptions = []struct{ name, desc string }{
 	{InvNoInternalAnswers, "the service never answered INTERNAL or UNKNOWN, faults or not"},
 	{InvNoUnexpectedAnswers, "no valid request got a final answer other than success or a business rejection; no first answer was a replay; no two answers to one key both claim to have executed it"},
 	{InvNoTallydCrashes, "no tallyd exited unless the nemesis killed it; a SIGTERM'ed tallyd drained and exited 0 in time"},
+	{InvHeldMatchesHolds, "every account's held is non-negative, only on FLOOR_NON_NEGATIVE accounts, and equals the sum of its holds stored as open, in its currency"},
+	{InvHoldsOneFinalAction, "every hold has a valid status and 0 <= captured_amount <= amount; a captured hold has exactly one capture (a CHARGE from its account naming it) of captured_amount, any other none; no two final actions on one hold were acknowledged"},
+	{InvRefundsWithinCharge, "every REFUND reverses a CHARGE (debit its credit account, credit its debit account); per charge, the refunds sum to charge_refunds.refunded and never exceed it"},
+	{InvBatchesAllOrNothing, "every stored batch was sent, with its mode; an ATOMIC batch applied all its items or left none of their keys; an INDEPENDENT one recorded every item; an acknowledged batch is stored as answered, an unanswered one without a row left no item"},
 }
 
 // InvariantResult is one invariant's verdict.
@@ -90,7 +98,14 @@ type checker struct {
 	results map[string]*InvariantResult
 
 	opsByKey        map[string]*Op
+	batchesByKey    map[string]*Batch
 	transfersByKey  map[string][]*TransferRow
+	holdsByKey      map[string][]*HoldRow
+	holdsByID       map[string]*HoldRow
+	capturesByHold  map[string][]*TransferRow
+	refundsByCharge map[string][]*TransferRow
+	chargeRefunds   map[string]*ChargeRefundRow
+	dbBatchesByKey  map[string][]*BatchRow
 	transfersByID   map[string]*TransferRow
 	keysByKey       map[string][]*KeyRow
 	entriesByXfer   map[string][]EntryRow
@@ -127,6 +142,10 @@ func Check(h *History, db *DBState, cs *CacheState, opt CheckOptions) []Invarian
 	c.checkCache()
 	c.checkAnswers()
 	c.checkCrashes()
+	c.checkHeld()
+	c.checkHolds()
+	c.checkRefunds()
+	c.checkBatches()
 
 	out := make([]InvariantResult, 0, len(invariantDescriptions))
 	for _, d := range invariantDescriptions {
@@ -152,12 +171,41 @@ func (c *checker) index() {
 	for _, o := range c.h.Ops {
 		c.opsByKey[o.Key] = o
 	}
+	c.batchesByKey = make(map[string]*Batch, len(c.h.Batches))
+	for _, b := range c.h.Batches {
+		c.batchesByKey[b.Key] = b
+	}
 	c.transfersByKey = make(map[string][]*TransferRow, len(c.db.Transfers))
 	c.transfersByID = make(map[string]*TransferRow, len(c.db.Transfers))
+	c.capturesByHold = map[string][]*TransferRow{}
+	c.refundsByCharge = map[string][]*TransferRow{}
 	for i := range c.db.Transfers {
 		t := &c.db.Transfers[i]
 		c.transfersByKey[t.Key] = append(c.transfersByKey[t.Key], t)
 		c.transfersByID[t.ID] = t
+		if t.HoldID != "" {
+			c.capturesByHold[t.HoldID] = append(c.capturesByHold[t.HoldID], t)
+		}
+		if t.RefundOf != "" {
+			c.refundsByCharge[t.RefundOf] = append(c.refundsByCharge[t.RefundOf], t)
+		}
+	}
+	c.holdsByKey = make(map[string][]*HoldRow, len(c.db.Holds))
+	c.holdsByID = make(map[string]*HoldRow, len(c.db.Holds))
+	for i := range c.db.Holds {
+		h := &c.db.Holds[i]
+		c.holdsByKey[h.Key] = append(c.holdsByKey[h.Key], h)
+		c.holdsByID[h.ID] = h
+	}
+	c.chargeRefunds = make(map[string]*ChargeRefundRow, len(c.db.ChargeRefunds))
+	for i := range c.db.ChargeRefunds {
+		r := &c.db.ChargeRefunds[i]
+		c.chargeRefunds[r.TransferID] = r
+	}
+	c.dbBatchesByKey = make(map[string][]*BatchRow, len(c.db.Batches))
+	for i := range c.db.Batches {
+		b := &c.db.Batches[i]
+		c.dbBatchesByKey[b.Key] = append(c.dbBatchesByKey[b.Key], b)
 	}
 	c.keysByKey = make(map[string][]*KeyRow, len(c.db.Keys))
 	for i := range c.db.Keys {
@@ -210,8 +258,38 @@ func (c *checker) sides(o *Op) (debit, credit, currency string) {
 		}
 	case KindTransfer:
 		debit, credit = o.Account, o.Counterparty
+	case KindRefund: // the charge's revenue account pays the customer back
+		debit, credit = o.Counterparty, o.Account
+		if debit == "" {
+			debit = c.sysAccounts[currency+"/revenue"]
+		}
+	case KindCapture:
+		debit, credit = o.Account, o.Counterparty
+		if credit == "" {
+			credit = c.sysAccounts[currency+"/revenue"]
+		}
 	}
 	return debit, credit, currency
+}
+
+// keyApplied reports whether Postgres shows the op with this key applied:
+// a transfer or hold under it, or a successful key row (a ReleaseHold
+// leaves only that).
+func (c *checker) keyApplied(key string) bool {
+	if len(c.transfersByKey[key]) > 0 || len(c.holdsByKey[key]) > 0 {
+		return true
+	}
+	for _, k := range c.keysByKey[key] {
+		if k.TransferID != "" || k.HoldID != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// keyLeftAnything reports whether anything at all is stored under key.
+func (c *checker) keyLeftAnything(key string) bool {
+	return len(c.transfersByKey[key]) > 0 || len(c.holdsByKey[key]) > 0 || len(c.keysByKey[key]) > 0
 }
 
 func (c *checker) checkKeys() {
@@ -222,38 +300,84 @@ func (c *checker) checkKeys() {
 	for k := range c.keysByKey {
 		keys[k] = true
 	}
+	for k := range c.holdsByKey {
+		keys[k] = true
+	}
 	c.checked(InvKeysAtMostOnce, len(keys))
 	for _, key := range sortedKeys(keys) {
 		ts := c.transfersByKey[key]
 		ks := c.keysByKey[key]
+		hs := c.holdsByKey[key]
 		if len(ts) > 1 {
 			ids := make([]string, len(ts))
 			for i, t := range ts {
 				ids[i] = t.ID
 			}
-			c.fail(InvKeysAtMostOnce, "key %s applied %d times: transfers %s", key, len(ts), strings.Join(ids, ", "))
+			c.fail(InvKeysAtMostOnce, "key %s produced %d transfers: %s", key, len(ts), strings.Join(ids, ", "))
+		}
+		if len(hs) > 1 {
+			c.fail(InvKeysAtMostOnce, "key %s produced %d holds", key, len(hs))
+		}
+		if len(ts) > 0 && len(hs) > 0 {
+			c.fail(InvKeysAtMostOnce, "key %s produced both transfer %s and hold %s", key, ts[0].ID, hs[0].ID)
 		}
 		if len(ks) > 1 {
 			c.fail(InvKeysAtMostOnce, "key %s has %d idempotency_keys rows", key, len(ks))
 		}
-		switch {
-		case len(ks) == 0 && len(ts) > 0:
-			c.fail(InvKeysAtMostOnce, "key %s has transfer %s but no idempotency_keys row", key, ts[0].ID)
-		case len(ks) > 0 && ks[0].TransferID == "" && len(ts) > 0:
-			c.fail(InvKeysAtMostOnce, "key %s is recorded as rejected (%s) but has transfer %s", key, ks[0].ErrorReason, ts[0].ID)
-		case len(ks) > 0 && ks[0].TransferID != "":
-			t, ok := c.transfersByID[ks[0].TransferID]
-			if !ok {
-				c.fail(InvKeysAtMostOnce, "key %s points to missing transfer %s", key, ks[0].TransferID)
-			} else if t.Key != key {
-				c.fail(InvKeysAtMostOnce, "key %s points to transfer %s of key %s", key, t.ID, t.Key)
+		if len(ks) == 0 {
+			switch {
+			case len(ts) > 0:
+				c.fail(InvKeysAtMostOnce, "key %s has transfer %s but no idempotency_keys row", key, ts[0].ID)
+			case len(hs) > 0:
+				c.fail(InvKeysAtMostOnce, "key %s has hold %s but no idempotency_keys row", key, hs[0].ID)
 			}
+			continue
+		}
+		k := ks[0]
+		if k.TransferID == "" && k.HoldID == "" {
+			switch {
+			case len(ts) > 0:
+				c.fail(InvKeysAtMostOnce, "key %s is recorded as rejected (%s) but has transfer %s", key, k.ErrorReason, ts[0].ID)
+			case len(hs) > 0:
+				c.fail(InvKeysAtMostOnce, "key %s is recorded as rejected (%s) but has hold %s", key, k.ErrorReason, hs[0].ID)
+			}
+			continue
+		}
+		if k.TransferID != "" {
+			t, ok := c.transfersByID[k.TransferID]
+			switch {
+			case !ok:
+				c.fail(InvKeysAtMostOnce, "key %s points to missing transfer %s", key, k.TransferID)
+			case t.Key != key:
+				c.fail(InvKeysAtMostOnce, "key %s points to transfer %s of key %s", key, t.ID, t.Key)
+			case k.HoldID != "" && t.HoldID != k.HoldID:
+				c.fail(InvKeysAtMostOnce, "key %s points to hold %s but its transfer %s captured hold %q", key, k.HoldID, t.ID, t.HoldID)
+			}
+		} else if len(ts) > 0 {
+			c.fail(InvKeysAtMostOnce, "key %s has transfer %s but its idempotency_keys row names none", key, ts[0].ID)
+		}
+		if k.HoldID != "" {
+			h, ok := c.holdsByID[k.HoldID]
+			switch {
+			case !ok:
+				c.fail(InvKeysAtMostOnce, "key %s points to missing hold %s", key, k.HoldID)
+			case k.Kind == KindHold.kindNumber() && h.Key != key:
+				c.fail(InvKeysAtMostOnce, "Hold key %s points to hold %s of key %s", key, h.ID, h.Key)
+			case k.Kind == KindRelease.kindNumber() && h.Status != HoldReleased:
+				c.fail(InvKeysAtMostOnce, "ReleaseHold key %s succeeded but hold %s has status %d", key, h.ID, h.Status)
+			}
+		}
+		if len(hs) > 0 && (k.Kind != KindHold.kindNumber() || k.HoldID != hs[0].ID) {
+			c.fail(InvKeysAtMostOnce, "key %s created hold %s but its idempotency_keys row (kind %d) names hold %q", key, hs[0].ID, k.Kind, k.HoldID)
+		}
+		if k.Kind == KindHold.kindNumber() && len(hs) == 0 {
+			c.fail(InvKeysAtMostOnce, "Hold key %s succeeded but created no hold", key)
 		}
 	}
 }
 
 func (c *checker) checkUnsent() {
-	c.checked(InvNoUnsentTransfers, len(c.db.Transfers)+len(c.db.Keys))
+	c.checked(InvNoUnsentTransfers, len(c.db.Transfers)+len(c.db.Keys)+len(c.db.Holds)+len(c.db.Batches))
 	for _, t := range c.db.Transfers {
 		if _, ok := c.opsByKey[t.Key]; !ok {
 			c.fail(InvNoUnsentTransfers, "transfer %s has key %q that no client sent (%d from %s to %s)", t.ID, t.Key, t.Amount, t.Debit, t.Credit)
@@ -264,10 +388,127 @@ func (c *checker) checkUnsent() {
 			c.fail(InvNoUnsentTransfers, "idempotency key %q was never sent by a client", k.Key)
 		}
 	}
+	for _, h := range c.db.Holds {
+		if _, ok := c.opsByKey[h.Key]; !ok {
+			c.fail(InvNoUnsentTransfers, "hold %s has key %q that no client sent (%d on %s)", h.ID, h.Key, h.Amount, h.Account)
+		}
+	}
+	for _, b := range c.db.Batches {
+		if _, ok := c.batchesByKey[b.Key]; !ok {
+			c.fail(InvNoUnsentTransfers, "batch key %q was never sent by a client", b.Key)
+		}
+	}
+}
+
+// ackedProblems lists how Postgres disagrees with an acknowledged op.
+func (c *checker) ackedProblems(o *Op) []string {
+	var bad []string
+	ks := c.keysByKey[o.Key]
+	switch o.Kind {
+	case KindHold:
+		hs := c.holdsByKey[o.Key]
+		if len(hs) == 0 {
+			return []string{fmt.Sprintf("hold %s is not in holds", o.HoldID)}
+		}
+		h := hs[0]
+		if h.ID != o.HoldID {
+			bad = append(bad, fmt.Sprintf("hold id %s, acked %s", h.ID, o.HoldID))
+		}
+		if h.Account != o.Account || h.Amount != o.Amount || h.Revenue != o.Counterparty {
+			bad = append(bad, fmt.Sprintf("hold of %d on %s (revenue %q), sent %d on %s (revenue %q)",
+				h.Amount, h.Account, h.Revenue, o.Amount, o.Account, o.Counterparty))
+		}
+		if len(ks) == 0 {
+			bad = append(bad, "no idempotency_keys row")
+		} else if ks[0].HoldID != h.ID {
+			bad = append(bad, fmt.Sprintf("idempotency_keys row points to hold %q", ks[0].HoldID))
+		}
+		if ok, why := c.pairExisted(o.Account, o.BalanceVersion, o.BalanceAfter); !ok {
+			bad = append(bad, fmt.Sprintf("acked balance (v%d, %d) never existed: %s", o.BalanceVersion, o.BalanceAfter, why))
+		}
+		return bad
+	case KindRelease:
+		h, ok := c.holdsByID[o.HoldID]
+		if !ok {
+			return []string{fmt.Sprintf("released hold %s is not in holds", o.HoldID)}
+		}
+		if h.Status != HoldReleased {
+			bad = append(bad, fmt.Sprintf("hold %s has status %d, not released", h.ID, h.Status))
+		}
+		if len(ks) == 0 {
+			bad = append(bad, "no idempotency_keys row")
+		} else if ks[0].HoldID != h.ID || ks[0].TransferID != "" {
+			bad = append(bad, fmt.Sprintf("idempotency_keys row points to hold %q transfer %q", ks[0].HoldID, ks[0].TransferID))
+		}
+		if ok, why := c.pairExisted(o.Account, o.BalanceVersion, o.BalanceAfter); !ok {
+			bad = append(bad, fmt.Sprintf("acked balance (v%d, %d) never existed: %s", o.BalanceVersion, o.BalanceAfter, why))
+		}
+		return bad
+	}
+	ts := c.transfersByKey[o.Key]
+	if len(ts) == 0 {
+		return []string{fmt.Sprintf("transfer %s (amount %d) is not in transfers", o.TransferID, o.Amount)}
+	}
+	t := ts[0]
+	for _, x := range ts {
+		if x.ID == o.TransferID {
+			t = x
+		}
+	}
+	debit, credit, currency := c.sides(o)
+	if t.ID != o.TransferID {
+		bad = append(bad, fmt.Sprintf("transfer id %s, acked %s", t.ID, o.TransferID))
+	}
+	if t.Kind != o.Kind.transferKind() {
+		bad = append(bad, fmt.Sprintf("kind %d, sent %s", t.Kind, o.Kind))
+	}
+	if t.Amount != o.Amount {
+		bad = append(bad, fmt.Sprintf("amount %d, sent %d", t.Amount, o.Amount))
+	}
+	if t.Debit != debit || t.Credit != credit {
+		bad = append(bad, fmt.Sprintf("accounts %s->%s, sent %s->%s", t.Debit, t.Credit, debit, credit))
+	}
+	if t.Currency != currency {
+		bad = append(bad, fmt.Sprintf("currency %s, account's is %s", t.Currency, currency))
+	}
+	switch o.Kind {
+	case KindRefund:
+		if t.RefundOf != o.ChargeID {
+			bad = append(bad, fmt.Sprintf("refund_of %q, sent %s", t.RefundOf, o.ChargeID))
+		}
+	case KindCapture:
+		if t.HoldID != o.HoldID {
+			bad = append(bad, fmt.Sprintf("hold_id %q, sent %s", t.HoldID, o.HoldID))
+		}
+		if h, ok := c.holdsByID[o.HoldID]; !ok {
+			bad = append(bad, fmt.Sprintf("captured hold %s is not in holds", o.HoldID))
+		} else if h.Status != HoldCaptured || h.CapturedAmount != o.Amount || h.CaptureTransferID != t.ID {
+			bad = append(bad, fmt.Sprintf("hold %s has status %d, captured %d by %q", h.ID, h.Status, h.CapturedAmount, h.CaptureTransferID))
+		}
+	}
+	if len(ks) == 0 {
+		bad = append(bad, "no idempotency_keys row")
+	} else if ks[0].TransferID != t.ID {
+		bad = append(bad, fmt.Sprintf("idempotency_keys row points to %q", ks[0].TransferID))
+	}
+	var named *EntryRow
+	for _, e := range c.entriesByXfer[t.ID] {
+		if e.Account == o.Account {
+			e := e
+			named = &e
+		}
+	}
+	if named == nil {
+		bad = append(bad, "no entry on the named account")
+	} else if named.VersionAfter != o.BalanceVersion || named.BalanceAfter != o.BalanceAfter {
+		bad = append(bad, fmt.Sprintf("acked balance (v%d, %d) but the entry has (v%d, %d)",
+			o.BalanceVersion, o.BalanceAfter, named.VersionAfter, named.BalanceAfter))
+	}
+	return bad
 }
 
 func (c *checker) checkAcked() {
-	retried := 0
+	retried, inBatches := 0, 0
 	for _, o := range c.h.Ops {
 		if o.Outcome != OutcomeAcked {
 			continue
@@ -276,63 +517,46 @@ func (c *checker) checkAcked() {
 		if o.Retried() {
 			retried++
 		}
-		ts := c.transfersByKey[o.Key]
-		if len(ts) == 0 {
-			c.fail(InvAckedPresent, "acked %s key %s (transfer %s, account %s, amount %d) is not in transfers", o.Kind, o.Key, o.TransferID, o.Account, o.Amount)
-			continue
+		if o.BatchKey != "" {
+			inBatches++
 		}
-		t := ts[0]
-		for _, x := range ts {
-			if x.ID == o.TransferID {
-				t = x
-			}
-		}
-		debit, credit, currency := c.sides(o)
-		var bad []string
-		if t.ID != o.TransferID {
-			bad = append(bad, fmt.Sprintf("transfer id %s, acked %s", t.ID, o.TransferID))
-		}
-		if t.Kind != o.Kind.kindNumber() {
-			bad = append(bad, fmt.Sprintf("kind %d, sent %s", t.Kind, o.Kind))
-		}
-		if t.Amount != o.Amount {
-			bad = append(bad, fmt.Sprintf("amount %d, sent %d", t.Amount, o.Amount))
-		}
-		if t.Debit != debit || t.Credit != credit {
-			bad = append(bad, fmt.Sprintf("accounts %s->%s, sent %s->%s", t.Debit, t.Credit, debit, credit))
-		}
-		if t.Currency != currency {
-			bad = append(bad, fmt.Sprintf("currency %s, account's is %s", t.Currency, currency))
-		}
-		if ks := c.keysByKey[o.Key]; len(ks) == 0 {
-			bad = append(bad, "no idempotency_keys row")
-		} else if ks[0].TransferID != t.ID {
-			bad = append(bad, fmt.Sprintf("idempotency_keys row points to %q", ks[0].TransferID))
-		}
-		var named *EntryRow
-		for _, e := range c.entriesByXfer[t.ID] {
-			if e.Account == o.Account {
-				e := e
-				named = &e
-			}
-		}
-		if named == nil {
-			bad = append(bad, "no entry on the named account")
-		} else if named.VersionAfter != o.BalanceVersion || named.BalanceAfter != o.BalanceAfter {
-			bad = append(bad, fmt.Sprintf("acked balance (v%d, %d) but the entry has (v%d, %d)",
-				o.BalanceVersion, o.BalanceAfter, named.VersionAfter, named.BalanceAfter))
-		}
-		if len(bad) > 0 {
+		if bad := c.ackedProblems(o); len(bad) > 0 {
 			c.fail(InvAckedPresent, "acked %s key %s account %s: %s", o.Kind, o.Key, o.Account, strings.Join(bad, "; "))
 		}
 	}
-	c.results[InvAckedPresent].Note = fmt.Sprintf("%d of them retried", retried)
+	c.results[InvAckedPresent].Note = fmt.Sprintf("%d of them retried, %d batch items", retried, inBatches)
+}
+
+// ackedFound reports whether the acknowledged transfer or hold is in Postgres.
+func (c *checker) ackedFound(o *Op) bool {
+	switch o.Kind {
+	case KindHold:
+		for _, h := range c.holdsByKey[o.Key] {
+			if h.ID == o.HoldID {
+				return true
+			}
+		}
+		return false
+	case KindRelease:
+		for _, k := range c.keysByKey[o.Key] {
+			if k.HoldID == o.HoldID && k.ErrorReason == "" {
+				return true
+			}
+		}
+		return false
+	}
+	for _, t := range c.transfersByKey[o.Key] {
+		if t.ID == o.TransferID {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *checker) checkFinalAnswers() {
-	retried, rejections := 0, 0
+	retried, rejections, notApplied := 0, 0, 0
 	for _, o := range c.h.Ops {
-		if o.Outcome != OutcomeAcked && o.Outcome != OutcomeRejected {
+		if o.Outcome != OutcomeAcked && o.Outcome != OutcomeRejected && o.Outcome != OutcomeNotApplied {
 			continue
 		}
 		c.checked(InvFinalAnswersMatchDB, 1)
@@ -340,20 +564,30 @@ func (c *checker) checkFinalAnswers() {
 			retried++
 		}
 		ts := c.transfersByKey[o.Key]
+		hs := c.holdsByKey[o.Key]
 		ks := c.keysByKey[o.Key]
+		wantHold := ""
+		if o.Outcome == OutcomeAcked {
+			wantHold = o.HoldID
+		}
 		for _, h := range o.HedgeAnswers {
-			if h.Code != o.FinalCode || h.Reason != o.FinalReason || h.TransferID != o.TransferID {
-				c.fail(InvFinalAnswersMatchDB, "key %s sent twice at once got different answers: %s %s %s and %s %s %s",
-					o.Key, o.FinalCode, o.FinalReason, o.TransferID, h.Code, h.Reason, h.TransferID)
+			if h.Code != o.FinalCode || h.Reason != o.FinalReason || h.TransferID != o.TransferID || h.HoldID != wantHold {
+				c.fail(InvFinalAnswersMatchDB, "key %s sent twice at once got different answers: %s %s %s%s and %s %s %s%s",
+					o.Key, o.FinalCode, o.FinalReason, o.TransferID, wantHold, h.Code, h.Reason, h.TransferID, h.HoldID)
 			}
 		}
-		if o.Outcome == OutcomeAcked {
-			found := false
-			for _, t := range ts {
-				found = found || t.ID == o.TransferID
+		switch o.Outcome {
+		case OutcomeAcked:
+			if !c.ackedFound(o) {
+				c.fail(InvFinalAnswersMatchDB, "%s key %s answered success (transfer %q, hold %q, %d attempts) but that is not in Postgres",
+					o.Kind, o.Key, o.TransferID, o.HoldID, o.Attempts)
 			}
-			if !found {
-				c.fail(InvFinalAnswersMatchDB, "key %s answered success (transfer %s, %d attempts) but that transfer is not in Postgres", o.Key, o.TransferID, o.Attempts)
+			continue
+		case OutcomeNotApplied:
+			notApplied++
+			if c.keyLeftAnything(o.Key) {
+				c.fail(InvFinalAnswersMatchDB, "%s key %s, item %d of ATOMIC batch %s answered not applied (%s %s), left %d transfers, %d holds, %d key rows",
+					o.Kind, o.Key, o.BatchIndex, o.BatchKey, o.FinalCode, o.FinalReason, len(ts), len(hs), len(ks))
 			}
 			continue
 		}
@@ -361,16 +595,19 @@ func (c *checker) checkFinalAnswers() {
 		if len(ts) > 0 {
 			c.fail(InvFinalAnswersMatchDB, "key %s answered %s %s (%d attempts) but transfer %s exists", o.Key, o.FinalCode, o.FinalReason, o.Attempts, ts[0].ID)
 		}
+		if len(hs) > 0 {
+			c.fail(InvFinalAnswersMatchDB, "key %s answered %s %s (%d attempts) but hold %s exists", o.Key, o.FinalCode, o.FinalReason, o.Attempts, hs[0].ID)
+		}
 		if len(ks) == 0 {
 			c.fail(InvFinalAnswersMatchDB, "key %s answered %s %s (%d attempts) but no idempotency_keys row records it", o.Key, o.FinalCode, o.FinalReason, o.Attempts)
 			continue
 		}
-		if ks[0].TransferID != "" || ks[0].ErrorReason != o.FinalReason || ks[0].ErrorCode != o.FinalCode {
-			c.fail(InvFinalAnswersMatchDB, "key %s answered %s %s (%d attempts) but idempotency_keys holds transfer=%q %s %s",
-				o.Key, o.FinalCode, o.FinalReason, o.Attempts, ks[0].TransferID, ks[0].ErrorCode, ks[0].ErrorReason)
+		if ks[0].TransferID != "" || ks[0].HoldID != "" || ks[0].ErrorReason != o.FinalReason || ks[0].ErrorCode != o.FinalCode {
+			c.fail(InvFinalAnswersMatchDB, "key %s answered %s %s (%d attempts) but idempotency_keys holds transfer=%q hold=%q %s %s",
+				o.Key, o.FinalCode, o.FinalReason, o.Attempts, ks[0].TransferID, ks[0].HoldID, ks[0].ErrorCode, ks[0].ErrorReason)
 		}
 	}
-	c.results[InvFinalAnswersMatchDB].Note = fmt.Sprintf("%d rejections; %d retried ops", rejections, retried)
+	c.results[InvFinalAnswersMatchDB].Note = fmt.Sprintf("%d rejections; %d ATOMIC batch items not applied; %d retried ops", rejections, notApplied, retried)
 }
 
 func (c *checker) checkAnswered() {
@@ -378,7 +615,7 @@ func (c *checker) checkAnswered() {
 	for _, o := range c.h.Ops {
 		if o.Outcome == OutcomeUnknown {
 			applied := "not applied"
-			if len(c.transfersByKey[o.Key]) > 0 {
+			if c.keyApplied(o.Key) {
 				applied = "applied"
 			} else if len(c.keysByKey[o.Key]) > 0 {
 				applied = "rejected"
@@ -422,7 +659,28 @@ func (c *checker) checkTransferEntries() {
 	}
 }
 
+// versionBumps counts, per account, what advanced its version besides
+// entries: holds created and released, and (as a range) expiry write-downs.
+type versionBumps struct {
+	created, released, expired int64
+}
+
 func (c *checker) checkStatements() {
+	bumps := map[string]*versionBumps{}
+	for _, h := range c.db.Holds {
+		b := bumps[h.Account]
+		if b == nil {
+			b = &versionBumps{}
+			bumps[h.Account] = b
+		}
+		b.created++
+		switch h.Status {
+		case HoldReleased:
+			b.released++
+		case HoldExpired:
+			b.expired++
+		}
+	}
 	for _, id := range sortedKeys(c.db.Accounts) {
 		a := c.db.Accounts[id]
 		es := c.db.Entries[id]
@@ -458,8 +716,8 @@ func (c *checker) checkStatements() {
 			}
 			prevBal, prevVer, prevAt = e.BalanceAfter, e.VersionAfter, e.CreatedAt
 		}
-		if floored && a.Balance < -a.CreditLimit && !floorBad {
-			c.fail(InvFloorRespected, "account %s (credit_limit %d) has balance %d", id, a.CreditLimit, a.Balance)
+		if floored && a.Balance-a.Held < -a.CreditLimit && !floorBad {
+			c.fail(InvFloorRespected, "account %s (credit_limit %d) has balance %d with %d held", id, a.CreditLimit, a.Balance, a.Held)
 		}
 		if a.Balance != sum || a.Balance != prevBal {
 			c.fail(InvBalanceEqualsEntries, "account %s: balance %d, sum of %d entries %d, last balance_after %d", id, a.Balance, len(es), sum, prevBal)
@@ -467,8 +725,24 @@ func (c *checker) checkStatements() {
 		if a.LastSequence != int64(len(es)) && !seqBad {
 			c.fail(InvSequencesGapless, "account %s: last_sequence %d but %d entries", id, a.LastSequence, len(es))
 		}
-		if a.Version != prevVer && !verBad {
+		if a.Version < prevVer && !verBad {
+			verBad = true
 			c.fail(InvVersionsConsistent, "account %s: version %d but last version_after %d", id, a.Version, prevVer)
+		}
+		// Every version step is an entry, a hold created or released, a
+		// lifecycle change, or one transaction's write-down of expired holds.
+		b := bumps[id]
+		if b == nil {
+			b = &versionBumps{}
+		}
+		base := int64(len(es)) + b.created + b.released + c.db.AccountChanges[id]
+		lo, hi := base, base+b.expired
+		if b.expired > 0 {
+			lo++
+		}
+		if (a.Version < lo || a.Version > hi) && !verBad {
+			c.fail(InvVersionsConsistent, "account %s: version %d, but %d entries, %d holds created, %d released, %d lifecycle changes and %d expired allow %d..%d",
+				id, a.Version, len(es), b.created, b.released, c.db.AccountChanges[id], b.expired, lo, hi)
 		}
 	}
 }
@@ -499,15 +773,16 @@ func (c *checker) checkBalanceHistory() {
 		case OutcomeAcked:
 			applied = true
 		case OutcomeRejected:
+		case OutcomeNotApplied:
 		default:
-			applied = len(c.transfersByKey[o.Key]) > 0
+			applied = c.keyApplied(o.Key)
 			if applied {
 				resolvedApplied++
 			} else {
 				resolvedNot++
 			}
 		}
-		if !applied {
+		if !applied || !o.Kind.makesTransfer() {
 			continue
 		}
 		debit, credit, _ := c.sides(o)
@@ -530,26 +805,40 @@ func (c *checker) checkBalanceHistory() {
 }
 
 // pairExisted reports whether (version, balance) is a state account acct
-// really had.
+// really had: a version it reached, with the balance of its last entry at
+// or before that version (versions also advance without entries: holds,
+// expiry write-downs, lifecycle changes).
 func (c *checker) pairExisted(acct string, version, balance int64) (bool, string) {
-	if version == 0 {
-		if balance == 0 {
-			return true, ""
-		}
-		return false, fmt.Sprintf("version 0 with balance %d", balance)
-	}
-	e, ok := c.entryByVersion[acct][version]
+	a, ok := c.db.Accounts[acct]
 	if !ok {
-		cur := int64(-1)
-		if a, ok := c.db.Accounts[acct]; ok {
-			cur = a.Version
-		}
-		return false, fmt.Sprintf("no entry with version_after %d (account is at version %d)", version, cur)
+		return false, "no such account"
 	}
-	if e.BalanceAfter != balance {
-		return false, fmt.Sprintf("version %d had balance %d", version, e.BalanceAfter)
+	if version < 0 || version > a.Version {
+		return false, fmt.Sprintf("version %d never existed (account is at version %d)", version, a.Version)
+	}
+	es := c.db.Entries[acct]
+	i := sort.Search(len(es), func(i int) bool { return es[i].VersionAfter > version })
+	var bal int64
+	if i > 0 {
+		bal = es[i-1].BalanceAfter
+	}
+	if bal != balance {
+		return false, fmt.Sprintf("at version %d the balance was %d", version, bal)
 	}
 	return true, ""
+}
+
+// nextEntry returns the first entry of acct after version: the earliest
+// known time a state of that version was superseded (a hold or lifecycle
+// change may have superseded it earlier; entries are what carry a version
+// and a time).
+func (c *checker) nextEntry(acct string, version int64) (*EntryRow, bool) {
+	es := c.db.Entries[acct]
+	i := sort.Search(len(es), func(i int) bool { return es[i].VersionAfter > version })
+	if i == len(es) {
+		return nil, false
+	}
+	return &es[i], true
 }
 
 func (c *checker) planted(o Observation) bool {
@@ -597,7 +886,7 @@ func (c *checker) checkReads() {
 			continue
 		}
 		c.checked(InvCachedReadAge, 1)
-		next, ok := c.entryByVersion[o.Account][o.Version+1]
+		next, ok := c.nextEntry(o.Account, o.Version)
 		if !ok {
 			continue // still current at the end, or never existed (reported above)
 		}

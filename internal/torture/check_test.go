@@ -91,6 +91,18 @@ type fixture struct {
 	keyReject  string // an INSUFFICIENT_FUNDS charge on b
 	keyRetried string // an acked op answered twice (the second a replay)
 	cache      *CacheState
+
+	// Holds, refunds and batches.
+	keyHoldCaptured  string // a hold on a, captured in part (keyCapture)
+	keyCapture       string
+	keyHoldReleased  string // a hold on a, released (keyRelease)
+	keyRelease       string
+	keyHoldOpen      string // a hold on a still open at the end
+	keyHoldExpired   string // a hold on b that expired and was written down
+	keyRefund        string // a refund of part of keyAcked
+	batchApplied     string // an ATOMIC batch that applied (charge a, credit b)
+	batchNotApplied  string // an ATOMIC batch that failed (credit b, huge charge b)
+	batchIndependent string // an INDEPENDENT batch (huge charge b rejected, credit d)
 }
 
 func codeNameOf(c ledger.Code) string {
@@ -189,6 +201,148 @@ func newFixture(t *testing.T) *fixture {
 	f.keyRetried = retried.Key
 	do(KindTransfer, f.b, f.a, 3, "", 1)
 
+	// record fills an op from a ledger answer as a client would.
+	record := func(o *Op, res ledger.TransferResult, err error) {
+		var le *ledger.Error
+		switch {
+		case err == nil:
+			o.Outcome, o.FinalCode = OutcomeAcked, "OK"
+			o.TransferID, o.Replayed = res.Transfer.ID.String(), res.Replayed
+			if res.Transfer.ID == uuid.Nil {
+				o.TransferID = ""
+			}
+			if res.Hold != nil && o.Kind == KindHold {
+				o.HoldID = res.Hold.ID.String()
+			}
+			o.BalanceVersion, o.BalanceAfter = res.Balance.Version, res.Balance.Balance
+			lastAcked[o.Account] = max(lastAcked[o.Account], o.BalanceVersion)
+		case errors.As(err, &le) && (le.Code == ledger.CodeFailedPrecondition || le.Code == ledger.CodeOutOfRange):
+			o.Outcome, o.FinalCode, o.FinalReason = OutcomeRejected, codeNameOf(le.Code), le.Reason
+		default:
+			t.Fatalf("%s %s: %v", o.Kind, o.Key, err)
+		}
+	}
+	// request builds the ledger request an op means.
+	request := func(o *Op) ledger.MoveRequest {
+		r := ledger.MoveRequest{Amount: o.Amount, IdempotencyKey: o.Key, ExpiresIn: time.Duration(o.ExpiresIn) * time.Second}
+		if o.Account != "" {
+			r.AccountID = uuid.MustParse(o.Account)
+		}
+		if o.Counterparty != "" && o.Kind != KindCapture && o.Kind != KindRefund {
+			r.Counterparty = uuid.MustParse(o.Counterparty)
+		}
+		switch o.Kind {
+		case KindCharge:
+			r.Kind = ledger.KindCharge
+		case KindCredit:
+			r.Kind = ledger.KindCredit
+		case KindTransfer:
+			r.Kind = ledger.KindTransfer
+		case KindHold:
+			r.Kind = ledger.KindHold
+		case KindCapture:
+			r.Kind, r.HoldID = ledger.KindCapture, uuid.MustParse(o.HoldID)
+			if o.CaptureAll {
+				r.Amount = 0
+			}
+		case KindRelease:
+			r.Kind, r.HoldID, r.Amount = ledger.KindRelease, uuid.MustParse(o.HoldID), 0
+		case KindRefund:
+			r.Kind, r.ChargeID, r.AccountID = ledger.KindRefund, uuid.MustParse(o.ChargeID), uuid.Nil
+		}
+		return r
+	}
+	single := func(o *Op) *Op {
+		o.Key = uuid.Must(uuid.NewV7()).String()
+		o.Start, o.Attempts, o.Tallyds = time.Now(), 1, 1
+		r := request(o)
+		var res ledger.TransferResult
+		switch o.Kind {
+		case KindHold:
+			res, err = l.Hold(ctx, r)
+		case KindCapture:
+			res, err = l.CaptureHold(ctx, r)
+		case KindRelease:
+			res, err = l.ReleaseHold(ctx, r)
+		case KindRefund:
+			res, err = l.Refund(ctx, r)
+		default:
+			t.Fatalf("single %s", o.Kind)
+		}
+		o.End = time.Now()
+		record(o, res, err)
+		f.hist.AddOp(o)
+		f.hist.CountAnswer(o.FinalCode)
+		return o
+	}
+	batch := func(mode string, items ...*Op) *Batch {
+		b := &Batch{Key: uuid.Must(uuid.NewV7()).String(), Mode: mode, DesignedToFail: -1, Start: time.Now(), Attempts: 1}
+		req := ledger.BatchRequest{Key: b.Key, Mode: ledger.BatchMode(modeNumber(mode))}
+		for i, o := range items {
+			o.Key = uuid.Must(uuid.NewV7()).String()
+			o.BatchKey, o.BatchIndex, o.Start, o.Attempts, o.Tallyds = b.Key, i, b.Start, 1, 1
+			b.ItemKeys = append(b.ItemKeys, o.Key)
+			req.Items = append(req.Items, request(o))
+		}
+		res, err := l.SubmitBatch(ctx, req)
+		if err != nil {
+			t.Fatalf("batch: %v", err)
+		}
+		b.End, b.Outcome, b.FinalCode = time.Now(), OutcomeAcked, "OK"
+		b.Applied, b.FailedIndex, b.Replayed = res.Applied, res.FailedIndex, res.Replayed
+		for i, o := range items {
+			o.End = b.End
+			it := res.Items[i]
+			switch {
+			case it.Error != nil && !res.Applied:
+				o.Outcome, o.FinalCode, o.FinalReason = OutcomeNotApplied, codeNameOf(it.Error.Code), it.Error.Reason
+			case it.Error != nil:
+				record(o, ledger.TransferResult{}, it.Error)
+			default:
+				record(o, *it.Result, nil)
+			}
+			f.hist.AddOp(o)
+		}
+		f.hist.AddBatch(b)
+		f.hist.CountAnswer("OK")
+		return b
+	}
+	// Holds: one captured in part, one released, one left open, one that
+	// expires and is written down by the next write to its account.
+	hc := single(&Op{Kind: KindHold, Account: f.a, Amount: 10, ExpiresIn: 3600})
+	f.keyHoldCaptured = hc.Key
+	f.keyCapture = single(&Op{Kind: KindCapture, Account: f.a, HoldID: hc.HoldID, Amount: 6}).Key
+	hr := single(&Op{Kind: KindHold, Account: f.a, Amount: 5, ExpiresIn: 3600})
+	f.keyHoldReleased = hr.Key
+	f.keyRelease = single(&Op{Kind: KindRelease, Account: f.a, HoldID: hr.HoldID, Amount: 5}).Key
+	f.keyHoldOpen = single(&Op{Kind: KindHold, Account: f.a, Amount: 3, ExpiresIn: 3600}).Key
+	he := single(&Op{Kind: KindHold, Account: f.b, Amount: 4, ExpiresIn: 1})
+	f.keyHoldExpired = he.Key
+	if o := single(&Op{Kind: KindCapture, Account: f.a, HoldID: hc.HoldID, Amount: 1}); o.FinalReason != "HOLD_FINALIZED" {
+		t.Fatalf("second capture: %+v", o)
+	}
+	// A refund of part of the acked charge, and one of more than remains.
+	charge := opByKey(f.hist, f.keyAcked)
+	f.keyRefund = single(&Op{Kind: KindRefund, Account: f.a, ChargeID: charge.TransferID, Amount: 10}).Key
+	if o := single(&Op{Kind: KindRefund, Account: f.a, ChargeID: charge.TransferID, Amount: 21}); o.FinalReason != "REFUND_EXCEEDS_CHARGE" {
+		t.Fatalf("refund beyond the charge: %+v", o)
+	}
+	time.Sleep(1200 * time.Millisecond) // he expires
+	do(KindCredit, f.b, "", 2, "", 1)   // writes its expiry down
+	// Batches.
+	if b := batch(BatchAtomic, &Op{Kind: KindCharge, Account: f.a, Amount: 2}, &Op{Kind: KindCredit, Account: f.b, Amount: 3}); !b.Applied {
+		t.Fatalf("atomic batch not applied: %+v", b)
+	} else {
+		f.batchApplied = b.Key
+	}
+	if b := batch(BatchAtomic, &Op{Kind: KindCredit, Account: f.b, Amount: 1}, &Op{Kind: KindCharge, Account: f.b, Amount: 1_000_000}); b.Applied {
+		t.Fatalf("failing atomic batch applied: %+v", b)
+	} else {
+		f.batchNotApplied = b.Key
+	}
+	f.batchIndependent = batch(BatchIndependent, &Op{Kind: KindCharge, Account: f.b, Amount: 1_000_000},
+		&Op{Kind: KindCredit, Account: f.d, Amount: 2}).Key
+
 	// Reads: strong, cached (no cache here: from the store) and min_version.
 	for _, acct := range []string{f.a, f.b, f.c, f.d} {
 		for _, mode := range []string{ReadStrong, ReadCached, ReadMinVersion} {
@@ -238,6 +392,10 @@ func cloneHistory(h *History) *History {
 	for _, o := range h.Ops {
 		cp := *o
 		c.Ops = append(c.Ops, &cp)
+	}
+	for _, b := range h.Batches {
+		cp := *b
+		c.Batches = append(c.Batches, &cp)
 	}
 	c.Observations = slices.Clone(h.Observations)
 	c.ReadFailures = slices.Clone(h.ReadFailures)
@@ -306,6 +464,16 @@ func describe(res []InvariantResult) string {
 		}
 	}
 	return b.String()
+}
+
+// itemKey is the idempotency key of item i of a batch of the fixture.
+func (f *fixture) itemKey(batch string, i int) string {
+	for _, b := range f.hist.Batches {
+		if b.Key == batch {
+			return b.ItemKeys[i]
+		}
+	}
+	panic("no batch " + batch)
 }
 
 func opByKey(h *History, key string) *Op {
@@ -541,6 +709,162 @@ func TestChecker(t *testing.T) {
 				o.HedgeAnswers = []HedgeAnswer{{Code: "OK", TransferID: o.TransferID}}
 			},
 			want: InvNoUnexpectedAnswers,
+		},
+		{
+			name: "held differs from the open holds",
+			sql:  []string{fmt.Sprintf(`UPDATE accounts SET held = held + 1 WHERE account_id = '%s'`, f.a)},
+			want: InvHeldMatchesHolds,
+		},
+		{
+			name: "negative held",
+			sql: []string{"ALTER TABLE accounts DROP CONSTRAINT accounts_held_nonnegative, DROP CONSTRAINT accounts_next_hold_expiry_set",
+				fmt.Sprintf(`UPDATE accounts SET held = -1 WHERE account_id = '%s'`, f.b)},
+			want: InvHeldMatchesHolds,
+		},
+		{
+			name: "open hold marked released without freeing held",
+			sql:  []string{fmt.Sprintf(`UPDATE holds SET status = 3, finalized_at = created_at WHERE idempotency_key = '%s'`, f.keyHoldOpen)},
+			want: InvHeldMatchesHolds,
+		},
+		{
+			name: "hold captured beyond its amount",
+			sql: []string{"ALTER TABLE holds DROP CONSTRAINT holds_captured_within_hold",
+				fmt.Sprintf(`UPDATE holds SET captured_amount = amount + 1 WHERE idempotency_key = '%s'`, f.keyHoldCaptured)},
+			want: InvHoldsOneFinalAction,
+		},
+		{
+			name: "released hold that also has a capture",
+			sql: []string{fmt.Sprintf(`UPDATE transfers SET hold_id = (SELECT hold_id FROM holds WHERE idempotency_key = '%s')
+				WHERE idempotency_key = '%s'`, f.keyHoldReleased, f.keyAcked)},
+			want: InvHoldsOneFinalAction,
+		},
+		{
+			name: "captured hold whose capture moved another amount",
+			sql: []string{"ALTER TABLE holds DROP CONSTRAINT holds_captured_within_hold",
+				fmt.Sprintf(`UPDATE holds SET captured_amount = captured_amount - 1 WHERE idempotency_key = '%s'`, f.keyHoldCaptured)},
+			want: InvHoldsOneFinalAction,
+		},
+		{
+			name: "hold with an invalid status",
+			sql: []string{"ALTER TABLE holds DROP CONSTRAINT holds_status_valid",
+				fmt.Sprintf(`UPDATE holds SET status = 7 WHERE idempotency_key = '%s'`, f.keyHoldReleased)},
+			want: InvHoldsOneFinalAction,
+		},
+		{
+			name: "two final actions acknowledged on one hold",
+			editHist: func(h *History) {
+				c := opByKey(h, f.keyCapture)
+				h.Ops = append(h.Ops, &Op{Kind: KindRelease, Key: uuid.NewString(), Account: c.Account, HoldID: c.HoldID, Amount: 10,
+					Outcome: OutcomeAcked, FinalCode: "OK", Attempts: 1, Tallyds: 1, BalanceVersion: c.BalanceVersion, BalanceAfter: c.BalanceAfter})
+			},
+			want: InvHoldsOneFinalAction,
+		},
+		{
+			name: "acknowledged hold lost",
+			sql: []string{fmt.Sprintf(`DELETE FROM idempotency_keys WHERE idempotency_key = '%s'`, f.keyHoldOpen),
+				fmt.Sprintf(`DELETE FROM holds WHERE idempotency_key = '%s'`, f.keyHoldOpen),
+				fmt.Sprintf(`UPDATE accounts SET held = held - 3 WHERE account_id = '%s'`, f.a)},
+			want: InvAckedPresent,
+		},
+		{
+			name: "acknowledged hold amount differs",
+			editHist: func(h *History) {
+				opByKey(h, f.keyHoldOpen).Amount = 4
+			},
+			want: InvAckedPresent,
+		},
+		{
+			name: "acknowledged release but the hold is still open",
+			sql: []string{fmt.Sprintf(`UPDATE holds SET status = 1, finalized_at = NULL WHERE idempotency_key = '%s'`, f.keyHoldReleased),
+				fmt.Sprintf(`UPDATE accounts SET held = held + 5 WHERE account_id = '%s'`, f.a)},
+			want: InvAckedPresent,
+		},
+		{
+			name: "refund total beyond the charge",
+			sql: []string{"ALTER TABLE charge_refunds DROP CONSTRAINT charge_refunds_within_charge",
+				`UPDATE charge_refunds SET refunded = amount + 1`},
+			want: InvRefundsWithinCharge,
+		},
+		{
+			name: "refunds exceed a charge",
+			sql:  []string{fmt.Sprintf(`UPDATE transfers SET amount = 1 WHERE idempotency_key = '%s'`, f.keyAcked)},
+			want: InvRefundsWithinCharge,
+		},
+		{
+			name: "refund of a credit",
+			sql:  []string{`UPDATE transfers SET refund_of = (SELECT transfer_id FROM transfers WHERE kind = 2 LIMIT 1) WHERE kind = 4`},
+			want: InvRefundsWithinCharge,
+		},
+		{
+			name: "refund moving money the wrong way",
+			sql: []string{fmt.Sprintf(`UPDATE transfers SET debit_account_id = credit_account_id, credit_account_id = debit_account_id
+				WHERE idempotency_key = '%s'`, f.keyRefund)},
+			want: InvRefundsWithinCharge,
+		},
+		{
+			name: "applied ATOMIC batch stored as not applied",
+			sql:  []string{fmt.Sprintf(`UPDATE batches SET applied = false WHERE batch_key = '%s'`, f.batchApplied)},
+			want: InvBatchesAllOrNothing,
+		},
+		{
+			name: "ATOMIC batch answered not applied left its items",
+			editHist: func(h *History) {
+				for _, b := range h.Batches {
+					if b.Key == f.batchApplied {
+						b.Applied = false
+					}
+				}
+				for _, o := range h.Ops {
+					if o.BatchKey == f.batchApplied {
+						o.Outcome, o.FinalCode, o.FinalReason = OutcomeNotApplied, "FAILED_PRECONDITION", "NOT_APPLIED"
+					}
+				}
+			},
+			want: InvFinalAnswersMatchDB,
+		},
+		{
+			name: "item of an applied ATOMIC batch lost",
+			sql: []string{
+				fmt.Sprintf(`DELETE FROM entries WHERE transfer_id IN (SELECT transfer_id FROM transfers WHERE idempotency_key = '%s')`,
+					f.itemKey(f.batchApplied, 1)),
+				fmt.Sprintf(`DELETE FROM idempotency_keys WHERE idempotency_key = '%s'`, f.itemKey(f.batchApplied, 1)),
+				fmt.Sprintf(`DELETE FROM transfers WHERE idempotency_key = '%s'`, f.itemKey(f.batchApplied, 1)),
+			},
+			want: InvBatchesAllOrNothing,
+		},
+		{
+			name: "item of a failed ATOMIC batch recorded",
+			sql: []string{fmt.Sprintf(`INSERT INTO idempotency_keys (scope, idempotency_key, fingerprint, kind, account_id, error_code, error_reason, error_message)
+				SELECT scope, '%s', fingerprint, kind, account_id, 'FAILED_PRECONDITION', 'INSUFFICIENT_FUNDS', 'x'
+				FROM idempotency_keys WHERE idempotency_key = '%s'`, f.itemKey(f.batchNotApplied, 1), f.keyReject)},
+			want: InvBatchesAllOrNothing,
+		},
+		{
+			name: "batch no client sent",
+			editHist: func(h *History) {
+				h.Batches = slices.DeleteFunc(h.Batches, func(b *Batch) bool { return b.Key == f.batchIndependent })
+			},
+			want: InvBatchesAllOrNothing,
+		},
+		{
+			name: "version advanced with nothing to show for it",
+			sql:  []string{fmt.Sprintf(`UPDATE accounts SET version = version + 1 WHERE account_id = '%s'`, f.d)},
+			want: InvVersionsConsistent,
+		},
+		{
+			name: "balance minus held below the floor",
+			sql: []string{"ALTER TABLE accounts DROP CONSTRAINT accounts_held_within_floor",
+				fmt.Sprintf(`UPDATE accounts SET held = 6, next_hold_expiry = now() WHERE account_id = '%s'`, f.c)},
+			want: InvFloorRespected,
+		},
+		{
+			name: "read at a hold's version with a balance it never had",
+			editHist: func(h *History) {
+				o := opByKey(h, f.keyHoldOpen)
+				h.Observations = append(h.Observations, Observation{Account: f.a, Consistency: ReadCached, Version: o.BalanceVersion,
+					Balance: o.BalanceAfter + 1, Source: SourceCache, Start: time.Now()})
+			},
+			want: InvReadsExisted,
 		},
 		{
 			name: "tallyd crashed",

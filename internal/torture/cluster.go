@@ -47,6 +47,10 @@ type tallyd struct {
 // /readyz. It waits for PostgreSQL, which may itself be restarting.
 const readyTimeout = 90 * time.Second
 
+// holdSweepInterval is tallyd's --hold-sweep-interval in the torture: short,
+// so expiries are written down by the sweeper as well as by writes.
+const holdSweepInterval = 2 * time.Second
+
 func newTallyd(idx int, bin, dir, pgTarget, redisTarget, cacheTTL string, hist *History, log *slog.Logger) (*tallyd, error) {
 	t := &tallyd{idx: idx, bin: bin, hist: hist, log: log}
 	var err error
@@ -74,6 +78,7 @@ func newTallyd(idx int, bin, dir, pgTarget, redisTarget, cacheTTL string, hist *
 		"--grpc-addr", t.grpcAddr,
 		"--http-addr", t.httpAddr,
 		"--cache-ttl", cacheTTL,
+		"--hold-sweep-interval", holdSweepInterval.String(),
 		"--cache-op-timeout", "100ms",
 		"--cache-breaker-cooldown", "1s",
 		"--startup-timeout", "10m",

@@ -22,6 +22,10 @@ const (
 	KindCharge   OpKind = "CHARGE"
 	KindCredit   OpKind = "CREDIT"
 	KindTransfer OpKind = "TRANSFER"
+	KindRefund   OpKind = "REFUND"
+	KindHold     OpKind = "HOLD"
+	KindCapture  OpKind = "CAPTURE_HOLD"
+	KindRelease  OpKind = "RELEASE_HOLD"
 )
 
 // kindNumber is the transfers.kind / idempotency_keys.kind column value.
@@ -33,9 +37,37 @@ func (k OpKind) kindNumber() int16 {
 		return 2
 	case KindTransfer:
 		return 3
+	case KindRefund:
+		return 4
+	case KindHold:
+		return 5
+	case KindCapture:
+		return 6
+	case KindRelease:
+		return 7
 	}
 	return 0
 }
+
+// transferKind is the transfers.kind of the transfer an op of this kind
+// makes (a capture makes a CHARGE), or 0 when it makes none (Hold and
+// ReleaseHold).
+func (k OpKind) transferKind() int16 {
+	switch k {
+	case KindCharge, KindCapture:
+		return 1
+	case KindCredit:
+		return 2
+	case KindTransfer:
+		return 3
+	case KindRefund:
+		return 4
+	}
+	return 0
+}
+
+// makesTransfer reports whether a successful op of this kind makes a transfer.
+func (k OpKind) makesTransfer() bool { return k.transferKind() != 0 }
 
 // Outcome is what a client finally learned about an operation.
 type Outcome string
@@ -54,6 +86,10 @@ const (
 	// OutcomeUnknown: the client never got a definite answer before its
 	// deadline; the checker resolves the outcome from the database.
 	OutcomeUnknown Outcome = "unknown"
+	// OutcomeNotApplied: an item of an ATOMIC batch that was acknowledged
+	// as not applied (some item failed). Nothing of it may exist, not even
+	// its key: FinalCode and FinalReason are its own item error.
+	OutcomeNotApplied Outcome = "not_applied"
 )
 
 // Op is one money-moving operation with one idempotency key, however many
@@ -63,15 +99,34 @@ type Op struct {
 	Key    string `json:"key"`
 	Kind   OpKind `json:"kind"`
 	// Account is the account the request named: the charged or credited
-	// account, or the debit account of a Transfer.
+	// account, or the debit account of a Transfer; for a Hold, CaptureHold
+	// or ReleaseHold the hold's account; for a Refund the refunded charge's
+	// debit account (the customer, who gets the money back).
 	Account string `json:"account"`
-	// Counterparty is revenue_account_id (Charge), funding_account_id
-	// (Credit) or credit_account_id (Transfer); "" means the currency's
-	// default system account.
+	// Counterparty is revenue_account_id (Charge, Hold, and a CaptureHold's
+	// hold), funding_account_id (Credit), credit_account_id (Transfer), or
+	// the refunded charge's credit account (Refund); "" means the
+	// currency's default system account.
 	Counterparty string `json:"counterparty,omitempty"`
-	Amount       int64  `json:"amount"`
-	Start        time.Time
-	End          time.Time
+	// Amount is what the op moves (a full capture's is the hold's amount;
+	// a Hold's what it reserves; a ReleaseHold's the hold's amount, which
+	// moves nothing).
+	Amount int64 `json:"amount"`
+	// HoldID is the hold a CaptureHold or ReleaseHold names, or the hold an
+	// acknowledged Hold created.
+	HoldID string `json:"hold_id,omitempty"`
+	// ChargeID is the CHARGE a Refund names.
+	ChargeID string `json:"charge_id,omitempty"`
+	// CaptureAll: a CaptureHold sent with amount 0 (all of the hold).
+	CaptureAll bool `json:"capture_all,omitempty"`
+	// ExpiresIn is a Hold's expires_in_seconds.
+	ExpiresIn int64 `json:"expires_in,omitempty"`
+	// BatchKey is the batch_key of the SubmitBatch this op was an item of
+	// ("" for an op sent on its own); BatchIndex its position.
+	BatchKey   string `json:"batch_key,omitempty"`
+	BatchIndex int    `json:"batch_index,omitempty"`
+	Start      time.Time
+	End        time.Time
 	// Attempts is how many RPCs were sent with this key (1 = no retry).
 	Attempts int `json:"attempts"`
 	// Tallyds is how many different tallyd processes were tried.
@@ -103,7 +158,48 @@ type HedgeAnswer struct {
 	Code       string `json:"code"`
 	Reason     string `json:"reason,omitempty"`
 	TransferID string `json:"transfer_id,omitempty"`
+	HoldID     string `json:"hold_id,omitempty"`
 	Replayed   bool   `json:"replayed,omitempty"`
+}
+
+// Batch modes as recorded in the history.
+const (
+	BatchAtomic      = "ATOMIC"
+	BatchIndependent = "INDEPENDENT"
+)
+
+// modeNumber is the batches.mode column value.
+func modeNumber(mode string) int16 {
+	switch mode {
+	case BatchAtomic:
+		return 1
+	case BatchIndependent:
+		return 2
+	}
+	return 0
+}
+
+// Batch is one SubmitBatch with one batch_key, however many attempts it
+// took. Its items are recorded as Ops (with BatchKey set) with the outcome
+// the batch's answer gave each of them.
+type Batch struct {
+	Client   int      `json:"client"`
+	Key      string   `json:"key"`
+	Mode     string   `json:"mode"`
+	ItemKeys []string `json:"item_keys"`
+	// DesignedToFail is the index of an item built to be rejected, or -1.
+	DesignedToFail int       `json:"designed_to_fail"`
+	Start          time.Time `json:"start"`
+	End            time.Time `json:"end"`
+	Attempts       int       `json:"attempts"`
+	// Outcome is OutcomeAcked when the batch got an OK answer (Applied then
+	// says whether it applied), OutcomeUnknown or OutcomeUnexpected.
+	Outcome     Outcome `json:"outcome"`
+	FinalCode   string  `json:"final_code"`
+	FinalReason string  `json:"final_reason,omitempty"`
+	Applied     bool    `json:"applied,omitempty"`
+	FailedIndex int     `json:"failed_index"`
+	Replayed    bool    `json:"replayed,omitempty"`
 }
 
 // Retried reports whether the op needed more than one attempt (a hedged
@@ -205,6 +301,7 @@ type History struct {
 	mu           sync.Mutex
 	Accounts     []AccountSpec
 	Ops          []*Op
+	Batches      []*Batch
 	Observations []Observation
 	ReadFailures []ReadFailure
 	BadAnswers   []Answer
@@ -221,6 +318,13 @@ func NewHistory() *History { return &History{AnswerCodes: map[string]int{}} }
 func (h *History) AddOp(o *Op) {
 	h.mu.Lock()
 	h.Ops = append(h.Ops, o)
+	h.mu.Unlock()
+}
+
+// AddBatch records a finished SubmitBatch (its items are added with AddOp).
+func (h *History) AddBatch(b *Batch) {
+	h.mu.Lock()
+	h.Batches = append(h.Batches, b)
 	h.mu.Unlock()
 }
 

@@ -43,6 +43,25 @@ type OpsSummary struct {
 	AnswerMsP50 int64 `json:"answer_ms_p50"`
 	AnswerMsP99 int64 `json:"answer_ms_p99"`
 	AnswerMsMax int64 `json:"answer_ms_max"`
+	// NotApplied counts items of ATOMIC batches answered as not applied.
+	NotApplied int `json:"not_applied"`
+	// Batches counts SubmitBatch calls (their items are counted as ops).
+	Batches BatchesSummary `json:"batches"`
+	// Holds counts the holds in Postgres at the end by status.
+	Holds map[string]int `json:"holds,omitempty"`
+}
+
+// BatchesSummary counts SubmitBatch calls.
+type BatchesSummary struct {
+	Total          int            `json:"total"`
+	ByMode         map[string]int `json:"by_mode"`
+	Items          int            `json:"items"`
+	Applied        int            `json:"applied"`
+	NotApplied     int            `json:"not_applied"`
+	Unknown        int            `json:"unknown_outcome"`
+	Unexpected     int            `json:"unexpected"`
+	Replayed       int            `json:"acked_as_replay"`
+	DesignedToFail int            `json:"with_item_designed_to_fail"`
 }
 
 // ReadsSummary counts balance reads.
@@ -80,12 +99,44 @@ type Report struct {
 // resolves how many unknown-outcome ops were applied.
 func Summarize(h *History, db *DBState) (OpsSummary, ReadsSummary) {
 	applied := map[string]bool{}
+	ops := OpsSummary{RejectedByReason: map[string]int{}, ByKind: map[string]int{}, Batches: BatchesSummary{ByMode: map[string]int{}}}
 	if db != nil {
 		for _, t := range db.Transfers {
 			applied[t.Key] = true
 		}
+		for _, k := range db.Keys {
+			if k.TransferID != "" || k.HoldID != "" {
+				applied[k.Key] = true
+			}
+		}
+		ops.Holds = map[string]int{}
+		names := map[int16]string{HoldOpen: "open", HoldCaptured: "captured", HoldReleased: "released", HoldExpired: "expired"}
+		for _, h := range db.Holds {
+			ops.Holds[names[h.Status]]++
+		}
 	}
-	ops := OpsSummary{RejectedByReason: map[string]int{}, ByKind: map[string]int{}}
+	for _, b := range h.Batches {
+		bs := &ops.Batches
+		bs.Total++
+		bs.ByMode[b.Mode]++
+		bs.Items += len(b.ItemKeys)
+		if b.DesignedToFail >= 0 {
+			bs.DesignedToFail++
+		}
+		switch {
+		case b.Outcome == OutcomeAcked && b.Applied:
+			bs.Applied++
+		case b.Outcome == OutcomeAcked:
+			bs.NotApplied++
+		case b.Outcome == OutcomeUnknown:
+			bs.Unknown++
+		default:
+			bs.Unexpected++
+		}
+		if b.Outcome == OutcomeAcked && b.Replayed {
+			bs.Replayed++
+		}
+	}
 	for _, o := range h.Ops {
 		ops.Attempted++
 		ops.ByKind[string(o.Kind)]++
@@ -113,6 +164,8 @@ func Summarize(h *History, db *DBState) (OpsSummary, ReadsSummary) {
 			ops.Unexpected++
 		case OutcomeUnknown:
 			ops.Unknown++
+		case OutcomeNotApplied:
+			ops.NotApplied++
 		}
 		if (o.Outcome == OutcomeUnknown || o.Outcome == OutcomeUnexpected) && applied[o.Key] {
 			ops.UnknownApplied++
@@ -192,9 +245,15 @@ func (r *Report) PrintSummary(w io.Writer) {
 	fmt.Fprintf(w, "\n=== tally-torture: seed %d, duration %s (wall %s), %d tallyds, %d clients, %d accounts, cache TTL %s ===\n",
 		r.Seed, r.Duration, r.Elapsed, r.Tallyds, r.Clients, r.Accounts, r.CacheTTL)
 	o := r.Ops
-	fmt.Fprintf(w, "ops:     %d attempted: %d acked, %d rejected, %d unexpected answer, %d unknown outcome (%d of those applied)\n",
-		o.Attempted, o.Acked, o.Rejected, o.Unexpected, o.Unknown, o.UnknownApplied)
+	fmt.Fprintf(w, "ops:     %d attempted: %d acked, %d rejected, %d not applied (ATOMIC batch items), %d unexpected answer, %d unknown outcome (%d of those applied)\n",
+		o.Attempted, o.Acked, o.Rejected, o.NotApplied, o.Unexpected, o.Unknown, o.UnknownApplied)
 	fmt.Fprintf(w, "         by kind: %s\n", formatCounts(o.ByKind))
+	b := o.Batches
+	fmt.Fprintf(w, "batches: %d (%s) with %d items: %d applied, %d not applied, %d unknown outcome, %d unexpected; %d acked as a replay; %d with an item built to fail\n",
+		b.Total, formatCounts(b.ByMode), b.Items, b.Applied, b.NotApplied, b.Unknown, b.Unexpected, b.Replayed, b.DesignedToFail)
+	if len(o.Holds) > 0 {
+		fmt.Fprintf(w, "holds:   %s\n", formatCounts(o.Holds))
+	}
 	if len(o.RejectedByReason) > 0 {
 		fmt.Fprintf(w, "         rejections: %s\n", formatCounts(o.RejectedByReason))
 	}

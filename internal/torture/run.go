@@ -91,9 +91,12 @@ type runner struct {
 	faultsMu sync.Mutex
 	faults   map[string]int
 
-	opsDone   atomic.Int64
-	opsAcked  atomic.Int64
-	readsDone atomic.Int64
+	shared shared
+
+	opsDone     atomic.Int64
+	opsAcked    atomic.Int64
+	batchesDone atomic.Int64
+	readsDone   atomic.Int64
 }
 
 func (r *runner) countFault(kind string) {
@@ -403,9 +406,7 @@ func (r *runner) fund(ctx context.Context) error {
 		o := &Op{Client: -1, Key: client.NewIdempotencyKey(), Kind: KindCredit, Account: f.acct.ID, Amount: f.amount}
 		req := &tallyv1.CreditRequest{AccountId: o.Account, Amount: o.Amount, IdempotencyKey: o.Key,
 			Description: fmt.Sprintf("torture opening balance %d", i)}
-		r.execOp(ctx, rng, o, false, func(ctx context.Context, c *client.Client) (*tallyv1.TransferResult, error) {
-			return c.Credit(ctx, req)
-		})
+		r.execOp(ctx, rng, o, false, singleCall(&tallyv1.BatchOperation{Op: &tallyv1.BatchOperation_Credit{Credit: req}}))
 		if o.Outcome != OutcomeAcked {
 			return fmt.Errorf("opening credit of %s: %s %s", f.acct.ID, o.FinalCode, o.FinalReason)
 		}
@@ -489,8 +490,8 @@ loop:
 	for {
 		select {
 		case <-tick.C:
-			r.printf("  t=%-4s ops %d (acked %d), reads %d, faults %d\n", time.Since(start).Round(time.Second),
-				r.opsDone.Load(), r.opsAcked.Load(), r.readsDone.Load(), r.faultCount())
+			r.printf("  t=%-4s ops %d (acked %d; %d batches), reads %d, faults %d\n", time.Since(start).Round(time.Second),
+				r.opsDone.Load(), r.opsAcked.Load(), r.batchesDone.Load(), r.readsDone.Load(), r.faultCount())
 		case err = <-nemErr:
 			if err != nil {
 				cancelStop()
@@ -530,10 +531,15 @@ loop:
 	return err
 }
 
-// check waits one cache TTL, snapshots Redis and PostgreSQL, and runs the
-// checker.
+// check waits one cache TTL (and until every short hold has expired and
+// the hold sweeper has written its expiry down, so no version changes
+// between the final reads and the snapshot), snapshots Redis and
+// PostgreSQL, and runs the checker.
 func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) {
 	wait := r.cacheTTL + time.Second
+	if until := time.Until(r.shared.latestExpiry().Add(2*holdSweepInterval + time.Second)); until > wait {
+		wait = until
+	}
 	r.printf("all clients done; waiting %s (one cache TTL) before checking ...\n", wait)
 	select {
 	case <-ctx.Done():

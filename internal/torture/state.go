@@ -24,6 +24,8 @@ type AccountRow struct {
 	Balance      int64
 	Version      int64
 	LastSequence int64
+	Held         int64
+	Status       int16
 }
 
 // TransferRow is a transfers row.
@@ -37,6 +39,8 @@ type TransferRow struct {
 	Amount    int64
 	Currency  string
 	CreatedAt time.Time
+	RefundOf  string // the CHARGE a REFUND reverses
+	HoldID    string // the hold a captured CHARGE came from
 }
 
 // EntryRow is an entries row.
@@ -55,10 +59,50 @@ type KeyRow struct {
 	Scope       string
 	Key         string
 	Kind        int16
-	TransferID  string // "" for a rejection
+	TransferID  string // "" for a rejection (and a Hold or ReleaseHold)
+	HoldID      string // a Hold's, CaptureHold's or ReleaseHold's hold
 	Account     string
 	ErrorCode   string
 	ErrorReason string
+}
+
+// Hold statuses (holds.status).
+const (
+	HoldOpen     = 1
+	HoldCaptured = 2
+	HoldReleased = 3
+	HoldExpired  = 4
+)
+
+// HoldRow is a holds row.
+type HoldRow struct {
+	ID                string
+	Scope             string
+	Key               string
+	Account           string
+	Revenue           string // "" for the currency's default
+	Amount            int64
+	Currency          string
+	Status            int16
+	CapturedAmount    int64
+	CaptureTransferID string
+	ExpiresAt         time.Time
+	CreatedAt         time.Time
+}
+
+// ChargeRefundRow is a charge_refunds row.
+type ChargeRefundRow struct {
+	TransferID string
+	Amount     int64
+	Refunded   int64
+}
+
+// BatchRow is a batches row.
+type BatchRow struct {
+	Scope   string
+	Key     string
+	Mode    int16
+	Applied bool
 }
 
 // DBState is a consistent snapshot of the ledger tables.
@@ -66,8 +110,14 @@ type DBState struct {
 	Accounts  map[string]*AccountRow
 	Transfers []TransferRow
 	// Entries per account, ordered by sequence.
-	Entries map[string][]EntryRow
-	Keys    []KeyRow
+	Entries       map[string][]EntryRow
+	Keys          []KeyRow
+	Holds         []HoldRow
+	ChargeRefunds []ChargeRefundRow
+	Batches       []BatchRow
+	// AccountChanges counts account_changes rows (lifecycle changes, each
+	// of which advanced the version) per account.
+	AccountChanges map[string]int64
 }
 
 // Querier is what LoadDBState needs: a pgx.Conn, pgxpool.Pool or pgx.Tx.
@@ -79,16 +129,17 @@ type Querier interface {
 // it inside a REPEATABLE READ transaction (or on a quiet database) so the
 // tables agree with each other.
 func LoadDBState(ctx context.Context, q Querier) (*DBState, error) {
-	s := &DBState{Accounts: map[string]*AccountRow{}, Entries: map[string][]EntryRow{}}
+	s := &DBState{Accounts: map[string]*AccountRow{}, Entries: map[string][]EntryRow{}, AccountChanges: map[string]int64{}}
 
 	rows, err := q.Query(ctx, `SELECT account_id::text, currency, type, floor, credit_limit, coalesce(system_role, ''),
-		balance, version, last_sequence FROM accounts`)
+		balance, version, last_sequence, held, status FROM accounts`)
 	if err != nil {
 		return nil, fmt.Errorf("load accounts: %w", err)
 	}
 	for rows.Next() {
 		var a AccountRow
-		if err := rows.Scan(&a.ID, &a.Currency, &a.Type, &a.Floor, &a.CreditLimit, &a.SystemRole, &a.Balance, &a.Version, &a.LastSequence); err != nil {
+		if err := rows.Scan(&a.ID, &a.Currency, &a.Type, &a.Floor, &a.CreditLimit, &a.SystemRole, &a.Balance, &a.Version, &a.LastSequence,
+			&a.Held, &a.Status); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("load accounts: %w", err)
 		}
@@ -100,13 +151,15 @@ func LoadDBState(ctx context.Context, q Querier) (*DBState, error) {
 	}
 
 	rows, err = q.Query(ctx, `SELECT transfer_id::text, scope, idempotency_key, kind, debit_account_id::text,
-		credit_account_id::text, amount, currency, created_at FROM transfers`)
+		credit_account_id::text, amount, currency, created_at, coalesce(refund_of::text, ''), coalesce(hold_id::text, '')
+		FROM transfers`)
 	if err != nil {
 		return nil, fmt.Errorf("load transfers: %w", err)
 	}
 	for rows.Next() {
 		var t TransferRow
-		if err := rows.Scan(&t.ID, &t.Scope, &t.Key, &t.Kind, &t.Debit, &t.Credit, &t.Amount, &t.Currency, &t.CreatedAt); err != nil {
+		if err := rows.Scan(&t.ID, &t.Scope, &t.Key, &t.Kind, &t.Debit, &t.Credit, &t.Amount, &t.Currency, &t.CreatedAt,
+			&t.RefundOf, &t.HoldID); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("load transfers: %w", err)
 		}
@@ -135,14 +188,14 @@ func LoadDBState(ctx context.Context, q Querier) (*DBState, error) {
 		return nil, fmt.Errorf("load entries: %w", err)
 	}
 
-	rows, err = q.Query(ctx, `SELECT scope, idempotency_key, kind, coalesce(transfer_id::text, ''), account_id::text,
-		coalesce(error_code, ''), coalesce(error_reason, '') FROM idempotency_keys`)
+	rows, err = q.Query(ctx, `SELECT scope, idempotency_key, kind, coalesce(transfer_id::text, ''), coalesce(hold_id::text, ''),
+		account_id::text, coalesce(error_code, ''), coalesce(error_reason, '') FROM idempotency_keys`)
 	if err != nil {
 		return nil, fmt.Errorf("load idempotency keys: %w", err)
 	}
 	for rows.Next() {
 		var k KeyRow
-		if err := rows.Scan(&k.Scope, &k.Key, &k.Kind, &k.TransferID, &k.Account, &k.ErrorCode, &k.ErrorReason); err != nil {
+		if err := rows.Scan(&k.Scope, &k.Key, &k.Kind, &k.TransferID, &k.HoldID, &k.Account, &k.ErrorCode, &k.ErrorReason); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("load idempotency keys: %w", err)
 		}
@@ -152,7 +205,86 @@ func LoadDBState(ctx context.Context, q Querier) (*DBState, error) {
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("load idempotency keys: %w", err)
 	}
+	if err := loadHoldTables(ctx, q, s); err != nil {
+		return nil, err
+	}
 	return s, nil
+}
+
+// loadHoldTables reads holds, charge_refunds, batches and the number of
+// account_changes per account.
+func loadHoldTables(ctx context.Context, q Querier, s *DBState) error {
+	rows, err := q.Query(ctx, `SELECT hold_id::text, scope, idempotency_key, account_id::text, coalesce(revenue_account_id::text, ''),
+		amount, currency, status, captured_amount, coalesce(capture_transfer_id::text, ''), expires_at, created_at FROM holds`)
+	if err != nil {
+		return fmt.Errorf("load holds: %w", err)
+	}
+	for rows.Next() {
+		var h HoldRow
+		if err := rows.Scan(&h.ID, &h.Scope, &h.Key, &h.Account, &h.Revenue, &h.Amount, &h.Currency, &h.Status,
+			&h.CapturedAmount, &h.CaptureTransferID, &h.ExpiresAt, &h.CreatedAt); err != nil {
+			rows.Close()
+			return fmt.Errorf("load holds: %w", err)
+		}
+		s.Holds = append(s.Holds, h)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("load holds: %w", err)
+	}
+
+	rows, err = q.Query(ctx, `SELECT transfer_id::text, amount, refunded FROM charge_refunds`)
+	if err != nil {
+		return fmt.Errorf("load charge_refunds: %w", err)
+	}
+	for rows.Next() {
+		var r ChargeRefundRow
+		if err := rows.Scan(&r.TransferID, &r.Amount, &r.Refunded); err != nil {
+			rows.Close()
+			return fmt.Errorf("load charge_refunds: %w", err)
+		}
+		s.ChargeRefunds = append(s.ChargeRefunds, r)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("load charge_refunds: %w", err)
+	}
+
+	rows, err = q.Query(ctx, `SELECT scope, batch_key, mode, applied FROM batches`)
+	if err != nil {
+		return fmt.Errorf("load batches: %w", err)
+	}
+	for rows.Next() {
+		var b BatchRow
+		if err := rows.Scan(&b.Scope, &b.Key, &b.Mode, &b.Applied); err != nil {
+			rows.Close()
+			return fmt.Errorf("load batches: %w", err)
+		}
+		s.Batches = append(s.Batches, b)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("load batches: %w", err)
+	}
+
+	rows, err = q.Query(ctx, `SELECT account_id::text, count(*) FROM account_changes GROUP BY account_id`)
+	if err != nil {
+		return fmt.Errorf("load account_changes: %w", err)
+	}
+	for rows.Next() {
+		var id string
+		var n int64
+		if err := rows.Scan(&id, &n); err != nil {
+			rows.Close()
+			return fmt.Errorf("load account_changes: %w", err)
+		}
+		s.AccountChanges[id] = n
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("load account_changes: %w", err)
+	}
+	return nil
 }
 
 // LoadDBStateSnapshot opens a REPEATABLE READ READ ONLY transaction on conn

@@ -3236,6 +3236,384 @@ func (x *GetBalancesResponse) GetBalances() []*Balance {
 	return nil
 }
 
+// ExportTransfersRequest starts the feed after a cursor.
+type ExportTransfersRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Empty: from the beginning. Otherwise the cursor of the last event
+	// received.
+	Cursor string `protobuf:"bytes,1,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	// Keep streaming new events after the backlog.
+	Follow        bool `protobuf:"varint,2,opt,name=follow,proto3" json:"follow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportTransfersRequest) Reset() {
+	*x = ExportTransfersRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportTransfersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportTransfersRequest) ProtoMessage() {}
+
+func (x *ExportTransfersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportTransfersRequest.ProtoReflect.Descriptor instead.
+func (*ExportTransfersRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *ExportTransfersRequest) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *ExportTransfersRequest) GetFollow() bool {
+	if x != nil {
+		return x.Follow
+	}
+	return false
+}
+
+// AccountChangeEvent is a lifecycle change of an account.
+type AccountChangeEvent struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// freeze, unfreeze, close or update.
+	Action       string `protobuf:"bytes,2,opt,name=action,proto3" json:"action,omitempty"`
+	VersionAfter int64  `protobuf:"varint,3,opt,name=version_after,json=versionAfter,proto3" json:"version_after,omitempty"`
+	// The account's status, credit_limit, metadata and threshold before and
+	// after, as JSON objects.
+	BeforeJson        string                 `protobuf:"bytes,4,opt,name=before_json,json=beforeJson,proto3" json:"before_json,omitempty"`
+	AfterJson         string                 `protobuf:"bytes,5,opt,name=after_json,json=afterJson,proto3" json:"after_json,omitempty"`
+	CreatedByClientId string                 `protobuf:"bytes,6,opt,name=created_by_client_id,json=createdByClientId,proto3" json:"created_by_client_id,omitempty"`
+	CreatedByKeyId    string                 `protobuf:"bytes,7,opt,name=created_by_key_id,json=createdByKeyId,proto3" json:"created_by_key_id,omitempty"`
+	CreatedAt         *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *AccountChangeEvent) Reset() {
+	*x = AccountChangeEvent{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AccountChangeEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AccountChangeEvent) ProtoMessage() {}
+
+func (x *AccountChangeEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AccountChangeEvent.ProtoReflect.Descriptor instead.
+func (*AccountChangeEvent) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *AccountChangeEvent) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *AccountChangeEvent) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *AccountChangeEvent) GetVersionAfter() int64 {
+	if x != nil {
+		return x.VersionAfter
+	}
+	return 0
+}
+
+func (x *AccountChangeEvent) GetBeforeJson() string {
+	if x != nil {
+		return x.BeforeJson
+	}
+	return ""
+}
+
+func (x *AccountChangeEvent) GetAfterJson() string {
+	if x != nil {
+		return x.AfterJson
+	}
+	return ""
+}
+
+func (x *AccountChangeEvent) GetCreatedByClientId() string {
+	if x != nil {
+		return x.CreatedByClientId
+	}
+	return ""
+}
+
+func (x *AccountChangeEvent) GetCreatedByKeyId() string {
+	if x != nil {
+		return x.CreatedByKeyId
+	}
+	return ""
+}
+
+func (x *AccountChangeEvent) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+// LowBalanceEvent is a debit or hold that took an account's available
+// amount below its low-balance threshold (decided in its transaction).
+type LowBalanceEvent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	TransferId    string                 `protobuf:"bytes,2,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	HoldId        string                 `protobuf:"bytes,3,opt,name=hold_id,json=holdId,proto3" json:"hold_id,omitempty"`
+	Available     int64                  `protobuf:"varint,4,opt,name=available,proto3" json:"available,omitempty"`
+	Threshold     int64                  `protobuf:"varint,5,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LowBalanceEvent) Reset() {
+	*x = LowBalanceEvent{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LowBalanceEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LowBalanceEvent) ProtoMessage() {}
+
+func (x *LowBalanceEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LowBalanceEvent.ProtoReflect.Descriptor instead.
+func (*LowBalanceEvent) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *LowBalanceEvent) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *LowBalanceEvent) GetTransferId() string {
+	if x != nil {
+		return x.TransferId
+	}
+	return ""
+}
+
+func (x *LowBalanceEvent) GetHoldId() string {
+	if x != nil {
+		return x.HoldId
+	}
+	return ""
+}
+
+func (x *LowBalanceEvent) GetAvailable() int64 {
+	if x != nil {
+		return x.Available
+	}
+	return 0
+}
+
+func (x *LowBalanceEvent) GetThreshold() int64 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *LowBalanceEvent) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+// ExportTransfersResponse is one event of the feed.
+type ExportTransfersResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resume after this event by sending it as ExportTransfersRequest.cursor.
+	Cursor    string                 `protobuf:"bytes,1,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// Types that are valid to be assigned to Event:
+	//
+	//	*ExportTransfersResponse_Transfer
+	//	*ExportTransfersResponse_Hold
+	//	*ExportTransfersResponse_AccountChange
+	//	*ExportTransfersResponse_LowBalance
+	Event         isExportTransfersResponse_Event `protobuf_oneof:"event"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExportTransfersResponse) Reset() {
+	*x = ExportTransfersResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExportTransfersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExportTransfersResponse) ProtoMessage() {}
+
+func (x *ExportTransfersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExportTransfersResponse.ProtoReflect.Descriptor instead.
+func (*ExportTransfersResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *ExportTransfersResponse) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *ExportTransfersResponse) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *ExportTransfersResponse) GetEvent() isExportTransfersResponse_Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *ExportTransfersResponse) GetTransfer() *Transfer {
+	if x != nil {
+		if x, ok := x.Event.(*ExportTransfersResponse_Transfer); ok {
+			return x.Transfer
+		}
+	}
+	return nil
+}
+
+func (x *ExportTransfersResponse) GetHold() *Hold {
+	if x != nil {
+		if x, ok := x.Event.(*ExportTransfersResponse_Hold); ok {
+			return x.Hold
+		}
+	}
+	return nil
+}
+
+func (x *ExportTransfersResponse) GetAccountChange() *AccountChangeEvent {
+	if x != nil {
+		if x, ok := x.Event.(*ExportTransfersResponse_AccountChange); ok {
+			return x.AccountChange
+		}
+	}
+	return nil
+}
+
+func (x *ExportTransfersResponse) GetLowBalance() *LowBalanceEvent {
+	if x != nil {
+		if x, ok := x.Event.(*ExportTransfersResponse_LowBalance); ok {
+			return x.LowBalance
+		}
+	}
+	return nil
+}
+
+type isExportTransfersResponse_Event interface {
+	isExportTransfersResponse_Event()
+}
+
+type ExportTransfersResponse_Transfer struct {
+	Transfer *Transfer `protobuf:"bytes,3,opt,name=transfer,proto3,oneof"`
+}
+
+type ExportTransfersResponse_Hold struct {
+	Hold *Hold `protobuf:"bytes,4,opt,name=hold,proto3,oneof"`
+}
+
+type ExportTransfersResponse_AccountChange struct {
+	AccountChange *AccountChangeEvent `protobuf:"bytes,5,opt,name=account_change,json=accountChange,proto3,oneof"`
+}
+
+type ExportTransfersResponse_LowBalance struct {
+	LowBalance *LowBalanceEvent `protobuf:"bytes,6,opt,name=low_balance,json=lowBalance,proto3,oneof"`
+}
+
+func (*ExportTransfersResponse_Transfer) isExportTransfersResponse_Event() {}
+
+func (*ExportTransfersResponse_Hold) isExportTransfersResponse_Event() {}
+
+func (*ExportTransfersResponse_AccountChange) isExportTransfersResponse_Event() {}
+
+func (*ExportTransfersResponse_LowBalance) isExportTransfersResponse_Event() {}
+
 var File_tally_v1_ledger_proto protoreflect.FileDescriptor
 
 const file_tally_v1_ledger_proto_rawDesc = "" +
@@ -3519,7 +3897,43 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"accountIds\x12*\n" +
 	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\"D\n" +
 	"\x13GetBalancesResponse\x12-\n" +
-	"\bbalances\x18\x01 \x03(\v2\x11.tally.v1.BalanceR\bbalances*z\n" +
+	"\bbalances\x18\x01 \x03(\v2\x11.tally.v1.BalanceR\bbalances\"H\n" +
+	"\x16ExportTransfersRequest\x12\x16\n" +
+	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12\x16\n" +
+	"\x06follow\x18\x02 \x01(\bR\x06follow\"\xc7\x02\n" +
+	"\x12AccountChangeEvent\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x16\n" +
+	"\x06action\x18\x02 \x01(\tR\x06action\x12#\n" +
+	"\rversion_after\x18\x03 \x01(\x03R\fversionAfter\x12\x1f\n" +
+	"\vbefore_json\x18\x04 \x01(\tR\n" +
+	"beforeJson\x12\x1d\n" +
+	"\n" +
+	"after_json\x18\x05 \x01(\tR\tafterJson\x12/\n" +
+	"\x14created_by_client_id\x18\x06 \x01(\tR\x11createdByClientId\x12)\n" +
+	"\x11created_by_key_id\x18\a \x01(\tR\x0ecreatedByKeyId\x129\n" +
+	"\n" +
+	"created_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\xe1\x01\n" +
+	"\x0fLowBalanceEvent\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1f\n" +
+	"\vtransfer_id\x18\x02 \x01(\tR\n" +
+	"transferId\x12\x17\n" +
+	"\ahold_id\x18\x03 \x01(\tR\x06holdId\x12\x1c\n" +
+	"\tavailable\x18\x04 \x01(\x03R\tavailable\x12\x1c\n" +
+	"\tthreshold\x18\x05 \x01(\x03R\tthreshold\x129\n" +
+	"\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\xd2\x02\n" +
+	"\x17ExportTransfersResponse\x12\x16\n" +
+	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x129\n" +
+	"\n" +
+	"created_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x120\n" +
+	"\btransfer\x18\x03 \x01(\v2\x12.tally.v1.TransferH\x00R\btransfer\x12$\n" +
+	"\x04hold\x18\x04 \x01(\v2\x0e.tally.v1.HoldH\x00R\x04hold\x12E\n" +
+	"\x0eaccount_change\x18\x05 \x01(\v2\x1c.tally.v1.AccountChangeEventH\x00R\raccountChange\x12<\n" +
+	"\vlow_balance\x18\x06 \x01(\v2\x19.tally.v1.LowBalanceEventH\x00R\n" +
+	"lowBalanceB\a\n" +
+	"\x05event*z\n" +
 	"\vAccountType\x12\x1c\n" +
 	"\x18ACCOUNT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15ACCOUNT_TYPE_CUSTOMER\x10\x01\x12\x18\n" +
@@ -3559,8 +3973,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\rBalanceSource\x12\x1e\n" +
 	"\x1aBALANCE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14BALANCE_SOURCE_CACHE\x10\x01\x12\x18\n" +
-	"\x14BALANCE_SOURCE_STORE\x10\x022\xbd\n" +
-	"\n" +
+	"\x14BALANCE_SOURCE_STORE\x10\x022\x97\v\n" +
 	"\rLedgerService\x12B\n" +
 	"\rCreateAccount\x12\x1e.tally.v1.CreateAccountRequest\x1a\x11.tally.v1.Account\x12<\n" +
 	"\n" +
@@ -3583,7 +3996,8 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x0fUnfreezeAccount\x12 .tally.v1.UnfreezeAccountRequest\x1a\x11.tally.v1.Account\x12@\n" +
 	"\fCloseAccount\x12\x1d.tally.v1.CloseAccountRequest\x1a\x11.tally.v1.Account\x12B\n" +
 	"\rUpdateAccount\x12\x1e.tally.v1.UpdateAccountRequest\x1a\x11.tally.v1.Account\x12J\n" +
-	"\vGetBalances\x12\x1c.tally.v1.GetBalancesRequest\x1a\x1d.tally.v1.GetBalancesResponseB5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
+	"\vGetBalances\x12\x1c.tally.v1.GetBalancesRequest\x1a\x1d.tally.v1.GetBalancesResponse\x12X\n" +
+	"\x0fExportTransfers\x12 .tally.v1.ExportTransfersRequest\x1a!.tally.v1.ExportTransfersResponse0\x01B5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
 
 var (
 	file_tally_v1_ledger_proto_rawDescOnce sync.Once
@@ -3598,99 +4012,103 @@ func file_tally_v1_ledger_proto_rawDescGZIP() []byte {
 }
 
 var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
+var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_tally_v1_ledger_proto_goTypes = []any{
-	(AccountType)(0),               // 0: tally.v1.AccountType
-	(Floor)(0),                     // 1: tally.v1.Floor
-	(AccountStatus)(0),             // 2: tally.v1.AccountStatus
-	(TransferKind)(0),              // 3: tally.v1.TransferKind
-	(HoldStatus)(0),                // 4: tally.v1.HoldStatus
-	(BatchMode)(0),                 // 5: tally.v1.BatchMode
-	(Consistency)(0),               // 6: tally.v1.Consistency
-	(BalanceSource)(0),             // 7: tally.v1.BalanceSource
-	(*Account)(nil),                // 8: tally.v1.Account
-	(*CreateAccountRequest)(nil),   // 9: tally.v1.CreateAccountRequest
-	(*GetAccountRequest)(nil),      // 10: tally.v1.GetAccountRequest
-	(*FindAccountsRequest)(nil),    // 11: tally.v1.FindAccountsRequest
-	(*FindAccountsResponse)(nil),   // 12: tally.v1.FindAccountsResponse
-	(*ChargeRequest)(nil),          // 13: tally.v1.ChargeRequest
-	(*CreditRequest)(nil),          // 14: tally.v1.CreditRequest
-	(*TransferRequest)(nil),        // 15: tally.v1.TransferRequest
-	(*Transfer)(nil),               // 16: tally.v1.Transfer
-	(*TransferResult)(nil),         // 17: tally.v1.TransferResult
-	(*GetBalanceRequest)(nil),      // 18: tally.v1.GetBalanceRequest
-	(*Balance)(nil),                // 19: tally.v1.Balance
-	(*GetTransferRequest)(nil),     // 20: tally.v1.GetTransferRequest
-	(*ListEntriesRequest)(nil),     // 21: tally.v1.ListEntriesRequest
-	(*Entry)(nil),                  // 22: tally.v1.Entry
-	(*ListEntriesResponse)(nil),    // 23: tally.v1.ListEntriesResponse
-	(*RefundRequest)(nil),          // 24: tally.v1.RefundRequest
-	(*Hold)(nil),                   // 25: tally.v1.Hold
-	(*HoldRequest)(nil),            // 26: tally.v1.HoldRequest
-	(*CaptureHoldRequest)(nil),     // 27: tally.v1.CaptureHoldRequest
-	(*ReleaseHoldRequest)(nil),     // 28: tally.v1.ReleaseHoldRequest
-	(*GetHoldRequest)(nil),         // 29: tally.v1.GetHoldRequest
-	(*HoldResult)(nil),             // 30: tally.v1.HoldResult
-	(*BatchOperation)(nil),         // 31: tally.v1.BatchOperation
-	(*SubmitBatchRequest)(nil),     // 32: tally.v1.SubmitBatchRequest
-	(*BatchError)(nil),             // 33: tally.v1.BatchError
-	(*BatchOperationResult)(nil),   // 34: tally.v1.BatchOperationResult
-	(*SubmitBatchResponse)(nil),    // 35: tally.v1.SubmitBatchResponse
-	(*FreezeAccountRequest)(nil),   // 36: tally.v1.FreezeAccountRequest
-	(*UnfreezeAccountRequest)(nil), // 37: tally.v1.UnfreezeAccountRequest
-	(*CloseAccountRequest)(nil),    // 38: tally.v1.CloseAccountRequest
-	(*UpdateAccountRequest)(nil),   // 39: tally.v1.UpdateAccountRequest
-	(*GetBalancesRequest)(nil),     // 40: tally.v1.GetBalancesRequest
-	(*GetBalancesResponse)(nil),    // 41: tally.v1.GetBalancesResponse
-	nil,                            // 42: tally.v1.Account.MetadataEntry
-	nil,                            // 43: tally.v1.CreateAccountRequest.MetadataEntry
-	nil,                            // 44: tally.v1.ChargeRequest.MetadataEntry
-	nil,                            // 45: tally.v1.CreditRequest.MetadataEntry
-	nil,                            // 46: tally.v1.TransferRequest.MetadataEntry
-	nil,                            // 47: tally.v1.Transfer.MetadataEntry
-	nil,                            // 48: tally.v1.RefundRequest.MetadataEntry
-	nil,                            // 49: tally.v1.Hold.MetadataEntry
-	nil,                            // 50: tally.v1.HoldRequest.MetadataEntry
-	nil,                            // 51: tally.v1.UpdateAccountRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),  // 52: google.protobuf.Timestamp
+	(AccountType)(0),                // 0: tally.v1.AccountType
+	(Floor)(0),                      // 1: tally.v1.Floor
+	(AccountStatus)(0),              // 2: tally.v1.AccountStatus
+	(TransferKind)(0),               // 3: tally.v1.TransferKind
+	(HoldStatus)(0),                 // 4: tally.v1.HoldStatus
+	(BatchMode)(0),                  // 5: tally.v1.BatchMode
+	(Consistency)(0),                // 6: tally.v1.Consistency
+	(BalanceSource)(0),              // 7: tally.v1.BalanceSource
+	(*Account)(nil),                 // 8: tally.v1.Account
+	(*CreateAccountRequest)(nil),    // 9: tally.v1.CreateAccountRequest
+	(*GetAccountRequest)(nil),       // 10: tally.v1.GetAccountRequest
+	(*FindAccountsRequest)(nil),     // 11: tally.v1.FindAccountsRequest
+	(*FindAccountsResponse)(nil),    // 12: tally.v1.FindAccountsResponse
+	(*ChargeRequest)(nil),           // 13: tally.v1.ChargeRequest
+	(*CreditRequest)(nil),           // 14: tally.v1.CreditRequest
+	(*TransferRequest)(nil),         // 15: tally.v1.TransferRequest
+	(*Transfer)(nil),                // 16: tally.v1.Transfer
+	(*TransferResult)(nil),          // 17: tally.v1.TransferResult
+	(*GetBalanceRequest)(nil),       // 18: tally.v1.GetBalanceRequest
+	(*Balance)(nil),                 // 19: tally.v1.Balance
+	(*GetTransferRequest)(nil),      // 20: tally.v1.GetTransferRequest
+	(*ListEntriesRequest)(nil),      // 21: tally.v1.ListEntriesRequest
+	(*Entry)(nil),                   // 22: tally.v1.Entry
+	(*ListEntriesResponse)(nil),     // 23: tally.v1.ListEntriesResponse
+	(*RefundRequest)(nil),           // 24: tally.v1.RefundRequest
+	(*Hold)(nil),                    // 25: tally.v1.Hold
+	(*HoldRequest)(nil),             // 26: tally.v1.HoldRequest
+	(*CaptureHoldRequest)(nil),      // 27: tally.v1.CaptureHoldRequest
+	(*ReleaseHoldRequest)(nil),      // 28: tally.v1.ReleaseHoldRequest
+	(*GetHoldRequest)(nil),          // 29: tally.v1.GetHoldRequest
+	(*HoldResult)(nil),              // 30: tally.v1.HoldResult
+	(*BatchOperation)(nil),          // 31: tally.v1.BatchOperation
+	(*SubmitBatchRequest)(nil),      // 32: tally.v1.SubmitBatchRequest
+	(*BatchError)(nil),              // 33: tally.v1.BatchError
+	(*BatchOperationResult)(nil),    // 34: tally.v1.BatchOperationResult
+	(*SubmitBatchResponse)(nil),     // 35: tally.v1.SubmitBatchResponse
+	(*FreezeAccountRequest)(nil),    // 36: tally.v1.FreezeAccountRequest
+	(*UnfreezeAccountRequest)(nil),  // 37: tally.v1.UnfreezeAccountRequest
+	(*CloseAccountRequest)(nil),     // 38: tally.v1.CloseAccountRequest
+	(*UpdateAccountRequest)(nil),    // 39: tally.v1.UpdateAccountRequest
+	(*GetBalancesRequest)(nil),      // 40: tally.v1.GetBalancesRequest
+	(*GetBalancesResponse)(nil),     // 41: tally.v1.GetBalancesResponse
+	(*ExportTransfersRequest)(nil),  // 42: tally.v1.ExportTransfersRequest
+	(*AccountChangeEvent)(nil),      // 43: tally.v1.AccountChangeEvent
+	(*LowBalanceEvent)(nil),         // 44: tally.v1.LowBalanceEvent
+	(*ExportTransfersResponse)(nil), // 45: tally.v1.ExportTransfersResponse
+	nil,                             // 46: tally.v1.Account.MetadataEntry
+	nil,                             // 47: tally.v1.CreateAccountRequest.MetadataEntry
+	nil,                             // 48: tally.v1.ChargeRequest.MetadataEntry
+	nil,                             // 49: tally.v1.CreditRequest.MetadataEntry
+	nil,                             // 50: tally.v1.TransferRequest.MetadataEntry
+	nil,                             // 51: tally.v1.Transfer.MetadataEntry
+	nil,                             // 52: tally.v1.RefundRequest.MetadataEntry
+	nil,                             // 53: tally.v1.Hold.MetadataEntry
+	nil,                             // 54: tally.v1.HoldRequest.MetadataEntry
+	nil,                             // 55: tally.v1.UpdateAccountRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),   // 56: google.protobuf.Timestamp
 }
 var file_tally_v1_ledger_proto_depIdxs = []int32{
 	0,  // 0: tally.v1.Account.type:type_name -> tally.v1.AccountType
 	1,  // 1: tally.v1.Account.floor:type_name -> tally.v1.Floor
 	2,  // 2: tally.v1.Account.status:type_name -> tally.v1.AccountStatus
-	42, // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
-	52, // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
+	46, // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
+	56, // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
 	0,  // 5: tally.v1.CreateAccountRequest.type:type_name -> tally.v1.AccountType
 	1,  // 6: tally.v1.CreateAccountRequest.floor:type_name -> tally.v1.Floor
-	43, // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
+	47, // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
 	0,  // 8: tally.v1.FindAccountsRequest.type:type_name -> tally.v1.AccountType
 	8,  // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
-	44, // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
-	45, // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
-	46, // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
+	48, // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
+	49, // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
+	50, // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
 	3,  // 13: tally.v1.Transfer.kind:type_name -> tally.v1.TransferKind
-	47, // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
-	52, // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
+	51, // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
+	56, // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
 	16, // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
 	19, // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
 	6,  // 18: tally.v1.GetBalanceRequest.consistency:type_name -> tally.v1.Consistency
-	52, // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
+	56, // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
 	7,  // 20: tally.v1.Balance.source:type_name -> tally.v1.BalanceSource
-	52, // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
-	52, // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
-	52, // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
+	56, // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
+	56, // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
+	56, // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 24: tally.v1.ListEntriesRequest.kinds:type_name -> tally.v1.TransferKind
-	52, // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	56, // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	3,  // 26: tally.v1.Entry.kind:type_name -> tally.v1.TransferKind
 	22, // 27: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
-	48, // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
+	52, // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
 	4,  // 29: tally.v1.Hold.status:type_name -> tally.v1.HoldStatus
-	52, // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
-	49, // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
-	52, // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
-	52, // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
-	52, // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
-	50, // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
+	56, // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
+	53, // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
+	56, // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
+	56, // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
+	56, // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
+	54, // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
 	25, // 36: tally.v1.HoldResult.hold:type_name -> tally.v1.Hold
 	16, // 37: tally.v1.HoldResult.transfer:type_name -> tally.v1.Transfer
 	19, // 38: tally.v1.HoldResult.balance:type_name -> tally.v1.Balance
@@ -3707,54 +4125,63 @@ var file_tally_v1_ledger_proto_depIdxs = []int32{
 	30, // 49: tally.v1.BatchOperationResult.hold:type_name -> tally.v1.HoldResult
 	33, // 50: tally.v1.BatchOperationResult.error:type_name -> tally.v1.BatchError
 	34, // 51: tally.v1.SubmitBatchResponse.results:type_name -> tally.v1.BatchOperationResult
-	51, // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
-	52, // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
+	55, // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
+	56, // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
 	19, // 54: tally.v1.GetBalancesResponse.balances:type_name -> tally.v1.Balance
-	9,  // 55: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
-	10, // 56: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
-	11, // 57: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
-	13, // 58: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
-	14, // 59: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
-	15, // 60: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
-	18, // 61: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
-	20, // 62: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
-	21, // 63: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
-	24, // 64: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
-	26, // 65: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
-	27, // 66: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
-	28, // 67: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
-	29, // 68: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
-	32, // 69: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
-	36, // 70: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
-	37, // 71: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
-	38, // 72: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
-	39, // 73: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
-	40, // 74: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
-	8,  // 75: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
-	8,  // 76: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
-	12, // 77: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
-	17, // 78: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
-	17, // 79: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
-	17, // 80: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
-	19, // 81: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
-	16, // 82: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
-	23, // 83: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
-	17, // 84: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
-	30, // 85: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
-	30, // 86: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
-	30, // 87: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
-	25, // 88: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
-	35, // 89: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
-	8,  // 90: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
-	8,  // 91: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
-	8,  // 92: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
-	8,  // 93: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
-	41, // 94: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
-	75, // [75:95] is the sub-list for method output_type
-	55, // [55:75] is the sub-list for method input_type
-	55, // [55:55] is the sub-list for extension type_name
-	55, // [55:55] is the sub-list for extension extendee
-	0,  // [0:55] is the sub-list for field type_name
+	56, // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
+	56, // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
+	56, // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
+	16, // 58: tally.v1.ExportTransfersResponse.transfer:type_name -> tally.v1.Transfer
+	25, // 59: tally.v1.ExportTransfersResponse.hold:type_name -> tally.v1.Hold
+	43, // 60: tally.v1.ExportTransfersResponse.account_change:type_name -> tally.v1.AccountChangeEvent
+	44, // 61: tally.v1.ExportTransfersResponse.low_balance:type_name -> tally.v1.LowBalanceEvent
+	9,  // 62: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
+	10, // 63: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
+	11, // 64: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
+	13, // 65: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
+	14, // 66: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
+	15, // 67: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
+	18, // 68: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
+	20, // 69: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
+	21, // 70: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
+	24, // 71: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
+	26, // 72: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
+	27, // 73: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
+	28, // 74: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
+	29, // 75: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
+	32, // 76: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
+	36, // 77: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
+	37, // 78: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
+	38, // 79: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
+	39, // 80: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
+	40, // 81: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
+	42, // 82: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
+	8,  // 83: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
+	8,  // 84: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
+	12, // 85: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
+	17, // 86: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
+	17, // 87: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
+	17, // 88: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
+	19, // 89: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
+	16, // 90: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
+	23, // 91: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
+	17, // 92: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
+	30, // 93: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
+	30, // 94: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
+	30, // 95: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
+	25, // 96: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
+	35, // 97: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
+	8,  // 98: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
+	8,  // 99: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
+	8,  // 100: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
+	8,  // 101: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
+	41, // 102: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
+	45, // 103: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
+	83, // [83:104] is the sub-list for method output_type
+	62, // [62:83] is the sub-list for method input_type
+	62, // [62:62] is the sub-list for extension type_name
+	62, // [62:62] is the sub-list for extension extendee
+	0,  // [0:62] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_ledger_proto_init() }
@@ -3778,13 +4205,19 @@ func file_tally_v1_ledger_proto_init() {
 		(*BatchOperationResult_Error)(nil),
 	}
 	file_tally_v1_ledger_proto_msgTypes[31].OneofWrappers = []any{}
+	file_tally_v1_ledger_proto_msgTypes[37].OneofWrappers = []any{
+		(*ExportTransfersResponse_Transfer)(nil),
+		(*ExportTransfersResponse_Hold)(nil),
+		(*ExportTransfersResponse_AccountChange)(nil),
+		(*ExportTransfersResponse_LowBalance)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tally_v1_ledger_proto_rawDesc), len(file_tally_v1_ledger_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   44,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

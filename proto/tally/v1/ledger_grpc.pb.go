@@ -42,6 +42,7 @@ const (
 	LedgerService_CloseAccount_FullMethodName    = "/tally.v1.LedgerService/CloseAccount"
 	LedgerService_UpdateAccount_FullMethodName   = "/tally.v1.LedgerService/UpdateAccount"
 	LedgerService_GetBalances_FullMethodName     = "/tally.v1.LedgerService/GetBalances"
+	LedgerService_ExportTransfers_FullMethodName = "/tally.v1.LedgerService/ExportTransfers"
 )
 
 // LedgerServiceClient is the client API for LedgerService service.
@@ -106,6 +107,12 @@ type LedgerServiceClient interface {
 	// GetBalances reads up to 10,000 balances in one call, current or at an
 	// instant (for example month-end).
 	GetBalances(ctx context.Context, in *GetBalancesRequest, opts ...grpc.CallOption) (*GetBalancesResponse, error)
+	// ExportTransfers streams the change feed from a cursor: every committed
+	// transfer, hold change, account change and low-balance crossing, each
+	// exactly once, never skipping one that commits late. With follow it keeps
+	// streaming new events (for at most the server's stream duration; resume
+	// from the last cursor).
+	ExportTransfers(ctx context.Context, in *ExportTransfersRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportTransfersResponse], error)
 }
 
 type ledgerServiceClient struct {
@@ -316,6 +323,25 @@ func (c *ledgerServiceClient) GetBalances(ctx context.Context, in *GetBalancesRe
 	return out, nil
 }
 
+func (c *ledgerServiceClient) ExportTransfers(ctx context.Context, in *ExportTransfersRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportTransfersResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &LedgerService_ServiceDesc.Streams[0], LedgerService_ExportTransfers_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExportTransfersRequest, ExportTransfersResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LedgerService_ExportTransfersClient = grpc.ServerStreamingClient[ExportTransfersResponse]
+
 // LedgerServiceServer is the server API for LedgerService service.
 // All implementations must embed UnimplementedLedgerServiceServer
 // for forward compatibility.
@@ -378,6 +404,12 @@ type LedgerServiceServer interface {
 	// GetBalances reads up to 10,000 balances in one call, current or at an
 	// instant (for example month-end).
 	GetBalances(context.Context, *GetBalancesRequest) (*GetBalancesResponse, error)
+	// ExportTransfers streams the change feed from a cursor: every committed
+	// transfer, hold change, account change and low-balance crossing, each
+	// exactly once, never skipping one that commits late. With follow it keeps
+	// streaming new events (for at most the server's stream duration; resume
+	// from the last cursor).
+	ExportTransfers(*ExportTransfersRequest, grpc.ServerStreamingServer[ExportTransfersResponse]) error
 	mustEmbedUnimplementedLedgerServiceServer()
 }
 
@@ -447,6 +479,9 @@ func (UnimplementedLedgerServiceServer) UpdateAccount(context.Context, *UpdateAc
 }
 func (UnimplementedLedgerServiceServer) GetBalances(context.Context, *GetBalancesRequest) (*GetBalancesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetBalances not implemented")
+}
+func (UnimplementedLedgerServiceServer) ExportTransfers(*ExportTransfersRequest, grpc.ServerStreamingServer[ExportTransfersResponse]) error {
+	return status.Error(codes.Unimplemented, "method ExportTransfers not implemented")
 }
 func (UnimplementedLedgerServiceServer) mustEmbedUnimplementedLedgerServiceServer() {}
 func (UnimplementedLedgerServiceServer) testEmbeddedByValue()                       {}
@@ -829,6 +864,17 @@ func _LedgerService_GetBalances_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _LedgerService_ExportTransfers_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ExportTransfersRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(LedgerServiceServer).ExportTransfers(m, &grpc.GenericServerStream[ExportTransfersRequest, ExportTransfersResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LedgerService_ExportTransfersServer = grpc.ServerStreamingServer[ExportTransfersResponse]
+
 // LedgerService_ServiceDesc is the grpc.ServiceDesc for LedgerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -917,6 +963,12 @@ var LedgerService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _LedgerService_GetBalances_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "ExportTransfers",
+			Handler:       _LedgerService_ExportTransfers_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "tally/v1/ledger.proto",
 }

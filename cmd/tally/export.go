@@ -1,0 +1,115 @@
+package main
+
+import (
+	"context"
+	"encoding/csv"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+
+	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
+)
+
+// exportCSVHeader are the columns of tally export --format csv.
+var exportCSVHeader = []string{"cursor", "event", "created_at", "id", "kind", "debit_account_id", "credit_account_id",
+	"account_id", "amount", "currency", "status", "refund_of", "hold_id", "idempotency_key", "threshold_crossed"}
+
+// export writes the change feed as JSON lines or CSV and reports the cursor
+// to resume from: on standard error when the data goes to standard output,
+// else on standard output.
+func export(args []string, out io.Writer) error {
+	var c common
+	fs := flag.NewFlagSet("tally export", flag.ContinueOnError)
+	c.register(fs)
+	since := fs.String("since", "", "cursor to resume after (empty: from the beginning)")
+	format := fs.String("format", "jsonl", "jsonl or csv")
+	file := fs.String("out", "", "write to this file instead of standard output")
+	follow := fs.Bool("follow", false, "keep streaming new events until interrupted or --timeout")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if *format != "jsonl" && *format != "csv" {
+		return fmt.Errorf("--format must be jsonl or csv")
+	}
+	data, report := out, io.Writer(os.Stderr)
+	if *file != "" {
+		f, err := os.Create(*file)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		data, report = f, out
+	}
+	cl, ctx, cancel, err := connect(&c)
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	defer cl.Close()
+	var w *csv.Writer
+	if *format == "csv" {
+		w = csv.NewWriter(data)
+		if err := w.Write(exportCSVHeader); err != nil {
+			return err
+		}
+	}
+	n := 0
+	prog := newProgress(os.Stderr, "export", 0)
+	cursor, err := cl.Export(ctx, *since, *follow, func(ev *tallyv1.ExportTransfersResponse) error {
+		n++
+		prog.add(1)
+		if w != nil {
+			return w.Write(csvRow(ev))
+		}
+		b, err := protojson.MarshalOptions{UseProtoNames: true}.Marshal(ev)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(data, "%s\n", b)
+		return err
+	})
+	prog.done()
+	if w != nil {
+		w.Flush()
+		if ferr := w.Error(); ferr != nil && err == nil {
+			err = ferr
+		}
+	}
+	// A follow ended by --timeout or Ctrl-C is a normal end: report where
+	// to resume.
+	if *follow && errors.Is(err, context.DeadlineExceeded) {
+		err = nil
+	}
+	fmt.Fprintf(report, "exported %d events; resume with: tally export --since %s\n", n, cursor)
+	return err
+}
+
+func csvRow(ev *tallyv1.ExportTransfersResponse) []string {
+	row := make([]string, len(exportCSVHeader))
+	row[0], row[2] = ev.GetCursor(), ev.GetCreatedAt().AsTime().Format(time.RFC3339Nano)
+	switch {
+	case ev.GetTransfer() != nil:
+		t := ev.GetTransfer()
+		row[1], row[3], row[4] = "transfer", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_")
+		row[5], row[6], row[8], row[9] = t.GetDebitAccountId(), t.GetCreditAccountId(), strconv.FormatInt(t.GetAmount(), 10), t.GetCurrency()
+		row[11], row[12], row[13], row[14] = t.GetRefundOf(), t.GetHoldId(), t.GetIdempotencyKey(), strconv.FormatBool(t.GetThresholdCrossed())
+	case ev.GetHold() != nil:
+		h := ev.GetHold()
+		row[1], row[3], row[7], row[8], row[9] = "hold", h.GetHoldId(), h.GetAccountId(), strconv.FormatInt(h.GetAmount(), 10), h.GetCurrency()
+		row[10], row[12], row[13] = enumName(h.GetStatus(), "HOLD_STATUS_"), h.GetHoldId(), h.GetIdempotencyKey()
+	case ev.GetAccountChange() != nil:
+		a := ev.GetAccountChange()
+		row[1], row[3], row[4], row[7] = "account_change", a.GetAccountId(), a.GetAction(), a.GetAccountId()
+	case ev.GetLowBalance() != nil:
+		l := ev.GetLowBalance()
+		row[1], row[3], row[7], row[8] = "low_balance", l.GetAccountId(), l.GetAccountId(), strconv.FormatInt(l.GetAvailable(), 10)
+		row[12] = l.GetHoldId()
+	}
+	return row
+}
