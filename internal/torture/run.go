@@ -44,7 +44,9 @@ type Config struct {
 	// migration job does first), every tallyd starts on OldTallydBin (the
 	// previous release), and during the run they are replaced one at a
 	// time (SIGTERM, drain, start on TallydBin), so both versions serve
-	// one schema side by side. The rolling upgrade replaces the nemesis.
+	// one schema side by side. The rolling upgrade replaces the nemesis,
+	// and the clients use only the previous release's calls (charge,
+	// credit, transfer, balance reads).
 	OldTallydBin string
 	// Keep keeps the temp dir (logs, the stopped PostgreSQL data dir).
 	Keep    bool
@@ -317,6 +319,17 @@ func (r *runner) setup(ctx context.Context) error {
 		t, err := newTallyd(i, startBin, r.dir, pgTarget, r.redis.Addr(), r.cacheTTL.String(), r.hist, r.log)
 		if err != nil {
 			return err
+		}
+		if r.cfg.OldTallydBin != "" {
+			known, err := serveFlags(ctx, r.cfg.OldTallydBin)
+			if err != nil {
+				return err
+			}
+			kept, dropped := filterArgs(t.args, known)
+			t.argsByBin = map[string][]string{r.cfg.OldTallydBin: kept}
+			if len(dropped) > 0 && i == 0 {
+				r.printf("the previous release lacks flags %v: started without them\n", dropped)
+			}
 		}
 		r.tds = append(r.tds, t)
 		if t.cl, err = newClient(i, t.grpcAddr, apiKey, r.hist); err != nil {
