@@ -62,6 +62,7 @@ var MethodRoles = map[string][]auth.Role{
 	tallyv1.LedgerService_GetBalances_FullMethodName:     readers,
 	// The feed shows every client's money movement: reconciliation jobs.
 	tallyv1.LedgerService_ExportTransfers_FullMethodName: {auth.RoleReconciler, auth.RoleAdmin},
+	tallyv1.LedgerService_Reconcile_FullMethodName:       {auth.RoleReconciler, auth.RoleAdmin},
 }
 
 // openServices need no credentials: health checks (load balancers, the

@@ -651,7 +651,7 @@ func TestCacheRedisReadOnly(t *testing.T) {
 // cacheValue renders a pair in the cache's value format
 // (v1|version|balance|credit_limit|available|currency|asof_unix_nanos).
 func cacheValue(version, balance int64, currency string, asOf time.Time) string {
-	return fmt.Sprintf("v1|%d|%d|0|%d|%s|%d", version, balance, balance, currency, asOf.UnixNano())
+	return fmt.Sprintf("v2|%d|%d|0|%d|%s|%d|0|0", version, balance, balance, currency, asOf.UnixNano())
 }
 
 // A garbage value planted at an account's key is a miss: the read comes from

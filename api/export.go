@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"time"
 
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tallyledger/tally/ledger"
@@ -51,7 +52,9 @@ func (s *Server) ExportTransfers(r *tallyv1.ExportTransfersRequest, stream tally
 		}
 		select {
 		case <-ctx.Done():
-			return statusError(ctx.Err())
+			// The caller went away or its deadline passed: CANCELLED or
+			// DEADLINE_EXCEEDED, never INTERNAL.
+			return status.FromContextError(ctx.Err()).Err()
 		case <-time.After(poll):
 		}
 	}

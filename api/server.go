@@ -280,6 +280,7 @@ func (s *Server) ListEntries(ctx context.Context, r *tallyv1.ListEntriesRequest)
 	}
 	entries, next, err := s.l.ListEntries(ctx, ledger.EntryQuery{
 		AccountID: id, PageSize: int(r.GetPageSize()), PageToken: r.GetPageToken(), Start: start, End: end, Kinds: kinds,
+		NewestFirst: r.GetNewestFirst(),
 	})
 	if err != nil {
 		return nil, statusError(err)

@@ -268,8 +268,13 @@ func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string
 		}
 		kinds = append(kinds, int16(k))
 	}
-	query := fmt.Sprintf("entries|%s|%v|%v|%v", q.AccountID, timeKey(q.Start), timeKey(q.End), kinds)
-	f := store.EntryFilter{AccountID: q.AccountID, Start: q.Start, End: q.End, Kinds: kinds, Limit: size + 1}
+	// Tokens bind the query; the filters added later join the string only
+	// when used, so tokens of the previous release stay valid.
+	query := fmt.Sprintf("entries|%s|%v|%v", q.AccountID, timeKey(q.Start), timeKey(q.End))
+	if len(kinds) > 0 || q.NewestFirst {
+		query += fmt.Sprintf("|%v|%v", kinds, q.NewestFirst)
+	}
+	f := store.EntryFilter{AccountID: q.AccountID, Start: q.Start, End: q.End, Kinds: kinds, NewestFirst: q.NewestFirst, Limit: size + 1}
 	if q.PageToken != "" {
 		seq, err := entriesCursor(query, q.PageToken)
 		if err != nil {

@@ -281,4 +281,6 @@ type EntryQuery struct {
 	Start, End *time.Time
 	// Kinds keeps only entries of transfers of these kinds (empty: all).
 	Kinds []Kind
+	// NewestFirst lists the newest entries first.
+	NewestFirst bool
 }

@@ -246,7 +246,10 @@ type EntryFilter struct {
 	Start, End    *time.Time
 	// Kinds, when not empty, keeps only entries of transfers of these kinds.
 	Kinds []int16
-	Limit int
+	// NewestFirst pages backwards: sequences below AfterSequence (0: from
+	// the newest).
+	NewestFirst bool
+	Limit       int
 }
 
 // ListEntries returns up to f.Limit entries of an account, oldest first,
@@ -255,12 +258,13 @@ func (s *Store) ListEntries(ctx context.Context, f EntryFilter) ([]Entry, error)
 	rows, err := s.pool.Query(ctx, `SELECT e.transfer_id, e.account_id, e.sequence, e.amount, e.balance_after,
 		e.version_after, e.created_at, t.created_by_client, coalesce(t.created_by_key, ''), t.kind
 		FROM entries e JOIN transfers t ON t.transfer_id = e.transfer_id
-		WHERE e.account_id = $1 AND e.sequence > $2
+		WHERE e.account_id = $1
+		  AND (($7 AND ($2 = 0 OR e.sequence < $2)) OR (NOT $7 AND e.sequence > $2))
 		  AND ($3::timestamptz IS NULL OR e.created_at >= $3)
 		  AND ($4::timestamptz IS NULL OR e.created_at < $4)
 		  AND (cardinality($6::int2[]) = 0 OR t.kind = ANY($6))
-		ORDER BY e.sequence
-		LIMIT $5`, f.AccountID, f.AfterSequence, f.Start, f.End, f.Limit, kinds(f.Kinds))
+		ORDER BY CASE WHEN $7 THEN -e.sequence ELSE e.sequence END
+		LIMIT $5`, f.AccountID, f.AfterSequence, f.Start, f.End, f.Limit, kinds(f.Kinds), f.NewestFirst)
 	if err != nil {
 		return nil, translate(err)
 	}

@@ -85,3 +85,25 @@ func (c *Client) Export(ctx context.Context, cursor string, follow bool, fn func
 type callbackError struct{ err error }
 
 func (e *callbackError) Error() string { return e.err.Error() }
+
+// Reconcile runs a reconciliation, calling fn for each streamed message
+// (progress, findings, then the summary). It is read-only; a failed run can
+// simply be started again.
+func (c *Client) Reconcile(ctx context.Context, r *tallyv1.ReconcileRequest, fn func(*tallyv1.ReconcileResponse) error) error {
+	stream, err := c.raw.Reconcile(ctx, r)
+	if err != nil {
+		return err
+	}
+	for {
+		m, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := fn(m); err != nil {
+			return err
+		}
+	}
+}

@@ -19,6 +19,8 @@
 //	tally balances --account ID ... | --file IDS [--at T]
 //	tally entries  --account ID [--page-size N] [--all] [--kind charge,refund,...] [--since T] [--until T]
 //	tally export   [--since CURSOR] [--format jsonl|csv] [--out FILE] [--follow]
+//	tally show     (--account ID | --external-ref R) [--entries 20]
+//	tally reconcile [--account ID ...] [--repair-cache] [--external FILE.csv] [--json]
 //	tally bench    --scenario S [--clients N] [--duration D] [--warmup D] [--accounts N] [--json]
 //
 // Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY),
@@ -71,6 +73,8 @@ commands:
   balances                  read many balances at once (e.g. month-end)
   entries                   list an account's statement
   export                    write the change feed (JSON lines or CSV) from a cursor
+  show                      a customer at a glance: balance, held, available, latest entries
+  reconcile                 prove the books add up (and compare an external CSV); exit 1 on any mismatch
   bench                     load-test a running tallyd (throughput, latency, batch sizes)
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
@@ -204,6 +208,10 @@ func run(args []string, out io.Writer) error {
 		return balances(rest, out)
 	case "export":
 		return export(rest, out)
+	case "reconcile":
+		return reconcile(rest, out)
+	case "show":
+		return show(rest, out)
 	}
 	return errUsage
 }
@@ -218,6 +226,11 @@ func connect(c *common) (*client.Client, context.Context, context.CancelFunc, er
 	cl, err := client.New(client.Config{Addr: c.addr, APIKey: c.apiKey, Policy: p, DialOptions: opts})
 	if err != nil {
 		return nil, nil, nil, err
+	}
+	if c.timeout <= 0 {
+		// No overall deadline (long jobs); Ctrl-C still stops the process.
+		ctx, cancel := context.WithCancel(context.Background())
+		return cl, ctx, cancel, nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	return cl, ctx, cancel, nil
@@ -471,10 +484,10 @@ func transferGet(args []string, out io.Writer) error {
 		return printJSON(out, t)
 	}
 	table(out, "TRANSFER\tKIND\tDEBIT\tCREDIT\tAMOUNT\tKEY\tCREATED\tCREATED_BY\tREFUNDED",
-		fmt.Sprintf("%s\t%s\t%s\t%s\t%d %s\t%s\t%s\t%s\t%d", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
-			t.GetDebitAccountId(), t.GetCreditAccountId(), t.GetAmount(), t.GetCurrency(), t.GetIdempotencyKey(),
+		fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s", t.GetTransferId(), enumName(t.GetKind(), "TRANSFER_KIND_"),
+			t.GetDebitAccountId(), t.GetCreditAccountId(), money(t.GetAmount(), t.GetCurrency()), t.GetIdempotencyKey(),
 			t.GetCreatedAt().AsTime().Format(time.RFC3339Nano), createdBy(t.GetCreatedByClientId(), t.GetCreatedByKeyId()),
-			t.GetRefundedAmount()))
+			money(t.GetRefundedAmount(), t.GetCurrency())))
 	if t.GetRefundOf() != "" {
 		fmt.Fprintln(out, "refund of charge", t.GetRefundOf())
 	}

@@ -88,7 +88,7 @@ func TestCLINewOperations(t *testing.T) {
 	out = cli(t, env, "charge", "--account", acct, "--amount", "100", "--key", "cli-charge-1")
 	ch := firstID(t, out)
 	mustContain(t, cli(t, env, "refund", "--transfer", ch, "--amount", "40", "--key", "cli-refund-1", "--reason", "goodwill"), "REFUND")
-	mustContain(t, cli(t, env, "transfer", "get", "--id", ch), "\t40\n")
+	mustContain(t, cli(t, env, "transfer", "get", "--id", ch), "40 CLI\n")
 	mustContain(t, cliErr(t, env, "refund", "--transfer", ch, "--amount", "61", "--key", "cli-refund-2"), "REFUND_EXCEEDS_CHARGE")
 
 	ops := `{"charge":{"accountId":"` + acct + `","amount":"5","idempotencyKey":"cli-b1"}}
@@ -129,8 +129,17 @@ func TestCLIExportResumes(t *testing.T) {
 	cli(t, env, "charge", "--account", acct, "--amount", "10", "--key", "exp-2")
 	dir := t.TempDir()
 	cursorRe := regexp.MustCompile(`resume with: tally export --since (\S+)`)
-	out := cli(t, env, "export", "--out", dir+"/1.jsonl")
-	m := cursorRe.FindStringSubmatch(out)
+	// The feed releases a transaction's events once every older transaction
+	// on the PostgreSQL cluster has finished; other packages' tests share
+	// the cluster, so wait for ours to appear.
+	var out string
+	var m []string
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		out = cli(t, env, "export", "--out", dir+"/1.jsonl")
+		if m = cursorRe.FindStringSubmatch(out); m != nil || time.Now().After(deadline) {
+			break
+		}
+	}
 	if m == nil {
 		t.Fatalf("no cursor in %q", out)
 	}
@@ -140,7 +149,12 @@ func TestCLIExportResumes(t *testing.T) {
 	}
 	mustContain(t, string(first), `"idempotency_key":"exp-1"`, `"idempotency_key":"exp-2"`)
 	cli(t, env, "charge", "--account", acct, "--amount", "7", "--key", "exp-3")
-	out = cli(t, env, "export", "--since", m[1], "--format", "csv", "--out", dir+"/2.csv")
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		out = cli(t, env, "export", "--since", m[1], "--format", "csv", "--out", dir+"/2.csv")
+		if !strings.Contains(out, "exported 0 events") || time.Now().After(deadline) {
+			break
+		}
+	}
 	mustContain(t, out, "exported 1 events")
 	second, err := os.ReadFile(dir + "/2.csv")
 	if err != nil {
@@ -155,4 +169,36 @@ func TestCLIExportResumes(t *testing.T) {
 	m2 := cursorRe.FindStringSubmatch(out)
 	out = cli(t, env, "export", "--since", m2[1], "--out", dir+"/3.jsonl")
 	mustContain(t, out, "exported 0 events", m2[1])
+}
+
+func TestMoney(t *testing.T) {
+	for _, c := range []struct {
+		minor int64
+		cur   string
+		want  string
+	}{
+		{1234, "USD", "12.34 USD"}, {-5, "USD", "-0.05 USD"}, {0, "EUR", "0.00 EUR"}, {100, "JPY", "100 JPY"},
+		{1001, "KWD", "1.001 KWD"}, {7, "CREDITS", "7 CREDITS"},
+		{-9223372036854775808, "USD", "-92233720368547758.08 USD"},
+	} {
+		if got := money(c.minor, c.cur); got != c.want {
+			t.Errorf("money(%d, %s) = %q, want %q", c.minor, c.cur, got, c.want)
+		}
+	}
+}
+
+// tally show: a customer found by external_ref, amounts in currency units,
+// latest entries first.
+func TestCLIShow(t *testing.T) {
+	env := tallytest.Start(t, tallytest.Options{DatabaseURL: dbURL})
+	acct := strings.TrimSpace(cli(t, env, "account", "create", "--currency", "USD", "--external-ref", "cust-show-1", "--quiet"))
+	cli(t, env, "credit", "--account", acct, "--amount", "1234")
+	cli(t, env, "charge", "--account", acct, "--amount", "34")
+	cli(t, env, "hold", "create", "--account", acct, "--amount", "200")
+	out := cli(t, env, "show", "--external-ref", "cust-show-1")
+	mustContain(t, out, "Customer cust-show-1", "Balance 12.00 USD", "Held 2.00 USD", "Available 10.00 USD", "Latest 2 entries")
+	if strings.Index(out, "CHARGE") > strings.Index(out, "CREDIT") {
+		t.Fatalf("entries not newest first:\n%s", out)
+	}
+	mustContain(t, cli(t, env, "show", "--account", acct, "--json"), `"available":"1000"`)
 }

@@ -840,6 +840,18 @@ func TestChecker(t *testing.T) {
 			want: InvBatchesAllOrNothing,
 		},
 		{
+			name: "unanswered batch without a row whose items are there",
+			sql:  []string{fmt.Sprintf(`DELETE FROM batches WHERE batch_key = '%s'`, f.batchApplied)},
+			editHist: func(h *History) {
+				for _, b := range h.Batches {
+					if b.Key == f.batchApplied {
+						b.Outcome, b.FinalCode = OutcomeUnknown, "UNAVAILABLE"
+					}
+				}
+			},
+			want: InvBatchesAllOrNothing,
+		},
+		{
 			name: "batch no client sent",
 			editHist: func(h *History) {
 				h.Batches = slices.DeleteFunc(h.Batches, func(b *Batch) bool { return b.Key == f.batchIndependent })

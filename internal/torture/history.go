@@ -200,6 +200,8 @@ type Batch struct {
 	Applied     bool    `json:"applied,omitempty"`
 	FailedIndex int     `json:"failed_index"`
 	Replayed    bool    `json:"replayed,omitempty"`
+	// Hedged: the first attempt was sent twice at once.
+	Hedged bool `json:"hedged,omitempty"`
 }
 
 // Retried reports whether the op needed more than one attempt (a hedged

@@ -61,6 +61,7 @@ type BatchesSummary struct {
 	Unknown        int            `json:"unknown_outcome"`
 	Unexpected     int            `json:"unexpected"`
 	Replayed       int            `json:"acked_as_replay"`
+	Hedged         int            `json:"hedged"`
 	DesignedToFail int            `json:"with_item_designed_to_fail"`
 }
 
@@ -135,6 +136,9 @@ func Summarize(h *History, db *DBState) (OpsSummary, ReadsSummary) {
 		}
 		if b.Outcome == OutcomeAcked && b.Replayed {
 			bs.Replayed++
+		}
+		if b.Hedged {
+			bs.Hedged++
 		}
 	}
 	for _, o := range h.Ops {
@@ -249,8 +253,8 @@ func (r *Report) PrintSummary(w io.Writer) {
 		o.Attempted, o.Acked, o.Rejected, o.NotApplied, o.Unexpected, o.Unknown, o.UnknownApplied)
 	fmt.Fprintf(w, "         by kind: %s\n", formatCounts(o.ByKind))
 	b := o.Batches
-	fmt.Fprintf(w, "batches: %d (%s) with %d items: %d applied, %d not applied, %d unknown outcome, %d unexpected; %d acked as a replay; %d with an item built to fail\n",
-		b.Total, formatCounts(b.ByMode), b.Items, b.Applied, b.NotApplied, b.Unknown, b.Unexpected, b.Replayed, b.DesignedToFail)
+	fmt.Fprintf(w, "batches: %d (%s) with %d items: %d applied, %d not applied, %d unknown outcome, %d unexpected; %d acked as a replay; %d sent twice at once; %d with an item built to fail\n",
+		b.Total, formatCounts(b.ByMode), b.Items, b.Applied, b.NotApplied, b.Unknown, b.Unexpected, b.Replayed, b.Hedged, b.DesignedToFail)
 	if len(o.Holds) > 0 {
 		fmt.Fprintf(w, "holds:   %s\n", formatCounts(o.Holds))
 	}

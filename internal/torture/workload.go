@@ -346,10 +346,12 @@ func classify(res *opResult, err error) answer {
 
 // execution is how one request (with one key) ended, over all its rounds.
 type execution struct {
-	final    *answer // nil: no definite answer before the deadline
-	last     answer
-	hedged   bool
-	hedges   []HedgeAnswer
+	final  *answer // nil: no definite answer before the deadline
+	last   answer
+	hedged bool
+	hedges []HedgeAnswer
+	// hedgeRes are the hedges' results (nil for an error), in order.
+	hedgeRes []*opResult
 	attempts int
 	tallyds  int
 	start    time.Time
@@ -405,6 +407,7 @@ func (r *runner) execute(ctx context.Context, rng *rand.Rand, what string, hedge
 				h.TransferID, h.HoldID, h.Replayed = a.res.transferID, a.res.holdID, a.res.replayed
 			}
 			ex.hedges = append(ex.hedges, h)
+			ex.hedgeRes = append(ex.hedgeRes, a.res)
 		}
 		ex.last = answers[len(answers)-1]
 		if ex.final != nil || ctx.Err() != nil {
@@ -455,7 +458,12 @@ func (r *runner) execOp(ctx context.Context, rng *rand.Rand, o *Op, hedge bool, 
 // batch_key (and items) on every attempt, and records the batch and each of
 // its items with the outcome the answer gave it. It returns the acked items'
 // results (nil entries for the others).
-func (r *runner) execBatch(ctx context.Context, rng *rand.Rand, b *Batch, items []*Op, req *tallyv1.SubmitBatchRequest) []*opResult {
+//
+// A hedged batch sends its first attempt twice at once: one may execute,
+// the other must wait for it and replay its results. Each item then gets
+// the other answer's result for it as a hedge answer, so the checker holds
+// both to the same rules as a hedged op's.
+func (r *runner) execBatch(ctx context.Context, rng *rand.Rand, b *Batch, items []*Op, req *tallyv1.SubmitBatchRequest, hedge bool) []*opResult {
 	call := func(ctx context.Context, c *client.Client) (*opResult, error) {
 		resp, err := c.SubmitBatch(ctx, req)
 		if err != nil {
@@ -463,8 +471,8 @@ func (r *runner) execBatch(ctx context.Context, rng *rand.Rand, b *Batch, items 
 		}
 		return &opResult{batch: resp, replayed: resp.GetReplayed()}, nil
 	}
-	ex := r.execute(ctx, rng, fmt.Sprintf("batch %s %s", b.Mode, b.Key), false, call)
-	b.Start, b.End, b.Attempts = ex.start, ex.end, ex.attempts
+	ex := r.execute(ctx, rng, fmt.Sprintf("batch %s %s", b.Mode, b.Key), hedge, call)
+	b.Start, b.End, b.Attempts, b.Hedged = ex.start, ex.end, ex.attempts, ex.hedged
 	b.FailedIndex = -1
 	out := make([]*opResult, len(items))
 	var resp *tallyv1.SubmitBatchResponse
@@ -486,6 +494,10 @@ func (r *runner) execBatch(ctx context.Context, rng *rand.Rand, b *Batch, items 
 		o.Start, o.End, o.Attempts, o.Tallyds = ex.start, ex.end, ex.attempts, ex.tallyds
 		o.EarlierAnswers = max(o.Attempts-1, 0)
 		o.BatchKey, o.BatchIndex = b.Key, i
+		o.Hedged = ex.hedged
+		for j, h := range ex.hedges {
+			o.HedgeAnswers = append(o.HedgeAnswers, batchItemAnswer(h, ex.hedgeRes[j], i, len(items)))
+		}
 		if resp == nil {
 			o.Outcome, o.FinalCode, o.FinalReason = b.Outcome, b.FinalCode, b.FinalReason
 			if b.Outcome == OutcomeUnexpected {
@@ -536,6 +548,25 @@ func (r *runner) execBatch(ctx context.Context, rng *rand.Rand, b *Batch, items 
 	r.hist.AddBatch(b)
 	r.batchesDone.Add(1)
 	return out
+}
+
+// batchItemAnswer is what another answer to a batch said about item i.
+func batchItemAnswer(h HedgeAnswer, res *opResult, i, n int) HedgeAnswer {
+	if h.Code != "OK" || res == nil || res.batch == nil || len(res.batch.GetResults()) != n {
+		return HedgeAnswer{Code: "BATCH_" + h.Code, Reason: h.Reason}
+	}
+	replayed := res.batch.GetReplayed()
+	switch x := res.batch.GetResults()[i].GetOutcome().(type) {
+	case *tallyv1.BatchOperationResult_Error:
+		return HedgeAnswer{Code: codeName(codes.Code(x.Error.GetCode())), Reason: x.Error.GetReason()}
+	case *tallyv1.BatchOperationResult_Transfer:
+		t, _ := fromTransfer(x.Transfer, nil)
+		return HedgeAnswer{Code: "OK", TransferID: t.transferID, Replayed: t.replayed || replayed}
+	case *tallyv1.BatchOperationResult_Hold:
+		t, _ := fromHold(x.Hold, nil)
+		return HedgeAnswer{Code: "OK", TransferID: t.transferID, HoldID: t.holdID, Replayed: t.replayed || replayed}
+	}
+	return HedgeAnswer{Code: "EMPTY_RESULT"}
 }
 
 // worker is one sequential client.
@@ -818,7 +849,7 @@ func (w *worker) doBatch(ctx context.Context, cur string) {
 		b.ItemKeys = append(b.ItemKeys, o.Key)
 		req.Operations = append(req.Operations, bo)
 	}
-	results := w.r.execBatch(ctx, w.rng, b, items, req)
+	results := w.r.execBatch(ctx, w.rng, b, items, req, w.rng.Float64() < hedgeFraction)
 	for i, o := range items {
 		w.learn(o, results[i])
 	}

@@ -1618,7 +1618,9 @@ type ListEntriesRequest struct {
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	EndTime   *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
 	// Only entries of transfers of these kinds (empty: all).
-	Kinds         []TransferKind `protobuf:"varint,6,rep,packed,name=kinds,proto3,enum=tally.v1.TransferKind" json:"kinds,omitempty"`
+	Kinds []TransferKind `protobuf:"varint,6,rep,packed,name=kinds,proto3,enum=tally.v1.TransferKind" json:"kinds,omitempty"`
+	// Newest first (for "the last 20 entries").
+	NewestFirst   bool `protobuf:"varint,7,opt,name=newest_first,json=newestFirst,proto3" json:"newest_first,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1693,6 +1695,13 @@ func (x *ListEntriesRequest) GetKinds() []TransferKind {
 		return x.Kinds
 	}
 	return nil
+}
+
+func (x *ListEntriesRequest) GetNewestFirst() bool {
+	if x != nil {
+		return x.NewestFirst
+	}
+	return false
 }
 
 // Entry is one side of a transfer on one account.
@@ -3614,6 +3623,363 @@ func (*ExportTransfersResponse_AccountChange) isExportTransfersResponse_Event() 
 
 func (*ExportTransfersResponse_LowBalance) isExportTransfersResponse_Event() {}
 
+// ReconcileRequest selects what to check.
+type ReconcileRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Empty: every account, plus the ledger-wide checks.
+	AccountIds []string `protobuf:"bytes,1,rep,name=account_ids,json=accountIds,proto3" json:"account_ids,omitempty"`
+	// Accounts per statement (default 500, at most 5,000).
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Delete cached balances that disagree with PostgreSQL.
+	RepairCache   bool `protobuf:"varint,3,opt,name=repair_cache,json=repairCache,proto3" json:"repair_cache,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReconcileRequest) Reset() {
+	*x = ReconcileRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReconcileRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReconcileRequest) ProtoMessage() {}
+
+func (x *ReconcileRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReconcileRequest.ProtoReflect.Descriptor instead.
+func (*ReconcileRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *ReconcileRequest) GetAccountIds() []string {
+	if x != nil {
+		return x.AccountIds
+	}
+	return nil
+}
+
+func (x *ReconcileRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ReconcileRequest) GetRepairCache() bool {
+	if x != nil {
+		return x.RepairCache
+	}
+	return false
+}
+
+// ReconcileFinding is one thing found wrong.
+type ReconcileFinding struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// balance_vs_entries, entry_sequence, running_balance, held_vs_holds,
+	// cache_mismatch, currency_sum, transfer_entries, refunds_within_charge.
+	Check      string `protobuf:"bytes,1,opt,name=check,proto3" json:"check,omitempty"`
+	AccountId  string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	TransferId string `protobuf:"bytes,3,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	Currency   string `protobuf:"bytes,4,opt,name=currency,proto3" json:"currency,omitempty"`
+	Detail     string `protobuf:"bytes,5,opt,name=detail,proto3" json:"detail,omitempty"`
+	// The cached value was deleted (repair_cache).
+	Repaired      bool `protobuf:"varint,6,opt,name=repaired,proto3" json:"repaired,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReconcileFinding) Reset() {
+	*x = ReconcileFinding{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReconcileFinding) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReconcileFinding) ProtoMessage() {}
+
+func (x *ReconcileFinding) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReconcileFinding.ProtoReflect.Descriptor instead.
+func (*ReconcileFinding) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *ReconcileFinding) GetCheck() string {
+	if x != nil {
+		return x.Check
+	}
+	return ""
+}
+
+func (x *ReconcileFinding) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *ReconcileFinding) GetTransferId() string {
+	if x != nil {
+		return x.TransferId
+	}
+	return ""
+}
+
+func (x *ReconcileFinding) GetCurrency() string {
+	if x != nil {
+		return x.Currency
+	}
+	return ""
+}
+
+func (x *ReconcileFinding) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+func (x *ReconcileFinding) GetRepaired() bool {
+	if x != nil {
+		return x.Repaired
+	}
+	return false
+}
+
+// ReconcileProgress says how far the run is.
+type ReconcileProgress struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	AccountsChecked int64                  `protobuf:"varint,1,opt,name=accounts_checked,json=accountsChecked,proto3" json:"accounts_checked,omitempty"`
+	AccountsTotal   int64                  `protobuf:"varint,2,opt,name=accounts_total,json=accountsTotal,proto3" json:"accounts_total,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ReconcileProgress) Reset() {
+	*x = ReconcileProgress{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReconcileProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReconcileProgress) ProtoMessage() {}
+
+func (x *ReconcileProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReconcileProgress.ProtoReflect.Descriptor instead.
+func (*ReconcileProgress) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *ReconcileProgress) GetAccountsChecked() int64 {
+	if x != nil {
+		return x.AccountsChecked
+	}
+	return 0
+}
+
+func (x *ReconcileProgress) GetAccountsTotal() int64 {
+	if x != nil {
+		return x.AccountsTotal
+	}
+	return 0
+}
+
+// ReconcileSummary ends a run.
+type ReconcileSummary struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	AccountsChecked int64                  `protobuf:"varint,1,opt,name=accounts_checked,json=accountsChecked,proto3" json:"accounts_checked,omitempty"`
+	Findings        int64                  `protobuf:"varint,2,opt,name=findings,proto3" json:"findings,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ReconcileSummary) Reset() {
+	*x = ReconcileSummary{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReconcileSummary) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReconcileSummary) ProtoMessage() {}
+
+func (x *ReconcileSummary) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReconcileSummary.ProtoReflect.Descriptor instead.
+func (*ReconcileSummary) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *ReconcileSummary) GetAccountsChecked() int64 {
+	if x != nil {
+		return x.AccountsChecked
+	}
+	return 0
+}
+
+func (x *ReconcileSummary) GetFindings() int64 {
+	if x != nil {
+		return x.Findings
+	}
+	return 0
+}
+
+// ReconcileResponse is one message of a run.
+type ReconcileResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Message:
+	//
+	//	*ReconcileResponse_Progress
+	//	*ReconcileResponse_Finding
+	//	*ReconcileResponse_Summary
+	Message       isReconcileResponse_Message `protobuf_oneof:"message"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReconcileResponse) Reset() {
+	*x = ReconcileResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReconcileResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReconcileResponse) ProtoMessage() {}
+
+func (x *ReconcileResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReconcileResponse.ProtoReflect.Descriptor instead.
+func (*ReconcileResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *ReconcileResponse) GetMessage() isReconcileResponse_Message {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+func (x *ReconcileResponse) GetProgress() *ReconcileProgress {
+	if x != nil {
+		if x, ok := x.Message.(*ReconcileResponse_Progress); ok {
+			return x.Progress
+		}
+	}
+	return nil
+}
+
+func (x *ReconcileResponse) GetFinding() *ReconcileFinding {
+	if x != nil {
+		if x, ok := x.Message.(*ReconcileResponse_Finding); ok {
+			return x.Finding
+		}
+	}
+	return nil
+}
+
+func (x *ReconcileResponse) GetSummary() *ReconcileSummary {
+	if x != nil {
+		if x, ok := x.Message.(*ReconcileResponse_Summary); ok {
+			return x.Summary
+		}
+	}
+	return nil
+}
+
+type isReconcileResponse_Message interface {
+	isReconcileResponse_Message()
+}
+
+type ReconcileResponse_Progress struct {
+	Progress *ReconcileProgress `protobuf:"bytes,1,opt,name=progress,proto3,oneof"`
+}
+
+type ReconcileResponse_Finding struct {
+	Finding *ReconcileFinding `protobuf:"bytes,2,opt,name=finding,proto3,oneof"`
+}
+
+type ReconcileResponse_Summary struct {
+	Summary *ReconcileSummary `protobuf:"bytes,3,opt,name=summary,proto3,oneof"`
+}
+
+func (*ReconcileResponse_Progress) isReconcileResponse_Message() {}
+
+func (*ReconcileResponse_Finding) isReconcileResponse_Message() {}
+
+func (*ReconcileResponse_Summary) isReconcileResponse_Message() {}
+
 var File_tally_v1_ledger_proto protoreflect.FileDescriptor
 
 const file_tally_v1_ledger_proto_rawDesc = "" +
@@ -3747,7 +4113,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12'\n" +
 	"\x0fidempotency_key\x18\x02 \x01(\tR\x0eidempotencyKey\x12\x1b\n" +
-	"\tclient_id\x18\x03 \x01(\tR\bclientId\"\x8f\x02\n" +
+	"\tclient_id\x18\x03 \x01(\tR\bclientId\"\xb2\x02\n" +
 	"\x12ListEntriesRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1b\n" +
@@ -3757,7 +4123,8 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\n" +
 	"start_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
 	"\bend_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12,\n" +
-	"\x05kinds\x18\x06 \x03(\x0e2\x16.tally.v1.TransferKindR\x05kinds\"\x88\x03\n" +
+	"\x05kinds\x18\x06 \x03(\x0e2\x16.tally.v1.TransferKindR\x05kinds\x12!\n" +
+	"\fnewest_first\x18\a \x01(\bR\vnewestFirst\"\x88\x03\n" +
 	"\x05Entry\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12\x1d\n" +
@@ -3933,7 +4300,32 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x0eaccount_change\x18\x05 \x01(\v2\x1c.tally.v1.AccountChangeEventH\x00R\raccountChange\x12<\n" +
 	"\vlow_balance\x18\x06 \x01(\v2\x19.tally.v1.LowBalanceEventH\x00R\n" +
 	"lowBalanceB\a\n" +
-	"\x05event*z\n" +
+	"\x05event\"s\n" +
+	"\x10ReconcileRequest\x12\x1f\n" +
+	"\vaccount_ids\x18\x01 \x03(\tR\n" +
+	"accountIds\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12!\n" +
+	"\frepair_cache\x18\x03 \x01(\bR\vrepairCache\"\xb8\x01\n" +
+	"\x10ReconcileFinding\x12\x14\n" +
+	"\x05check\x18\x01 \x01(\tR\x05check\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12\x1f\n" +
+	"\vtransfer_id\x18\x03 \x01(\tR\n" +
+	"transferId\x12\x1a\n" +
+	"\bcurrency\x18\x04 \x01(\tR\bcurrency\x12\x16\n" +
+	"\x06detail\x18\x05 \x01(\tR\x06detail\x12\x1a\n" +
+	"\brepaired\x18\x06 \x01(\bR\brepaired\"e\n" +
+	"\x11ReconcileProgress\x12)\n" +
+	"\x10accounts_checked\x18\x01 \x01(\x03R\x0faccountsChecked\x12%\n" +
+	"\x0eaccounts_total\x18\x02 \x01(\x03R\raccountsTotal\"Y\n" +
+	"\x10ReconcileSummary\x12)\n" +
+	"\x10accounts_checked\x18\x01 \x01(\x03R\x0faccountsChecked\x12\x1a\n" +
+	"\bfindings\x18\x02 \x01(\x03R\bfindings\"\xc9\x01\n" +
+	"\x11ReconcileResponse\x129\n" +
+	"\bprogress\x18\x01 \x01(\v2\x1b.tally.v1.ReconcileProgressH\x00R\bprogress\x126\n" +
+	"\afinding\x18\x02 \x01(\v2\x1a.tally.v1.ReconcileFindingH\x00R\afinding\x126\n" +
+	"\asummary\x18\x03 \x01(\v2\x1a.tally.v1.ReconcileSummaryH\x00R\asummaryB\t\n" +
+	"\amessage*z\n" +
 	"\vAccountType\x12\x1c\n" +
 	"\x18ACCOUNT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15ACCOUNT_TYPE_CUSTOMER\x10\x01\x12\x18\n" +
@@ -3973,7 +4365,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\rBalanceSource\x12\x1e\n" +
 	"\x1aBALANCE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14BALANCE_SOURCE_CACHE\x10\x01\x12\x18\n" +
-	"\x14BALANCE_SOURCE_STORE\x10\x022\x97\v\n" +
+	"\x14BALANCE_SOURCE_STORE\x10\x022\xdf\v\n" +
 	"\rLedgerService\x12B\n" +
 	"\rCreateAccount\x12\x1e.tally.v1.CreateAccountRequest\x1a\x11.tally.v1.Account\x12<\n" +
 	"\n" +
@@ -3997,7 +4389,8 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\fCloseAccount\x12\x1d.tally.v1.CloseAccountRequest\x1a\x11.tally.v1.Account\x12B\n" +
 	"\rUpdateAccount\x12\x1e.tally.v1.UpdateAccountRequest\x1a\x11.tally.v1.Account\x12J\n" +
 	"\vGetBalances\x12\x1c.tally.v1.GetBalancesRequest\x1a\x1d.tally.v1.GetBalancesResponse\x12X\n" +
-	"\x0fExportTransfers\x12 .tally.v1.ExportTransfersRequest\x1a!.tally.v1.ExportTransfersResponse0\x01B5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
+	"\x0fExportTransfers\x12 .tally.v1.ExportTransfersRequest\x1a!.tally.v1.ExportTransfersResponse0\x01\x12F\n" +
+	"\tReconcile\x12\x1a.tally.v1.ReconcileRequest\x1a\x1b.tally.v1.ReconcileResponse0\x01B5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
 
 var (
 	file_tally_v1_ledger_proto_rawDescOnce sync.Once
@@ -4012,7 +4405,7 @@ func file_tally_v1_ledger_proto_rawDescGZIP() []byte {
 }
 
 var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_tally_v1_ledger_proto_goTypes = []any{
 	(AccountType)(0),                // 0: tally.v1.AccountType
 	(Floor)(0),                      // 1: tally.v1.Floor
@@ -4060,55 +4453,60 @@ var file_tally_v1_ledger_proto_goTypes = []any{
 	(*AccountChangeEvent)(nil),      // 43: tally.v1.AccountChangeEvent
 	(*LowBalanceEvent)(nil),         // 44: tally.v1.LowBalanceEvent
 	(*ExportTransfersResponse)(nil), // 45: tally.v1.ExportTransfersResponse
-	nil,                             // 46: tally.v1.Account.MetadataEntry
-	nil,                             // 47: tally.v1.CreateAccountRequest.MetadataEntry
-	nil,                             // 48: tally.v1.ChargeRequest.MetadataEntry
-	nil,                             // 49: tally.v1.CreditRequest.MetadataEntry
-	nil,                             // 50: tally.v1.TransferRequest.MetadataEntry
-	nil,                             // 51: tally.v1.Transfer.MetadataEntry
-	nil,                             // 52: tally.v1.RefundRequest.MetadataEntry
-	nil,                             // 53: tally.v1.Hold.MetadataEntry
-	nil,                             // 54: tally.v1.HoldRequest.MetadataEntry
-	nil,                             // 55: tally.v1.UpdateAccountRequest.MetadataEntry
-	(*timestamppb.Timestamp)(nil),   // 56: google.protobuf.Timestamp
+	(*ReconcileRequest)(nil),        // 46: tally.v1.ReconcileRequest
+	(*ReconcileFinding)(nil),        // 47: tally.v1.ReconcileFinding
+	(*ReconcileProgress)(nil),       // 48: tally.v1.ReconcileProgress
+	(*ReconcileSummary)(nil),        // 49: tally.v1.ReconcileSummary
+	(*ReconcileResponse)(nil),       // 50: tally.v1.ReconcileResponse
+	nil,                             // 51: tally.v1.Account.MetadataEntry
+	nil,                             // 52: tally.v1.CreateAccountRequest.MetadataEntry
+	nil,                             // 53: tally.v1.ChargeRequest.MetadataEntry
+	nil,                             // 54: tally.v1.CreditRequest.MetadataEntry
+	nil,                             // 55: tally.v1.TransferRequest.MetadataEntry
+	nil,                             // 56: tally.v1.Transfer.MetadataEntry
+	nil,                             // 57: tally.v1.RefundRequest.MetadataEntry
+	nil,                             // 58: tally.v1.Hold.MetadataEntry
+	nil,                             // 59: tally.v1.HoldRequest.MetadataEntry
+	nil,                             // 60: tally.v1.UpdateAccountRequest.MetadataEntry
+	(*timestamppb.Timestamp)(nil),   // 61: google.protobuf.Timestamp
 }
 var file_tally_v1_ledger_proto_depIdxs = []int32{
 	0,  // 0: tally.v1.Account.type:type_name -> tally.v1.AccountType
 	1,  // 1: tally.v1.Account.floor:type_name -> tally.v1.Floor
 	2,  // 2: tally.v1.Account.status:type_name -> tally.v1.AccountStatus
-	46, // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
-	56, // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
+	51, // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
+	61, // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
 	0,  // 5: tally.v1.CreateAccountRequest.type:type_name -> tally.v1.AccountType
 	1,  // 6: tally.v1.CreateAccountRequest.floor:type_name -> tally.v1.Floor
-	47, // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
+	52, // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
 	0,  // 8: tally.v1.FindAccountsRequest.type:type_name -> tally.v1.AccountType
 	8,  // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
-	48, // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
-	49, // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
-	50, // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
+	53, // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
+	54, // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
+	55, // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
 	3,  // 13: tally.v1.Transfer.kind:type_name -> tally.v1.TransferKind
-	51, // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
-	56, // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
+	56, // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
+	61, // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
 	16, // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
 	19, // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
 	6,  // 18: tally.v1.GetBalanceRequest.consistency:type_name -> tally.v1.Consistency
-	56, // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
+	61, // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
 	7,  // 20: tally.v1.Balance.source:type_name -> tally.v1.BalanceSource
-	56, // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
-	56, // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
-	56, // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
+	61, // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
+	61, // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
+	61, // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,  // 24: tally.v1.ListEntriesRequest.kinds:type_name -> tally.v1.TransferKind
-	56, // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	61, // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	3,  // 26: tally.v1.Entry.kind:type_name -> tally.v1.TransferKind
 	22, // 27: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
-	52, // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
+	57, // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
 	4,  // 29: tally.v1.Hold.status:type_name -> tally.v1.HoldStatus
-	56, // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
-	53, // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
-	56, // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
-	56, // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
-	56, // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
-	54, // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
+	61, // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
+	58, // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
+	61, // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
+	61, // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
+	61, // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
+	59, // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
 	25, // 36: tally.v1.HoldResult.hold:type_name -> tally.v1.Hold
 	16, // 37: tally.v1.HoldResult.transfer:type_name -> tally.v1.Transfer
 	19, // 38: tally.v1.HoldResult.balance:type_name -> tally.v1.Balance
@@ -4125,63 +4523,68 @@ var file_tally_v1_ledger_proto_depIdxs = []int32{
 	30, // 49: tally.v1.BatchOperationResult.hold:type_name -> tally.v1.HoldResult
 	33, // 50: tally.v1.BatchOperationResult.error:type_name -> tally.v1.BatchError
 	34, // 51: tally.v1.SubmitBatchResponse.results:type_name -> tally.v1.BatchOperationResult
-	55, // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
-	56, // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
+	60, // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
+	61, // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
 	19, // 54: tally.v1.GetBalancesResponse.balances:type_name -> tally.v1.Balance
-	56, // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
-	56, // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
-	56, // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
+	61, // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
+	61, // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
+	61, // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
 	16, // 58: tally.v1.ExportTransfersResponse.transfer:type_name -> tally.v1.Transfer
 	25, // 59: tally.v1.ExportTransfersResponse.hold:type_name -> tally.v1.Hold
 	43, // 60: tally.v1.ExportTransfersResponse.account_change:type_name -> tally.v1.AccountChangeEvent
 	44, // 61: tally.v1.ExportTransfersResponse.low_balance:type_name -> tally.v1.LowBalanceEvent
-	9,  // 62: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
-	10, // 63: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
-	11, // 64: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
-	13, // 65: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
-	14, // 66: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
-	15, // 67: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
-	18, // 68: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
-	20, // 69: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
-	21, // 70: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
-	24, // 71: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
-	26, // 72: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
-	27, // 73: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
-	28, // 74: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
-	29, // 75: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
-	32, // 76: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
-	36, // 77: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
-	37, // 78: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
-	38, // 79: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
-	39, // 80: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
-	40, // 81: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
-	42, // 82: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
-	8,  // 83: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
-	8,  // 84: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
-	12, // 85: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
-	17, // 86: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
-	17, // 87: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
-	17, // 88: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
-	19, // 89: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
-	16, // 90: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
-	23, // 91: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
-	17, // 92: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
-	30, // 93: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
-	30, // 94: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
-	30, // 95: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
-	25, // 96: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
-	35, // 97: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
-	8,  // 98: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
-	8,  // 99: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
-	8,  // 100: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
-	8,  // 101: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
-	41, // 102: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
-	45, // 103: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
-	83, // [83:104] is the sub-list for method output_type
-	62, // [62:83] is the sub-list for method input_type
-	62, // [62:62] is the sub-list for extension type_name
-	62, // [62:62] is the sub-list for extension extendee
-	0,  // [0:62] is the sub-list for field type_name
+	48, // 62: tally.v1.ReconcileResponse.progress:type_name -> tally.v1.ReconcileProgress
+	47, // 63: tally.v1.ReconcileResponse.finding:type_name -> tally.v1.ReconcileFinding
+	49, // 64: tally.v1.ReconcileResponse.summary:type_name -> tally.v1.ReconcileSummary
+	9,  // 65: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
+	10, // 66: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
+	11, // 67: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
+	13, // 68: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
+	14, // 69: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
+	15, // 70: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
+	18, // 71: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
+	20, // 72: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
+	21, // 73: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
+	24, // 74: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
+	26, // 75: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
+	27, // 76: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
+	28, // 77: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
+	29, // 78: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
+	32, // 79: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
+	36, // 80: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
+	37, // 81: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
+	38, // 82: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
+	39, // 83: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
+	40, // 84: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
+	42, // 85: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
+	46, // 86: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
+	8,  // 87: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
+	8,  // 88: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
+	12, // 89: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
+	17, // 90: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
+	17, // 91: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
+	17, // 92: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
+	19, // 93: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
+	16, // 94: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
+	23, // 95: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
+	17, // 96: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
+	30, // 97: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
+	30, // 98: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
+	30, // 99: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
+	25, // 100: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
+	35, // 101: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
+	8,  // 102: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
+	8,  // 103: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
+	8,  // 104: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
+	8,  // 105: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
+	41, // 106: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
+	45, // 107: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
+	50, // 108: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
+	87, // [87:109] is the sub-list for method output_type
+	65, // [65:87] is the sub-list for method input_type
+	65, // [65:65] is the sub-list for extension type_name
+	65, // [65:65] is the sub-list for extension extendee
+	0,  // [0:65] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_ledger_proto_init() }
@@ -4211,13 +4614,18 @@ func file_tally_v1_ledger_proto_init() {
 		(*ExportTransfersResponse_AccountChange)(nil),
 		(*ExportTransfersResponse_LowBalance)(nil),
 	}
+	file_tally_v1_ledger_proto_msgTypes[42].OneofWrappers = []any{
+		(*ReconcileResponse_Progress)(nil),
+		(*ReconcileResponse_Finding)(nil),
+		(*ReconcileResponse_Summary)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tally_v1_ledger_proto_rawDesc), len(file_tally_v1_ledger_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   48,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -43,6 +43,7 @@ const (
 	LedgerService_UpdateAccount_FullMethodName   = "/tally.v1.LedgerService/UpdateAccount"
 	LedgerService_GetBalances_FullMethodName     = "/tally.v1.LedgerService/GetBalances"
 	LedgerService_ExportTransfers_FullMethodName = "/tally.v1.LedgerService/ExportTransfers"
+	LedgerService_Reconcile_FullMethodName       = "/tally.v1.LedgerService/Reconcile"
 )
 
 // LedgerServiceClient is the client API for LedgerService service.
@@ -113,6 +114,11 @@ type LedgerServiceClient interface {
 	// streaming new events (for at most the server's stream duration; resume
 	// from the last cursor).
 	ExportTransfers(ctx context.Context, in *ExportTransfersRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ExportTransfersResponse], error)
+	// Reconcile proves the books add up: per account (balance = sum of
+	// entries, gapless sequences, running balances, held = open holds, cached
+	// balance = PostgreSQL's) in short transactions, then the global sums. It
+	// streams progress and findings, then a summary.
+	Reconcile(ctx context.Context, in *ReconcileRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ReconcileResponse], error)
 }
 
 type ledgerServiceClient struct {
@@ -342,6 +348,25 @@ func (c *ledgerServiceClient) ExportTransfers(ctx context.Context, in *ExportTra
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type LedgerService_ExportTransfersClient = grpc.ServerStreamingClient[ExportTransfersResponse]
 
+func (c *ledgerServiceClient) Reconcile(ctx context.Context, in *ReconcileRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ReconcileResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &LedgerService_ServiceDesc.Streams[1], LedgerService_Reconcile_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ReconcileRequest, ReconcileResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LedgerService_ReconcileClient = grpc.ServerStreamingClient[ReconcileResponse]
+
 // LedgerServiceServer is the server API for LedgerService service.
 // All implementations must embed UnimplementedLedgerServiceServer
 // for forward compatibility.
@@ -410,6 +435,11 @@ type LedgerServiceServer interface {
 	// streaming new events (for at most the server's stream duration; resume
 	// from the last cursor).
 	ExportTransfers(*ExportTransfersRequest, grpc.ServerStreamingServer[ExportTransfersResponse]) error
+	// Reconcile proves the books add up: per account (balance = sum of
+	// entries, gapless sequences, running balances, held = open holds, cached
+	// balance = PostgreSQL's) in short transactions, then the global sums. It
+	// streams progress and findings, then a summary.
+	Reconcile(*ReconcileRequest, grpc.ServerStreamingServer[ReconcileResponse]) error
 	mustEmbedUnimplementedLedgerServiceServer()
 }
 
@@ -482,6 +512,9 @@ func (UnimplementedLedgerServiceServer) GetBalances(context.Context, *GetBalance
 }
 func (UnimplementedLedgerServiceServer) ExportTransfers(*ExportTransfersRequest, grpc.ServerStreamingServer[ExportTransfersResponse]) error {
 	return status.Error(codes.Unimplemented, "method ExportTransfers not implemented")
+}
+func (UnimplementedLedgerServiceServer) Reconcile(*ReconcileRequest, grpc.ServerStreamingServer[ReconcileResponse]) error {
+	return status.Error(codes.Unimplemented, "method Reconcile not implemented")
 }
 func (UnimplementedLedgerServiceServer) mustEmbedUnimplementedLedgerServiceServer() {}
 func (UnimplementedLedgerServiceServer) testEmbeddedByValue()                       {}
@@ -875,6 +908,17 @@ func _LedgerService_ExportTransfers_Handler(srv interface{}, stream grpc.ServerS
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type LedgerService_ExportTransfersServer = grpc.ServerStreamingServer[ExportTransfersResponse]
 
+func _LedgerService_Reconcile_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ReconcileRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(LedgerServiceServer).Reconcile(m, &grpc.GenericServerStream[ReconcileRequest, ReconcileResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LedgerService_ReconcileServer = grpc.ServerStreamingServer[ReconcileResponse]
+
 // LedgerService_ServiceDesc is the grpc.ServiceDesc for LedgerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -967,6 +1011,11 @@ var LedgerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "ExportTransfers",
 			Handler:       _LedgerService_ExportTransfers_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Reconcile",
+			Handler:       _LedgerService_Reconcile_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -1,0 +1,195 @@
+package ledger
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/google/uuid"
+
+	"github.com/tallyledger/tally/store"
+)
+
+// Reconciliation check names, as reported in findings.
+const (
+	CheckBalanceVsEntries = "balance_vs_entries"
+	CheckEntrySequence    = "entry_sequence"
+	CheckRunningBalance   = "running_balance"
+	CheckHeldVsHolds      = "held_vs_holds"
+	CheckCacheMismatch    = "cache_mismatch"
+	CheckCurrencySum      = store.CheckCurrencySum
+	CheckTransferEntries  = store.CheckTransferEntries
+	CheckRefundsWithin    = store.CheckRefundsWithin
+)
+
+// Reconcile limits.
+const (
+	// ReconcilePageSizeDefault is how many accounts one short statement
+	// checks; ReconcilePageSizeMax bounds what a caller may ask for.
+	ReconcilePageSizeDefault = 500
+	ReconcilePageSizeMax     = 5000
+	// ReconcileAccountsMax bounds an explicit selection.
+	ReconcileAccountsMax = 10000
+)
+
+// ReconcileRequest selects what to check.
+type ReconcileRequest struct {
+	// AccountIDs selects accounts; empty checks all of them.
+	AccountIDs []uuid.UUID
+	PageSize   int
+	// RepairCache deletes cached balances that disagree with PostgreSQL.
+	RepairCache bool
+}
+
+// Finding is one thing reconciliation found wrong.
+type Finding struct {
+	Check      string
+	AccountID  uuid.UUID
+	TransferID uuid.UUID
+	Currency   string
+	Detail     string
+	// Repaired: the cached value was deleted (--repair-cache).
+	Repaired bool
+}
+
+// ReconcileSummary is the outcome of a run.
+type ReconcileSummary struct {
+	AccountsChecked int64
+	Findings        int64
+}
+
+// cacheDeleter is the part of the cache that repair needs.
+type cacheDeleter interface {
+	Delete(ctx context.Context, id uuid.UUID)
+}
+
+// Reconcile proves the books add up. Each page of accounts is checked in one
+// short statement (no long snapshot holds back vacuum): balance = sum of
+// entries, sequences gapless, running balances consistent, held = open
+// holds, and the cached balance agrees with PostgreSQL. Then the global sums
+// run, each as one statement. Findings and progress go to the callbacks as
+// they come; an error from a callback stops the run.
+func (l *Ledger) Reconcile(ctx context.Context, r ReconcileRequest, found func(Finding) error,
+	progress func(checked, total int64) error) (ReconcileSummary, error) {
+	if r.PageSize <= 0 {
+		r.PageSize = ReconcilePageSizeDefault
+	}
+	if r.PageSize > ReconcilePageSizeMax {
+		return ReconcileSummary{}, invalid("page_size", "page_size must be at most %d", ReconcilePageSizeMax)
+	}
+	if len(r.AccountIDs) > ReconcileAccountsMax {
+		return ReconcileSummary{}, invalid("account_ids", "at most %d accounts per selection", ReconcileAccountsMax)
+	}
+	var sum ReconcileSummary
+	report := func(f Finding) error {
+		sum.Findings++
+		return found(f)
+	}
+	total := int64(len(r.AccountIDs))
+	if total == 0 {
+		n, err := l.st.CountAccounts(ctx)
+		if err != nil {
+			return sum, fromStore(err)
+		}
+		total = n
+	}
+	after := uuid.Nil
+	for page := 0; ; page++ {
+		var only []uuid.UUID
+		if len(r.AccountIDs) > 0 {
+			lo := page * r.PageSize
+			if lo >= len(r.AccountIDs) {
+				break
+			}
+			only = r.AccountIDs[lo:min(lo+r.PageSize, len(r.AccountIDs))]
+		}
+		checks, err := l.st.CheckAccounts(ctx, after, only, r.PageSize)
+		if err != nil {
+			return sum, fromStore(err)
+		}
+		if len(checks) == 0 && only == nil {
+			break
+		}
+		for _, c := range checks {
+			after = c.AccountID
+			for _, f := range accountFindings(c) {
+				if err := report(f); err != nil {
+					return sum, err
+				}
+			}
+			if err := l.checkCache(ctx, c, r.RepairCache, report); err != nil {
+				return sum, err
+			}
+		}
+		sum.AccountsChecked += int64(len(checks))
+		if err := progress(sum.AccountsChecked, total); err != nil {
+			return sum, err
+		}
+		if only == nil && len(checks) < r.PageSize {
+			break
+		}
+	}
+	if len(r.AccountIDs) == 0 {
+		global, err := l.st.CheckGlobal(ctx)
+		if err != nil {
+			return sum, fromStore(err)
+		}
+		for _, g := range global {
+			if err := report(Finding{Check: g.Check, Currency: g.Currency, TransferID: g.ID, Detail: g.Detail}); err != nil {
+				return sum, err
+			}
+		}
+	}
+	return sum, nil
+}
+
+func accountFindings(c store.AccountCheck) []Finding {
+	var out []Finding
+	add := func(check, format string, args ...any) {
+		out = append(out, Finding{Check: check, AccountID: c.AccountID, Currency: c.Currency, Detail: fmt.Sprintf(format, args...)})
+	}
+	if !c.BalanceOK {
+		add(CheckBalanceVsEntries, "balance %d, entries sum to %s", c.Balance, c.EntrySum)
+	}
+	if !c.SequenceOK {
+		add(CheckEntrySequence, "last_sequence %d, %d entries", c.LastSequence, c.Entries)
+	}
+	if !c.RunningOK {
+		add(CheckRunningBalance, "some balance_after is not the running sum of amounts")
+	}
+	if !c.HeldOK {
+		add(CheckHeldVsHolds, "held %d, open holds sum to %s", c.Held, c.OpenHeld)
+	}
+	return out
+}
+
+// checkCache compares the cached balance (read first) with PostgreSQL's
+// (read after): a cached version ahead of PostgreSQL's, or the same version
+// with other figures, is a value that never existed.
+func (l *Ledger) checkCache(ctx context.Context, c store.AccountCheck, repair bool, report func(Finding) error) error {
+	if l.cache == nil {
+		return nil
+	}
+	cctx, cancel := context.WithTimeout(ctx, cacheCallTimeout)
+	cached, ok := l.cache.Get(cctx, c.AccountID)
+	cancel()
+	if !ok {
+		return nil
+	}
+	row, err := l.st.GetBalance(ctx, c.AccountID)
+	if err != nil {
+		return fromStore(err)
+	}
+	if cached.Version < row.Version || (cached.Version == row.Version && cached.Balance == row.Balance && cached.Held == row.Held) {
+		return nil // current, or older but within the cache TTL (allowed)
+	}
+	f := Finding{Check: CheckCacheMismatch, AccountID: c.AccountID, Currency: c.Currency,
+		Detail: fmt.Sprintf("cache has version %d balance %d held %d; PostgreSQL version %d balance %d held %d",
+			cached.Version, cached.Balance, cached.Held, row.Version, row.Balance, row.Held)}
+	if d, ok := l.cache.(cacheDeleter); ok && repair {
+		dctx, cancel := context.WithTimeout(ctx, cacheCallTimeout)
+		d.Delete(dctx, c.AccountID)
+		cancel()
+		f.Repaired = true
+	}
+	return report(f)
+}
