@@ -159,6 +159,28 @@ func TestPointInTimeRecovery(t *testing.T) {
 		t.Errorf("restored balance %d, want %d (as acknowledged at the target)", bal, balanceAtTarget)
 	}
 	reconcile(t, ctx, rc)
+
+	// `tally reconcile` (the Reconcile RPC) through a tally server on the
+	// restored copy: no findings.
+	renv := tallytest.Start(t, tallytest.Options{DatabaseURL: restored.URL("tally")})
+	var findings []string
+	var summary *tallyv1.ReconcileSummary
+	err = renv.Client.Reconcile(ctx, &tallyv1.ReconcileRequest{}, func(m *tallyv1.ReconcileResponse) error {
+		if f := m.GetFinding(); f != nil {
+			findings = append(findings, f.GetCheck()+": "+f.GetDetail())
+		}
+		if s := m.GetSummary(); s != nil {
+			summary = s
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("Reconcile on the restored copy: %v", err)
+	}
+	if summary == nil || summary.GetAccountsChecked() == 0 || len(findings) > 0 || summary.GetFindings() != 0 {
+		t.Fatalf("Reconcile on the restored copy: summary %v, findings %v", summary, findings)
+	}
+	t.Logf("tally reconcile on the restored copy: %d accounts checked, no findings", summary.GetAccountsChecked())
 	t.Logf("restored to %s: %d charges before the target present, %d after it absent, balance %d, reconciliation clean",
 		target.Format(time.RFC3339Nano), len(before), len(after), bal)
 }
