@@ -63,12 +63,21 @@ type ServerOptions struct {
 	// streams (0: the defaults).
 	ExportPollInterval      time.Duration
 	ExportStreamDurationMax time.Duration
+	// UnaryInterceptors and StreamInterceptors run outside the built-in
+	// chain, the first outermost, so they see every call with its final
+	// status, refused and panicking ones included (metrics).
+	UnaryInterceptors  []grpc.UnaryServerInterceptor
+	StreamInterceptors []grpc.StreamServerInterceptor
+	// ExtraOptions are added to the server's options (for example a stats
+	// handler for tracing).
+	ExtraOptions []grpc.ServerOption
 }
 
 // NewGRPCServer builds the gRPC server: LedgerService, grpc.health.v1 and
-// reflection, with the interceptor chain logging → auth → deadline →
-// recovery (auth after logging, so refused calls are logged; recovery
-// innermost, so a panic is logged as the INTERNAL it becomes).
+// reflection, with the interceptor chain [o.UnaryInterceptors] → logging →
+// auth → deadline → recovery (auth after logging, so refused calls are
+// logged; recovery innermost, so a panic is logged as the INTERNAL it
+// becomes).
 func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.Server {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -113,12 +122,10 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 		log.ErrorContext(ctx, "panic in handler", "panic", p, "stack", string(debug.Stack()))
 		return newStatus(codes.Internal, ledger.ReasonInternal, "internal error", nil)
 	})
-	unary := []grpc.UnaryServerInterceptor{
-		logging.UnaryServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels),
-	}
-	stream := []grpc.StreamServerInterceptor{
-		logging.StreamServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels),
-	}
+	unary := append(append([]grpc.UnaryServerInterceptor{}, o.UnaryInterceptors...),
+		logging.UnaryServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels))
+	stream := append(append([]grpc.StreamServerInterceptor{}, o.StreamInterceptors...),
+		logging.StreamServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels))
 	if o.Auth != nil {
 		if o.Auth.Verifier == nil {
 			panic("api: AuthOptions without a Verifier")
@@ -142,6 +149,7 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 	if o.Creds != nil {
 		opts = append(opts, grpc.Creds(o.Creds))
 	}
+	opts = append(opts, o.ExtraOptions...)
 	s := grpc.NewServer(opts...)
 	ls := NewServer(l)
 	ls.SubmitBatchBytesMax = o.SubmitBatchBytesMax

@@ -39,6 +39,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -126,6 +127,28 @@ type Cache struct {
 
 	mu      sync.Mutex
 	lastErr string // last failure, for Status
+
+	// Counters for Stats (metrics).
+	hits, misses, errs, bypassed atomic.Int64
+}
+
+// Stats counts what the cache did since New, for metrics. A Get is a hit, a
+// miss (absent, unparsable or refused entry), a bypass (breaker not closed)
+// or an error (or, rarely, abandoned by its caller); Errors counts failed
+// Redis calls of any kind (Get, Put, Delete), and Bypassed also counts Puts
+// and Deletes skipped while the breaker was open.
+type Stats struct {
+	Hits, Misses, Errors, Bypassed int64
+	// Breaker is the circuit breaker's state: "closed", "half-open" or "open".
+	Breaker string
+}
+
+// Stats returns the cache's counters and breaker state.
+func (c *Cache) Stats() Stats {
+	return Stats{
+		Hits: c.hits.Load(), Misses: c.misses.Load(), Errors: c.errs.Load(), Bypassed: c.bypassed.Load(),
+		Breaker: c.breaker.State().String(),
+	}
 }
 
 // getScript reads a value and its remaining time to live atomically, and
@@ -289,9 +312,13 @@ func (c *Cache) do(ctx context.Context, fn func(ctx context.Context) error) erro
 				return nil, errCallerGone
 			}
 			c.setLastError(err)
+			c.errs.Add(1)
 		}
 		return nil, err
 	})
+	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
+		c.bypassed.Add(1)
+	}
 	return err
 }
 
@@ -307,6 +334,7 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 	// pass a read probe and go back to serving balances it can no longer
 	// update.
 	if c.breaker.State() != gobreaker.StateClosed {
+		c.bypassed.Add(1)
 		return Balance{}, false
 	}
 	var raw string
@@ -326,6 +354,9 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		return nil
 	})
 	if err != nil {
+		if errors.Is(err, redis.Nil) {
+			c.misses.Add(1)
+		}
 		return Balance{}, false
 	}
 	b, err = decode(raw)
@@ -333,6 +364,7 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		// Garbage is a miss. It is left for Put to overwrite (the CAS
 		// treats unparsable values as absent) or for its TTL to remove.
 		c.log.Debug("unparsable cache value", "account", id, "err", err)
+		c.misses.Add(1)
 		return Balance{}, false
 	}
 	b.AccountID = id
@@ -341,8 +373,10 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		// so the next Put of the same version (with a later ServeUntil) is
 		// not refused by the compare-and-set.
 		c.Delete(ctx, id)
+		c.misses.Add(1)
 		return Balance{}, false
 	}
+	c.hits.Add(1)
 	return b, true
 }
 

@@ -527,6 +527,36 @@ func TestEncodeDecode(t *testing.T) {
 
 func itoa(n int) string { return strconv.Itoa(n) }
 
+// Stats counts hits, misses, failed calls and bypasses, and shows the
+// breaker's state: what the metrics are made of.
+func TestStats(t *testing.T) {
+	requireSharedRedis(t)
+	c, _ := newCache(t, sharedRedisURL(), Config{})
+	ctx := context.Background()
+	id := uuid.New()
+	mustMiss(t, c, id)
+	c.Put(ctx, bal(id, 1, 10))
+	mustHit(t, c, id, 1, 10)
+	mustHit(t, c, id, 1, 10)
+	if s := c.Stats(); s != (Stats{Hits: 2, Misses: 1, Breaker: "closed"}) {
+		t.Fatalf("healthy Redis: %+v", s)
+	}
+
+	dead := freePort(t)
+	d, _ := newCache(t, "redis://127.0.0.1:"+itoa(dead)+"/0", Config{OpTimeout: testOpTimeout, FailuresMax: 2, BreakerCooldown: time.Minute})
+	// New's ping failed once; one more failure opens the breaker.
+	mustMiss(t, d, id)
+	s := d.Stats()
+	if s.Errors != 2 || s.Breaker != "open" || s.Hits != 0 || s.Misses != 0 {
+		t.Fatalf("dead Redis after 2 failures: %+v", s)
+	}
+	mustMiss(t, d, id)
+	d.Put(ctx, bal(id, 1, 10))
+	if s := d.Stats(); s.Errors != 2 || s.Bypassed != 2 || s.Breaker != "open" {
+		t.Fatalf("dead Redis, breaker open: %+v", s)
+	}
+}
+
 // TestServeUntil: a value is not served past its ServeUntil (shortly before
 // the account's next hold expiry, which frees funds without a new version),
 // and a refill of the same version then succeeds.

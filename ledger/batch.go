@@ -51,6 +51,9 @@ type BatchConfig struct {
 	WorkersMax    int
 	QueueItemsMax int
 	Timeout       time.Duration
+	// OnBatch, when set, is called with the item count of every committed
+	// batch (for a batch-size histogram). It must not block.
+	OnBatch func(items int)
 }
 
 func (c *BatchConfig) fill() {
@@ -80,6 +83,9 @@ type BatchStats struct {
 	Items     int64
 	ItemsPeak int64
 	Splits    int64
+	// Queued is the number of calls waiting for a batch right now (bounded
+	// by QueueItemsMax).
+	Queued int64
 }
 
 type item struct {
@@ -172,7 +178,8 @@ func (b *batcher) close() {
 }
 
 func (b *batcher) stats() BatchStats {
-	return BatchStats{Batches: b.batches.Load(), Items: b.items.Load(), ItemsPeak: b.itemsPeak.Load(), Splits: b.splits.Load()}
+	return BatchStats{Batches: b.batches.Load(), Items: b.items.Load(), ItemsPeak: b.itemsPeak.Load(), Splits: b.splits.Load(),
+		Queued: int64(len(b.in))}
 }
 
 func (b *batcher) run(items []*item) {
@@ -199,6 +206,9 @@ func (b *batcher) apply(items []*item) (results []itemResult) {
 			if int64(len(items)) <= peak || b.itemsPeak.CompareAndSwap(peak, int64(len(items))) {
 				break
 			}
+		}
+		if b.cfg.OnBatch != nil {
+			b.cfg.OnBatch(len(items))
 		}
 		return results
 	}

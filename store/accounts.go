@@ -255,16 +255,22 @@ type EntryFilter struct {
 // ListEntries returns up to f.Limit entries of an account, oldest first,
 // each with the audit trail of its transfer.
 func (s *Store) ListEntries(ctx context.Context, f EntryFilter) ([]Entry, error) {
+	// Two spellings rather than one ORDER BY CASE, so each walks the
+	// (account_id, sequence) primary key in its direction instead of
+	// sorting an account's whole history.
+	cond, order := `e.sequence > $2`, `e.sequence`
+	if f.NewestFirst {
+		cond, order = `($2 = 0 OR e.sequence < $2)`, `e.sequence DESC`
+	}
 	rows, err := s.pool.Query(ctx, `SELECT e.transfer_id, e.account_id, e.sequence, e.amount, e.balance_after,
 		e.version_after, e.created_at, t.created_by_client, coalesce(t.created_by_key, ''), t.kind
 		FROM entries e JOIN transfers t ON t.transfer_id = e.transfer_id
-		WHERE e.account_id = $1
-		  AND (($7 AND ($2 = 0 OR e.sequence < $2)) OR (NOT $7 AND e.sequence > $2))
+		WHERE e.account_id = $1 AND `+cond+`
 		  AND ($3::timestamptz IS NULL OR e.created_at >= $3)
 		  AND ($4::timestamptz IS NULL OR e.created_at < $4)
 		  AND (cardinality($6::int2[]) = 0 OR t.kind = ANY($6))
-		ORDER BY CASE WHEN $7 THEN -e.sequence ELSE e.sequence END
-		LIMIT $5`, f.AccountID, f.AfterSequence, f.Start, f.End, f.Limit, kinds(f.Kinds), f.NewestFirst)
+		ORDER BY `+order+`
+		LIMIT $5`, f.AccountID, f.AfterSequence, f.Start, f.End, f.Limit, kinds(f.Kinds))
 	if err != nil {
 		return nil, translate(err)
 	}

@@ -101,17 +101,23 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 	b.Queue(`SELECT `+keyCols+` FROM idempotency_keys
 		WHERE (scope, idempotency_key) IN (SELECT s, k FROM unnest($1::text[], $2::text[]) AS t(s, k))`, scopes, keys)
 	// Hold and charge rows never change the accounts they name, so reading
-	// them here, before their accounts are locked, is safe.
+	// them here, before their accounts are locked, is safe. The ids are
+	// gathered first (a UNION) and then locked through the primary key: an
+	// OR of these conditions would make PostgreSQL scan every account.
 	b.Queue(`SELECT `+accountCols+` FROM accounts
-		WHERE account_id = ANY($1::uuid[])
-		   OR account_id IN (SELECT account_id FROM holds WHERE hold_id = ANY($4::uuid[]))
-		   OR account_id IN (SELECT revenue_account_id FROM holds WHERE hold_id = ANY($4::uuid[]))
-		   OR account_id IN (SELECT debit_account_id FROM transfers WHERE transfer_id = ANY($5::uuid[]))
-		   OR account_id IN (SELECT credit_account_id FROM transfers WHERE transfer_id = ANY($5::uuid[]))
-		   OR (system_role = 'revenue' AND currency IN (
-		           SELECT currency FROM accounts WHERE account_id = ANY($2::uuid[])
-		           UNION ALL SELECT currency FROM holds WHERE hold_id = ANY($4::uuid[]) AND revenue_account_id IS NULL))
-		   OR (system_role = 'funding' AND currency IN (SELECT currency FROM accounts WHERE account_id = ANY($3::uuid[])))
+		WHERE account_id IN (
+			SELECT unnest($1::uuid[])
+			UNION SELECT account_id FROM holds WHERE hold_id = ANY($4::uuid[])
+			UNION SELECT revenue_account_id FROM holds WHERE hold_id = ANY($4::uuid[]) AND revenue_account_id IS NOT NULL
+			UNION SELECT debit_account_id FROM transfers WHERE transfer_id = ANY($5::uuid[])
+			UNION SELECT credit_account_id FROM transfers WHERE transfer_id = ANY($5::uuid[])
+			UNION SELECT s.account_id FROM accounts s
+			      WHERE s.system_role = 'revenue' AND s.currency IN (
+			            SELECT currency FROM accounts WHERE account_id = ANY($2::uuid[])
+			            UNION SELECT currency FROM holds WHERE hold_id = ANY($4::uuid[]) AND revenue_account_id IS NULL)
+			UNION SELECT s.account_id FROM accounts s
+			      WHERE s.system_role = 'funding' AND s.currency IN (
+			            SELECT currency FROM accounts WHERE account_id = ANY($3::uuid[])))
 		ORDER BY account_id
 		FOR UPDATE`, ids(l.Accounts), ids(l.RevenueFor), ids(l.FundingFor), ids(l.Holds), ids(l.Charges))
 	b.Queue(`SELECT clock_timestamp()`)
@@ -185,8 +191,10 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 	}
 	b = &pgx.Batch{}
 	b.Queue(`SELECT `+holdCols+` FROM holds
-		WHERE hold_id = ANY($1::uuid[])
-		   OR (account_id = ANY($2::uuid[]) AND status = 1 AND expires_at <= $3)`, ids(l.Holds), ids(expiring), out.Now)
+		WHERE hold_id IN (
+			SELECT unnest($1::uuid[])
+			UNION SELECT hold_id FROM holds WHERE account_id = ANY($2::uuid[]) AND status = 1 AND expires_at <= $3)`,
+		ids(l.Holds), ids(expiring), out.Now)
 	b.Queue(`SELECT `+transferCols+` FROM transfers WHERE transfer_id = ANY($1::uuid[])`, ids(l.Charges))
 	br2 := t.tx.SendBatch(ctx, b)
 	defer br2.Close()

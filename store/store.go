@@ -47,6 +47,8 @@ type Config struct {
 	StatementTimeout time.Duration
 	ConnectTimeout   time.Duration
 	Logger           *slog.Logger
+	// Tracer, when set, traces every query (for OpenTelemetry).
+	Tracer pgx.QueryTracer
 }
 
 // Store is a handle on the Tally database.
@@ -78,6 +80,9 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	pcfg.MinConns = 0
 	pcfg.HealthCheckPeriod = 5 * time.Second
 	pcfg.ConnConfig.ConnectTimeout = cfg.ConnectTimeout
+	if cfg.Tracer != nil {
+		pcfg.ConnConfig.Tracer = cfg.Tracer
+	}
 	if pcfg.ConnConfig.RuntimeParams == nil {
 		pcfg.ConnConfig.RuntimeParams = map[string]string{}
 	}

@@ -72,6 +72,7 @@ Tally dev server is up (Ctrl-C stops it and removes its data).
 
   gRPC:      %s      (grpcurl -plaintext %s list)
   health:    http://%s/healthz
+  metrics:   http://%s/metrics
   database:  %s
   cache:     %s
   API key:   an admin key was made for this run (TALLY_API_KEY below)
@@ -84,7 +85,7 @@ Try, in another terminal:
   go run ./cmd/tally charge  --account <id> --amount 250  --key order-1
   go run ./cmd/tally charge  --account <id> --amount 250  --key order-1   # replayed, charged once
 
-`, grpcAddr, grpcAddr, httpAddr, c.databaseURL, orNone(c.redisURL), grpcAddr, keyLine)
+`, grpcAddr, grpcAddr, httpAddr, httpAddr, c.databaseURL, orNone(c.redisURL), grpcAddr, keyLine)
 		// Also on stdout alone, for scripts: eval "$(tallyd dev | head -1)".
 		fmt.Fprintf(os.Stdout, "%s\n", strings.TrimSpace(keyLine))
 	})

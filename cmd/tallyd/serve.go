@@ -16,6 +16,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -24,6 +26,7 @@ import (
 	"github.com/tallyledger/tally/auth"
 	"github.com/tallyledger/tally/cache"
 	"github.com/tallyledger/tally/internal/flagenv"
+	"github.com/tallyledger/tally/internal/telemetry"
 	"github.com/tallyledger/tally/ledger"
 	"github.com/tallyledger/tally/store"
 )
@@ -82,6 +85,10 @@ type serveConfig struct {
 	insecure          bool
 	rateLimitPerKey   float64
 	rateBurstPerKey   int
+
+	// Tracing (off without an endpoint).
+	otlpEndpoint     string
+	traceSampleRatio float64
 }
 
 func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
@@ -91,7 +98,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 		fs.BoolVar(&c.migrate, "migrate", false, "apply pending migrations before serving")
 	}
 	fs.StringVar(&c.grpcAddr, "grpc-addr", "127.0.0.1:7070", "gRPC listen address")
-	fs.StringVar(&c.httpAddr, "http-addr", "127.0.0.1:7071", "HTTP listen address for /healthz and /readyz")
+	fs.StringVar(&c.httpAddr, "http-addr", "127.0.0.1:7071", "HTTP listen address for /healthz, /readyz and /metrics")
 	fs.BoolVar(&c.allowUnsafeDurability, "allow-unsafe-durability", false, "serve even if PostgreSQL has synchronous_commit or fsync off")
 	fs.BoolVar(&c.requireSyncCommit, "require-synchronous-commit", false, "refuse to start unless PostgreSQL waits for a synchronous standby on commit (synchronous_standby_names set, synchronous_commit on or remote_apply), so a failover cannot lose an acknowledged charge")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
@@ -128,6 +135,8 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.batch.WorkersMax, "batch-workers-max", ledger.BatchWorkersMaxDefault, "batches in flight at once")
 	fs.IntVar(&c.batch.QueueItemsMax, "batch-queue-items-max", ledger.BatchQueueItemsMaxDefault, "calls waiting for a batch before RESOURCE_EXHAUSTED")
 	fs.DurationVar(&c.batch.Timeout, "batch-timeout", ledger.BatchTimeoutDefault, "bound on one batch's transaction")
+	fs.StringVar(&c.otlpEndpoint, "otlp-endpoint", "", "OpenTelemetry collector (OTLP/gRPC) to send traces to: http://host:4317 (plaintext), https://host:4317 (TLS), or host:port (plaintext on loopback, else TLS); empty: no tracing")
+	fs.Float64Var(&c.traceSampleRatio, "trace-sample-ratio", 1, "fraction of calls traced when --otlp-endpoint is set (0..1; calls with a sampled parent are always traced)")
 	fs.BoolVar(&c.pprof, "pprof", false, "serve net/http/pprof under /debug/pprof/ on --http-addr (for profiling)")
 	d := ledger.DefaultLimits()
 	c.limits = d
@@ -231,14 +240,34 @@ func waitForDatabase(ctx context.Context, st *store.Store, timeout time.Duration
 // the bound addresses once the service accepts calls.
 func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpcAddr, httpAddr string)) error {
 	slog.SetDefault(log)
-	st, err := store.Open(ctx, store.Config{
+	// Metrics live on a registry of this server's own, never the global one.
+	met := telemetry.NewMetrics(prometheus.NewRegistry())
+	var tr *telemetry.Tracing
+	scfg := store.Config{
 		URL: c.databaseURL, PoolConnsMax: int32(c.poolConnsMax), StatementTimeout: c.statementTimeout,
 		ConnectTimeout: c.connectTimeout, Logger: log,
-	})
+	}
+	if c.otlpEndpoint != "" {
+		var err error
+		tr, err = telemetry.NewTracing(ctx, telemetry.TracingConfig{Endpoint: c.otlpEndpoint, SampleRatio: c.traceSampleRatio})
+		if err != nil {
+			return err
+		}
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := tr.Shutdown(sctx); err != nil {
+				log.Warn("flushing traces", "err", err.Error())
+			}
+		}()
+		scfg.Tracer = tr.PgxTracer()
+	}
+	st, err := store.Open(ctx, scfg)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
+	met.RegisterPool(st.Pool().Stat)
 	if err := waitForDatabase(ctx, st, c.startupTimeout, log); err != nil {
 		return err
 	}
@@ -297,7 +326,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	}
 
 	var bc *cache.Cache
-	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: c.batch}
+	batch := c.batch
+	batch.OnBatch = met.ObserveBatch
+	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: batch}
 	if c.redisURL != "" {
 		bc, err = cache.New(cache.Config{
 			URL: c.redisURL, OpTimeout: c.cacheOpTimeout, TTL: c.cacheTTL, FailuresMax: c.cacheFailuresMax,
@@ -309,6 +340,12 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		defer bc.Close()
 		lcfg.Cache = bc
 		log.Info("balance cache", "topology", bc.Topology())
+		met.RegisterCache(bc.Stats)
+		if tr != nil {
+			if err := tr.InstrumentRedis(bc.Client()); err != nil {
+				return err
+			}
+		}
 	} else {
 		log.Info("no --redis-url: running without a balance cache")
 	}
@@ -317,6 +354,16 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 			"a final balance could still commit", c.limits.HistorySettleWindow, c.batch.Timeout)
 	}
 	l := ledger.New(lcfg)
+	queueMax := c.batch.QueueItemsMax
+	if queueMax <= 0 {
+		queueMax = ledger.BatchQueueItemsMaxDefault
+	}
+	met.RegisterBatcher(l.BatchStats, queueMax)
+	sopts.UnaryInterceptors = met.UnaryInterceptors()
+	sopts.StreamInterceptors = met.StreamInterceptors()
+	if tr != nil {
+		sopts.ExtraOptions = []grpc.ServerOption{tr.ServerOption()}
+	}
 	sweepCtx, stopSweep := context.WithCancel(context.Background())
 	defer stopSweep()
 	if c.holdSweepInterval > 0 {
@@ -327,6 +374,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus("tally.v1.LedgerService", healthpb.HealthCheckResponse_SERVING)
 	gs := api.NewGRPCServer(l, hs, sopts)
+	met.InitializeGRPC(gs)
 	glis, err := net.Listen("tcp", c.grpcAddr)
 	if err != nil {
 		return err
@@ -336,7 +384,10 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		glis.Close()
 		return err
 	}
-	hsrv := &http.Server{Handler: debugHandler(healthHandler(st, bc), l, c.pprof), ReadHeaderTimeout: 5 * time.Second}
+	hmux := http.NewServeMux()
+	hmux.Handle("/", debugHandler(healthHandler(st, bc), l, c.pprof))
+	hmux.Handle("/metrics", met.Handler())
+	hsrv := &http.Server{Handler: hmux, ReadHeaderTimeout: 5 * time.Second}
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 2)
@@ -353,7 +404,8 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		"batch_items_max", c.batch.ItemsMax, "batch_wait_max", c.batch.WaitMax.String(),
 		"batch_workers_max", c.batch.WorkersMax, "pool_conns_max", c.poolConnsMax,
 		"auth", !c.insecureNoAuth, "auth_cache_ttl", c.authCacheTTL.String(), "tls", tlsCfg != nil,
-		"mtls", c.tlsClientCA != "", "rate_limit_per_key", c.rateLimitPerKey, "reflection", c.reflection)
+		"mtls", c.tlsClientCA != "", "rate_limit_per_key", c.rateLimitPerKey, "reflection", c.reflection,
+		"tracing", c.otlpEndpoint != "")
 	if ready != nil {
 		ready(glis.Addr().String(), hlis.Addr().String())
 	}
@@ -485,19 +537,20 @@ type depState struct {
 
 // healthHandler serves /healthz (each dependency's state as JSON; 200 unless
 // PostgreSQL is down, since the service is healthy without its cache) and
-// /readyz (200 when PostgreSQL answers).
+// /readyz (the same JSON: 200 while PostgreSQL answers, with status
+// "degraded" when the cache is in trouble, since reads then go to
+// PostgreSQL; 503 when PostgreSQL does not answer).
 func healthHandler(st *store.Store, bc *cache.Cache) http.Handler {
 	mux := http.NewServeMux()
-	pg := func(r *http.Request) depState {
+	check := func(r *http.Request) (int, map[string]any) {
+		deps := map[string]depState{}
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
 		if err := st.Ping(ctx); err != nil {
-			return depState{State: "down", Detail: strings.TrimPrefix(err.Error(), "store: ")}
+			deps["postgres"] = depState{State: "down", Detail: strings.TrimPrefix(err.Error(), "store: ")}
+		} else {
+			deps["postgres"] = depState{State: "ok"}
 		}
-		return depState{State: "ok"}
-	}
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
-		deps := map[string]depState{"postgres": pg(r)}
 		if bc == nil {
 			deps["cache"] = depState{State: "disabled"}
 		} else {
@@ -511,16 +564,16 @@ func healthHandler(st *store.Store, bc *cache.Cache) http.Handler {
 		if deps["postgres"].State != "ok" {
 			overall, code = "down", http.StatusServiceUnavailable
 		}
+		return code, map[string]any{"status": overall, "ready": code == http.StatusOK, "dependencies": deps}
+	}
+	answer := func(w http.ResponseWriter, r *http.Request) {
+		code, body := check(r)
 		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
 		w.WriteHeader(code)
-		_ = json.NewEncoder(w).Encode(map[string]any{"status": overall, "dependencies": deps})
-	})
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
-		if s := pg(r); s.State != "ok" {
-			http.Error(w, "postgres: "+s.Detail, http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
+		_ = json.NewEncoder(w).Encode(body)
+	}
+	mux.HandleFunc("/healthz", answer)
+	mux.HandleFunc("/readyz", answer)
 	return mux
 }

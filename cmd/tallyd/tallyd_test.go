@@ -802,8 +802,8 @@ func TestHealthz(t *testing.T) {
 		if code != http.StatusOK || h.Status != overall || h.Dependencies["postgres"].State != "ok" || h.Dependencies["cache"].State != cacheState {
 			t.Fatalf("/healthz %s: %d %+v, want 200 with status %q, postgres ok, cache %q", when, code, h, overall, cacheState)
 		}
-		if code, body := httpGet("http://" + httpAddr + "/readyz"); code != http.StatusOK {
-			t.Fatalf("/readyz %s: %d %s", when, code, body)
+		if code, body := httpGet("http://" + httpAddr + "/readyz"); code != http.StatusOK || !strings.Contains(string(body), `"status":"`+overall+`"`) {
+			t.Fatalf("/readyz %s: %d %s, want 200 with status %q", when, code, body, overall)
 		}
 		for _, svc := range []string{"", "tally.v1.LedgerService"} {
 			resp, err := hc.Check(ctxT(t), &healthpb.HealthCheckRequest{Service: svc})
@@ -832,6 +832,12 @@ func TestHealthz(t *testing.T) {
 		}
 	}
 	expect("with Redis dead", "degraded", "degraded")
+	// The metrics show it too: failed calls, and a breaker that is not closed.
+	_, metrics := httpGet("http://" + httpAddr + "/metrics")
+	if !strings.Contains(string(metrics), `tally_cache_breaker_state{state="closed"} 0`) ||
+		regexp.MustCompile(`(?m)^tally_cache_errors_total [1-9]`).Find(metrics) == nil {
+		t.Fatalf("/metrics with Redis dead: %s", regexp.MustCompile(`(?m)^tally_cache.*$`).FindAll(metrics, -1))
+	}
 
 	if err := r.Start(ctxT(t)); err != nil {
 		t.Fatal(err)

@@ -23,6 +23,9 @@ ALTER TABLE accounts
     ADD CONSTRAINT accounts_low_balance_threshold_range CHECK (
         low_balance_threshold IS NULL OR low_balance_threshold BETWEEN -1000000000000000000 AND 1000000000000000000);
 
+-- The sweeper finds accounts with a hold past its expiry through this.
+CREATE INDEX accounts_next_hold_expiry_idx ON accounts (next_hold_expiry) WHERE next_hold_expiry IS NOT NULL;
+
 CREATE TABLE holds (
     hold_id             uuid        PRIMARY KEY,
     scope               text        NOT NULL,
@@ -154,6 +157,7 @@ ALTER TABLE accounts
 
 -- +goose Down
 ALTER TABLE accounts DROP CONSTRAINT accounts_closed_empty;
+DROP INDEX accounts_next_hold_expiry_idx;
 DROP TABLE account_changes;
 DROP TABLE batches;
 ALTER TABLE idempotency_keys
