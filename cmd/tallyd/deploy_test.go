@@ -289,8 +289,10 @@ func TestDeployManifests(t *testing.T) {
 		return 0
 	}
 
-	// Probes: readiness on /readyz, liveness on /healthz, both on tallyd's
-	// HTTP port; the startup budget covers --startup-timeout.
+	// Probes: readiness on /readyz (PostgreSQL answers), liveness and
+	// startup on /livez (the process answers; a database outage must not
+	// restart the pods), all on tallyd's HTTP port; the startup budget
+	// covers --startup-timeout.
 	checkProbe := func(what string, p *probe, path string) {
 		if p == nil || p.HTTPGet == nil {
 			t.Errorf("%s probe missing or not httpGet", what)
@@ -301,8 +303,8 @@ func TestDeployManifests(t *testing.T) {
 		}
 	}
 	checkProbe("readiness", c.ReadinessProbe, "/readyz")
-	checkProbe("liveness", c.LivenessProbe, "/healthz")
-	checkProbe("startup", c.StartupProbe, "/healthz")
+	checkProbe("liveness", c.LivenessProbe, "/livez")
+	checkProbe("startup", c.StartupProbe, "/livez")
 	startupTimeout := mustDuration(t, envValue(c, "TALLY_STARTUP_TIMEOUT", def("startup-timeout")))
 	if c.StartupProbe != nil {
 		budget := time.Duration(c.StartupProbe.PeriodSeconds*c.StartupProbe.FailureThreshold) * time.Second

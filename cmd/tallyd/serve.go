@@ -539,9 +539,15 @@ type depState struct {
 // PostgreSQL is down, since the service is healthy without its cache) and
 // /readyz (the same JSON: 200 while PostgreSQL answers, with status
 // "degraded" when the cache is in trouble, since reads then go to
-// PostgreSQL; 503 when PostgreSQL does not answer).
+// PostgreSQL; 503 when PostgreSQL does not answer), and /livez (200 while
+// the process serves HTTP at all: a liveness probe must not restart every
+// replica because PostgreSQL is failing over).
 func healthHandler(st *store.Store, bc *cache.Cache) http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		_, _ = w.Write([]byte("alive\n"))
+	})
 	check := func(r *http.Request) (int, map[string]any) {
 		deps := map[string]depState{}
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
