@@ -525,3 +525,38 @@ func decode(s string) (Balance, error) {
 	}
 	return b, nil
 }
+
+// Peek reads the cached values of many accounts in one round trip (MGET),
+// for reconciliation: it returns the values Get could serve right now
+// (parsable, not past ServeUntil), without deleting or counting anything.
+// Any trouble returns what was read so far, possibly nothing.
+func (c *Cache) Peek(ctx context.Context, ids []uuid.UUID) map[uuid.UUID]Balance {
+	out := map[uuid.UUID]Balance{}
+	if len(ids) == 0 || c.breaker.State() != gobreaker.StateClosed {
+		return out
+	}
+	keys := make([]string, len(ids))
+	for i, id := range ids {
+		keys[i] = c.key(id)
+	}
+	var vals []any
+	_ = c.do(ctx, func(ctx context.Context) error {
+		var err error
+		vals, err = c.client.MGet(ctx, keys...).Result()
+		return err
+	})
+	now := time.Now()
+	for i, v := range vals {
+		s, ok := v.(string)
+		if !ok || i >= len(ids) {
+			continue
+		}
+		b, err := decode(s)
+		if err != nil || (!b.ServeUntil.IsZero() && !now.Before(b.ServeUntil)) {
+			continue
+		}
+		b.AccountID = ids[i]
+		out[ids[i]] = b
+	}
+	return out
+}
