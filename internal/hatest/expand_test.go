@@ -55,7 +55,7 @@ func TestMigrationsSinceReleaseAreExpandOnly(t *testing.T) {
 	if _, err := exec.LookPath("git"); err != nil {
 		t.Skip("SKIPPED: no git on PATH, so the previous release's migrations cannot be listed")
 	}
-	tagOut, err := exec.CommandContext(ctx, "git", "-C", repo, "describe", "--tags", "--abbrev=0", "--match", "v*").Output()
+	tagOut, err := exec.CommandContext(ctx, "git", "-C", repo, "describe", "--tags", "--abbrev=0", "--match", "v*", "HEAD^").Output()
 	if err != nil {
 		t.Skipf("SKIPPED: no v* release tag reachable from HEAD (a shallow or tagless clone?): %v", err)
 	}

@@ -22,7 +22,8 @@ const (
 	upgradeTallyds  = 3
 )
 
-// The previous release (the latest v* tag reachable from HEAD) and this
+// The previous release (the latest v* tag reachable from HEAD's parent, so
+// that a release commit is tested against the release before it) and this
 // build serve one database side by side: the database is migrated by this
 // build, three tallyds start on the previous release and are replaced one
 // at a time (SIGTERM, drain, start the new binary) under the torture
@@ -41,7 +42,7 @@ func TestRollingUpgradeFromPreviousRelease(t *testing.T) {
 	if _, err := exec.LookPath("git"); err != nil {
 		t.Skip("SKIPPED: no git on PATH, so the previous release cannot be built from its tag")
 	}
-	tagOut, err := exec.CommandContext(ctx, "git", "-C", repo, "describe", "--tags", "--abbrev=0", "--match", "v*").Output()
+	tagOut, err := exec.CommandContext(ctx, "git", "-C", repo, "describe", "--tags", "--abbrev=0", "--match", "v*", "HEAD^").Output()
 	if err != nil {
 		t.Skipf("SKIPPED: no v* release tag reachable from HEAD in %s (a shallow or tagless clone?): %v; "+
 			"the rolling-upgrade test needs the previous release's source", repo, err)
