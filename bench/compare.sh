@@ -19,6 +19,11 @@
 # Environment:
 #   RUNS (3)  DURATION (20, seconds per measurement)  WARMUP (5, seconds)
 #   CLIENTS (32)  ACCOUNTS (10000)  CONNS (1, gRPC connections of tally bench)
+#   TALLYDS (1)  tallyd replicas with Redis, all on the bench database; tally
+#                bench spreads its connections over them (CONNS is raised to
+#                TALLYDS) and sums their CPU and batch statistics. Unless
+#                TALLY_POOL_CONNS_MAX is set, each gets 32/TALLYDS connections,
+#                so the shared server's max_connections is not exhausted.
 #   PGHOST (127.0.0.1) PGPORT (5432) PGUSER (postgres)
 #   REDIS_HOST (127.0.0.1) REDIS_PORT (6379) REDIS_DB (9)
 #   SCENARIOS (all: "charge-uniform charge-hot transfer-uniform balance-cached mixed balance-nocache")
@@ -48,6 +53,9 @@ WARMUP="${WARMUP%s}"
 CLIENTS="${CLIENTS:-32}"
 ACCOUNTS="${ACCOUNTS:-10000}"
 CONNS="${CONNS:-1}"
+TALLYDS="${TALLYDS:-1}"
+[ "$TALLYDS" -ge 1 ] 2>/dev/null || { echo "compare.sh: TALLYDS must be >= 1" >&2; exit 2; }
+[ "$CONNS" -ge "$TALLYDS" ] || CONNS="$TALLYDS"   # at least one connection per tallyd
 export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
 REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
 REDIS_PORT="${REDIS_PORT:-6379}"
@@ -177,6 +185,31 @@ start_tallyd() {
 # compete with pgbench's for max_connections.
 RSS_CACHED=0
 RSS_NOCACHE=0
+for i in $(seq 2 "$TALLYDS"); do printf -v "RSS_CACHED$i" '%s' 0; done
+
+# start_cached / stop_cached: the TALLYDS tallyds with Redis (CACHED,
+# CACHED2, ...); CACHED_ALL_GRPC/HTTP/PID list them comma-separated.
+start_cached() {
+  local extra=() i g h p
+  if [ "$TALLYDS" -gt 1 ] && [ -z "${TALLY_POOL_CONNS_MAX:-}" ]; then extra=(--pool-conns-max $((32 / TALLYDS))); fi
+  start_tallyd CACHED --redis-url "redis://$REDIS_HOST:$REDIS_PORT/$REDIS_DB" "${extra[@]}"
+  CACHED_ALL_GRPC="$CACHED_GRPC" CACHED_ALL_HTTP="$CACHED_HTTP" CACHED_ALL_PID="$CACHED_PID"
+  for i in $(seq 2 "$TALLYDS"); do
+    start_tallyd "CACHED$i" --redis-url "redis://$REDIS_HOST:$REDIS_PORT/$REDIS_DB" "${extra[@]}"
+    g="CACHED${i}_GRPC" h="CACHED${i}_HTTP" p="CACHED${i}_PID"
+    CACHED_ALL_GRPC+=",${!g}" CACHED_ALL_HTTP+=",${!h}" CACHED_ALL_PID+=",${!p}"
+  done
+}
+stop_cached() {
+  local i r
+  stop_tallyd CACHED
+  for i in $(seq 2 "$TALLYDS"); do
+    stop_tallyd "CACHED$i"
+    r="RSS_CACHED$i"
+    [ "${!r}" -gt "$RSS_CACHED" ] && RSS_CACHED="${!r}"
+  done
+  return 0
+}
 stop_tallyd() {
   local name="$1" pidvar="${1}_PID" rssvar="RSS_${1}" pid rss
   pid="${!pidvar}"
@@ -247,7 +280,7 @@ tally_run() {
   if [ "$sc" = balance-nocache ]; then
     pid="$NOCACHE_PID" grpc="$NOCACHE_GRPC" http="$NOCACHE_HTTP"
   else
-    pid="$CACHED_PID" grpc="$CACHED_GRPC" http="$CACHED_HTTP"
+    pid="$CACHED_ALL_PID" grpc="$CACHED_ALL_GRPC" http="$CACHED_ALL_HTTP"
   fi
   [ "$sc" = noop ] || checkpoint
   local sampler=""
@@ -281,13 +314,13 @@ for run in $(seq "$RUNS"); do
     pgbench_run pgbench-select "$run" -S
     redis_run "$run"
   fi
-  start_tallyd CACHED --redis-url "redis://$REDIS_HOST:$REDIS_PORT/$REDIS_DB"
-  log "  tallyd with Redis: pid $CACHED_PID grpc $CACHED_GRPC"
+  start_cached
+  log "  tallyd with Redis ($TALLYDS): pid $CACHED_ALL_PID grpc $CACHED_ALL_GRPC"
   tally_run noop "$run"
   for sc in $SCENARIOS; do
     [ "$sc" = balance-nocache ] || tally_run "$sc" "$run"
   done
-  stop_tallyd CACHED
+  stop_cached
   if [[ " $SCENARIOS " == *" balance-nocache "* ]]; then
     start_tallyd NOCACHE
     log "  tallyd without Redis: pid $NOCACHE_PID grpc $NOCACHE_GRPC"
@@ -301,11 +334,11 @@ if [ "$BIG" = 1 ]; then
   fgwait psql -X -q -d "$BENCH_DB" -v accounts="$HISTORY_ACCOUNTS" -v per="$HISTORY_PER" -f bench/history.sql >"$WORK/history.log" 2>&1 ||
     { cat "$WORK/history.log" >&2; exit 1; }
   log "  $(DB="$BENCH_DB" sql "SELECT (SELECT count(*) FROM accounts) || ' accounts, ' || (SELECT count(*) FROM entries) || ' entries, ' || pg_size_pretty(pg_database_size(current_database()))")"
-  start_tallyd CACHED --redis-url "redis://$REDIS_HOST:$REDIS_PORT/$REDIS_DB"
+  start_cached
   for run in $(seq "$RUNS"); do
     tally_run charge-uniform "$run" charge-uniform-big
   done
-  stop_tallyd CACHED
+  stop_cached
 fi
 
 # ---------------------------------------------------------------- report
@@ -337,6 +370,7 @@ echo "postgres:           $(sql 'SHOW server_version') synchronous_commit=$(sql 
 echo "redis:              $(rcli info server | tr -d '\r' | sed -n 's/^redis_version://p') appendonly=$(rcli config get appendonly | tail -1) (db $REDIS_DB)"
 echo "tallyd:             $(jq -r '"batch_items_max=\(.batch_items_max) batch_wait_max=\(.batch_wait_max) batch_workers_max=\(.batch_workers_max) pool_conns_max=\(.pool_conns_max)"' <<<"$CACHED_LINE")"
 echo "pgbench:            -c $CLIENTS -j 2 -T $DURATION, scale 10 (its connections are its pool)"
+echo "tallyd replicas:    $TALLYDS (with Redis; balance-nocache uses one)"
 echo "tally bench:        --clients $CLIENTS --conns $CONNS --accounts $ACCOUNTS --duration ${DURATION}s --warmup ${WARMUP}s"
 echo "runs:               $RUNS (each figure is the median)"
 echo

@@ -89,7 +89,7 @@ type Balance struct {
 
 // Config configures a Cache. Zero fields take the defaults noted.
 type Config struct {
-	URL             string        // redis://host:port/db ; parsed with redis.ParseURL
+	URL             string        // redis://host:port/db, redis-sentinel://h1,h2/master, redis-cluster://h1,h2 (see newClient)
 	OpTimeout       time.Duration // per Redis call; default 50ms
 	TTL             time.Duration // default 60s
 	FailuresMax     int           // consecutive failures before the breaker opens; default 5
@@ -117,7 +117,8 @@ const (
 // Cache is the Redis read-through balance cache. It is safe for concurrent
 // use. Its methods never return errors: every problem is a miss or a no-op.
 type Cache struct {
-	client    *redis.Client
+	client    redis.UniversalClient
+	topology  string // TopologySingle, TopologySentinel or TopologyCluster
 	opTimeout time.Duration
 	ttl       time.Duration
 	prefix    string
@@ -228,25 +229,23 @@ func New(cfg Config) (*Cache, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	opt, err := redis.ParseURL(cfg.URL)
+	// The client's own timeouts and retries are overridden whatever the
+	// URL says: they are what bounds the cost of a sick Redis. go-redis
+	// ignores context deadlines on socket I/O unless ContextTimeoutEnabled
+	// is set, and by default retries a timed-out command 3 times and
+	// redials 5 times; each would multiply the cost of a read that should
+	// have gone to PostgreSQL long ago. See newClient for the URL forms
+	// (single node, Sentinel group, Cluster).
+	client, topology, err := newClient(cfg.URL, clientLimits{
+		opTimeout: cfg.OpTimeout, dialTimeout: min(2*cfg.OpTimeout, dialTimeoutMax),
+	})
 	if err != nil {
-		return nil, fmt.Errorf("cache: bad redis URL: %w", err)
+		return nil, err
 	}
-	// These override whatever the URL says: they are what bounds the cost
-	// of a sick Redis. go-redis ignores context deadlines on socket I/O
-	// unless ContextTimeoutEnabled is set, and by default retries a
-	// timed-out command 3 times and redials 5 times; each would multiply
-	// the cost of a read that should have gone to PostgreSQL long ago.
-	opt.ContextTimeoutEnabled = true
-	opt.ReadTimeout = cfg.OpTimeout
-	opt.WriteTimeout = cfg.OpTimeout
-	opt.MaxRetries = -1 // -1 disables retries in go-redis v9 (0 means 3)
-	opt.DialTimeout = min(2*cfg.OpTimeout, dialTimeoutMax)
-	opt.DialerRetries = 1
-	opt.PoolTimeout = cfg.OpTimeout
 
 	c := &Cache{
-		client:    redis.NewClient(opt),
+		client:    client,
+		topology:  topology,
 		opTimeout: cfg.OpTimeout,
 		ttl:       cfg.TTL,
 		prefix:    cfg.KeyPrefix,
@@ -436,6 +435,10 @@ func (c *Cache) Status() Status {
 // issued on it bypass the breaker and the value checks.
 func (c *Cache) Client() redis.UniversalClient { return c.client }
 
+// Topology returns which kind of Redis deployment the URL named:
+// TopologySingle, TopologySentinel or TopologyCluster.
+func (c *Cache) Topology() string { return c.topology }
+
 // Close releases the Redis connections.
 func (c *Cache) Close() error { return c.client.Close() }
 
@@ -521,4 +524,39 @@ func decode(s string) (Balance, error) {
 		b.ServeUntil = time.Unix(0, n[6]).UTC()
 	}
 	return b, nil
+}
+
+// Peek reads the cached values of many accounts in one round trip (MGET),
+// for reconciliation: it returns the values Get could serve right now
+// (parsable, not past ServeUntil), without deleting or counting anything.
+// Any trouble returns what was read so far, possibly nothing.
+func (c *Cache) Peek(ctx context.Context, ids []uuid.UUID) map[uuid.UUID]Balance {
+	out := map[uuid.UUID]Balance{}
+	if len(ids) == 0 || c.breaker.State() != gobreaker.StateClosed {
+		return out
+	}
+	keys := make([]string, len(ids))
+	for i, id := range ids {
+		keys[i] = c.key(id)
+	}
+	var vals []any
+	_ = c.do(ctx, func(ctx context.Context) error {
+		var err error
+		vals, err = c.client.MGet(ctx, keys...).Result()
+		return err
+	})
+	now := time.Now()
+	for i, v := range vals {
+		s, ok := v.(string)
+		if !ok || i >= len(ids) {
+			continue
+		}
+		b, err := decode(s)
+		if err != nil || (!b.ServeUntil.IsZero() && !now.Before(b.ServeUntil)) {
+			continue
+		}
+		b.AccountID = ids[i]
+		out[ids[i]] = b
+	}
+	return out
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
 )
 
 const (
@@ -40,7 +41,7 @@ func TestDefaults(t *testing.T) {
 	if c.opTimeout != opTimeoutDefault || c.ttl != ttlDefault || c.prefix != keyPrefixDefault {
 		t.Fatalf("defaults not applied: %v %v %q", c.opTimeout, c.ttl, c.prefix)
 	}
-	opt := c.client.Options()
+	opt := c.client.(*redis.Client).Options()
 	if !opt.ContextTimeoutEnabled || opt.MaxRetries != 0 || opt.ReadTimeout != opTimeoutDefault ||
 		opt.WriteTimeout != opTimeoutDefault || opt.PoolTimeout != opTimeoutDefault || opt.DialTimeout > time.Second {
 		t.Fatalf("redis options do not bound calls: %+v", opt)

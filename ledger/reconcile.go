@@ -6,6 +6,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/tallyledger/tally/cache"
 	"github.com/tallyledger/tally/store"
 )
 
@@ -116,9 +117,9 @@ func (l *Ledger) Reconcile(ctx context.Context, r ReconcileRequest, found func(F
 					return sum, err
 				}
 			}
-			if err := l.checkCache(ctx, c, r.RepairCache, report); err != nil {
-				return sum, err
-			}
+		}
+		if err := l.checkCache(ctx, checks, r.RepairCache, report); err != nil {
+			return sum, err
 		}
 		sum.AccountsChecked += int64(len(checks))
 		if err := progress(sum.AccountsChecked, total); err != nil {
@@ -162,34 +163,55 @@ func accountFindings(c store.AccountCheck) []Finding {
 	return out
 }
 
-// checkCache compares the cached balance (read first) with PostgreSQL's
-// (read after): a cached version ahead of PostgreSQL's, or the same version
-// with other figures, is a value that never existed.
-func (l *Ledger) checkCache(ctx context.Context, c store.AccountCheck, repair bool, report func(Finding) error) error {
-	if l.cache == nil {
+// cachePeeker reads many cached values in one round trip.
+type cachePeeker interface {
+	Peek(ctx context.Context, ids []uuid.UUID) map[uuid.UUID]cache.Balance
+}
+
+// checkCache compares a page's cached balances (read first, in one round
+// trip) with PostgreSQL's (read after, in one statement): a cached version
+// ahead of PostgreSQL's, or the same version with other figures, is a value
+// that never existed. Older cached versions are allowed (the TTL promise).
+func (l *Ledger) checkCache(ctx context.Context, page []store.AccountCheck, repair bool, report func(Finding) error) error {
+	p, ok := l.cache.(cachePeeker)
+	if l.cache == nil || !ok || len(page) == 0 {
 		return nil
+	}
+	ids := make([]uuid.UUID, len(page))
+	for i, c := range page {
+		ids[i] = c.AccountID
 	}
 	cctx, cancel := context.WithTimeout(ctx, cacheCallTimeout)
-	cached, ok := l.cache.Get(cctx, c.AccountID)
+	cached := p.Peek(cctx, ids)
 	cancel()
-	if !ok {
+	if len(cached) == 0 {
 		return nil
 	}
-	row, err := l.st.GetBalance(ctx, c.AccountID)
+	hit := make([]uuid.UUID, 0, len(cached))
+	for id := range cached {
+		hit = append(hit, id)
+	}
+	rows, err := l.st.GetBalances(ctx, hit)
 	if err != nil {
 		return fromStore(err)
 	}
-	if cached.Version < row.Version || (cached.Version == row.Version && cached.Balance == row.Balance && cached.Held == row.Held) {
-		return nil // current, or older but within the cache TTL (allowed)
+	for _, row := range rows {
+		c := cached[row.AccountID]
+		if c.Version < row.Version || (c.Version == row.Version && c.Balance == row.Balance && c.Held == row.Held) {
+			continue
+		}
+		f := Finding{Check: CheckCacheMismatch, AccountID: row.AccountID, Currency: row.Currency,
+			Detail: fmt.Sprintf("cache has version %d balance %d held %d; PostgreSQL version %d balance %d held %d",
+				c.Version, c.Balance, c.Held, row.Version, row.Balance, row.Held)}
+		if d, ok := l.cache.(cacheDeleter); ok && repair {
+			dctx, cancel := context.WithTimeout(ctx, cacheCallTimeout)
+			d.Delete(dctx, row.AccountID)
+			cancel()
+			f.Repaired = true
+		}
+		if err := report(f); err != nil {
+			return err
+		}
 	}
-	f := Finding{Check: CheckCacheMismatch, AccountID: c.AccountID, Currency: c.Currency,
-		Detail: fmt.Sprintf("cache has version %d balance %d held %d; PostgreSQL version %d balance %d held %d",
-			cached.Version, cached.Balance, cached.Held, row.Version, row.Balance, row.Held)}
-	if d, ok := l.cache.(cacheDeleter); ok && repair {
-		dctx, cancel := context.WithTimeout(ctx, cacheCallTimeout)
-		d.Delete(dctx, c.AccountID)
-		cancel()
-		f.Repaired = true
-	}
-	return report(f)
+	return nil
 }

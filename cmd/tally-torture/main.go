@@ -43,6 +43,7 @@ func run() int {
 	fs.DurationVar(&cfg.CacheTTL, "cache-ttl", torture.DefaultCacheTTL, "tallyd --cache-ttl for the run")
 	fs.StringVar(&jsonOut, "json-out", "", "write the report as JSON to this file")
 	fs.StringVar(&cfg.TallydBin, "tallyd-bin", "", "use this tallyd binary instead of building ./cmd/tallyd")
+	fs.StringVar(&cfg.OldTallydBin, "old-tallyd-bin", "", "rolling upgrade: start every tallyd on this (previous release's) binary and replace them one at a time by the new one during the run, instead of injecting faults")
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the work dir (logs, stopped PostgreSQL data) after the run")
 	fs.BoolVar(&cfg.Verbose, "verbose", false, "print every fault as it is injected")
 	if err := fs.Parse(os.Args[1:]); err != nil {

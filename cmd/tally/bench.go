@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 
 	"github.com/tallyledger/tally/api/client"
@@ -18,7 +19,7 @@ import (
 func benchCmd(args []string, out io.Writer) error {
 	var cfg bench.Config
 	fs := flag.NewFlagSet("tally bench", flag.ContinueOnError)
-	fs.StringVar(&cfg.Addr, "addr", client.AddrDefault, "tallyd gRPC address")
+	fs.StringVar(&cfg.Addr, "addr", client.AddrDefault, "tallyd gRPC address, or several separated by commas (replicas: connections go to each in turn)")
 	fs.StringVar(&cfg.APIKey, "api-key", "", "API key")
 	fs.StringVar(&cfg.Scenario, "scenario", "charge-uniform", "one of "+strings.Join(bench.Scenarios, ", "))
 	fs.IntVar(&cfg.Clients, "clients", bench.ClientsDefault, "concurrent clients (each runs one call at a time)")
@@ -30,8 +31,8 @@ func benchCmd(args []string, out io.Writer) error {
 	fs.StringVar(&cfg.Currency, "currency", bench.CurrencyDefault, "currency of the bench accounts")
 	fs.StringVar(&cfg.Seed, "seed", "", "names the bench accounts; the same seed reuses them (default: fresh accounts)")
 	fs.StringVar(&cfg.Consistency, "consistency", "", "balance reads: cached (default) or strong")
-	fs.IntVar(&cfg.ServerPID, "server-pid", 0, "tallyd's pid, to read its peak RSS and CPU time from /proc")
-	fs.StringVar(&cfg.ServerHTTP, "server-http", "", "tallyd's --http-addr, to read its batch statistics")
+	serverPIDs := fs.String("server-pid", "", "tallyd's pid (or several, comma-separated), to read peak RSS and CPU time from /proc")
+	fs.StringVar(&cfg.ServerHTTP, "server-http", "", "tallyd's --http-addr (or several, comma-separated), to read batch statistics")
 	jsonOut := fs.Bool("json", false, "print the result as JSON")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
 	if err := parse(fs, args); err != nil {
@@ -39,6 +40,16 @@ func benchCmd(args []string, out io.Writer) error {
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("tally bench: unexpected argument %q", fs.Arg(0))
+	}
+	for _, p := range strings.Split(*serverPIDs, ",") {
+		if p = strings.TrimSpace(p); p == "" {
+			continue
+		}
+		pid, err := strconv.Atoi(p)
+		if err != nil || pid <= 0 {
+			return fmt.Errorf("tally bench: --server-pid: bad pid %q", p)
+		}
+		cfg.ServerPIDs = append(cfg.ServerPIDs, pid)
 	}
 	if !*quiet {
 		cfg.Log = func(format string, a ...any) { fmt.Fprintf(os.Stderr, "tally bench: "+format+"\n", a...) }

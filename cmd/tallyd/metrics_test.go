@@ -362,6 +362,13 @@ func TestReadyzPostgresDownVersusRedisDown(t *testing.T) {
 				t.Errorf("%s %s: no detail for postgres down", tc.name, path)
 			}
 		}
+		// Liveness never depends on the database: a failover must not
+		// restart every replica.
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/livez", nil))
+		if rec.Code != http.StatusOK {
+			t.Errorf("%s /livez: %d, want 200", tc.name, rec.Code)
+		}
 	}
 }
 

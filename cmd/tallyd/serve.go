@@ -39,6 +39,7 @@ type serveConfig struct {
 	httpAddr              string
 	migrate               bool
 	allowUnsafeDurability bool
+	requireSyncCommit     bool
 	logLevel              string
 	logFormat             string
 
@@ -95,12 +96,13 @@ type serveConfig struct {
 func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	if withURLs {
 		fs.StringVar(&c.databaseURL, "database-url", "", "PostgreSQL connection URL (required)")
-		fs.StringVar(&c.redisURL, "redis-url", "", "Redis URL for the balance cache; empty runs without a cache")
+		fs.StringVar(&c.redisURL, "redis-url", "", "Redis for the balance cache: redis://host:port/db (one node), redis-sentinel://s1:26379,s2:26379/MASTER (Sentinel group) or redis-cluster://n1:6379,n2:6379 (Cluster); empty runs without a cache")
 		fs.BoolVar(&c.migrate, "migrate", false, "apply pending migrations before serving")
 	}
 	fs.StringVar(&c.grpcAddr, "grpc-addr", "127.0.0.1:7070", "gRPC listen address")
 	fs.StringVar(&c.httpAddr, "http-addr", "127.0.0.1:7071", "HTTP listen address for /healthz, /readyz and /metrics")
 	fs.BoolVar(&c.allowUnsafeDurability, "allow-unsafe-durability", false, "serve even if PostgreSQL has synchronous_commit or fsync off")
+	fs.BoolVar(&c.requireSyncCommit, "require-synchronous-commit", false, "refuse to start unless PostgreSQL waits for a synchronous standby on commit (synchronous_standby_names set, synchronous_commit on or remote_apply), so a failover cannot lose an acknowledged charge")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "log format: json or text")
 	fs.IntVar(&c.poolConnsMax, "pool-conns-max", store.PoolConnsMaxDefault, "PostgreSQL connections per process")
@@ -190,9 +192,16 @@ func runServe(ctx context.Context, args []string) error {
 	return serve(ctx, c, newLogger(c.logLevel, c.logFormat), nil)
 }
 
-func runMigrate(ctx context.Context, args []string) error {
+// newMigrateFlagSet returns the flags of `tallyd migrate`.
+func newMigrateFlagSet(url *string) *flag.FlagSet {
 	fs := flag.NewFlagSet("tallyd migrate", flag.ContinueOnError)
-	url := fs.String("database-url", "", "PostgreSQL connection URL (required)")
+	fs.StringVar(url, "database-url", "", "PostgreSQL connection URL (required)")
+	return fs
+}
+
+func runMigrate(ctx context.Context, args []string) error {
+	url := new(string)
+	fs := newMigrateFlagSet(url)
 	if err := flagenv.Parse(fs, args); err != nil {
 		return err
 	}
@@ -287,6 +296,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		log.Warn("serving with unsafe durability settings: acknowledged charges can be lost in a crash",
 			"synchronous_commit", syncCommit, "fsync", fsync)
 	}
+	if err := checkReplication(ctx, st, c.requireSyncCommit, log); err != nil {
+		return err
+	}
 
 	sopts := api.ServerOptions{
 		Logger: log, MsgBytesMax: c.msgBytesMax, CallTimeoutDefault: c.callTimeoutDefault, StreamsMax: uint32(c.streamsMax),
@@ -336,6 +348,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		}
 		defer bc.Close()
 		lcfg.Cache = bc
+		log.Info("balance cache", "topology", bc.Topology())
 		met.RegisterCache(bc.Stats)
 		if tr != nil {
 			if err := tr.InstrumentRedis(bc.Client()); err != nil {
@@ -535,9 +548,15 @@ type depState struct {
 // PostgreSQL is down, since the service is healthy without its cache) and
 // /readyz (the same JSON: 200 while PostgreSQL answers, with status
 // "degraded" when the cache is in trouble, since reads then go to
-// PostgreSQL; 503 when PostgreSQL does not answer).
+// PostgreSQL; 503 when PostgreSQL does not answer), and /livez (200 while
+// the process serves HTTP at all: a liveness probe must not restart every
+// replica because PostgreSQL is failing over).
 func healthHandler(st *store.Store, bc *cache.Cache) http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		_, _ = w.Write([]byte("alive\n"))
+	})
 	check := func(r *http.Request) (int, map[string]any) {
 		deps := map[string]depState{}
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)

@@ -55,6 +55,8 @@ const (
 
 // Config configures Run.
 type Config struct {
+	// Addr is tallyd's gRPC address, or several separated by commas
+	// (several tallyd replicas): the connections go to them in turn.
 	Addr     string
 	APIKey   string
 	Scenario string
@@ -76,10 +78,13 @@ type Config struct {
 	// "strong". Empty: cached.
 	Consistency string
 	// ServerPID, when set, lets the bench read the server's peak RSS
-	// (VmHWM) and CPU time from /proc.
-	ServerPID int
-	// ServerHTTP, when set (host:port of tallyd's --http-addr), lets the
-	// bench read the server's batch statistics from /debug/stats.
+	// (VmHWM) and CPU time from /proc. ServerPIDs adds more servers (their
+	// CPU is summed, the peak RSS is the largest).
+	ServerPID  int
+	ServerPIDs []int
+	// ServerHTTP, when set (host:port of tallyd's --http-addr, or several
+	// separated by commas), lets the bench read the servers' batch
+	// statistics from /debug/stats (summed over the servers).
 	ServerHTTP string
 	// Policy is the client retry policy (client.DefaultPolicy when zero).
 	Policy client.Policy
@@ -100,6 +105,8 @@ func (c *Config) fill() error {
 	if c.Conns <= 0 {
 		c.Conns = ConnsDefault
 	}
+	// At least one connection per server, so every server gets load.
+	c.Conns = max(c.Conns, len(c.addrs()))
 	if c.Duration <= 0 {
 		c.Duration = DurationDefault
 	}
@@ -197,15 +204,16 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	if cfg.Consistency == "strong" {
 		e.cons = tallyv1.Consistency_CONSISTENCY_STRONG
 	}
+	addrs := cfg.addrs()
 	for i := 0; i < cfg.Conns; i++ {
-		cl, err := client.New(client.Config{Addr: cfg.Addr, APIKey: cfg.APIKey, Policy: cfg.Policy})
+		cl, err := client.New(client.Config{Addr: addrs[i%len(addrs)], APIKey: cfg.APIKey, Policy: cfg.Policy})
 		if err != nil {
 			return Result{}, err
 		}
 		defer cl.Close()
 		e.clients = append(e.clients, cl)
 		if cfg.Scenario == "noop" {
-			hc, closeFn, err := healthConn(cfg)
+			hc, closeFn, err := healthConn(cfg, addrs[i%len(addrs)])
 			if err != nil {
 				return Result{}, err
 			}
@@ -306,7 +314,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 // healthConn dials a connection for grpc.health.v1 with the same transport
 // options api/client uses, so the no-op reference pays for exactly the same
 // transport as the Tally scenarios.
-func healthConn(cfg Config) (healthpb.HealthClient, func() error, error) {
+func healthConn(cfg Config, addr string) (healthpb.HealthClient, func() error, error) {
 	opts := []grpc.DialOption{
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(client.MsgBytesMaxDefault)),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -319,7 +327,7 @@ func healthConn(cfg Config) (healthpb.HealthClient, func() error, error) {
 			return invoker(ctx, method, req, reply, cc, o...)
 		}))
 	}
-	conn, err := grpc.NewClient(cfg.Addr, opts...)
+	conn, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -521,4 +529,18 @@ func sleep(ctx context.Context, d time.Duration) {
 	case <-ctx.Done():
 	case <-t.C:
 	}
+}
+
+// addrs splits Addr into the servers' addresses.
+func (c *Config) addrs() []string { return splitList(c.Addr) }
+
+// splitList splits a comma-separated list, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, a := range strings.Split(s, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			out = append(out, a)
+		}
+	}
+	return out
 }

@@ -34,22 +34,41 @@ type serverSample struct {
 // and its CPU time and peak RSS from /proc.
 func (e *env) serverSample(ctx context.Context) serverSample {
 	var s serverSample
-	if e.cfg.ServerHTTP != "" {
-		st, err := FetchStats(ctx, e.cfg.ServerHTTP)
-		if err == nil {
-			s.stats, s.statsOK = st, true
-			s.peakRSS = st.PeakRSSBytes
-		} else {
-			e.cfg.Log("server stats: %v", err)
+	if hosts := splitList(e.cfg.ServerHTTP); len(hosts) > 0 {
+		s.statsOK = true
+		for _, h := range hosts {
+			st, err := FetchStats(ctx, h)
+			if err != nil {
+				e.cfg.Log("server stats: %v", err)
+				s.statsOK = false
+				continue
+			}
+			s.stats.Batch.Batches += st.Batch.Batches
+			s.stats.Batch.Items += st.Batch.Items
+			s.stats.Batch.Splits += st.Batch.Splits
+			s.stats.Batch.ItemsPeak = max(s.stats.Batch.ItemsPeak, st.Batch.ItemsPeak)
+			s.peakRSS = max(s.peakRSS, st.PeakRSSBytes)
 		}
 	}
+	var pids []int
 	if e.cfg.ServerPID > 0 {
-		if cpu, err := procCPU(e.cfg.ServerPID); err == nil {
-			s.cpu, s.cpuOK = cpu, true
+		pids = append(pids, e.cfg.ServerPID)
+	}
+	pids = append(pids, e.cfg.ServerPIDs...)
+	s.cpuOK = len(pids) > 0
+	var rss int64
+	for _, pid := range pids {
+		cpu, err := procCPU(pid)
+		if err != nil {
+			s.cpuOK = false
 		}
-		if rss, err := PeakRSS(e.cfg.ServerPID); err == nil {
-			s.peakRSS = rss
+		s.cpu += cpu
+		if r, err := PeakRSS(pid); err == nil {
+			rss = max(rss, r)
 		}
+	}
+	if rss > 0 {
+		s.peakRSS = rss
 	}
 	return s
 }

@@ -27,12 +27,34 @@ type RedisOptions struct {
 	Port int
 	// Logger receives lifecycle events. Nil discards them.
 	Logger *slog.Logger
+	// Args are extra redis-server arguments, appended to the command line,
+	// e.g. {"--replicaof", "127.0.0.1", "6380"}.
+	Args []string
+}
+
+// SentinelOptions configures StartSentinel.
+type SentinelOptions struct {
+	// Dir, Port and Logger are as in RedisOptions.
+	Dir    string
+	Port   int
+	Logger *slog.Logger
+	// MasterName and MasterAddr (host:port) name the monitored master.
+	MasterName string
+	MasterAddr string
+	// Quorum is how many Sentinels must agree the master is down.
+	Quorum int
+	// DownAfter is how long the master must not answer before a Sentinel
+	// considers it down; FailoverTimeout bounds one failover attempt.
+	DownAfter       time.Duration
+	FailoverTimeout time.Duration
 }
 
 // Redis is a private, non-persistent Redis server run as a child process.
 // Its methods are safe for concurrent use.
 type Redis struct {
 	bin     string
+	args    []string // extra arguments (RedisOptions.Args)
+	conf    string   // sentinel: the config file it owns and rewrites
 	dir     string
 	ownDir  bool
 	logPath string
@@ -55,21 +77,60 @@ const redisStartTimeout = 30 * time.Second
 // persistence disabled (--save "" --appendonly no), so every start begins
 // empty, and waits until it answers PING.
 func StartRedis(ctx context.Context, opts RedisOptions) (_ *Redis, err error) {
-	r := &Redis{log: nopLogger(opts.Logger), port: opts.Port, fixed: opts.Port != 0}
-	if r.bin, err = exec.LookPath("redis-server"); err != nil {
-		return nil, fmt.Errorf("localsvc: %w", err)
+	r := &Redis{log: nopLogger(opts.Logger), port: opts.Port, fixed: opts.Port != 0, args: opts.Args}
+	if err := r.launch(ctx, opts.Dir, nil); err != nil {
+		return nil, err
 	}
-	if opts.Dir == "" {
+	return r, nil
+}
+
+// StartSentinel starts a Redis Sentinel (redis-server --sentinel) on
+// 127.0.0.1 monitoring one master, and waits until it answers PING. Kill,
+// Start and Close work as for a Redis server. The Sentinel writes what it
+// learns (replicas, other Sentinels, the current master) back into its
+// config file in Dir, so a restarted Sentinel remembers it.
+func StartSentinel(ctx context.Context, opts SentinelOptions) (_ *Redis, err error) {
+	host, port, err := net.SplitHostPort(opts.MasterAddr)
+	if err != nil {
+		return nil, fmt.Errorf("localsvc: sentinel master address: %w", err)
+	}
+	if opts.MasterName == "" || opts.Quorum < 1 || opts.DownAfter <= 0 || opts.FailoverTimeout <= 0 {
+		return nil, errors.New("localsvc: sentinel needs MasterName, Quorum, DownAfter and FailoverTimeout")
+	}
+	r := &Redis{log: nopLogger(opts.Logger), port: opts.Port, fixed: opts.Port != 0}
+	conf := func(dir string) error {
+		r.conf = filepath.Join(dir, "sentinel.conf")
+		body := fmt.Sprintf("sentinel resolve-hostnames yes\n"+
+			"sentinel monitor %[1]s %[2]s %[3]s %[4]d\n"+
+			"sentinel down-after-milliseconds %[1]s %[5]d\n"+
+			"sentinel failover-timeout %[1]s %[6]d\n"+
+			"sentinel parallel-syncs %[1]s 1\n",
+			opts.MasterName, host, port, opts.Quorum, opts.DownAfter.Milliseconds(), opts.FailoverTimeout.Milliseconds())
+		return os.WriteFile(r.conf, []byte(body), 0o644)
+	}
+	if err := r.launch(ctx, opts.Dir, conf); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// launch prepares the directory (calling prepare, if any, with it) and
+// starts the server, retrying on a lost race for the port.
+func (r *Redis) launch(ctx context.Context, dir string, prepare func(dir string) error) (err error) {
+	if r.bin, err = exec.LookPath("redis-server"); err != nil {
+		return fmt.Errorf("localsvc: %w", err)
+	}
+	if dir == "" {
 		if r.dir, err = os.MkdirTemp("", "tally-redis-"); err != nil {
-			return nil, fmt.Errorf("localsvc: %w", err)
+			return fmt.Errorf("localsvc: %w", err)
 		}
 		r.ownDir = true
 	} else {
-		if r.dir, err = filepath.Abs(opts.Dir); err != nil {
-			return nil, fmt.Errorf("localsvc: %w", err)
+		if r.dir, err = filepath.Abs(dir); err != nil {
+			return fmt.Errorf("localsvc: %w", err)
 		}
 		if err := os.MkdirAll(r.dir, 0o755); err != nil {
-			return nil, fmt.Errorf("localsvc: %w", err)
+			return fmt.Errorf("localsvc: %w", err)
 		}
 	}
 	defer func() {
@@ -78,9 +139,14 @@ func StartRedis(ctx context.Context, opts RedisOptions) (_ *Redis, err error) {
 		}
 	}()
 	r.logPath = filepath.Join(r.dir, "redis.log")
+	if prepare != nil {
+		if err := prepare(r.dir); err != nil {
+			return fmt.Errorf("localsvc: %w", err)
+		}
+	}
 	if r.port == 0 {
 		if r.port, err = FreePort(); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	r.opMu.Lock()
@@ -88,15 +154,15 @@ func StartRedis(ctx context.Context, opts RedisOptions) (_ *Redis, err error) {
 	for attempt := 1; ; attempt++ {
 		err = r.start(ctx)
 		if err == nil {
-			return r, nil
+			return nil
 		}
 		// See StartPostgres: only a lost race for the port is retried.
 		if r.fixed || attempt >= 3 || !isBindError(err.Error()) {
-			return nil, err
+			return err
 		}
 		port, perr := FreePort()
 		if perr != nil {
-			return nil, err
+			return err
 		}
 		r.mu.Lock()
 		r.port = port
@@ -193,14 +259,22 @@ func (r *Redis) start(ctx context.Context) error {
 		return fmt.Errorf("localsvc: %w", err)
 	}
 	fmt.Fprintf(logf, "=== localsvc: starting redis on port %d at %s ===\n", port, time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(r.bin,
+	var args []string
+	if r.conf != "" {
+		// A Sentinel: its config file must come first, and it has no
+		// data to persist.
+		args = []string{r.conf, "--sentinel"}
+	} else {
+		args = []string{"--save", "", "--appendonly", "no"}
+	}
+	args = append(args,
 		"--port", strconv.Itoa(port),
 		"--bind", "127.0.0.1",
-		"--save", "",
-		"--appendonly", "no",
 		"--dir", r.dir,
 		"--daemonize", "no",
 		"--logfile", "") // "" = stdout, which is the log file
+	args = append(args, r.args...)
+	cmd := exec.Command(r.bin, args...)
 	cmd.Dir = r.dir
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Nothing is persisted, so SIGKILL on parent death loses nothing.

@@ -24,9 +24,12 @@ import (
 // tallyd is one tallyd child process with its own fault proxies in front of
 // PostgreSQL and Redis, and a client connected to it.
 type tallyd struct {
-	idx        int
-	bin        string
-	args       []string
+	idx  int
+	bin  string
+	args []string
+	// argsByBin overrides args for a binary that lacks some of their flags
+	// (the previous release in a rolling upgrade).
+	argsByBin  map[string][]string
 	grpcAddr   string
 	httpAddr   string
 	logPath    string
@@ -115,7 +118,11 @@ func (t *tallyd) start(ctx context.Context) error {
 		return err
 	}
 	fmt.Fprintf(f, "=== tally-torture: starting tallyd %d at %s ===\n", t.idx, time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(t.bin, t.args...)
+	args := t.args
+	if a, ok := t.argsByBin[t.bin]; ok {
+		args = a
+	}
+	cmd := exec.Command(t.bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.Env = childEnv()
 	cmd.SysProcAttr = childProcAttr()
@@ -282,4 +289,40 @@ func tail(path string, n int64) string {
 	b := make([]byte, fi.Size()-off)
 	_, _ = f.ReadAt(b, off)
 	return strings.TrimSpace(string(b))
+}
+
+// serveFlags returns the flags `bin serve -h` lists.
+func serveFlags(ctx context.Context, bin string) (map[string]bool, error) {
+	cmd := exec.CommandContext(ctx, bin, "serve", "-h")
+	cmd.Env = childEnv()
+	out, _ := cmd.CombinedOutput() // -h exits non-zero
+	flags := map[string]bool{}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f, ok := strings.CutPrefix(strings.TrimSpace(line), "-"); ok {
+			if name, _, _ := strings.Cut(f, " "); name != "" {
+				flags[name] = true
+			}
+		}
+	}
+	if len(flags) == 0 {
+		return nil, fmt.Errorf("%s serve -h lists no flags:\n%s", bin, out)
+	}
+	return flags, nil
+}
+
+// filterArgs drops "--name value" pairs whose flag is not in known, and
+// returns what it dropped.
+func filterArgs(args []string, known map[string]bool) (kept, dropped []string) {
+	for i := 0; i < len(args); i++ {
+		name, isFlag := strings.CutPrefix(args[i], "--")
+		if !isFlag || known[name] {
+			kept = append(kept, args[i])
+			continue
+		}
+		dropped = append(dropped, args[i])
+		if i+1 < len(args) && !strings.HasPrefix(args[i+1], "--") {
+			i++ // its value
+		}
+	}
+	return kept, dropped
 }

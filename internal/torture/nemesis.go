@@ -26,6 +26,11 @@ const (
 	FaultPlantGarbage       = "plant_garbage"
 )
 
+// FaultRollingUpgrade is the replacement of a tallyd by the new release in
+// a rolling-upgrade run (Config.OldTallydBin); it is not one of the
+// nemesis's FaultKinds.
+const FaultRollingUpgrade = "rolling_upgrade"
+
 // FaultKinds lists every fault kind; a run of a minute injects each at least
 // once.
 var FaultKinds = []string{

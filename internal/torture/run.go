@@ -39,6 +39,15 @@ type Config struct {
 	// module at RepoDir (default: found from the working directory).
 	TallydBin string
 	RepoDir   string
+	// OldTallydBin, when set, turns the run into a rolling upgrade: the
+	// database is migrated by TallydBin (the new release, as a rollout's
+	// migration job does first), every tallyd starts on OldTallydBin (the
+	// previous release), and during the run they are replaced one at a
+	// time (SIGTERM, drain, start on TallydBin), so both versions serve
+	// one schema side by side. The rolling upgrade replaces the nemesis,
+	// and the clients use only the previous release's calls (charge,
+	// credit, transfer, balance reads).
+	OldTallydBin string
 	// Keep keeps the temp dir (logs, the stopped PostgreSQL data dir).
 	Keep    bool
 	Verbose bool
@@ -63,6 +72,7 @@ const keyPrefix = "tally:bal:"
 // runner is one torture run in progress.
 type runner struct {
 	cfg       Config
+	outMu     sync.Mutex // serializes writes to out
 	out       io.Writer
 	log       *slog.Logger
 	hist      *History
@@ -74,8 +84,11 @@ type runner struct {
 	redis *localsvc.Redis
 	rdb   *redis.Client
 	dbURL string
-	tds   []*tallyd
-	pools pools
+	// newBin is the tallyd binary of this build (the upgrade target).
+	newBin   string
+	upgraded atomic.Int64
+	tds      []*tallyd
+	pools    pools
 
 	faultsMu sync.Mutex
 	faults   map[string]int
@@ -112,11 +125,14 @@ func (r *runner) event(msg string, args ...any) {
 		for i := 0; i+1 < len(args); i += 2 {
 			line += fmt.Sprintf(" %v=%v", args[i], args[i+1])
 		}
-		fmt.Fprintln(r.out, line)
+		r.printf("%s\n", line)
 	}
 }
 
 func (r *runner) printf(format string, args ...any) {
+	// The progress loop and the rolling upgrade print concurrently.
+	r.outMu.Lock()
+	defer r.outMu.Unlock()
 	fmt.Fprintf(r.out, format, args...)
 }
 
@@ -293,10 +309,27 @@ func (r *runner) setup(ctx context.Context) error {
 	apiKey := strings.TrimSpace(string(out))
 
 	pgTarget := fmt.Sprintf("127.0.0.1:%d", r.pg.Port())
+	r.newBin = bin
+	startBin := bin
+	if r.cfg.OldTallydBin != "" {
+		startBin = r.cfg.OldTallydBin
+		r.printf("rolling upgrade: tallyds start on %s, are replaced by %s during the run\n", startBin, bin)
+	}
 	for i := 0; i < r.cfg.Tallyds; i++ {
-		t, err := newTallyd(i, bin, r.dir, pgTarget, r.redis.Addr(), r.cacheTTL.String(), r.hist, r.log)
+		t, err := newTallyd(i, startBin, r.dir, pgTarget, r.redis.Addr(), r.cacheTTL.String(), r.hist, r.log)
 		if err != nil {
 			return err
+		}
+		if r.cfg.OldTallydBin != "" {
+			known, err := serveFlags(ctx, r.cfg.OldTallydBin)
+			if err != nil {
+				return err
+			}
+			kept, dropped := filterArgs(t.args, known)
+			t.argsByBin = map[string][]string{r.cfg.OldTallydBin: kept}
+			if len(dropped) > 0 && i == 0 {
+				r.printf("the previous release lacks flags %v: started without them\n", dropped)
+			}
 		}
 		r.tds = append(r.tds, t)
 		if t.cl, err = newClient(i, t.grpcAddr, apiKey, r.hist); err != nil {
@@ -395,6 +428,40 @@ func (r *runner) fund(ctx context.Context) error {
 	return nil
 }
 
+// rollingUpgrade replaces the tallyds one at a time, evenly spread over the
+// run, as a Deployment rollout does: SIGTERM (the old process must drain
+// and exit 0), then start the new binary on the same ports and wait until
+// it is ready.
+func (r *runner) rollingUpgrade(stop context.Context) error {
+	step := r.cfg.Duration / time.Duration(len(r.tds)+1)
+	for _, t := range r.tds {
+		hold(stop, step)
+		if stop.Err() != nil {
+			return nil
+		}
+		bg, cancel := context.WithTimeout(context.WithoutCancel(stop), readyTimeout+30*time.Second)
+		start := time.Now()
+		err := t.term(20 * time.Second)
+		if err == nil {
+			t.mu.Lock()
+			t.bin = r.newBin
+			t.mu.Unlock()
+			err = t.start(bg)
+		}
+		cancel()
+		r.countFault(FaultRollingUpgrade)
+		if err != nil {
+			return fmt.Errorf("upgrading tallyd %d: %w", t.idx, err)
+		}
+		r.upgraded.Add(1)
+		r.event("fault", "kind", FaultRollingUpgrade, "detail", fmt.Sprintf("tallyd %d replaced by the new release", t.idx),
+			"took", time.Since(start).Round(time.Millisecond).String())
+		r.printf("  upgraded tallyd %d to the new release (%s)\n", t.idx, time.Since(start).Round(time.Millisecond))
+	}
+	<-stop.Done()
+	return nil
+}
+
 // torture runs the clients and the nemesis for the duration, then heals
 // everything and lets every client finish its retries.
 func (r *runner) torture(ctx context.Context) error {
@@ -422,7 +489,11 @@ func (r *runner) torture(ctx context.Context) error {
 		}()
 	}
 	nemErr := make(chan error, 1)
-	go func() { nemErr <- r.nemesis(stop, r.cfg.Seed) }()
+	if r.cfg.OldTallydBin != "" {
+		go func() { nemErr <- r.rollingUpgrade(stop) }()
+	} else {
+		go func() { nemErr <- r.nemesis(stop, r.cfg.Seed) }()
+	}
 
 	start := time.Now()
 	tick := time.NewTicker(10 * time.Second)
@@ -513,7 +584,11 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 	}
 	rep.Ops, rep.Reads = Summarize(r.hist, db)
 	r.faultsMu.Lock()
-	for _, k := range FaultKinds {
+	kinds := FaultKinds
+	if r.cfg.OldTallydBin != "" {
+		kinds = []string{FaultRollingUpgrade}
+	}
+	for _, k := range kinds {
 		rep.Faults[k] = r.faults[k]
 		if r.faults[k] == 0 {
 			rep.FaultsMissing = append(rep.FaultsMissing, k)

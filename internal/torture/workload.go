@@ -802,6 +802,15 @@ func (w *worker) learn(o *Op, res *opResult) {
 
 func (w *worker) doOp(ctx context.Context) {
 	cur := w.r.pools.currencies[w.rng.IntN(len(w.r.pools.currencies))]
+	if w.r.cfg.OldTallydBin != "" {
+		// A rolling upgrade: clients use only the calls the previous
+		// release serves (charge, credit, transfer), as real clients adopt
+		// new calls only once the rollout is over.
+		o, bo := w.nextOp(cur)
+		res := w.r.execOp(ctx, w.rng, o, w.rng.Float64() < hedgeFraction, singleCall(bo))
+		w.learn(o, res)
+		return
+	}
 	if w.rng.Float64() < batchFraction {
 		w.doBatch(ctx, cur)
 		return
