@@ -34,6 +34,9 @@ const (
 	InvHoldsOneFinalAction   = "holds_one_final_action"
 	InvRefundsWithinCharge   = "refunds_within_charge"
 	InvBatchesAllOrNothing   = "batches_all_or_nothing"
+	InvLifecycleAnswers      = "lifecycle_answers"
+	InvFeedExactlyOnce       = "feed_exactly_once"
+	InvReconcileClean        = "reconcile_clean"
 )
 
 // invariantDescriptions says what each invariant means, in the order the
@@ -64,6 +67,9 @@ var invariantDescriptions = []struct{ name, desc string }{
 	{InvHoldsOneFinalAction, "every hold has a valid status and 0 <= captured_amount <= amount; a captured hold has exactly one capture (a CHARGE from its account naming it) of captured_amount, any other none; no two final actions on one hold were acknowledged"},
 	{InvRefundsWithinCharge, "every REFUND reverses a CHARGE (debit its credit account, credit its debit account); per charge, the refunds sum to charge_refunds.refunded and never exceed it"},
 	{InvBatchesAllOrNothing, "every stored batch was sent, with its mode; an ATOMIC batch applied all its items or left none of their keys; an INDEPENDENT one recorded every item; an acknowledged batch is stored as answered, an unanswered one without a row left no item"},
+	{InvLifecycleAnswers, "every lifecycle call (freeze, unfreeze, update, close; no key, retried as is) got a definite expected answer (an update lowering the credit limit below what is in use: CREDIT_LIMIT_IN_USE); a closed account refused charges, credits, holds (ACCOUNT_NOT_ACTIVE or ACCOUNT_CLOSED), freezes and updates (ACCOUNT_CLOSED); ACCOUNT_NOT_ACTIVE only while one of the op's accounts was frozen or closed; every account ends ACTIVE but the closed ones"},
+	{InvFeedExactlyOnce, "the change-feed follower (Export with follow, failing over between tallyds and resuming from its cursor) caught up and received every events row exactly once, in strictly increasing cursor order, and nothing that is not in Postgres; every transfer in Postgres came as exactly one transfer event"},
+	{InvReconcileClean, "after healing, a Reconcile of every account and the ledger-wide sums completed and found nothing"},
 }
 
 // InvariantResult is one invariant's verdict.
@@ -146,6 +152,9 @@ func Check(h *History, db *DBState, cs *CacheState, opt CheckOptions) []Invarian
 	c.checkHolds()
 	c.checkRefunds()
 	c.checkBatches()
+	c.checkLifecycle()
+	c.checkFeed()
+	c.checkReconcile()
 
 	out := make([]InvariantResult, 0, len(invariantDescriptions))
 	for _, d := range invariantDescriptions {
@@ -691,6 +700,9 @@ func (c *checker) checkStatements() {
 		var prevAt time.Time
 		seqBad, runBad, verBad, floorBad := false, false, false, false
 		floored := a.Floor == 1
+		// The limit an entry is held to: credit limits go up and down, so
+		// an old entry may have used a limit since lowered.
+		entryLimit := max(a.CreditLimit, a.MaxCreditLimit)
 		for i, e := range es {
 			sum += e.Amount
 			if e.Sequence != int64(i+1) && !seqBad {
@@ -710,9 +722,9 @@ func (c *checker) checkStatements() {
 				verBad = true
 				c.fail(InvVersionsConsistent, "account %s: sequence %d created_at %s before the previous entry's %s", id, e.Sequence, e.CreatedAt, prevAt)
 			}
-			if floored && e.BalanceAfter < -a.CreditLimit && !floorBad {
+			if floored && e.BalanceAfter < -entryLimit && !floorBad {
 				floorBad = true
-				c.fail(InvFloorRespected, "account %s (credit_limit %d): sequence %d left balance %d", id, a.CreditLimit, e.Sequence, e.BalanceAfter)
+				c.fail(InvFloorRespected, "account %s (credit_limit at most %d): sequence %d left balance %d", id, entryLimit, e.Sequence, e.BalanceAfter)
 			}
 			prevBal, prevVer, prevAt = e.BalanceAfter, e.VersionAfter, e.CreatedAt
 		}

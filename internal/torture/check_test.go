@@ -87,6 +87,7 @@ type fixture struct {
 	hist  *History
 	// named accounts and keys for the damage cases
 	a, b, c, d string
+	e          string // closed
 	keyAcked   string // an acked charge on a
 	keyReject  string // an INSUFFICIENT_FUNDS charge on b
 	keyRetried string // an acked op answered twice (the second a replay)
@@ -343,6 +344,45 @@ func newFixture(t *testing.T) *fixture {
 	f.batchIndependent = batch(BatchIndependent, &Op{Kind: KindCharge, Account: f.b, Amount: 1_000_000},
 		&Op{Kind: KindCredit, Account: f.d, Amount: 2}).Key
 
+	// Lifecycle: d is frozen (a charge on it is refused ACCOUNT_NOT_ACTIVE)
+	// and unfrozen; c's credit limit cannot go below what it uses, then
+	// rises; e is closed and refuses a credit.
+	change := func(kind ledger.Kind, action, acct string, limit *int64, expect ...string) LifecycleCall {
+		lc := LifecycleCall{Action: action, Account: acct, Start: time.Now(), Attempts: 1, Expect: expect, Definite: true}
+		a, err := l.ChangeAccount(ctx, ledger.MoveRequest{Kind: kind, AccountID: uuid.MustParse(acct), NewCreditLimit: limit})
+		lc.End = time.Now()
+		var le *ledger.Error
+		switch {
+		case err == nil:
+			lc.Code, lc.Status = "OK", "ACCOUNT_STATUS_"+a.Status.String()
+		case errors.As(err, &le):
+			lc.Code, lc.Reason = codeNameOf(le.Code), le.Reason
+		default:
+			t.Fatalf("%s %s: %v", action, acct, err)
+		}
+		if lc.Code != "OK" {
+			f.hist.CountAnswer(lc.Code)
+		}
+		f.hist.AddLifecycle(lc)
+		return lc
+	}
+	change(ledger.KindFreeze, ActionFreeze, f.d, nil, "OK")
+	if o := do(KindCharge, f.d, "", 1, "", 1); o.FinalReason != reasonNotActive {
+		t.Fatalf("charge of a frozen account: %+v", o)
+	}
+	change(ledger.KindUnfreeze, ActionUnfreeze, f.d, nil, "OK")
+	zero, ten := int64(0), int64(10) // ten: the same limit again (an overwrite)
+	if lc := change(ledger.KindUpdate, ActionUpdate, f.c, &zero, reasonCreditLimitUsed); lc.Reason != reasonCreditLimitUsed {
+		t.Fatalf("lowering a used credit limit: %+v", lc)
+	}
+	change(ledger.KindUpdate, ActionUpdate, f.c, &ten, "OK")
+	f.e = mk("USD", 0)
+	change(ledger.KindClose, ActionClose, f.e, nil, "OK")
+	if o := do(KindCredit, f.e, "", 1, "", 1); o.FinalReason != reasonNotActive {
+		t.Fatalf("credit of a closed account: %+v", o)
+	}
+	change(ledger.KindFreeze, ActionFreeze, f.e, nil, reasonClosed)
+
 	// Reads: strong, cached (no cache here: from the store) and min_version.
 	for _, acct := range []string{f.a, f.b, f.c, f.d} {
 		for _, mode := range []string{ReadStrong, ReadCached, ReadMinVersion} {
@@ -365,6 +405,10 @@ func newFixture(t *testing.T) *fixture {
 	// An old but real pair served by the cache.
 	f.hist.AddObservation(Observation{Account: f.a, Consistency: ReadCached, Version: 1, Balance: 100, Source: SourceCache,
 		Start: time.Now(), End: time.Now()})
+
+	// The feed, read to its end as a follower would, and a reconciliation.
+	f.hist.Feed = readFeed(t, ctx, l)
+	f.hist.Reconcile = reconcileLedger(t, ctx, l)
 
 	f.conn, err = pgx.Connect(ctx, f.dbURL)
 	if err != nil {
@@ -405,7 +449,73 @@ func cloneHistory(h *History) *History {
 	for k, v := range h.AnswerCodes {
 		c.AnswerCodes[k] = v
 	}
+	c.Lifecycle = slices.Clone(h.Lifecycle)
+	if h.Feed != nil {
+		fl := *h.Feed
+		fl.Events = slices.Clone(fl.Events)
+		c.Feed = &fl
+	}
+	if h.Reconcile != nil {
+		rl := *h.Reconcile
+		rl.Findings = slices.Clone(rl.Findings)
+		c.Reconcile = &rl
+	}
 	return c
+}
+
+// readFeed reads the whole feed through the ledger, page by page from the
+// returned cursors, as a follower does.
+func readFeed(t *testing.T, ctx context.Context, l *ledger.Ledger) *FeedLog {
+	t.Helper()
+	fl := &FeedLog{Sessions: 1, CaughtUp: true}
+	cursor := ""
+	for {
+		evs, next, err := l.ReadEvents(ctx, cursor, 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(evs) == 0 {
+			return fl
+		}
+		for _, e := range evs {
+			fe := FeedEvent{Cursor: e.Cursor, Kind: e.Kind}
+			switch {
+			case e.Transfer != nil:
+				fe.Subject = e.Transfer.ID.String()
+			case e.Hold != nil:
+				fe.Subject = e.Hold.ID.String()
+			case e.AccountChange != nil:
+				fe.Subject = e.AccountChange.AccountID.String()
+			case e.LowBalance != nil:
+				fe.Subject = e.LowBalance.TransferID.String()
+				if e.LowBalance.TransferID == uuid.Nil {
+					fe.Subject = e.LowBalance.HoldID.String()
+				}
+			}
+			fl.Events = append(fl.Events, fe)
+		}
+		cursor = next
+	}
+}
+
+// reconcileLedger runs a reconciliation of everything through the ledger
+// and records it as the runner records the RPC's.
+func reconcileLedger(t *testing.T, ctx context.Context, l *ledger.Ledger) *ReconcileLog {
+	t.Helper()
+	rl := &ReconcileLog{Summary: true}
+	sum, err := l.Reconcile(ctx, ledger.ReconcileRequest{}, func(fd ledger.Finding) error {
+		tr := ""
+		if fd.TransferID != uuid.Nil {
+			tr = fd.TransferID.String()
+		}
+		rl.Findings = append(rl.Findings, formatFinding(fd.Check, fd.AccountID.String(), tr, fd.Currency, fd.Detail))
+		return nil
+	}, func(int64, int64) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	rl.AccountsChecked, rl.SummaryFindings = sum.AccountsChecked, sum.Findings
+	return rl
 }
 
 var checkOpts = CheckOptions{CacheTTL: 2 * time.Second, AgeSlack: time.Hour}
@@ -885,6 +995,105 @@ func TestChecker(t *testing.T) {
 			},
 			want: InvNoTallydCrashes,
 		},
+		{
+			name: "feed: an event the follower never received",
+			editHist: func(h *History) {
+				h.Feed.Events = slices.Delete(h.Feed.Events, 3, 4)
+			},
+			want: InvFeedExactlyOnce,
+		},
+		{
+			name: "feed: an event received twice",
+			editHist: func(h *History) {
+				h.Feed.Events = slices.Insert(h.Feed.Events, 3, h.Feed.Events[2])
+			},
+			want: InvFeedExactlyOnce,
+		},
+		{
+			name: "feed: an event received twice after a resume from an old cursor",
+			editHist: func(h *History) {
+				h.Feed.Events = append(h.Feed.Events, h.Feed.Events[len(h.Feed.Events)-3:]...)
+			},
+			want: InvFeedExactlyOnce,
+		},
+		{
+			name: "feed: a received event that is not in Postgres",
+			sql:  []string{`DELETE FROM events WHERE (xid, event_id) = (SELECT xid, event_id FROM events WHERE kind = 'hold' ORDER BY xid, event_id LIMIT 1)`},
+			want: InvFeedExactlyOnce,
+		},
+		{
+			name: "feed: a transfer that never got an event",
+			sql: []string{fmt.Sprintf(`DELETE FROM events WHERE kind = 'transfer'
+				AND subject_id = (SELECT transfer_id FROM transfers WHERE idempotency_key = '%s')`, f.keyAcked)},
+			editHist: func(h *History) {
+				id := opByKey(h, f.keyAcked).TransferID
+				h.Feed.Events = slices.DeleteFunc(h.Feed.Events, func(e FeedEvent) bool { return e.Kind == "transfer" && e.Subject == id })
+			},
+			want: InvFeedExactlyOnce,
+		},
+		{
+			name: "feed: out of order",
+			editHist: func(h *History) {
+				h.Feed.Events[1], h.Feed.Events[2] = h.Feed.Events[2], h.Feed.Events[1]
+			},
+			want: InvFeedExactlyOnce,
+		},
+		{
+			name: "feed: the follower did not catch up",
+			editHist: func(h *History) {
+				h.Feed.Events = h.Feed.Events[:len(h.Feed.Events)-1]
+				h.Feed.CaughtUp = false
+			},
+			want: InvFeedExactlyOnce,
+		},
+		{
+			name: "reconcile: a finding",
+			editHist: func(h *History) {
+				h.Reconcile.Findings = append(h.Reconcile.Findings, formatFinding("balance_vs_entries", f.a, "", "USD", "balance 71, entries sum to 70"))
+				h.Reconcile.SummaryFindings++
+			},
+			want: InvReconcileClean,
+		},
+		{
+			name: "reconcile: did not complete",
+			editHist: func(h *History) {
+				h.Reconcile.Error = "tallyd 0: rpc error: code = Unavailable"
+			},
+			want: InvReconcileClean,
+		},
+		{
+			name: "lifecycle: ACCOUNT_NOT_ACTIVE while nothing was frozen",
+			editHist: func(h *History) {
+				h.Lifecycle = slices.DeleteFunc(h.Lifecycle, func(c LifecycleCall) bool { return c.Account == f.d })
+			},
+			want: InvLifecycleAnswers,
+		},
+		{
+			name: "lifecycle: an account left frozen",
+			sql:  []string{fmt.Sprintf(`UPDATE accounts SET status = 2 WHERE account_id = '%s'`, f.a)},
+			want: InvLifecycleAnswers,
+		},
+		{
+			name: "lifecycle: a closed account reopened",
+			sql:  []string{fmt.Sprintf(`UPDATE accounts SET status = 1 WHERE account_id = '%s'`, f.e)},
+			want: InvLifecycleAnswers,
+		},
+		{
+			name: "lifecycle: an unexpected answer",
+			editHist: func(h *History) {
+				for i := range h.Lifecycle {
+					if h.Lifecycle[i].Action == ActionUpdate && h.Lifecycle[i].Code == "OK" {
+						h.Lifecycle[i].Code, h.Lifecycle[i].Reason = "FAILED_PRECONDITION", reasonCreditLimitUsed
+					}
+				}
+			},
+			want: InvLifecycleAnswers,
+		},
+		{
+			name: "floor: an entry below every credit limit the account ever had",
+			sql: []string{fmt.Sprintf(`UPDATE entries SET balance_after = -21 WHERE account_id = '%s' AND sequence = 1`, f.c)},
+			want: InvFloorRespected,
+		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -995,6 +1204,69 @@ func TestCacheValueRoundTrip(t *testing.T) {
 	for _, g := range garbageValues {
 		if _, _, ok := ParseCacheValue(g); ok {
 			t.Errorf("garbage %q parsed as a value", g)
+		}
+	}
+}
+
+// TestReconcileCleanCatchesTamperedBalance runs a real reconciliation over
+// a ledger whose stored balance was tampered with: the finding must fail
+// reconcile_clean (and the untampered ledger must pass it).
+func TestReconcileCleanCatchesTamperedBalance(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	dbURL := scratchDB(t, ctx)
+	st, err := store.Open(ctx, store.Config{URL: dbURL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	l := ledger.New(ledger.Config{Store: st})
+	a, err := l.CreateAccount(ctx, ledger.CreateAccountRequest{Currency: "USD"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Credit(ctx, ledger.MoveRequest{AccountID: a.ID, Amount: 70, IdempotencyKey: uuid.Must(uuid.NewV7()).String()}); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	run := func() []InvariantResult {
+		h := NewHistory()
+		h.Reconcile = reconcileLedger(t, ctx, l)
+		db, err := LoadDBState(ctx, conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return Check(h, db, nil, checkOpts)
+	}
+	pass := func(res []InvariantResult) bool {
+		for _, r := range res {
+			if r.Name == InvReconcileClean {
+				return r.Pass && !r.Skipped
+			}
+		}
+		t.Fatal("no reconcile_clean result")
+		return false
+	}
+	if res := run(); !pass(res) {
+		t.Fatalf("untampered ledger fails reconcile_clean:%s", describe(res))
+	}
+	if _, err := conn.Exec(ctx, `UPDATE accounts SET balance = balance + 1 WHERE account_id = $1`, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	res := run()
+	if pass(res) {
+		t.Fatal("a tampered balance passed reconcile_clean")
+	}
+	for _, r := range res {
+		if r.Name == InvReconcileClean {
+			t.Logf("caught: %v", r.Examples)
+			if len(r.Examples) == 0 || !strings.Contains(r.Examples[0], "balance_vs_entries") {
+				t.Errorf("expected a balance_vs_entries finding, got %v", r.Examples)
+			}
 		}
 	}
 }

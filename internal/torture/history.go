@@ -311,6 +311,74 @@ type History struct {
 	Crashes      []Crash
 	// AnswerCodes counts every attempt's answer by gRPC code name.
 	AnswerCodes map[string]int
+	// Lifecycle are the FreezeAccount, UnfreezeAccount, UpdateAccount and
+	// CloseAccount calls the lifecycle client made.
+	Lifecycle []LifecycleCall `json:"lifecycle,omitempty"`
+	// Feed is what the change-feed follower received (nil: no follower).
+	Feed *FeedLog `json:"feed,omitempty"`
+	// Reconcile is the final Reconcile run (nil: not run).
+	Reconcile *ReconcileLog `json:"reconcile,omitempty"`
+}
+
+// LifecycleCall is one account lifecycle call (no idempotency key: retried
+// as is until a definite answer) or one probe of a closed account.
+type LifecycleCall struct {
+	// Action is freeze, unfreeze, update or close.
+	Action  string    `json:"action"`
+	Account string    `json:"account"`
+	Start   time.Time `json:"start"`
+	End     time.Time `json:"end"`
+	// Attempts is how many RPCs were sent (a retry may apply it again:
+	// freezing is idempotent, an update an overwrite).
+	Attempts int `json:"attempts"`
+	// Definite is false when no definite answer came before the deadline.
+	Definite bool   `json:"definite"`
+	Code     string `json:"code"`
+	Reason   string `json:"reason,omitempty"`
+	// Expect lists the acceptable final answers ("OK" or a reason).
+	Expect []string `json:"expect"`
+	// Status is the account's status in an OK answer.
+	Status string `json:"status,omitempty"`
+}
+
+// FeedEvent is one change-feed event the follower received.
+type FeedEvent struct {
+	Cursor string `json:"cursor"`
+	// Kind is transfer, hold, account_change or low_balance.
+	Kind string `json:"kind"`
+	// Subject is the transfer id, the hold id, the account id (an account
+	// change) or the transfer or hold id (a low-balance crossing): the
+	// events row's subject_id.
+	Subject string `json:"subject"`
+}
+
+// FeedLog is what the follower received, in order.
+type FeedLog struct {
+	Events []FeedEvent `json:"events"`
+	// Sessions counts the Export calls (one more after each failover).
+	Sessions int `json:"sessions"`
+	// CaughtUp: the follower had received as many events as the events
+	// table holds before it was stopped.
+	CaughtUp bool `json:"caught_up"`
+	// Errors are the errors that ended Export calls (the follower moved
+	// on to another tallyd with its cursor).
+	Errors []string `json:"errors,omitempty"`
+}
+
+// ReconcileLog is the outcome of the final Reconcile run.
+type ReconcileLog struct {
+	AccountsChecked int64    `json:"accounts_checked"`
+	Summary         bool     `json:"summary"` // the run ended with its summary
+	SummaryFindings int64    `json:"summary_findings"`
+	Findings        []string `json:"findings,omitempty"`
+	Error           string   `json:"error,omitempty"`
+}
+
+// AddLifecycle records a lifecycle call.
+func (h *History) AddLifecycle(c LifecycleCall) {
+	h.mu.Lock()
+	h.Lifecycle = append(h.Lifecycle, c)
+	h.mu.Unlock()
 }
 
 // NewHistory returns an empty history.

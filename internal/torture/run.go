@@ -89,6 +89,13 @@ type runner struct {
 	upgraded atomic.Int64
 	tds      []*tallyd
 	pools    pools
+	apiKey   string
+
+	// fol follows the change feed from the start of the workload until the
+	// check; folStop stops it, folDone is closed when it has.
+	fol     *follower
+	folStop context.CancelFunc
+	folDone chan struct{}
 
 	faultsMu sync.Mutex
 	faults   map[string]int
@@ -307,6 +314,7 @@ func (r *runner) setup(ctx context.Context) error {
 		return fmt.Errorf("tallyd keys create: %w", err)
 	}
 	apiKey := strings.TrimSpace(string(out))
+	r.apiKey = apiKey
 
 	pgTarget := fmt.Sprintf("127.0.0.1:%d", r.pg.Port())
 	r.newBin = bin
@@ -412,6 +420,17 @@ func (r *runner) fund(ctx context.Context) error {
 		}
 		p.funding[cur] = append(p.funding[cur], fnd)
 	}
+	// Two empty customers for the lifecycle client to close; kept out of
+	// the pools the other clients and the final reads use.
+	for i := 0; i < 2; i++ {
+		spec := AccountSpec{Currency: currencies[i%len(currencies)], Type: "CUSTOMER", Floor: "NON_NEGATIVE", Role: "closable"}
+		spec, err := create(spec, tallyv1.AccountType_ACCOUNT_TYPE_CUSTOMER, tallyv1.Floor_FLOOR_NON_NEGATIVE)
+		if err != nil {
+			return err
+		}
+		p.all = p.all[:len(p.all)-1]
+		p.closable = append(p.closable, spec)
+	}
 	r.pools = p
 
 	rng := rand.New(rand.NewPCG(uint64(r.cfg.Seed), 0x66756e64))
@@ -479,7 +498,27 @@ func (r *runner) torture(ctx context.Context) error {
 	}()
 
 	r.printf("running workload and nemesis for %s ...\n", r.cfg.Duration)
+	if r.cfg.OldTallydBin == "" {
+		// The previous release of a rolling upgrade may lack the feed.
+		fol, err := r.newFollower()
+		if err != nil {
+			return err
+		}
+		fctx, fstop := context.WithCancel(context.WithoutCancel(ctx))
+		r.fol, r.folStop, r.folDone = fol, fstop, make(chan struct{})
+		go func() {
+			defer close(r.folDone)
+			fol.run(fctx)
+		}()
+	}
 	var wg sync.WaitGroup
+	if r.cfg.OldTallydBin == "" {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.lifecycle(stop, hard)
+		}()
+	}
 	for i := 0; i < r.cfg.Clients; i++ {
 		w := &worker{r: r, id: i, rng: rand.New(rand.NewPCG(uint64(r.cfg.Seed), uint64(i+1))), lastAcked: map[string]int64{}}
 		wg.Add(1)
@@ -559,8 +598,13 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 		return nil, ctx.Err()
 	case <-time.After(wait):
 	}
-	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute+feedCatchUpMax+reconcileMax)
 	defer cancel()
+	if r.fol != nil {
+		r.catchUp(cctx, r.fol, r.folStop, r.folDone)
+		r.fol = nil
+	}
+	r.reconcile(cctx)
 	r.finalReads(cctx)
 	cs, err := LoadCacheState(cctx, r.rdb, r.keyPrefix)
 	if err != nil {
@@ -628,6 +672,11 @@ func (r *runner) finalReads(ctx context.Context) {
 // teardown stops every process. With keep, PostgreSQL is stopped cleanly
 // and its data directory left in the work dir for inspection.
 func (r *runner) teardown(keep bool) {
+	if r.fol != nil {
+		r.folStop()
+		<-r.folDone
+		r.fol.close()
+	}
 	var wg sync.WaitGroup
 	for _, t := range r.tds {
 		wg.Add(1)

@@ -25,7 +25,25 @@ type AccountRow struct {
 	Version      int64
 	LastSequence int64
 	Held         int64
-	Status       int16
+	Status       int16 // 1 ACTIVE, 2 FROZEN, 3 CLOSED
+	// MaxCreditLimit is the highest credit_limit account_changes shows
+	// the account ever had (0 when it never changed).
+	MaxCreditLimit int64
+}
+
+// Account statuses (accounts.status).
+const (
+	StatusActive = 1
+	StatusFrozen = 2
+	StatusClosed = 3
+)
+
+// EventRow is an events row (the change feed's outbox).
+type EventRow struct {
+	XID     uint64
+	ID      int64
+	Kind    string
+	Subject string
 }
 
 // TransferRow is a transfers row.
@@ -118,6 +136,8 @@ type DBState struct {
 	// AccountChanges counts account_changes rows (lifecycle changes, each
 	// of which advanced the version) per account.
 	AccountChanges map[string]int64
+	// Events is the events table in feed order (xid, event_id).
+	Events []EventRow
 }
 
 // Querier is what LoadDBState needs: a pgx.Conn, pgxpool.Pool or pgx.Tx.
@@ -267,22 +287,49 @@ func loadHoldTables(ctx context.Context, q Querier, s *DBState) error {
 		return fmt.Errorf("load batches: %w", err)
 	}
 
-	rows, err = q.Query(ctx, `SELECT account_id::text, count(*) FROM account_changes GROUP BY account_id`)
+	rows, err = q.Query(ctx, `SELECT account_id::text, count(*),
+		max(greatest(coalesce((before->>'credit_limit')::bigint, 0), coalesce((after->>'credit_limit')::bigint, 0)))
+		FROM account_changes GROUP BY account_id`)
 	if err != nil {
 		return fmt.Errorf("load account_changes: %w", err)
 	}
 	for rows.Next() {
 		var id string
-		var n int64
-		if err := rows.Scan(&id, &n); err != nil {
+		var n, maxLimit int64
+		if err := rows.Scan(&id, &n, &maxLimit); err != nil {
 			rows.Close()
 			return fmt.Errorf("load account_changes: %w", err)
 		}
 		s.AccountChanges[id] = n
+		if a := s.Accounts[id]; a != nil {
+			a.MaxCreditLimit = maxLimit
+		}
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("load account_changes: %w", err)
+	}
+
+	rows, err = q.Query(ctx, `SELECT xid::text, event_id, kind, subject_id::text FROM events ORDER BY xid, event_id`)
+	if err != nil {
+		return fmt.Errorf("load events: %w", err)
+	}
+	for rows.Next() {
+		var e EventRow
+		var xid string
+		if err := rows.Scan(&xid, &e.ID, &e.Kind, &e.Subject); err != nil {
+			rows.Close()
+			return fmt.Errorf("load events: %w", err)
+		}
+		if e.XID, err = strconv.ParseUint(xid, 10, 64); err != nil {
+			rows.Close()
+			return fmt.Errorf("load events: xid %q: %w", xid, err)
+		}
+		s.Events = append(s.Events, e)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("load events: %w", err)
 	}
 	return nil
 }

@@ -247,6 +247,9 @@ type pools struct {
 	funding    map[string][]AccountSpec
 	all        []AccountSpec
 	byID       map[string]AccountSpec
+	// closable are empty customers only the lifecycle client uses (it
+	// closes them); not in all.
+	closable []AccountSpec
 }
 
 // opResult is what a successful answer acknowledged, whatever the RPC.
