@@ -1091,7 +1091,7 @@ func TestChecker(t *testing.T) {
 		},
 		{
 			name: "floor: an entry below every credit limit the account ever had",
-			sql: []string{fmt.Sprintf(`UPDATE entries SET balance_after = -21 WHERE account_id = '%s' AND sequence = 1`, f.c)},
+			sql:  []string{fmt.Sprintf(`UPDATE entries SET balance_after = -21 WHERE account_id = '%s' AND sequence = 1`, f.c)},
 			want: InvFloorRespected,
 		},
 	}

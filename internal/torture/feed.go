@@ -35,6 +35,19 @@ type follower struct {
 	mu     sync.Mutex
 	log    FeedLog
 	cursor string
+	// cancelSession ends the current Export call (a stream stuck on a
+	// connection that died silently), so the follower moves on.
+	cancelSession context.CancelFunc
+}
+
+// kick ends the current Export call; the follower resumes from its cursor
+// on the next tallyd.
+func (f *follower) kick() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.cancelSession != nil {
+		f.cancelSession()
+	}
 }
 
 func (r *runner) newFollower() (*follower, error) {
@@ -87,19 +100,23 @@ func feedEvent(ev *tallyv1.ExportTransfersResponse) FeedEvent {
 func (f *follower) run(ctx context.Context) {
 	for i := 0; ctx.Err() == nil; i++ {
 		idx := i % len(f.clients)
+		sctx, cancel := context.WithCancel(ctx)
 		f.mu.Lock()
 		cursor := f.cursor
 		f.log.Sessions++
+		f.cancelSession = cancel
 		f.mu.Unlock()
-		next, err := f.clients[idx].Export(ctx, cursor, true, func(ev *tallyv1.ExportTransfersResponse) error {
+		next, err := f.clients[idx].Export(sctx, cursor, true, func(ev *tallyv1.ExportTransfersResponse) error {
 			f.mu.Lock()
 			f.log.Events = append(f.log.Events, feedEvent(ev))
 			f.mu.Unlock()
 			return nil
 		})
+		kicked := sctx.Err() != nil
+		cancel()
 		f.mu.Lock()
 		f.cursor = next
-		if err != nil && ctx.Err() == nil {
+		if err != nil && !kicked {
 			code := status.Code(err)
 			f.r.hist.CountAnswer(codeName(code))
 			if code == codes.Internal || code == codes.Unknown {
@@ -138,6 +155,7 @@ func (r *runner) catchUp(ctx context.Context, f *follower, stopFollower context.
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	deadline := time.Now().Add(feedCatchUpMax)
+	lastGot, lastProgress := -1, time.Now()
 	for {
 		var n int64
 		if err := conn.QueryRow(ctx, `SELECT count(*) FROM events`).Scan(&n); err != nil {
@@ -151,6 +169,15 @@ func (r *runner) catchUp(ctx context.Context, f *follower, stopFollower context.
 			f.mu.Unlock()
 			r.printf("feed follower caught up: %d events\n", got)
 			return
+		}
+		if int(got) != lastGot {
+			lastGot, lastProgress = int(got), time.Now()
+		} else if time.Since(lastProgress) > 10*time.Second {
+			// Behind and not moving: its stream may hang on a connection
+			// that died without a word; make it reconnect.
+			r.event("feed follower stalled; reconnecting", "received", got, "events", n)
+			f.kick()
+			lastProgress = time.Now()
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			r.printf("feed follower did NOT catch up within %s: %d of %d events\n", feedCatchUpMax, got, n)

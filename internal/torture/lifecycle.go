@@ -125,7 +125,12 @@ func (r *runner) lifecycle(stop, hard context.Context) {
 			}
 		case x < 0.85: // credit limit up or down
 			a := p.small[cur][rng.IntN(len(p.small[cur]))]
-			limit := []int64{0, 10, 50, 100, 200}[rng.IntN(5)]
+			// Half raise it, half try to lower it to (nearly) nothing:
+			// refused CREDIT_LIMIT_IN_USE while the account is below.
+			limit := []int64{50, 100, 200}[rng.IntN(3)]
+			if rng.IntN(2) == 0 {
+				limit = []int64{0, 10}[rng.IntN(2)]
+			}
 			r.update(hard, rng, &tallyv1.UpdateAccountRequest{AccountId: a.ID, CreditLimit: &limit}, "OK", reasonCreditLimitUsed)
 		default: // low-balance threshold
 			a := p.customers[cur][rng.IntN(len(p.customers[cur]))]
