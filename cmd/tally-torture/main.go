@@ -2,11 +2,13 @@
 //
 // It builds tallyd from this checkout, starts a private PostgreSQL and Redis
 // and several tallyd processes (each behind TCP fault proxies to both), runs
-// concurrent clients that charge, credit, transfer and read balances while a
-// seeded nemesis kills tallyd, restarts PostgreSQL, kills and flushes Redis,
-// partitions and slows the network and plants stale cache values; then heals
-// everything and checks the history and the final state against the
-// ledger's invariants.
+// concurrent clients that charge, credit, transfer, hold, refund, batch and
+// read balances, a client that freezes, updates and closes accounts, and a
+// change-feed follower, while a seeded nemesis kills tallyd, restarts
+// PostgreSQL, kills and flushes Redis, partitions and slows the network and
+// plants stale cache values; then heals everything, lets the follower catch
+// up, runs a Reconcile, and checks the history, the feed and the final state
+// against the ledger's invariants.
 //
 //	go run ./cmd/tally-torture -duration 60s -seed 1
 //

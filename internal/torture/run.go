@@ -604,7 +604,10 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 		r.catchUp(cctx, r.fol, r.folStop, r.folDone)
 		r.fol = nil
 	}
-	r.reconcile(cctx)
+	if r.cfg.OldTallydBin == "" || int(r.upgraded.Load()) == len(r.tds) {
+		// (A previous release left running lacks Reconcile.)
+		r.reconcile(cctx)
+	}
 	r.finalReads(cctx)
 	cs, err := LoadCacheState(cctx, r.rdb, r.keyPrefix)
 	if err != nil {
