@@ -3,6 +3,7 @@ package ledger
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/google/uuid"
 
@@ -30,6 +31,9 @@ const (
 	ReconcilePageSizeMax     = 5000
 	// ReconcileAccountsMax bounds an explicit selection.
 	ReconcileAccountsMax = 10000
+	// ReconcileStatementTimeoutDefault bounds each ledger-wide check (one
+	// statement over whole tables: tens of seconds at 10 million entries).
+	ReconcileStatementTimeoutDefault = 10 * time.Minute
 )
 
 // ReconcileRequest selects what to check.
@@ -130,7 +134,7 @@ func (l *Ledger) Reconcile(ctx context.Context, r ReconcileRequest, found func(F
 		}
 	}
 	if len(r.AccountIDs) == 0 {
-		global, err := l.st.CheckGlobal(ctx)
+		global, err := l.st.CheckGlobal(ctx, l.limits.ReconcileStatementTimeout)
 		if err != nil {
 			return sum, fromStore(err)
 		}

@@ -36,6 +36,8 @@ type Limits struct {
 	// UsageRangeDaysMax the days of its time range.
 	UsageRowsMax      int
 	UsageRangeDaysMax int
+	// ReconcileStatementTimeout bounds each ledger-wide reconcile check.
+	ReconcileStatementTimeout time.Duration
 }
 
 // Default limits.
@@ -69,21 +71,22 @@ const (
 // DefaultLimits returns the default limits.
 func DefaultLimits() Limits {
 	return Limits{
-		PageSizeMax:           PageSizeMaxDefault,
-		PageSizeDefault:       PageSizeDefaultDefault,
-		MetadataKeysMax:       MetadataKeysMaxDefault,
-		MetadataKeyBytesMax:   MetadataKeyBytesMaxDefault,
-		MetadataValueBytesMax: MetadataValueBytesMaxDefault,
-		DescriptionBytesMax:   DescriptionBytesMaxDefault,
-		ExternalRefBytesMax:   ExternalRefBytesMax,
-		CreditLimitMax:        CreditLimitMax,
-		HoldExpiryDefault:     HoldExpiryDefaultDefault,
-		HoldExpiryMax:         HoldExpiryMaxDefault,
-		SubmitBatchItemsMax:   SubmitBatchItemsMaxDefault,
-		BalancesAccountsMax:   BalancesAccountsMaxDefault,
-		HistorySettleWindow:   HistorySettleWindowDefault,
-		UsageRowsMax:          UsageRowsMaxDefault,
-		UsageRangeDaysMax:     UsageRangeDaysMaxDefault,
+		PageSizeMax:               PageSizeMaxDefault,
+		PageSizeDefault:           PageSizeDefaultDefault,
+		MetadataKeysMax:           MetadataKeysMaxDefault,
+		MetadataKeyBytesMax:       MetadataKeyBytesMaxDefault,
+		MetadataValueBytesMax:     MetadataValueBytesMaxDefault,
+		DescriptionBytesMax:       DescriptionBytesMaxDefault,
+		ExternalRefBytesMax:       ExternalRefBytesMax,
+		CreditLimitMax:            CreditLimitMax,
+		HoldExpiryDefault:         HoldExpiryDefaultDefault,
+		HoldExpiryMax:             HoldExpiryMaxDefault,
+		SubmitBatchItemsMax:       SubmitBatchItemsMaxDefault,
+		BalancesAccountsMax:       BalancesAccountsMaxDefault,
+		HistorySettleWindow:       HistorySettleWindowDefault,
+		ReconcileStatementTimeout: ReconcileStatementTimeoutDefault,
+		UsageRowsMax:              UsageRowsMaxDefault,
+		UsageRangeDaysMax:         UsageRangeDaysMaxDefault,
 	}
 }
 
@@ -128,6 +131,9 @@ func (l *Limits) fill() {
 	}
 	if l.HistorySettleWindow <= 0 {
 		l.HistorySettleWindow = d.HistorySettleWindow
+	}
+	if l.ReconcileStatementTimeout <= 0 {
+		l.ReconcileStatementTimeout = d.ReconcileStatementTimeout
 	}
 	if l.UsageRowsMax <= 0 {
 		l.UsageRowsMax = d.UsageRowsMax

@@ -2,8 +2,11 @@ package store
 
 import (
 	"context"
+	"strconv"
+	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 )
 
 // AccountCheck is what reconciliation found for one account: the stored
@@ -89,7 +92,19 @@ const (
 // currency all balances sum to zero; every transfer has exactly two entries
 // summing to zero; the refunds of every charge add up to its recorded
 // refunded total, which is at most the charge. At most 100 findings per check.
-func (s *Store) CheckGlobal(ctx context.Context) ([]GlobalFinding, error) {
+//
+// Each statement reads whole tables, so it runs under its own statement
+// timeout (timeout), not the short one that guards the write path; they run
+// one after another in a read-only transaction that holds no locks.
+func (s *Store) CheckGlobal(ctx context.Context, timeout time.Duration) ([]GlobalFinding, error) {
+	tx, err := s.pool.BeginTx(ctx, pgx.TxOptions{AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return nil, translate(err)
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	if _, err := tx.Exec(ctx, `SELECT set_config('statement_timeout', $1, true)`, strconv.FormatInt(timeout.Milliseconds(), 10)); err != nil {
+		return nil, translate(err)
+	}
 	var out []GlobalFinding
 	queries := []struct {
 		check, sql string
@@ -113,7 +128,7 @@ func (s *Store) CheckGlobal(ctx context.Context) ([]GlobalFinding, error) {
 			LIMIT $1`},
 	}
 	for _, q := range queries {
-		rows, err := s.pool.Query(ctx, q.sql, globalFindingsPerKind)
+		rows, err := tx.Query(ctx, q.sql, globalFindingsPerKind)
 		if err != nil {
 			return nil, translate(err)
 		}

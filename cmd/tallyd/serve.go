@@ -153,6 +153,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.limits.SubmitBatchItemsMax, "submit-batch-items-max", d.SubmitBatchItemsMax, "most operations in one SubmitBatch")
 	fs.IntVar(&c.submitBatchBytesMax, "submit-batch-bytes-max", api.SubmitBatchBytesMaxDefault, "largest SubmitBatch request in bytes (keep below --msg-bytes-max)")
 	fs.IntVar(&c.limits.BalancesAccountsMax, "balances-accounts-max", d.BalancesAccountsMax, "most accounts in one GetBalances")
+	fs.DurationVar(&c.limits.ReconcileStatementTimeout, "reconcile-statement-timeout", d.ReconcileStatementTimeout, "statement timeout of each ledger-wide reconcile check (they read whole tables)")
 	fs.DurationVar(&c.limits.HistorySettleWindow, "history-settle-window", d.HistorySettleWindow, "a balance at an instant closer to now than this is not final (must exceed --batch-timeout)")
 	fs.DurationVar(&c.exportPollInterval, "export-poll-interval", api.ExportPollIntervalDefault, "how often a following ExportTransfers stream looks for new events")
 	fs.DurationVar(&c.exportStreamDurationMax, "export-stream-duration-max", api.ExportStreamDurationMaxDefault, "longest following ExportTransfers stream (clients resume from their cursor)")
