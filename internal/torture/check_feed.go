@@ -25,8 +25,12 @@ func (c *checker) checkLifecycle() {
 	calls := slices.Clone(c.h.Lifecycle)
 	sort.SliceStable(calls, func(i, j int) bool { return calls[i].Start.Before(calls[j].Start) })
 	answers := map[string]int{}
+	retried := 0
 	for _, lc := range calls {
 		c.checked(InvLifecycleAnswers, 1)
+		if lc.Attempts > 1 {
+			retried++
+		}
 		ans := lc.Code
 		if lc.Code != "OK" && lc.Reason != "" {
 			ans = lc.Reason
@@ -106,8 +110,8 @@ func (c *checker) checkLifecycle() {
 	for _, k := range sortedKeys(answers) {
 		parts = append(parts, fmt.Sprintf("%s %d", k, answers[k]))
 	}
-	r.Note = fmt.Sprintf("%d lifecycle calls (%s); %d ops refused ACCOUNT_NOT_ACTIVE; %d accounts closed",
-		len(calls), strings.Join(parts, ", "), notActive, len(closed))
+	r.Note = fmt.Sprintf("%d lifecycle calls (%s; %d retried); %d ops refused ACCOUNT_NOT_ACTIVE; %d accounts closed",
+		len(calls), strings.Join(parts, ", "), retried, notActive, len(closed))
 }
 
 // feedPos is a feed position: an events row's (xid, event_id).
