@@ -29,11 +29,14 @@ type tallyd struct {
 	args []string
 	// argsByBin overrides args for a binary that lacks some of their flags
 	// (the previous release in a rolling upgrade).
-	argsByBin  map[string][]string
-	grpcAddr   string
-	httpAddr   string
-	logPath    string
-	pgProxy    *faultproxy.Proxy
+	argsByBin map[string][]string
+	grpcAddr  string
+	httpAddr  string
+	logPath   string
+	pgProxy   *faultproxy.Proxy
+	// pgProxy2 is in front of the standby in a PostgreSQL failover run
+	// (nil otherwise); tallyd names both servers.
+	pgProxy2   *faultproxy.Proxy
 	redisProxy *faultproxy.Proxy
 	cl         *client.Client
 	hist       *History
@@ -54,14 +57,28 @@ const readyTimeout = 90 * time.Second
 // so expiries are written down by the sweeper as well as by writes.
 const holdSweepInterval = 2 * time.Second
 
-func newTallyd(idx int, bin, dir, pgTarget, redisTarget, cacheTTL string, hist *History, log *slog.Logger) (*tallyd, error) {
+// newTallyd prepares a tallyd behind fault proxies. standbyTarget, when
+// not empty, is a PostgreSQL standby: tallyd then gets a second proxy in
+// front of it and a two-host database URL with
+// target_session_attrs=read-write, so it connects to whichever server
+// accepts writes (the primary, or the standby once promoted).
+func newTallyd(idx int, bin, dir, pgTarget, standbyTarget, redisTarget, cacheTTL string, hist *History, log *slog.Logger) (*tallyd, error) {
 	t := &tallyd{idx: idx, bin: bin, hist: hist, log: log}
 	var err error
 	if t.pgProxy, err = faultproxy.New("127.0.0.1:0", pgTarget); err != nil {
 		return nil, err
 	}
+	dbURL := "postgres://postgres@" + t.pgProxy.Addr() + "/tally?sslmode=disable"
+	if standbyTarget != "" {
+		if t.pgProxy2, err = faultproxy.New("127.0.0.1:0", standbyTarget); err != nil {
+			t.pgProxy.Close()
+			return nil, err
+		}
+		dbURL = "postgres://postgres@" + t.pgProxy.Addr() + "," + t.pgProxy2.Addr() +
+			"/tally?sslmode=disable&target_session_attrs=read-write"
+	}
 	if t.redisProxy, err = faultproxy.New("127.0.0.1:0", redisTarget); err != nil {
-		t.pgProxy.Close()
+		t.closePG()
 		return nil, err
 	}
 	gport, err := localsvc.FreePort()
@@ -76,7 +93,7 @@ func newTallyd(idx int, bin, dir, pgTarget, redisTarget, cacheTTL string, hist *
 	t.httpAddr = net.JoinHostPort("127.0.0.1", strconv.Itoa(hport))
 	t.logPath = fmt.Sprintf("%s/tallyd-%d.log", dir, idx)
 	t.args = []string{"serve",
-		"--database-url", "postgres://postgres@" + t.pgProxy.Addr() + "/tally?sslmode=disable",
+		"--database-url", dbURL,
 		"--redis-url", "redis://" + t.redisProxy.Addr() + "/0",
 		"--grpc-addr", t.grpcAddr,
 		"--http-addr", t.httpAddr,
@@ -264,13 +281,31 @@ func (t *tallyd) close() {
 	if t.cl != nil {
 		t.cl.Close()
 	}
-	t.pgProxy.Close()
+	t.closePG()
 	t.redisProxy.Close()
+}
+
+// pgProxies returns the proxies in front of PostgreSQL: one, or two in a
+// failover run (network faults hit both: tallyd's whole path to the
+// database).
+func (t *tallyd) pgProxies() []*faultproxy.Proxy {
+	if t.pgProxy2 != nil {
+		return []*faultproxy.Proxy{t.pgProxy, t.pgProxy2}
+	}
+	return []*faultproxy.Proxy{t.pgProxy}
+}
+
+func (t *tallyd) closePG() {
+	for _, p := range t.pgProxies() {
+		p.Close()
+	}
 }
 
 // heal clears every network fault in front of this tallyd.
 func (t *tallyd) heal() {
-	t.pgProxy.Heal()
+	for _, p := range t.pgProxies() {
+		p.Heal()
+	}
 	t.redisProxy.Heal()
 }
 

@@ -59,6 +59,8 @@ func hold(stop context.Context, d time.Duration) {
 func (r *runner) nemesis(stop context.Context, seed int64) error {
 	rng := rand.New(rand.NewPCG(uint64(seed), 0x6e656d65736973))
 	order := append([]string(nil), FaultKinds...)
+	began := time.Now()
+	failoverDue := r.cfg.PGFailover
 	for i := 0; ; i++ {
 		if i%len(order) == 0 {
 			rng.Shuffle(len(order), func(a, b int) { order[a], order[b] = order[b], order[a] })
@@ -69,7 +71,19 @@ func (r *runner) nemesis(stop context.Context, seed int64) error {
 		}
 		kind := order[i%len(order)]
 		start := time.Now()
-		detail, err := r.inject(stop, rng, kind)
+		var detail string
+		var err error
+		if at := time.Since(began); failoverDue && at >= r.failoverAt() {
+			// Once, in place of this turn's fault (which comes next).
+			failoverDue = false
+			kind = FaultPGFailover
+			i--
+			bg, cancel := context.WithTimeout(context.WithoutCancel(stop), 3*time.Minute)
+			detail, err = r.pgFailover(bg, at)
+			cancel()
+		} else {
+			detail, err = r.inject(stop, rng, kind)
+		}
 		r.countFault(kind)
 		r.event("fault", "kind", kind, "detail", detail, "took", time.Since(start).Round(time.Millisecond).String())
 		if err != nil {
@@ -175,12 +189,16 @@ func (r *runner) inject(stop context.Context, rng *rand.Rand, kind string) (stri
 	case FaultPGCut:
 		ts := r.targets(rng)
 		for _, t := range ts {
-			t.pgProxy.Cut()
+			for _, p := range t.pgProxies() {
+				p.Cut()
+			}
 		}
 		d := randDur(rng, time.Second, 4*time.Second)
 		hold(stop, d)
 		for _, t := range ts {
-			t.pgProxy.Heal()
+			for _, p := range t.pgProxies() {
+				p.Heal()
+			}
 		}
 		return fmt.Sprintf("postgres proxy of %s cut for %s", names(ts), d), nil
 
@@ -190,14 +208,18 @@ func (r *runner) inject(stop context.Context, rng *rand.Rand, kind string) (stri
 		// locks until the link is dropped at Heal.
 		ts := r.targets(rng)
 		for _, t := range ts {
-			t.pgProxy.Blackhole()
+			for _, p := range t.pgProxies() {
+				p.Blackhole()
+			}
 		}
 		// Often longer than the clients' 3s per-attempt timeout, so calls
 		// end in DEADLINE_EXCEEDED while their transactions hang.
 		d := randDur(rng, 2*time.Second, 5*time.Second)
 		hold(stop, d)
 		for _, t := range ts {
-			t.pgProxy.Heal()
+			for _, p := range t.pgProxies() {
+				p.Heal()
+			}
 		}
 		return fmt.Sprintf("postgres proxy of %s blackholed for %s", names(ts), d), nil
 

@@ -48,6 +48,14 @@ type Config struct {
 	// and the clients use only the previous release's calls (charge,
 	// credit, transfer, balance reads).
 	OldTallydBin string
+	// PGFailover runs PostgreSQL as a primary with a synchronous streaming
+	// standby (synchronous_standby_names = '*'); every tallyd names both
+	// servers with target_session_attrs=read-write. Once per run, at 40%
+	// of Duration, the nemesis kills the primary with SIGKILL and promotes
+	// the standby (FaultPGFailover); the other faults go on, PostgreSQL
+	// restarts hitting whichever server is the primary. The check runs
+	// against the new primary.
+	PGFailover bool
 	// Keep keeps the temp dir (logs, the stopped PostgreSQL data dir).
 	Keep    bool
 	Verbose bool
@@ -80,10 +88,16 @@ type runner struct {
 	cacheTTL  time.Duration
 	keyPrefix string
 
-	pg    *localsvc.Postgres
-	redis *localsvc.Redis
-	rdb   *redis.Client
-	dbURL string
+	// pg is the current primary; dbURL points at it.
+	pg *localsvc.Postgres
+	// standby is the synchronous standby of a failover run until it is
+	// promoted (then it is pg, and oldPG is the killed primary).
+	standby  *localsvc.Postgres
+	oldPG    *localsvc.Postgres
+	failover failoverInfo
+	redis    *localsvc.Redis
+	rdb      *redis.Client
+	dbURL    string
 	// newBin is the tallyd binary of this build (the upgrade target).
 	newBin   string
 	upgraded atomic.Int64
@@ -197,6 +211,9 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	if cfg.Out == nil {
 		cfg.Out = os.Stdout
 	}
+	if cfg.PGFailover && cfg.OldTallydBin != "" {
+		return nil, errors.New("torture: a PostgreSQL failover run cannot also be a rolling upgrade")
+	}
 	r := &runner{cfg: cfg, out: cfg.Out, hist: NewHistory(), cacheTTL: cfg.CacheTTL, keyPrefix: keyPrefix, faults: map[string]int{}}
 	started := time.Now()
 
@@ -279,7 +296,11 @@ func (r *runner) setup(ctx context.Context) error {
 
 	var err error
 	r.printf("starting private PostgreSQL and Redis ...\n")
-	r.pg, err = localsvc.StartPostgres(ctx, localsvc.PostgresOptions{Dir: filepath.Join(r.dir, "pg"), Logger: r.log})
+	var pgConf map[string]string
+	if r.cfg.PGFailover {
+		pgConf = map[string]string{"wal_level": "replica", "max_wal_senders": "5"}
+	}
+	r.pg, err = localsvc.StartPostgres(ctx, localsvc.PostgresOptions{Dir: filepath.Join(r.dir, "pg"), Logger: r.log, ExtraConf: pgConf})
 	if err != nil {
 		return err
 	}
@@ -317,6 +338,15 @@ func (r *runner) setup(ctx context.Context) error {
 	r.apiKey = apiKey
 
 	pgTarget := fmt.Sprintf("127.0.0.1:%d", r.pg.Port())
+	standbyTarget := ""
+	if r.cfg.PGFailover {
+		if err := r.startStandby(ctx); err != nil {
+			return err
+		}
+		standbyTarget = fmt.Sprintf("127.0.0.1:%d", r.standby.Port())
+		r.printf("PostgreSQL failover mode: primary :%d, synchronous standby :%d; the primary is killed and the standby promoted at t=%s\n",
+			r.pg.Port(), r.standby.Port(), r.failoverAt())
+	}
 	r.newBin = bin
 	startBin := bin
 	if r.cfg.OldTallydBin != "" {
@@ -324,7 +354,7 @@ func (r *runner) setup(ctx context.Context) error {
 		r.printf("rolling upgrade: tallyds start on %s, are replaced by %s during the run\n", startBin, bin)
 	}
 	for i := 0; i < r.cfg.Tallyds; i++ {
-		t, err := newTallyd(i, startBin, r.dir, pgTarget, r.redis.Addr(), r.cacheTTL.String(), r.hist, r.log)
+		t, err := newTallyd(i, startBin, r.dir, pgTarget, standbyTarget, r.redis.Addr(), r.cacheTTL.String(), r.hist, r.log)
 		if err != nil {
 			return err
 		}
@@ -623,6 +653,9 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 		return nil, err
 	}
 	invs := Check(r.hist, db, cs, CheckOptions{CacheTTL: r.cacheTTL})
+	if r.cfg.PGFailover {
+		invs = append(invs, r.checkFailover(cctx, conn))
+	}
 	rep := &Report{
 		Seed: r.cfg.Seed, Duration: r.cfg.Duration.String(), StartedAt: started,
 		Elapsed: time.Since(started).Round(time.Second).String(),
@@ -634,6 +667,9 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 	kinds := FaultKinds
 	if r.cfg.OldTallydBin != "" {
 		kinds = []string{FaultRollingUpgrade}
+	}
+	if r.cfg.PGFailover {
+		kinds = append(append([]string(nil), kinds...), FaultPGFailover)
 	}
 	for _, k := range kinds {
 		rep.Faults[k] = r.faults[k]
@@ -692,11 +728,14 @@ func (r *runner) teardown(keep bool) {
 	if r.redis != nil {
 		_ = r.redis.Close()
 	}
-	if r.pg != nil {
+	for _, pg := range []*localsvc.Postgres{r.pg, r.standby, r.oldPG} {
+		if pg == nil {
+			continue
+		}
 		if keep {
-			_ = r.pg.Stop("fast")
+			_ = pg.Stop("fast")
 		} else {
-			_ = r.pg.Close()
+			_ = pg.Close()
 		}
 	}
 }
