@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"strconv"
@@ -39,6 +40,11 @@ func statusError(err error) error {
 	}
 	var le *ledger.Error
 	if !errors.As(err, &le) {
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			// A stream's own context ended: the caller went away or its
+			// deadline passed. CANCELLED or DEADLINE_EXCEEDED, never INTERNAL.
+			return status.FromContextError(err).Err()
+		}
 		// Not a ledger error: a bug in this package. Say nothing more.
 		return newStatus(codes.Internal, ledger.ReasonInternal, "internal error", nil)
 	}

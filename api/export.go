@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"time"
 
-	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tallyledger/tally/ledger"
@@ -52,9 +51,7 @@ func (s *Server) ExportTransfers(r *tallyv1.ExportTransfersRequest, stream tally
 		}
 		select {
 		case <-ctx.Done():
-			// The caller went away or its deadline passed: CANCELLED or
-			// DEADLINE_EXCEEDED, never INTERNAL.
-			return status.FromContextError(ctx.Err()).Err()
+			return statusError(ctx.Err())
 		case <-time.After(poll):
 		}
 	}

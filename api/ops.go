@@ -23,13 +23,9 @@ const SubmitBatchBytesMaxDefault = 3 << 20
 
 // Refund implements LedgerService.
 func (s *Server) Refund(ctx context.Context, r *tallyv1.RefundRequest) (*tallyv1.TransferResult, error) {
-	m, err := refundMove(r)
+	res, err := apply(ctx, s, r, refundMove)
 	if err != nil {
 		return nil, err
-	}
-	res, err := s.l.Refund(ctx, moveRequest(ctx, m))
-	if err != nil {
-		return nil, statusError(err)
 	}
 	return resultPB(res), nil
 }
@@ -45,13 +41,9 @@ func refundMove(r *tallyv1.RefundRequest) (ledger.MoveRequest, error) {
 
 // Hold implements LedgerService.
 func (s *Server) Hold(ctx context.Context, r *tallyv1.HoldRequest) (*tallyv1.HoldResult, error) {
-	m, err := holdMove(r)
+	res, err := apply(ctx, s, r, holdMove)
 	if err != nil {
 		return nil, err
-	}
-	res, err := s.l.Hold(ctx, moveRequest(ctx, m))
-	if err != nil {
-		return nil, statusError(err)
 	}
 	return holdResultPB(res), nil
 }
@@ -80,13 +72,9 @@ func holdMove(r *tallyv1.HoldRequest) (ledger.MoveRequest, error) {
 
 // CaptureHold implements LedgerService.
 func (s *Server) CaptureHold(ctx context.Context, r *tallyv1.CaptureHoldRequest) (*tallyv1.HoldResult, error) {
-	m, err := captureMove(r)
+	res, err := apply(ctx, s, r, captureMove)
 	if err != nil {
 		return nil, err
-	}
-	res, err := s.l.CaptureHold(ctx, moveRequest(ctx, m))
-	if err != nil {
-		return nil, statusError(err)
 	}
 	return holdResultPB(res), nil
 }
@@ -101,13 +89,9 @@ func captureMove(r *tallyv1.CaptureHoldRequest) (ledger.MoveRequest, error) {
 
 // ReleaseHold implements LedgerService.
 func (s *Server) ReleaseHold(ctx context.Context, r *tallyv1.ReleaseHoldRequest) (*tallyv1.HoldResult, error) {
-	m, err := releaseMove(r)
+	res, err := apply(ctx, s, r, releaseMove)
 	if err != nil {
 		return nil, err
-	}
-	res, err := s.l.ReleaseHold(ctx, moveRequest(ctx, m))
-	if err != nil {
-		return nil, statusError(err)
 	}
 	return holdResultPB(res), nil
 }

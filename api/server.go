@@ -50,6 +50,21 @@ func moveRequest(ctx context.Context, r ledger.MoveRequest) ledger.MoveRequest {
 	return r
 }
 
+// apply builds a money-moving request from a proto request, adds the
+// caller's scope and audit trail, runs it, and turns ledger errors into
+// statuses: the one path every money-moving handler takes.
+func apply[R any](ctx context.Context, s *Server, r R, build func(R) (ledger.MoveRequest, error)) (ledger.TransferResult, error) {
+	m, err := build(r)
+	if err != nil {
+		return ledger.TransferResult{}, err
+	}
+	res, err := s.l.Apply(ctx, moveRequest(ctx, m))
+	if err != nil {
+		return ledger.TransferResult{}, statusError(err)
+	}
+	return res, nil
+}
+
 // ownOnly reports whether the caller may see only its own transfers.
 func ownOnly(ctx context.Context) (auth.Principal, bool) {
 	p, ok := auth.FromContext(ctx)
@@ -103,13 +118,9 @@ func (s *Server) FindAccounts(ctx context.Context, r *tallyv1.FindAccountsReques
 
 // Charge implements LedgerService.
 func (s *Server) Charge(ctx context.Context, r *tallyv1.ChargeRequest) (*tallyv1.TransferResult, error) {
-	m, err := chargeMove(r)
+	res, err := apply(ctx, s, r, chargeMove)
 	if err != nil {
 		return nil, err
-	}
-	res, err := s.l.Charge(ctx, moveRequest(ctx, m))
-	if err != nil {
-		return nil, statusError(err)
 	}
 	return resultPB(res), nil
 }
@@ -129,13 +140,9 @@ func chargeMove(r *tallyv1.ChargeRequest) (ledger.MoveRequest, error) {
 
 // Credit implements LedgerService.
 func (s *Server) Credit(ctx context.Context, r *tallyv1.CreditRequest) (*tallyv1.TransferResult, error) {
-	m, err := creditMove(r)
+	res, err := apply(ctx, s, r, creditMove)
 	if err != nil {
 		return nil, err
-	}
-	res, err := s.l.Credit(ctx, moveRequest(ctx, m))
-	if err != nil {
-		return nil, statusError(err)
 	}
 	return resultPB(res), nil
 }
@@ -155,13 +162,9 @@ func creditMove(r *tallyv1.CreditRequest) (ledger.MoveRequest, error) {
 
 // Transfer implements LedgerService.
 func (s *Server) Transfer(ctx context.Context, r *tallyv1.TransferRequest) (*tallyv1.TransferResult, error) {
-	m, err := transferMove(r)
+	res, err := apply(ctx, s, r, transferMove)
 	if err != nil {
 		return nil, err
-	}
-	res, err := s.l.Transfer(ctx, moveRequest(ctx, m))
-	if err != nil {
-		return nil, statusError(err)
 	}
 	return resultPB(res), nil
 }

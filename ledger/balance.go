@@ -107,13 +107,9 @@ func serveUntil(next *time.Time) time.Time {
 }
 
 func balanceFromRow(row store.BalanceRow) Balance {
-	avail := row.Balance
-	if Floor(row.Floor) == FloorNonNegative {
-		avail = row.Balance - row.Held + row.CreditLimit
-	}
 	return Balance{
 		AccountID: row.AccountID, Currency: row.Currency, Balance: row.Balance, Held: row.Held,
-		Available: avail, CreditLimit: row.CreditLimit, Version: row.Version, Source: SourceStore,
+		Available: available(Floor(row.Floor), row.Balance, row.Held, row.CreditLimit), CreditLimit: row.CreditLimit, Version: row.Version, Source: SourceStore,
 		AsOf: row.ReadAt, Final: true, NextHoldExpiry: row.NextHoldExpiry,
 	}
 }
@@ -168,12 +164,9 @@ func (l *Ledger) GetBalances(ctx context.Context, ids []uuid.UUID, at *time.Time
 		if at.After(r.Now) {
 			return nil, invalid("at", "at is in the future")
 		}
-		avail := r.Balance
-		if Floor(r.Floor) == FloorNonNegative {
-			avail = r.Balance - r.Held + r.CreditLimit
-		}
 		out[i] = Balance{
-			AccountID: r.AccountID, Currency: r.Currency, Balance: r.Balance, Held: r.Held, Available: avail,
+			AccountID: r.AccountID, Currency: r.Currency, Balance: r.Balance, Held: r.Held,
+			Available:   available(Floor(r.Floor), r.Balance, r.Held, r.CreditLimit),
 			CreditLimit: r.CreditLimit, Source: SourceStore, AsOf: *at,
 			Final: !at.After(r.Now.Add(-l.limits.HistorySettleWindow)),
 		}

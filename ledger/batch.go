@@ -425,11 +425,15 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 			if a.Held != original[id].Held && !wk.holdsChanged[id] {
 				panic(fmt.Sprintf("ledger: held of %s changed without a hold change", id))
 			}
-			wk.w.Updates = append(wk.w.Updates, store.AccountUpdate{
+			u := store.AccountUpdate{
 				AccountID: id, PrevVersion: original[id].Version, Balance: a.Balance, Version: a.Version,
 				LastSequence: a.LastSequence, LastEntryAt: a.LastEntryAt, Held: a.Held, HoldsChanged: wk.holdsChanged[id],
-				Status: a.Status, CreditLimit: a.CreditLimit, Metadata: a.Metadata, LowBalanceThreshold: a.LowBalanceThreshold,
-			})
+				Status: a.Status, CreditLimit: a.CreditLimit, LowBalanceThreshold: a.LowBalanceThreshold,
+			}
+			if wk.metaChanged[id] {
+				u.Metadata = a.Metadata
+			}
+			wk.w.Updates = append(wk.w.Updates, u)
 		}
 		wk.feedEvents()
 		wk.usageRollup(l.usage.keys, usageSet)

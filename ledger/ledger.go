@@ -360,15 +360,19 @@ const (
 	codeNameOutOfRange         = "OUT_OF_RANGE"
 )
 
-func available(floor Floor, bal, creditLimit int64) int64 {
+// available is what a FLOOR_NON_NEGATIVE account may still debit or hold:
+// balance - held + credit_limit; an account without a floor has no holds
+// and its available amount is its balance.
+func available(floor Floor, bal, held, creditLimit int64) int64 {
 	if floor == FloorNone {
 		return bal
 	}
-	// The schema's accounts_available_range CHECK keeps this from overflowing.
+	// The schema's accounts_available_range and accounts_held_within_floor
+	// CHECKs keep this in range (held and credit_limit are non-negative).
 	if bal > math.MaxInt64-creditLimit {
 		panic(fmt.Sprintf("ledger: available overflows: balance %d credit_limit %d", bal, creditLimit))
 	}
-	return bal + creditLimit
+	return bal - held + creditLimit
 }
 
 func toAccount(a store.Account) Account {

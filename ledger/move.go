@@ -37,6 +37,15 @@ func (l *Ledger) Transfer(ctx context.Context, r MoveRequest) (TransferResult, e
 	return l.move(ctx, r)
 }
 
+// Apply runs one money-moving request of the kind r.Kind says (Charge to
+// ReleaseHold), exactly as the method of that name would.
+func (l *Ledger) Apply(ctx context.Context, r MoveRequest) (TransferResult, error) {
+	if !r.Kind.keyed() {
+		return TransferResult{}, invalid("kind", "not a money-moving operation")
+	}
+	return l.move(ctx, r)
+}
+
 // Refund reverses all or part of a charge (r.ChargeID) back to its account.
 // Amount 0 refunds all that remains refundable.
 func (l *Ledger) Refund(ctx context.Context, r MoveRequest) (TransferResult, error) {
@@ -271,7 +280,7 @@ func (l *Ledger) replay(ctx context.Context, k *store.KeyRecord) (TransferResult
 		res.Transfer = toTransfer(t)
 		res.Balance = Balance{
 			AccountID: k.AccountID, Currency: a.Currency, Balance: e.BalanceAfter, CreditLimit: a.CreditLimit,
-			Available: available(Floor(a.Floor), e.BalanceAfter, a.CreditLimit), Version: e.VersionAfter,
+			Available: available(Floor(a.Floor), e.BalanceAfter, 0, a.CreditLimit), Version: e.VersionAfter,
 			Source: SourceStore, AsOf: e.CreatedAt, Final: true,
 		}
 		res.ThresholdCrossed = t.ThresholdCrossed && t.DebitAccountID == k.AccountID

@@ -25,6 +25,8 @@ type work struct {
 	// it (for the cache): never later than the true next expiry.
 	holdsChanged map[uuid.UUID]bool
 	nextExpiry   map[uuid.UUID]*time.Time
+	// metaChanged are accounts whose metadata an UpdateAccount replaced.
+	metaChanged map[uuid.UUID]bool
 	// lowBalance are the threshold crossings decided so far, for the feed.
 	lowBalance []LowBalanceEvent
 	w          store.BatchWrite
@@ -92,21 +94,18 @@ func (wk *work) finalizeHold(a *store.Account, h *store.Hold, status int16, capt
 	})
 }
 
-// spendable is what a FLOOR_NON_NEGATIVE account may still debit or hold:
-// balance - held + credit_limit. The schema's CHECKs keep it in range.
+// spendable is what an account may still debit or hold: unbounded without
+// a floor.
 func spendable(a *store.Account) int64 {
 	if Floor(a.Floor) == FloorNone {
 		return math.MaxInt64
 	}
-	return a.Balance - a.Held + a.CreditLimit
+	return availableOf(a)
 }
 
 // availableOf is the available amount shown to callers.
 func availableOf(a *store.Account) int64 {
-	if Floor(a.Floor) == FloorNone {
-		return a.Balance
-	}
-	return a.Balance - a.Held + a.CreditLimit
+	return available(Floor(a.Floor), a.Balance, a.Held, a.CreditLimit)
 }
 
 // crossed reports whether a change of account a's available amount from
@@ -596,6 +595,10 @@ func (l *Ledger) decideAccount(r MoveRequest, wk *work) (TransferResult, *Error,
 		}
 		if r.NewMetadata != nil {
 			a.Metadata = r.NewMetadata
+			if wk.metaChanged == nil {
+				wk.metaChanged = map[uuid.UUID]bool{}
+			}
+			wk.metaChanged[a.ID] = true
 		}
 		switch {
 		case r.ClearThreshold:

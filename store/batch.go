@@ -429,16 +429,21 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 		holdsChanged := make([]bool, n)
 		statuses := make([]int16, n)
 		limits := make([]int64, n)
-		metas := make([]string, n)
+		metas := make([]*string, n)
 		thresholds := make([]*int64, n)
 		for i, u := range w.Updates {
 			ids[i], prevs[i], bals[i], vers[i], seqs[i], ats[i] = u.AccountID, u.PrevVersion, u.Balance, u.Version, u.LastSequence, u.LastEntryAt
 			held[i], holdsChanged[i], statuses[i], limits[i] = u.Held, u.HoldsChanged, u.Status, u.CreditLimit
-			metas[i], thresholds[i] = string(encodeMeta(u.Metadata)), u.LowBalanceThreshold
+			thresholds[i] = u.LowBalanceThreshold
+			if u.Metadata != nil {
+				m := string(encodeMeta(u.Metadata))
+				metas[i] = &m
+			}
 		}
 		queue(n, `UPDATE accounts a
 			SET balance = u.balance, version = u.version, last_sequence = u.seq, last_entry_at = u.at,
-			    held = u.held, status = u.status, credit_limit = u.credit_limit, metadata = u.meta::jsonb,
+			    held = u.held, status = u.status, credit_limit = u.credit_limit,
+			    metadata = coalesce(u.meta::jsonb, a.metadata),
 			    low_balance_threshold = u.threshold,
 			    next_hold_expiry = CASE WHEN u.holds_changed
 			        THEN (SELECT min(h.expires_at) FROM holds h WHERE h.account_id = a.account_id AND h.status = 1)

@@ -122,9 +122,11 @@ type AccountUpdate struct {
 	Held         int64
 	// HoldsChanged makes the update recompute next_hold_expiry from the
 	// open holds (after this batch's hold writes).
-	HoldsChanged        bool
-	Status              int16
-	CreditLimit         int64
+	HoldsChanged bool
+	Status       int16
+	CreditLimit  int64
+	// Metadata replaces the account's metadata; nil keeps it (the common
+	// case: money movement never changes it, so it is not rewritten).
 	Metadata            map[string]string
 	LowBalanceThreshold *int64
 }
