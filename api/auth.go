@@ -107,10 +107,13 @@ type authenticator struct {
 	log *slog.Logger
 }
 
+// One answer for every bad credential, missing ones included
+// (docs/SECURITY.md), so the message tells a caller nothing about which
+// keys exist.
 var (
-	errNoKey = newStatus(codes.Unauthenticated, ReasonUnauthenticated,
-		"missing credentials: send the metadata \"authorization: Bearer <API key>\"", nil)
-	errBadKey = newStatus(codes.Unauthenticated, ReasonUnauthenticated, "invalid API key", nil)
+	errBadKey = newStatus(codes.Unauthenticated, ReasonUnauthenticated,
+		"missing or invalid API key: send the metadata \"authorization: Bearer <API key>\" with a valid key", nil)
+	errNoKey = errBadKey
 )
 
 // authenticate returns the call's principal, or a status error. It never
@@ -139,12 +142,11 @@ func (a *authenticator) authenticate(ctx context.Context, method string) (auth.P
 		return auth.Principal{}, newStatus(codes.Unavailable, ReasonAuthUnavailable,
 			"cannot check credentials now; retry with the same idempotency key", nil)
 	case err != nil:
-		// Log the key id only when the token has a key's shape: never the
-		// secret, never caller-chosen garbage.
-		keyID := ""
-		if k, perr := auth.ParseKey(strings.TrimSpace(token)); perr == nil {
-			keyID = k.ID
-		}
+		// Log the key id whenever the token starts like a key ("tly_<id>_"):
+		// a wrong secret of any shape still names the key it was tried
+		// against (ParseKey, which checks the secret's shape too, gave "").
+		// Never the secret, never caller-chosen garbage.
+		keyID, _ := auth.KeyIDOf(strings.TrimSpace(token))
 		a.log.InfoContext(ctx, "auth: invalid API key", "method", method, "key_id", keyID, "peer", peerAddr(ctx))
 		return auth.Principal{}, errBadKey
 	}

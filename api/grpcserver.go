@@ -134,8 +134,11 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 		unary = append(unary, a.unary())
 		stream = append(stream, a.stream())
 	}
-	unary = append(unary, deadlineInterceptor(o.CallTimeoutDefault), recovery.UnaryServerInterceptor(recoveryOpt))
-	stream = append(stream, recovery.StreamServerInterceptor(recoveryOpt))
+	// Malformed requests and replies too large to send get final statuses
+	// with an ErrorInfo (malformed.go, replies.go).
+	unary = append(unary, malformedUnary(), replyFits(o.MsgBytesMax),
+		deadlineInterceptor(o.CallTimeoutDefault), recovery.UnaryServerInterceptor(recoveryOpt))
+	stream = append(stream, malformedStream(), recovery.StreamServerInterceptor(recoveryOpt))
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(o.MsgBytesMax),
 		grpc.MaxSendMsgSize(o.MsgBytesMax),
@@ -145,6 +148,9 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: o.KeepaliveMinTime, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
+		// Never fails to decode; marks malformed requests for malformedUnary
+		// and malformedStream.
+		grpc.ForceServerCodecV2(newTolerantCodec()),
 	}
 	if o.Creds != nil {
 		opts = append(opts, grpc.Creds(o.Creds))

@@ -84,6 +84,21 @@ func ParseKey(s string) (Key, error) {
 	return Key{ID: id, Secret: secret}, nil
 }
 
+// KeyIDOf returns the key id of a token that starts like a key,
+// "tly_<key id>_", whatever follows: a wrong secret of any length or
+// encoding still names the key it was tried against (for logs). Anything
+// else, caller-chosen garbage included, gives false.
+func KeyIDOf(s string) (string, bool) {
+	if len(s) < len(KeyPrefix)+KeyIDLength+1 || !strings.HasPrefix(s, KeyPrefix) {
+		return "", false
+	}
+	id := s[len(KeyPrefix) : len(KeyPrefix)+KeyIDLength]
+	if s[len(KeyPrefix)+KeyIDLength] != '_' || !ValidKeyID(id) {
+		return "", false
+	}
+	return id, true
+}
+
 // HashSecret is what api_keys.secret_hash holds for a secret.
 func HashSecret(secret string) []byte {
 	h := sha256.Sum256([]byte(secret))

@@ -139,6 +139,10 @@ func (l *Ledger) GetBalances(ctx context.Context, ids []uuid.UUID, at *time.Time
 	if len(ids) > l.limits.BalancesAccountsMax {
 		return nil, invalid("account_ids", "at most %d accounts per call", l.limits.BalancesAccountsMax)
 	}
+	if n := l.limits.PageBytesMax / (balanceBytesMax + messageOverhead); len(ids) > n {
+		// Balances have a fixed size: the reply is bounded by the count.
+		return nil, invalid("account_ids", "at most %d accounts per call (the reply would pass --page-bytes-max)", n)
+	}
 	for _, id := range ids {
 		if id == uuid.Nil {
 			return nil, invalid("account_ids", "account_ids must be UUIDs")

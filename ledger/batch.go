@@ -408,6 +408,9 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 				}
 			}
 			wk = nil
+			if err := l.checkBatchReply(results); err != nil {
+				return err
+			}
 			return tx.InsertBatch(ctx, store.BatchRecord{
 				Scope: sb.scope, Key: sb.key, Fingerprint: sb.fp, Mode: int16(sb.mode), Applied: false,
 				Results: encodeResults(results),
@@ -447,6 +450,12 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 				results[i].res, results[i].err = l.replay(ctx, &k)
 			}
 			replays = map[int]store.KeyRecord{}
+			// The reply must be answerable: bound it now, before COMMIT, so
+			// a batch whose reply could not be sent writes nothing.
+			if err := l.checkBatchReply(results); err != nil {
+				wk = nil
+				return err
+			}
 			return tx.InsertBatch(ctx, store.BatchRecord{
 				Scope: sb.scope, Key: sb.key, Fingerprint: sb.fp, Mode: int16(sb.mode), Applied: true,
 				Results: encodeResults(results),

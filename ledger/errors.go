@@ -69,6 +69,9 @@ const (
 	ReasonCreditLimitInUse       = "CREDIT_LIMIT_IN_USE"
 	ReasonBatchItemFailed        = "BATCH_ITEM_FAILED"
 	ReasonNotApplied             = "NOT_APPLIED"
+	// ReasonBatchReplyTooLarge: a SubmitBatch whose reply could not be sent
+	// (more than Limits.BatchReplyBytesMax); refused before COMMIT.
+	ReasonBatchReplyTooLarge = "BATCH_REPLY_TOO_LARGE"
 )
 
 // Error is the only error type the ledger returns.

@@ -249,14 +249,16 @@ func (l *Ledger) FindAccounts(ctx context.Context, q AccountQuery) ([]Account, s
 	if err != nil {
 		return nil, "", fromStore(err)
 	}
-	next := ""
-	if len(rows) > size {
-		rows = rows[:size]
-		next = encodeToken(query, pageCursor{After: rows[len(rows)-1].ID.String()})
-	}
 	out := make([]Account, len(rows))
 	for i, a := range rows {
 		out[i] = toAccount(a)
+	}
+	// A page ends at size items or PageBytesMax bytes, whichever comes
+	// first (accounts with large metadata), so its reply always fits.
+	next := ""
+	if n := pageCut(min(len(out), size), func(i int) int { return accountBytes(out[i]) }, l.limits.PageBytesMax); n < len(out) {
+		out = out[:n]
+		next = encodeToken(query, pageCursor{After: out[n-1].ID.String()})
 	}
 	return out, next, nil
 }
@@ -298,10 +300,13 @@ func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string
 	if err != nil {
 		return nil, "", fromStore(err)
 	}
+	// A page ends at size items or PageBytesMax bytes.
 	next := ""
-	if len(rows) > size {
-		rows = rows[:size]
-		next = encodeToken(query, pageCursor{Seq: rows[len(rows)-1].Sequence})
+	if n := pageCut(min(len(rows), size), func(i int) int {
+		return entryBytes(Entry{CreatedByKey: rows[i].CreatedByKey})
+	}, l.limits.PageBytesMax); n < len(rows) {
+		rows = rows[:n]
+		next = encodeToken(query, pageCursor{Seq: rows[n-1].Sequence})
 	}
 	out := make([]Entry, len(rows))
 	for i, e := range rows {

@@ -159,7 +159,11 @@ func (l *Ledger) validateMove(r MoveRequest) error {
 	if err := validateKey(r.IdempotencyKey); err != nil {
 		return err
 	}
-	if err := l.limits.validateDescription(r.Description); err != nil {
+	descField := "description"
+	if r.Kind == KindRefund {
+		descField = "reason" // RefundRequest.reason
+	}
+	if err := l.limits.validateDescription(descField, r.Description); err != nil {
 		return err
 	}
 	return l.limits.validateMetadata(r.Metadata)

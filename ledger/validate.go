@@ -38,6 +38,11 @@ type Limits struct {
 	UsageRangeDaysMax int
 	// ReconcileStatementTimeout bounds each ledger-wide reconcile check.
 	ReconcileStatementTimeout time.Duration
+	// BatchReplyBytesMax bounds a SubmitBatch reply (estimated before
+	// COMMIT); PageBytesMax one page of FindAccounts or ListEntries and a
+	// GetBalances reply (replysize.go). Both stay below the message limit.
+	BatchReplyBytesMax int
+	PageBytesMax       int
 }
 
 // Default limits.
@@ -87,6 +92,8 @@ func DefaultLimits() Limits {
 		ReconcileStatementTimeout: ReconcileStatementTimeoutDefault,
 		UsageRowsMax:              UsageRowsMaxDefault,
 		UsageRangeDaysMax:         UsageRangeDaysMaxDefault,
+		BatchReplyBytesMax:        BatchReplyBytesMaxDefault,
+		PageBytesMax:              PageBytesMaxDefault,
 	}
 }
 
@@ -141,6 +148,12 @@ func (l *Limits) fill() {
 	if l.UsageRangeDaysMax <= 0 {
 		l.UsageRangeDaysMax = d.UsageRangeDaysMax
 	}
+	if l.BatchReplyBytesMax <= 0 {
+		l.BatchReplyBytesMax = d.BatchReplyBytesMax
+	}
+	if l.PageBytesMax <= 0 {
+		l.PageBytesMax = d.PageBytesMax
+	}
 }
 
 var currencyRe = regexp.MustCompile(`^[A-Z0-9_]{1,16}$`)
@@ -186,12 +199,14 @@ func (l *Limits) validateMetadata(m map[string]string) error {
 	return nil
 }
 
-func (l *Limits) validateDescription(d string) error {
+// validateDescription checks a description; field is the request's name
+// for it ("description", or "reason" for a refund).
+func (l *Limits) validateDescription(field, d string) error {
 	if len(d) > l.DescriptionBytesMax {
-		return invalid("description", "description is longer than %d bytes", l.DescriptionBytesMax)
+		return invalid(field, "%s is longer than %d bytes", field, l.DescriptionBytesMax)
 	}
 	if !validText(d) {
-		return invalid("description", "description must be valid UTF-8 without NUL characters")
+		return invalid(field, "%s must be valid UTF-8 without NUL characters", field)
 	}
 	return nil
 }

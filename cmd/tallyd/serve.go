@@ -153,6 +153,8 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.limits.SubmitBatchItemsMax, "submit-batch-items-max", d.SubmitBatchItemsMax, "most operations in one SubmitBatch")
 	fs.IntVar(&c.submitBatchBytesMax, "submit-batch-bytes-max", api.SubmitBatchBytesMaxDefault, "largest SubmitBatch request in bytes (keep below --msg-bytes-max)")
 	fs.IntVar(&c.limits.BalancesAccountsMax, "balances-accounts-max", d.BalancesAccountsMax, "most accounts in one GetBalances")
+	fs.IntVar(&c.limits.BatchReplyBytesMax, "batch-reply-bytes-max", d.BatchReplyBytesMax, "largest SubmitBatch reply in bytes (estimated before commit; a batch whose reply could be larger is refused with BATCH_REPLY_TOO_LARGE; at most --msg-bytes-max)")
+	fs.IntVar(&c.limits.PageBytesMax, "page-bytes-max", d.PageBytesMax, "largest page of FindAccounts or ListEntries, and GetBalances reply, in bytes (a page ends early with a next token; at most --msg-bytes-max)")
 	fs.DurationVar(&c.limits.ReconcileStatementTimeout, "reconcile-statement-timeout", d.ReconcileStatementTimeout, "statement timeout of each ledger-wide reconcile check (they read whole tables)")
 	fs.DurationVar(&c.limits.HistorySettleWindow, "history-settle-window", d.HistorySettleWindow, "a balance at an instant closer to now than this is not final (must exceed --batch-timeout)")
 	fs.DurationVar(&c.exportPollInterval, "export-poll-interval", api.ExportPollIntervalDefault, "how often a following ExportTransfers stream looks for new events")
@@ -362,6 +364,10 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	if c.limits.HistorySettleWindow <= c.batch.Timeout {
 		return fmt.Errorf("--history-settle-window (%s) must exceed --batch-timeout (%s): a transaction dated before "+
 			"a final balance could still commit", c.limits.HistorySettleWindow, c.batch.Timeout)
+	}
+	if c.limits.BatchReplyBytesMax > c.msgBytesMax || c.limits.PageBytesMax > c.msgBytesMax {
+		return fmt.Errorf("--batch-reply-bytes-max (%d) and --page-bytes-max (%d) must be at most --msg-bytes-max (%d): "+
+			"a reply larger than the message limit cannot be sent", c.limits.BatchReplyBytesMax, c.limits.PageBytesMax, c.msgBytesMax)
 	}
 	l := ledger.New(lcfg)
 	queueMax := c.batch.QueueItemsMax
