@@ -438,11 +438,6 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 			}
 			wk.w.Updates = append(wk.w.Updates, u)
 		}
-		wk.feedEvents()
-		wk.usageRollup(l.usage.keys, usageSet)
-		if err := tx.WriteBatch(ctx, wk.w); err != nil {
-			return err
-		}
 		if sb != nil {
 			// Replays inside a batch are resolved now so the stored outcome
 			// is complete; they read committed rows only.
@@ -450,12 +445,20 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 				results[i].res, results[i].err = l.replay(ctx, &k)
 			}
 			replays = map[int]store.KeyRecord{}
-			// The reply must be answerable: bound it now, before COMMIT, so
-			// a batch whose reply could not be sent writes nothing.
+			// The reply must be answerable: bound it now, before anything
+			// is written, so a batch whose reply could not be sent writes
+			// nothing (the transaction rolls back, batch key included).
 			if err := l.checkBatchReply(results); err != nil {
 				wk = nil
 				return err
 			}
+		}
+		wk.feedEvents()
+		wk.usageRollup(l.usage.keys, usageSet)
+		if err := tx.WriteBatch(ctx, wk.w); err != nil {
+			return err
+		}
+		if sb != nil {
 			return tx.InsertBatch(ctx, store.BatchRecord{
 				Scope: sb.scope, Key: sb.key, Fingerprint: sb.fp, Mode: int16(sb.mode), Applied: true,
 				Results: encodeResults(results),
