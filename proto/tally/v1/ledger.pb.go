@@ -795,7 +795,9 @@ func (x *FindAccountsRequest) GetPageToken() string {
 	return ""
 }
 
-// FindAccountsResponse is one page of accounts.
+// FindAccountsResponse is one page of accounts. A page may hold fewer than
+// page_size accounts, with a next_page_token, when it reaches
+// --page-bytes-max (accounts with large metadata).
 type FindAccountsResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Accounts      []*Account             `protobuf:"bytes,1,rep,name=accounts,proto3" json:"accounts,omitempty"`
@@ -1824,7 +1826,8 @@ func (x *Entry) GetKind() TransferKind {
 	return TransferKind_TRANSFER_KIND_UNSPECIFIED
 }
 
-// ListEntriesResponse is one page of entries.
+// ListEntriesResponse is one page of entries (fewer than page_size, with a
+// next_page_token, when the page reaches --page-bytes-max).
 type ListEntriesResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Entries       []*Entry               `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
@@ -2634,7 +2637,11 @@ type SubmitBatchRequest struct {
 	// Makes the batch idempotent: a retry returns the same results.
 	BatchKey string    `protobuf:"bytes,1,opt,name=batch_key,json=batchKey,proto3" json:"batch_key,omitempty"`
 	Mode     BatchMode `protobuf:"varint,2,opt,name=mode,proto3,enum=tally.v1.BatchMode" json:"mode,omitempty"`
-	// At most 1,000, and at most 2 MiB in all (docs/CLIENTS.md).
+	// At most 1,000, and at most 3 MiB in all (--submit-batch-bytes-max). A
+	// batch whose reply could pass --batch-reply-bytes-max (the results carry
+	// each hold's and transfer's metadata and description) is refused before
+	// anything is written: FAILED_PRECONDITION BATCH_REPLY_TOO_LARGE; split it
+	// (docs/CLIENTS.md).
 	Operations    []*BatchOperation `protobuf:"bytes,3,rep,name=operations,proto3" json:"operations,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
