@@ -533,3 +533,55 @@ func grepLines(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// The last line: with the ledger's bound raised past the message limit, a
+// committed batch whose reply cannot be sent is answered with the final
+// REPLY_TOO_LARGE (committed=true), never RESOURCE_EXHAUSTED, and each
+// operation's outcome can still be learned by its own key.
+func TestHostileReplyTooLargeIsFinal(t *testing.T) {
+	t.Parallel()
+	env := tallytest.Start(t, tallytest.Options{DatabaseURL: dbURL, RedisURL: tallytest.RedisURL(), ClientPolicy: noRetry,
+		Limits: ledger.Limits{BatchReplyBytesMax: 64 << 20}})
+	cur := newCurrency()
+	acct := createAccount(t, env, cur).GetAccountId()
+	credit(t, env, acct, 1<<40)
+	holds := createHolds(t, env, acct, 120) // 120 captures reply ~4.8 MB
+	req := &tallyv1.SubmitBatchRequest{BatchKey: "last-line-" + cur, Mode: tallyv1.BatchMode_BATCH_MODE_INDEPENDENT}
+	for i, h := range holds {
+		req.Operations = append(req.Operations, &tallyv1.BatchOperation{Op: &tallyv1.BatchOperation_CaptureHold{CaptureHold: &tallyv1.CaptureHoldRequest{
+			HoldId: h, IdempotencyKey: fmt.Sprintf("last-line-%s-%d", cur, i)}}})
+	}
+	for attempt := 0; attempt < 2; attempt++ {
+		_, err := env.Raw.SubmitBatch(ctxT(t), req)
+		wantErr(t, err, codes.FailedPrecondition, api.ReasonReplyTooLarge)
+		info, _ := api.ErrorInfo(err)
+		if info.GetMetadata()["committed"] != "true" || !strings.Contains(status.Convert(err).Message(), "idempotency key") {
+			t.Fatalf("attempt %d: %v %v", attempt, info.GetMetadata(), err)
+		}
+	}
+	// The batch did commit; each capture replays alone by its key.
+	res, err := env.Raw.CaptureHold(ctxT(t), req.Operations[7].GetCaptureHold())
+	if err != nil || !res.GetReplayed() || res.GetHold().GetStatus() != tallyv1.HoldStatus_HOLD_STATUS_CAPTURED {
+		t.Fatalf("capture alone after the batch: %v replayed=%v", err, res.GetReplayed())
+	}
+	env.CheckBooks(t)
+}
+
+// A refund's text field is "reason": its errors say so.
+func TestHostileRefundReasonErrorNamesReason(t *testing.T) {
+	t.Parallel()
+	env := newEnv(t)
+	acct := createAccount(t, env, newCurrency()).GetAccountId()
+	credit(t, env, acct, 100)
+	ch, err := env.Raw.Charge(ctxT(t), &tallyv1.ChargeRequest{AccountId: acct, Amount: 10, IdempotencyKey: "refund-reason-charge"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = env.Raw.Refund(ctxT(t), &tallyv1.RefundRequest{TransferId: ch.GetTransfer().GetTransferId(), IdempotencyKey: "refund-reason",
+		Reason: maxDescription + "x"})
+	wantErr(t, err, codes.InvalidArgument, "INVALID_ARGUMENT")
+	info, _ := api.ErrorInfo(err)
+	if msg := status.Convert(err).Message(); info.GetMetadata()["field"] != "reason" || strings.Contains(msg, "description") || !strings.Contains(msg, "reason") {
+		t.Fatalf("refund reason error: field %q, message %q", info.GetMetadata()["field"], msg)
+	}
+}
