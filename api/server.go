@@ -46,8 +46,23 @@ func moveRequest(ctx context.Context, r ledger.MoveRequest) ledger.MoveRequest {
 	r.Scope = scope(ctx)
 	if p, ok := auth.FromContext(ctx); ok {
 		r.CreatedByClient, r.CreatedByKey = p.ClientID, p.KeyID
+		r.Restrict = restrictOf(p.Role)
 	}
 	return r
+}
+
+// restrictOf is what a role may act on beyond the method table: a charger
+// refunds, captures and releases only its own client's charges and holds;
+// support changes customer accounts only (freezing a default system
+// account would stop every credit and refund of its currency).
+func restrictOf(role auth.Role) ledger.Restrict {
+	switch role {
+	case auth.RoleCharger:
+		return ledger.Restrict{OwnObjects: true}
+	case auth.RoleSupport:
+		return ledger.Restrict{CustomerAccounts: true}
+	}
+	return ledger.Restrict{}
 }
 
 // apply builds a money-moving request from a proto request, adds the
