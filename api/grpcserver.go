@@ -11,6 +11,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/encoding"
+	protoenc "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -74,6 +76,9 @@ type ServerOptions struct {
 	// AuthWaitMax bounds the check of an uncached key before the request
 	// body is read (0: the default).
 	AuthWaitMax time.Duration
+	// UnauthenticatedMsgBytesMax bounds a request message of the open
+	// services (health, reflection) (0: the default).
+	UnauthenticatedMsgBytesMax int
 	// ConnectionsMax bounds concurrent connections: give the listener to
 	// LimitConnections with it (0: the default).
 	ConnectionsMax int
@@ -122,6 +127,9 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 	}
 	if o.AuthWaitMax <= 0 {
 		o.AuthWaitMax = AuthWaitMaxDefault
+	}
+	if o.UnauthenticatedMsgBytesMax <= 0 {
+		o.UnauthenticatedMsgBytesMax = UnauthenticatedMsgBytesMaxDefault
 	}
 	log := o.Logger
 	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
@@ -176,6 +184,7 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 		// headers arrive, before its body is read.
 		grpc.InTapHandle(tp.handle),
 		grpc.ConnectionTimeout(o.RequestWaitMax),
+		grpc.ForceServerCodecV2(openLimitCodec{CodecV2: encoding.GetCodecV2(protoenc.Name), max: o.UnauthenticatedMsgBytesMax}),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
 	}

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -10,8 +11,15 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	reflectionv1alphapb "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/tap"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/tallyledger/tally/auth"
 )
@@ -30,6 +38,11 @@ const (
 	// verifier's cache may hold the connection's reader before the call is
 	// answered UNAVAILABLE (the look-up goes on and fills the cache).
 	AuthWaitMaxDefault = 2 * time.Second
+	// UnauthenticatedMsgBytesMaxDefault bounds a message of the calls open
+	// without credentials (health, reflection), whose requests are tiny.
+	// Every other call is authenticated from its headers before any of its
+	// body is read.
+	UnauthenticatedMsgBytesMaxDefault = 16 << 10
 	// revokedGrace is how long a stream whose key was revoked has to end by
 	// itself (its handler sees its context end) before its transport stream
 	// is cancelled too (a client that stops reading blocks the handler's Send).
@@ -39,6 +52,7 @@ const (
 // Reasons of the limits in this file.
 const (
 	ReasonRequestWaitExceeded = "REQUEST_WAIT_EXCEEDED"
+	ReasonMessageTooLarge     = "MESSAGE_TOO_LARGE"
 )
 
 var errRevoked = newStatus(codes.Unauthenticated, ReasonUnauthenticated,
@@ -131,7 +145,51 @@ func firstMessageUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo,
 	if c := ctlOf(ctx); c != nil && !c.received() {
 		return nil, newStatus(codes.DeadlineExceeded, ReasonRequestWaitExceeded, "request message not received in time", nil)
 	}
+	if oversize(req) {
+		return nil, errOpenTooLarge
+	}
 	return h(ctx, req)
+}
+
+var errOpenTooLarge = newStatus(codes.InvalidArgument, ReasonMessageTooLarge,
+	"message larger than the limit for calls without credentials (--unauthenticated-msg-bytes-max)", nil)
+
+// openLimitCodec is the proto codec, except that it does not decode a
+// request of an open service (health, reflection) larger than max: it
+// leaves the message empty but for oversizeMark, and the interceptors
+// refuse it. (gRPC's own message limit is one for the whole server, and
+// an error from a codec reaches the caller as INTERNAL.)
+type openLimitCodec struct {
+	encoding.CodecV2
+	max int
+}
+
+// oversizeMark is an unknown field (the largest field number) no open
+// service's request defines.
+var oversizeMark = protowire.AppendVarint(protowire.AppendTag(nil, protowire.MaxValidNumber, protowire.VarintType), 1)
+
+func (c openLimitCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	if data.Len() > c.max && isOpenRequest(v) {
+		m := v.(proto.Message)
+		proto.Reset(m)
+		m.ProtoReflect().SetUnknown(oversizeMark)
+		return nil
+	}
+	return c.CodecV2.Unmarshal(data, v)
+}
+
+func isOpenRequest(v any) bool {
+	switch v.(type) {
+	case *healthpb.HealthCheckRequest, *healthpb.HealthListRequest,
+		*reflectionpb.ServerReflectionRequest, *reflectionv1alphapb.ServerReflectionRequest:
+		return true
+	}
+	return false
+}
+
+func oversize(v any) bool {
+	m, ok := v.(proto.Message)
+	return ok && isOpenRequest(v) && bytes.Equal(m.ProtoReflect().GetUnknown(), oversizeMark)
 }
 
 // firstMessageStream stops the request wait when the stream's first
@@ -153,6 +211,9 @@ type firstMsgStream struct {
 func (s *firstMsgStream) RecvMsg(m any) error {
 	err := s.ServerStream.RecvMsg(m)
 	s.once.Do(func() { s.c.received() })
+	if err == nil && oversize(m) {
+		return errOpenTooLarge
+	}
 	return err
 }
 

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 
 	"github.com/tallyledger/tally/api"
@@ -393,5 +394,24 @@ func TestHostileUnauthenticatedLargeRequestNotRead(t *testing.T) {
 	t.Logf("two %d-byte requests without a valid key: %d bytes reached the server", size, got)
 	if got > 512<<10 {
 		t.Fatalf("the server read %d bytes of two unauthenticated %d-byte requests; it must refuse them from their headers", got, size)
+	}
+
+	// The open services take only small messages (the one place a body is
+	// read before authentication): over the limit they are not decoded.
+	hc := healthpb.NewHealthClient(conn)
+	_, err = hc.Check(ctx, &healthpb.HealthCheckRequest{Service: strings.Repeat("h", 1<<20)})
+	wantErr(t, err, codes.InvalidArgument, api.ReasonMessageTooLarge)
+	rs, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rs.Send(&reflectionpb.ServerReflectionRequest{Host: strings.Repeat("r", 1<<20),
+		MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = rs.Recv()
+	wantErr(t, err, codes.InvalidArgument, api.ReasonMessageTooLarge)
+	if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatalf("a small health check: %v", err)
 	}
 }

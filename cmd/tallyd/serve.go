@@ -59,6 +59,7 @@ type serveConfig struct {
 	streamsMax         uint
 	// Limits against hostile clients.
 	connectionsMax                                       int
+	unauthenticatedMsgBytesMax                           int
 	requestWaitMax, authWaitMax                          time.Duration
 	exportFollowStreamsPerKeyMax, exportFollowStreamsMax int
 
@@ -122,6 +123,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.DurationVar(&c.callTimeoutDefault, "call-timeout-default", api.CallTimeoutDefault, "deadline for calls that arrive without one")
 	fs.UintVar(&c.streamsMax, "streams-max", api.StreamsMaxDefault, "concurrent gRPC streams per connection (a client queues calls over it)")
 	fs.IntVar(&c.connectionsMax, "connections-max", api.ConnectionsMaxDefault, "concurrent gRPC client connections; one over it is closed at once (the client retries)")
+	fs.IntVar(&c.unauthenticatedMsgBytesMax, "unauthenticated-msg-bytes-max", api.UnauthenticatedMsgBytesMaxDefault, "largest request message of the calls open without credentials (health, reflection); every other call is authenticated from its headers, before its body is read")
 	fs.DurationVar(&c.requestWaitMax, "request-wait-max", api.RequestWaitMaxDefault, "longest wait from a call's headers to its whole request message, and for a new connection's handshake; a stream that sends headers and no message is closed after it")
 	fs.DurationVar(&c.authWaitMax, "auth-wait-max", api.AuthWaitMaxDefault, "longest a key not in the auth cache may be checked before the call is answered UNAVAILABLE (the check runs before the request body is read)")
 	fs.IntVar(&c.exportFollowStreamsPerKeyMax, "export-follow-streams-per-key-max", api.ExportFollowStreamsPerKeyMaxDefault, "following ExportTransfers streams per API key; more are RESOURCE_EXHAUSTED")
@@ -317,6 +319,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		ExportPollInterval: c.exportPollInterval, ExportStreamDurationMax: c.exportStreamDurationMax,
 		ExportFollowStreamsPerKeyMax: c.exportFollowStreamsPerKeyMax, ExportFollowStreamsMax: c.exportFollowStreamsMax,
 		RequestWaitMax: c.requestWaitMax, AuthWaitMax: c.authWaitMax, ConnectionsMax: c.connectionsMax,
+		UnauthenticatedMsgBytesMax: c.unauthenticatedMsgBytesMax,
 	}
 	tlsCfg, certRoles, err := c.transport(log)
 	if err != nil {
