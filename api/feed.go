@@ -65,7 +65,8 @@ func newFeedHub(l *ledger.Ledger, poll time.Duration, perKeyMax, max int, log *s
 }
 
 // join admits a following stream of key, or refuses it with
-// RESOURCE_EXHAUSTED (the client retries after a backoff).
+// RESOURCE_EXHAUSTED (the client retries after a backoff). Key "" (a server
+// without authentication) has only the per-server cap.
 func (h *feedHub) join(key string) (func(), error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -73,7 +74,7 @@ func (h *feedHub) join(key string) (func(), error) {
 		return nil, newStatus(codes.ResourceExhausted, ReasonFollowStreamsExhausted,
 			fmt.Sprintf("this server already serves %d following feed streams; retry after a backoff", h.max), nil)
 	}
-	if h.perKey[key] >= h.perKeyMax {
+	if key != "" && h.perKey[key] >= h.perKeyMax {
 		return nil, newStatus(codes.ResourceExhausted, ReasonFollowStreamsExhausted,
 			fmt.Sprintf("this API key already has %d following feed streams open; close one or retry after a backoff", h.perKeyMax), nil)
 	}
