@@ -415,3 +415,78 @@ func TestHostileUnauthenticatedLargeRequestNotRead(t *testing.T) {
 		t.Fatalf("a small health check: %v", err)
 	}
 }
+
+// Followers sharing the watcher's pages, opened at different points of a
+// stream of writes, each see every transfer exactly once.
+func TestHostileSharedWatcherFollowersSeeEveryTransferOnce(t *testing.T) {
+	t.Parallel()
+	env := hostileEnv(t, func(o *api.ServerOptions) { o.ExportPollInterval = 50 * time.Millisecond })
+	head := feedHead(t, env)
+	k := env.NewKey(t, auth.RoleReconciler, "").Key.String()
+	a := createAccount(t, env, newCurrency()).GetAccountId()
+	const followers, writes = 5, 60
+	var ids []string
+	seen := make([]map[string]int, followers)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for i := range followers {
+		seen[i] = map[string]int{}
+		if i > 0 {
+			for range writes / followers / 2 {
+				ids = append(ids, credit(t, env, a, 1).GetTransfer().GetTransferId())
+			}
+		}
+		s := openFollow(t, env, k, head) // every follower starts from the same cursor
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				ev, err := s.stream.Recv()
+				if err != nil {
+					return
+				}
+				if tr := ev.GetTransfer(); tr != nil && (tr.GetCreditAccountId() == a || tr.GetDebitAccountId() == a) {
+					mu.Lock()
+					seen[i][tr.GetTransferId()]++
+					mu.Unlock()
+				}
+				select {
+				case <-stop:
+					return
+				default:
+				}
+			}
+		}()
+		defer s.cancel()
+	}
+	for len(ids) < writes {
+		ids = append(ids, credit(t, env, a, 1).GetTransfer().GetTransferId())
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		mu.Lock()
+		done := true
+		for i := range seen {
+			done = done && len(seen[i]) >= len(ids)
+		}
+		mu.Unlock()
+		if done || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	close(stop)
+	mu.Lock()
+	defer mu.Unlock()
+	for i := range seen {
+		for _, id := range ids {
+			if seen[i][id] != 1 {
+				t.Errorf("follower %d saw transfer %s %d times, want once", i, id, seen[i][id])
+			}
+		}
+		if len(seen[i]) != len(ids) {
+			t.Errorf("follower %d saw %d transfers of the account, %d committed", i, len(seen[i]), len(ids))
+		}
+	}
+}
