@@ -118,39 +118,40 @@ var (
 
 // authenticate returns the call's principal, or a status error. It never
 // says which keys exist: every bad key gets the same answer.
-func (a *authenticator) authenticate(ctx context.Context, method string) (auth.Principal, error) {
+func (a *authenticator) authenticate(ctx context.Context, method string) (auth.Principal, string, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	vals := md.Get("authorization")
 	if len(vals) == 0 {
 		if p, ok := a.certPrincipal(ctx); ok {
-			return p, nil
+			return p, "", nil
 		}
 		a.log.InfoContext(ctx, "auth: call without credentials", "method", method, "peer", peerAddr(ctx))
-		return auth.Principal{}, errNoKey
+		return auth.Principal{}, "", errNoKey
 	}
 	if len(vals) > 1 {
-		return auth.Principal{}, errBadKey
+		return auth.Principal{}, "", errBadKey
 	}
 	scheme, token, ok := strings.Cut(vals[0], " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		a.log.InfoContext(ctx, "auth: authorization is not a bearer token", "method", method, "peer", peerAddr(ctx))
-		return auth.Principal{}, errBadKey
+		return auth.Principal{}, "", errBadKey
 	}
-	p, err := a.o.Verifier.Verify(ctx, strings.TrimSpace(token))
+	token = strings.TrimSpace(token)
+	p, err := a.o.Verifier.Verify(ctx, token)
 	switch {
 	case errors.Is(err, auth.ErrUnavailable):
-		return auth.Principal{}, newStatus(codes.Unavailable, ReasonAuthUnavailable,
+		return auth.Principal{}, "", newStatus(codes.Unavailable, ReasonAuthUnavailable,
 			"cannot check credentials now; retry with the same idempotency key", nil)
 	case err != nil:
 		// Log the key id whenever the token starts like a key ("tly_<id>_"):
 		// a wrong secret of any shape still names the key it was tried
 		// against (ParseKey, which checks the secret's shape too, gave "").
 		// Never the secret, never caller-chosen garbage.
-		keyID, _ := auth.KeyIDOf(strings.TrimSpace(token))
+		keyID, _ := auth.KeyIDOf(token)
 		a.log.InfoContext(ctx, "auth: invalid API key", "method", method, "key_id", keyID, "peer", peerAddr(ctx))
-		return auth.Principal{}, errBadKey
+		return auth.Principal{}, "", errBadKey
 	}
-	return p, nil
+	return p, token, nil
 }
 
 // certPrincipal maps a verified client certificate to a principal.
@@ -189,24 +190,39 @@ func peerAddr(ctx context.Context) string {
 	return ""
 }
 
-// authorize authenticates the call, applies the rate limit and checks the
-// role table, and returns ctx carrying the principal.
-func (a *authenticator) authorize(ctx context.Context, method string) (context.Context, error) {
-	if isOpen(method) {
-		return ctx, nil
-	}
-	p, err := a.authenticate(ctx, method)
+// check authenticates a call to a method that is not open, applies the
+// rate limit and checks the role table. It returns the principal and the
+// API key it used ("" for a client certificate).
+func (a *authenticator) check(ctx context.Context, method string) (auth.Principal, string, error) {
+	p, token, err := a.authenticate(ctx, method)
 	if err != nil {
-		return nil, err
+		return auth.Principal{}, "", err
 	}
 	if !a.o.Limiter.Allow(p.KeyID) {
-		return nil, newStatus(codes.ResourceExhausted, ReasonRateLimited,
+		return auth.Principal{}, "", newStatus(codes.ResourceExhausted, ReasonRateLimited,
 			"rate limit of this API key exceeded; retry after a backoff", nil)
 	}
 	if !Allowed(method, p.Role) {
 		a.log.InfoContext(ctx, "auth: permission denied", "method", method, "key_id", p.KeyID, "role", string(p.Role))
-		return nil, newStatus(codes.PermissionDenied, ReasonPermissionDenied,
+		return auth.Principal{}, "", newStatus(codes.PermissionDenied, ReasonPermissionDenied,
 			fmt.Sprintf("role %s may not call %s", p.Role, method), nil)
+	}
+	return p, token, nil
+}
+
+// authorize returns ctx carrying the call's principal. The tap handler has
+// normally done the work before the request body was read; a call it did
+// not see is checked here.
+func (a *authenticator) authorize(ctx context.Context, method string) (context.Context, error) {
+	if isOpen(method) {
+		return ctx, nil
+	}
+	if c := ctlOf(ctx); c != nil && c.authorized {
+		return ctx, nil
+	}
+	p, _, err := a.check(ctx, method)
+	if err != nil {
+		return nil, err
 	}
 	return auth.WithPrincipal(ctx, p), nil
 }
@@ -233,6 +249,10 @@ func (a *authenticator) stream() grpc.StreamServerInterceptor {
 		ctx, err := a.authorize(ss.Context(), info.FullMethod)
 		if err != nil {
 			return err
+		}
+		if c := ctlOf(ctx); c != nil && c.token != "" {
+			// A long stream: end it when its key is revoked.
+			return a.watchRevocation(srv, principalStream{ServerStream: ss, ctx: ctx}, h, c)
 		}
 		return h(srv, principalStream{ServerStream: ss, ctx: ctx})
 	}

@@ -38,7 +38,7 @@ import (
 // noRetry is a client policy that surfaces the first answer.
 var noRetry = client.Policy{RetryAttemptsMax: 1, CallTimeout: 10 * time.Second}
 
-func newAuthEnv(t *testing.T, mods ...func(*tallytest.Options)) *tallytest.Env {
+func newAuthEnv(t testing.TB, mods ...func(*tallytest.Options)) *tallytest.Env {
 	t.Helper()
 	o := tallytest.Options{DatabaseURL: dbURL, RedisURL: tallytest.RedisURL(), ClientPolicy: noRetry}
 	for _, m := range mods {
@@ -350,12 +350,25 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 				}
 				transferID = res.GetTransfer().GetTransferId()
 			}
+			rfx := fx
+			if role == auth.RoleCharger {
+				// A charger refunds, captures, releases and reads only
+				// what its own client created.
+				own := tallyv1.NewLedgerServiceClient(conn)
+				rfx = &fixtures{charge: transferID, newEmpty: fx.newEmpty, newHold: func() string {
+					h, err := own.Hold(ctx, &tallyv1.HoldRequest{AccountId: acct.GetAccountId(), Amount: 1, IdempotencyKey: client.NewIdempotencyKey()})
+					if err != nil {
+						t.Fatal(err)
+					}
+					return h.GetHold().GetHoldId()
+				}}
+			}
 			for _, m := range tallyv1.LedgerService_ServiceDesc.Methods {
 				allowed := false
 				for _, r := range wantAllowed[m.MethodName] {
 					allowed = allowed || r == role
 				}
-				req, resp := requestFor(m.MethodName, acct.GetAccountId(), other.GetAccountId(), transferID, fx)
+				req, resp := requestFor(m.MethodName, acct.GetAccountId(), other.GetAccountId(), transferID, rfx)
 				err := conn.Invoke(ctx, "/tally.v1.LedgerService/"+m.MethodName, req, resp)
 				if allowed && err != nil {
 					t.Errorf("%s as %s: %v, want OK", m.MethodName, role, err)

@@ -29,6 +29,7 @@ var codeOf = map[ledger.Code]codes.Code{
 	ledger.CodeCanceled:           codes.Canceled,
 	ledger.CodeInternal:           codes.Internal,
 	ledger.CodeResourceExhausted:  codes.ResourceExhausted,
+	ledger.CodePermissionDenied:   codes.PermissionDenied,
 }
 
 // statusError turns a ledger error into a gRPC status with an ErrorInfo

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"time"
 
+	"github.com/tallyledger/tally/auth"
+
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tallyledger/tally/ledger"
@@ -12,47 +14,84 @@ import (
 
 // Defaults of the change feed's limits.
 const (
-	// ExportPollIntervalDefault is how often a following stream looks for
-	// new events once it has caught up.
+	// ExportPollIntervalDefault is how often the server's one feed watcher
+	// looks for new events while a following stream is caught up.
 	ExportPollIntervalDefault = 200 * time.Millisecond
 	// ExportStreamDurationMaxDefault bounds one following stream; the client
 	// resumes from its last cursor (api/client and tally export do).
 	ExportStreamDurationMaxDefault = 10 * time.Minute
 )
 
-// ExportTransfers implements LedgerService: the gap-free change feed.
+// ExportTransfers implements LedgerService: the gap-free change feed. A
+// following stream counts against the per-key and per-server caps; once
+// caught up it waits on the server's one feed watcher (feedHub) instead
+// of polling PostgreSQL itself.
 func (s *Server) ExportTransfers(r *tallyv1.ExportTransfersRequest, stream tallyv1.LedgerService_ExportTransfersServer) error {
 	ctx := stream.Context()
-	poll, durMax := s.ExportPollInterval, s.ExportStreamDurationMax
-	if poll <= 0 {
-		poll = ExportPollIntervalDefault
-	}
+	durMax := s.ExportStreamDurationMax
 	if durMax <= 0 {
 		durMax = ExportStreamDurationMaxDefault
 	}
 	deadline := time.Now().Add(durMax)
+	var hub *feedHub
+	if r.GetFollow() {
+		hub = s.feed()
+		key := ""
+		if p, ok := auth.FromContext(ctx); ok {
+			key = p.KeyID
+		}
+		leave, err := hub.join(key)
+		if err != nil {
+			return err
+		}
+		defer leave()
+	}
+	send := func(events []ledger.Event) error {
+		for _, e := range events {
+			if err := stream.Send(eventPB(e)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	cursor := r.GetCursor()
 	for {
 		events, next, err := s.l.ReadEvents(ctx, cursor, ledger.ExportPageSizeMaxDefault)
 		if err != nil {
 			return statusError(err)
 		}
-		for _, e := range events {
-			if err := stream.Send(eventPB(e)); err != nil {
-				return err
-			}
+		if err := send(events); err != nil {
+			return err
 		}
 		cursor = next
 		if len(events) == ledger.ExportPageSizeMaxDefault {
 			continue // more backlog
 		}
-		if !r.GetFollow() || time.Now().After(deadline) {
+		if hub == nil {
 			return nil
 		}
-		select {
-		case <-ctx.Done():
-			return statusError(ctx.Err())
-		case <-time.After(poll):
+		// Caught up: take the watcher's pages while they fit.
+		for {
+			if !time.Now().Before(deadline) {
+				return nil
+			}
+			events, next, ok, err := hub.wait(ctx, cursor, deadline)
+			if err != nil {
+				return statusError(err)
+			}
+			if !ok {
+				break // behind the head: read for itself
+			}
+			if err := send(events); err != nil {
+				return err
+			}
+			cursor = next
+			if len(events) == ledger.ExportPageSizeMaxDefault {
+				break
+			}
+		}
+		if !time.Now().Before(deadline) {
+			return nil
 		}
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/encoding"
+	protoenc "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -27,8 +29,9 @@ const (
 	// CallTimeoutDefault applies to calls that arrive without a deadline, so
 	// no call can hold a connection and row locks indefinitely.
 	CallTimeoutDefault = 30 * time.Second
-	// StreamsMaxDefault bounds concurrent streams per client connection.
-	StreamsMaxDefault = 1024
+	// StreamsMaxDefault bounds concurrent streams per client connection
+	// (HTTP/2's recommended minimum; a client queues calls over it).
+	StreamsMaxDefault = 100
 	// HeaderBytesMaxDefault bounds a call's metadata.
 	HeaderBytesMaxDefault = 16 << 10
 	// KeepaliveTimeDefault: the server pings a connection idle this long...
@@ -63,6 +66,22 @@ type ServerOptions struct {
 	// streams (0: the defaults).
 	ExportPollInterval      time.Duration
 	ExportStreamDurationMax time.Duration
+	// ExportFollowStreamsPerKeyMax and ExportFollowStreamsMax bound
+	// following feed streams per API key and per server (0: the defaults).
+	ExportFollowStreamsPerKeyMax int
+	ExportFollowStreamsMax       int
+	// RequestWaitMax bounds the wait from a call's headers to its request
+	// message, and a new connection's handshake (0: the default).
+	RequestWaitMax time.Duration
+	// AuthWaitMax bounds the check of an uncached key before the request
+	// body is read (0: the default).
+	AuthWaitMax time.Duration
+	// UnauthenticatedMsgBytesMax bounds a request message of the open
+	// services (health, reflection) (0: the default).
+	UnauthenticatedMsgBytesMax int
+	// ConnectionsMax bounds concurrent connections: give the listener to
+	// LimitConnections with it (0: the default).
+	ConnectionsMax int
 	// UnaryInterceptors and StreamInterceptors run outside the built-in
 	// chain, the first outermost, so they see every call with its final
 	// status, refused and panicking ones included (metrics).
@@ -103,6 +122,15 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 	if o.KeepaliveMinTime <= 0 {
 		o.KeepaliveMinTime = KeepaliveMinTimeDefault
 	}
+	if o.RequestWaitMax <= 0 {
+		o.RequestWaitMax = RequestWaitMaxDefault
+	}
+	if o.AuthWaitMax <= 0 {
+		o.AuthWaitMax = AuthWaitMaxDefault
+	}
+	if o.UnauthenticatedMsgBytesMax <= 0 {
+		o.UnauthenticatedMsgBytesMax = UnauthenticatedMsgBytesMaxDefault
+	}
 	log := o.Logger
 	logger := logging.LoggerFunc(func(ctx context.Context, lvl logging.Level, msg string, fields ...any) {
 		log.Log(ctx, slog.Level(lvl), msg, fields...)
@@ -126,11 +154,20 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 		logging.UnaryServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels))
 	stream := append(append([]grpc.StreamServerInterceptor{}, o.StreamInterceptors...),
 		logging.StreamServerInterceptor(logger, logging.WithLogOnEvents(logging.FinishCall), levels))
+	// Calls refused by the tap handler are replayed through the outer
+	// interceptors (metrics, logging) so they are counted and logged.
+	streaming := map[string]bool{}
+	tp := &tapper{requestWaitMax: o.RequestWaitMax, authWaitMax: o.AuthWaitMax}
+	tp.refused = refusedReporter(append([]grpc.UnaryServerInterceptor{}, unary...),
+		append([]grpc.StreamServerInterceptor{}, stream...), func(m string) bool { return streaming[m] })
+	unary = append(unary, firstMessageUnary)
+	stream = append(stream, firstMessageStream)
 	if o.Auth != nil {
 		if o.Auth.Verifier == nil {
 			panic("api: AuthOptions without a Verifier")
 		}
 		a := &authenticator{o: *o.Auth, log: log}
+		tp.auth = a
 		unary = append(unary, a.unary())
 		stream = append(stream, a.stream())
 	}
@@ -146,11 +183,16 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 		grpc.MaxHeaderListSize(o.HeaderBytesMax),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: o.KeepaliveTime, Timeout: o.KeepaliveTimeout}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: o.KeepaliveMinTime, PermitWithoutStream: true}),
+		// Authentication and the request wait start when a stream's
+		// headers arrive, before its body is read.
+		grpc.InTapHandle(tp.handle),
+		grpc.ConnectionTimeout(o.RequestWaitMax),
+		// The proto codec, limiting open services' requests (hostile.go),
+		// and never failing to decode: it marks malformed requests for
+		// malformedUnary and malformedStream (malformed.go).
+		grpc.ForceServerCodecV2(tolerantCodec{base: openLimitCodec{CodecV2: encoding.GetCodecV2(protoenc.Name), max: o.UnauthenticatedMsgBytesMax}}),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
-		// Never fails to decode; marks malformed requests for malformedUnary
-		// and malformedStream.
-		grpc.ForceServerCodecV2(newTolerantCodec()),
 	}
 	if o.Creds != nil {
 		opts = append(opts, grpc.Creds(o.Creds))
@@ -160,10 +202,20 @@ func NewGRPCServer(l *ledger.Ledger, hs *health.Server, o ServerOptions) *grpc.S
 	ls := NewServer(l)
 	ls.SubmitBatchBytesMax = o.SubmitBatchBytesMax
 	ls.ExportPollInterval, ls.ExportStreamDurationMax = o.ExportPollInterval, o.ExportStreamDurationMax
+	ls.ExportFollowStreamsPerKeyMax, ls.ExportFollowStreamsMax = o.ExportFollowStreamsPerKeyMax, o.ExportFollowStreamsMax
+	ls.Logger = log
 	tallyv1.RegisterLedgerServiceServer(s, ls)
 	healthpb.RegisterHealthServer(s, hs)
 	if !o.NoReflection {
 		reflection.Register(s)
+	}
+	// Written before Serve, only read afterwards.
+	for name, info := range s.GetServiceInfo() {
+		for _, m := range info.Methods {
+			if m.IsClientStream || m.IsServerStream {
+				streaming["/"+name+"/"+m.Name] = true
+			}
+		}
 	}
 	return s
 }

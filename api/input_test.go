@@ -57,7 +57,7 @@ func TestBadInput(t *testing.T) {
 		{"transfer same account", func(ctx context.Context) error {
 			_, err := raw.Transfer(ctx, &tallyv1.TransferRequest{DebitAccountId: a, CreditAccountId: a, Amount: 1, IdempotencyKey: key()})
 			return err
-		}, codes.InvalidArgument, ledger.ReasonInvalidArgument},
+		}, codes.InvalidArgument, ledger.ReasonSelfPosting},
 		{"transfer currency mismatch", func(ctx context.Context) error {
 			_, err := raw.Transfer(ctx, &tallyv1.TransferRequest{DebitAccountId: a, CreditAccountId: other, Amount: 1, IdempotencyKey: "mismatch-" + key()})
 			return err

@@ -6,7 +6,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
-	"google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
 	protov2 "google.golang.org/protobuf/proto"
@@ -35,11 +34,8 @@ const malformedField = protowire.MaxValidNumber
 
 var malformedMarker = protowire.AppendBytes(protowire.AppendTag(nil, malformedField, protowire.BytesType), []byte("tally: malformed request"))
 
+// tolerantCodec wraps the server's proto codec (base).
 type tolerantCodec struct{ base encoding.CodecV2 }
-
-func newTolerantCodec() tolerantCodec {
-	return tolerantCodec{base: encoding.GetCodecV2(proto.Name)}
-}
 
 func (c tolerantCodec) Marshal(v any) (mem.BufferSlice, error) { return c.base.Marshal(v) }
 func (c tolerantCodec) Name() string                           { return c.base.Name() }

@@ -111,6 +111,10 @@ func (s *Server) GetHold(ctx context.Context, r *tallyv1.GetHoldRequest) (*tally
 		return nil, err
 	}
 	h, err := s.l.GetHold(ctx, id)
+	if me, chargerOnly := ownOnly(ctx); err == nil && chargerOnly && h.CreatedByClient != me.ClientID {
+		// As GetTransfer: another client's hold does not exist for a charger.
+		err = &ledger.Error{Code: ledger.CodeNotFound, Reason: ledger.ReasonHoldNotFound, Message: "hold " + id.String() + " not found"}
+	}
 	if err != nil {
 		return nil, statusError(err)
 	}

@@ -5,6 +5,8 @@ package api
 
 import (
 	"context"
+	"log/slog"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -25,10 +27,45 @@ type Server struct {
 	// streams (0: the defaults).
 	ExportPollInterval      time.Duration
 	ExportStreamDurationMax time.Duration
+	// ExportFollowStreamsPerKeyMax and ExportFollowStreamsMax cap following
+	// feed streams per API key and per server (0: the defaults).
+	ExportFollowStreamsPerKeyMax int
+	ExportFollowStreamsMax       int
+	// Logger receives the feed watcher's warnings (nil: slog.Default).
+	Logger *slog.Logger
+
+	hubOnce sync.Once
+	hub     *feedHub
 }
 
 // NewServer returns a LedgerService backed by l.
 func NewServer(l *ledger.Ledger) *Server { return &Server{l: l} }
+
+// feed returns the server's one feed watcher, made at first use from the
+// fields above.
+func (s *Server) feed() *feedHub {
+	s.hubOnce.Do(func() {
+		poll, perKey, max, log := s.ExportPollInterval, s.ExportFollowStreamsPerKeyMax, s.ExportFollowStreamsMax, s.Logger
+		if poll <= 0 {
+			poll = ExportPollIntervalDefault
+		}
+		if perKey <= 0 {
+			perKey = ExportFollowStreamsPerKeyMaxDefault
+		}
+		if max <= 0 {
+			max = ExportFollowStreamsMaxDefault
+		}
+		if log == nil {
+			log = slog.Default()
+		}
+		s.hub = newFeedHub(s.l, poll, perKey, max, log)
+	})
+	return s.hub
+}
+
+// FeedReads is how many queries the feed watcher has made (every caught-up
+// follower shares them).
+func (s *Server) FeedReads() int64 { return s.feed().reads.Load() }
 
 // scope returns the idempotency scope of the caller: its client id, so that
 // two clients never see each other's keys while every key of one client
@@ -46,8 +83,23 @@ func moveRequest(ctx context.Context, r ledger.MoveRequest) ledger.MoveRequest {
 	r.Scope = scope(ctx)
 	if p, ok := auth.FromContext(ctx); ok {
 		r.CreatedByClient, r.CreatedByKey = p.ClientID, p.KeyID
+		r.Restrict = restrictOf(p.Role)
 	}
 	return r
+}
+
+// restrictOf is what a role may act on beyond the method table: a charger
+// refunds, captures and releases only its own client's charges and holds;
+// support changes customer accounts only (freezing a default system
+// account would stop every credit and refund of its currency).
+func restrictOf(role auth.Role) ledger.Restrict {
+	switch role {
+	case auth.RoleCharger:
+		return ledger.Restrict{OwnObjects: true}
+	case auth.RoleSupport:
+		return ledger.Restrict{CustomerAccounts: true}
+	}
+	return ledger.Restrict{}
 }
 
 // apply builds a money-moving request from a proto request, adds the

@@ -119,11 +119,22 @@ func (v *Verifier) CacheTTL() time.Duration { return v.ttl }
 // Verify checks a key as sent by a caller and returns its principal. Every
 // bad key is ErrUnauthenticated; a database failure is ErrUnavailable.
 func (v *Verifier) Verify(ctx context.Context, token string) (Principal, error) {
+	return v.VerifyWithin(ctx, token, v.ttl)
+}
+
+// VerifyWithin is Verify trusting a cached row only when it was read from
+// PostgreSQL less than maxAge ago (at most the cache TTL). Open streams
+// re-check their key with it every half TTL, so a revocation reaches them
+// within one TTL.
+func (v *Verifier) VerifyWithin(ctx context.Context, token string, maxAge time.Duration) (Principal, error) {
 	k, err := ParseKey(token)
 	if err != nil {
 		return Principal{}, ErrUnauthenticated
 	}
-	c, err := v.lookup(ctx, k.ID)
+	if maxAge <= 0 || maxAge > v.ttl {
+		maxAge = v.ttl
+	}
+	c, err := v.lookup(ctx, k.ID, maxAge)
 	if err != nil {
 		return Principal{}, err
 	}
@@ -141,15 +152,15 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Principal, error) 
 	return c.principal, nil
 }
 
-func (v *Verifier) lookup(ctx context.Context, id string) (cached, error) {
+func (v *Verifier) lookup(ctx context.Context, id string, maxAge time.Duration) (cached, error) {
 	now := v.now()
 	v.mu.Lock()
 	c, ok := v.cache[id]
 	v.mu.Unlock()
 	if ok {
-		ttl := v.ttl
+		ttl := maxAge
 		if !c.found {
-			ttl = v.negTTL
+			ttl = min(maxAge, v.negTTL)
 		}
 		if now.Sub(c.fetched) < ttl {
 			return c, nil
@@ -162,7 +173,7 @@ func (v *Verifier) lookup(ctx context.Context, id string) (cached, error) {
 		}
 		// A look-up that was already in flight may have read the row before
 		// this call began; never let it stretch the revocation bound.
-		if attempt > 0 || now.Sub(c.fetched) < v.ttl {
+		if attempt > 0 || now.Sub(c.fetched) < maxAge {
 			return c, nil
 		}
 		v.sf.Forget(id)
@@ -173,8 +184,12 @@ func (v *Verifier) lookup(ctx context.Context, id string) (cached, error) {
 // A look-up stored after the caller began (by a concurrent caller whose query
 // finished just before this one joined) is as fresh as a new one, so it is
 // used instead of querying again.
+//
+// The caller waits no longer than its ctx (the gRPC tap handler bounds it,
+// since it runs on the connection's reader); the look-up itself goes on and
+// fills the cache for the retry.
 func (v *Verifier) fetch(ctx context.Context, id string, began time.Time) (cached, error) {
-	res, err, _ := v.sf.Do(id, func() (any, error) {
+	ch := v.sf.DoChan(id, func() (any, error) {
 		v.mu.Lock()
 		prev, ok := v.cache[id]
 		v.mu.Unlock()
@@ -208,10 +223,16 @@ func (v *Verifier) fetch(ctx context.Context, id string, began time.Time) (cache
 		v.store(id, c)
 		return c, nil
 	})
-	if err != nil {
-		return cached{}, err
+	var res singleflight.Result
+	select {
+	case res = <-ch:
+	case <-ctx.Done():
+		return cached{}, ErrUnavailable
 	}
-	return res.(cached), nil
+	if res.Err != nil {
+		return cached{}, res.Err
+	}
+	return res.Val.(cached), nil
 }
 
 func (v *Verifier) store(id string, c cached) {

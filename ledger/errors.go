@@ -37,6 +37,9 @@ const (
 	// CodeResourceExhausted means the service is overloaded; retry the same
 	// key after a longer backoff.
 	CodeResourceExhausted
+	// CodePermissionDenied means the caller's role may not act on this
+	// object. Nothing was recorded.
+	CodePermissionDenied
 )
 
 // Machine-readable reasons, sent to callers in google.rpc.ErrorInfo.
@@ -69,6 +72,13 @@ const (
 	ReasonCreditLimitInUse       = "CREDIT_LIMIT_IN_USE"
 	ReasonBatchItemFailed        = "BATCH_ITEM_FAILED"
 	ReasonNotApplied             = "NOT_APPLIED"
+	// ReasonSelfPosting: the debit and credit accounts would be the same
+	// account (directly or through a default system account).
+	ReasonSelfPosting = "SELF_POSTING"
+	// ReasonSystemAccount: the operation is not allowed on a system
+	// (REVENUE or FUNDING) account, or on a default one.
+	ReasonSystemAccount    = "SYSTEM_ACCOUNT"
+	ReasonPermissionDenied = "PERMISSION_DENIED"
 	// ReasonBatchReplyTooLarge: a SubmitBatch whose reply could not be sent
 	// (more than Limits.BatchReplyBytesMax); refused before COMMIT.
 	ReasonBatchReplyTooLarge = "BATCH_REPLY_TOO_LARGE"

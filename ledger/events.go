@@ -172,3 +172,23 @@ func (wk *work) feedEvents() {
 		add(EventLowBalance, subject, lb.AccountID, lb, lb.CreatedAt)
 	}
 }
+
+// CompareCursors orders two feed cursors: -1 when a is before b, 0 when
+// they are the same position, +1 when a is after b.
+func CompareCursors(a, b string) (int, error) {
+	ax, ai, err := parseCursor(a)
+	if err != nil {
+		return 0, err
+	}
+	bx, bi, err := parseCursor(b)
+	if err != nil {
+		return 0, err
+	}
+	switch {
+	case ax < bx || (ax == bx && ai < bi):
+		return -1, nil
+	case ax == bx && ai == bi:
+		return 0, nil
+	}
+	return 1, nil
+}

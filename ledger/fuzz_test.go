@@ -43,7 +43,7 @@ func FuzzValidateMove(f *testing.F) {
 		err := l.validateMove(r)
 		if err != nil {
 			var le *Error
-			if !errors.As(err, &le) || le.Code != CodeInvalid || le.Reason != ReasonInvalidArgument || le.Field == "" {
+			if !errors.As(err, &le) || le.Code != CodeInvalid || (le.Reason != ReasonInvalidArgument && le.Reason != ReasonSelfPosting) || le.Field == "" {
 				t.Fatalf("rejection is not INVALID_ARGUMENT with a field: %#v", err)
 			}
 			return

@@ -131,7 +131,7 @@ func (l *Ledger) validateMove(r MoveRequest) error {
 		return invalid("credit_account_id", "credit_account_id is required")
 	}
 	if r.Counterparty != uuid.Nil && r.Counterparty == r.AccountID {
-		return invalid("account_id", "debit and credit accounts must differ")
+		return selfPosting(r.AccountID)
 	}
 	switch r.Kind {
 	case KindCapture, KindRefund:

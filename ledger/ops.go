@@ -150,6 +150,7 @@ func (wk *work) post(r MoveRequest, kind Kind, debit, credit *store.Account, amo
 		DebitAccountID: debit.ID, CreditAccountID: credit.ID, Amount: amount, Currency: debit.Currency,
 		Description: r.Description, Metadata: r.Metadata, CreatedAt: at,
 		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey, RefundOf: refundOf, HoldID: holdID,
+		DebitAccountType: debit.Type, CreditAccountType: credit.Type,
 	}
 	before := [2]store.Account{*debit, *credit}
 	var entries [2]store.Entry
@@ -240,6 +241,41 @@ func (l *Ledger) decide(r MoveRequest, fp []byte, wk *work) (TransferResult, *Er
 	return res, nil, nil
 }
 
+// moveTypes applies the account-type rules of Charge, Credit and Transfer
+// to every caller: only a CUSTOMER account is charged (to a REVENUE
+// account) or credited (from a FUNDING account). Transfer is admin's and
+// may move money between accounts of any types.
+func moveTypes(k Kind, primary, counter *store.Account) *Error {
+	switch k {
+	case KindCharge:
+		if e := wantType(primary, AccountTypeCustomer, "only a CUSTOMER account can be charged"); e != nil {
+			return e
+		}
+		return wantType(counter, AccountTypeRevenue, "revenue_account_id must be a REVENUE account")
+	case KindCredit:
+		if e := wantType(primary, AccountTypeCustomer, "only a CUSTOMER account can be credited"); e != nil {
+			return e
+		}
+		return wantType(counter, AccountTypeFunding, "funding_account_id must be a FUNDING account")
+	}
+	return nil
+}
+
+// wantType rejects an account that is not of type t.
+func wantType(a *store.Account, t AccountType, msg string) *Error {
+	if AccountType(a.Type) == t {
+		return nil
+	}
+	return rejection(CodeFailedPrecondition, ReasonAccountTypeMismatch, "%s (account %s is %s)", msg, a.ID, AccountType(a.Type))
+}
+
+// selfPosting refuses a posting whose two sides are one account. It is
+// INVALID_ARGUMENT and records nothing, like the same id named twice.
+func selfPosting(id uuid.UUID) *Error {
+	return &Error{Code: CodeInvalid, Reason: ReasonSelfPosting, Field: "account_id",
+		Message: fmt.Sprintf("account %s would be both the debit and the credit side", id)}
+}
+
 func (wk *work) account(id uuid.UUID) (*store.Account, *Error) {
 	a, ok := wk.accts[id]
 	if !ok {
@@ -284,15 +320,17 @@ func (l *Ledger) decideMove(r MoveRequest, wk *work) (TransferResult, *Error, er
 	if r.Kind == KindCredit {
 		debit, credit = counter, primary
 	}
+	if debit.ID == credit.ID {
+		// Only through a default system account: validateMove refused the
+		// same id named twice. Nothing is written and the key stays unused.
+		return TransferResult{}, nil, selfPosting(debit.ID)
+	}
 	if debit.Currency != credit.Currency {
 		return TransferResult{}, rejection(CodeFailedPrecondition, ReasonCurrencyMismatch,
 			"accounts have different currencies (%s, %s)", debit.Currency, credit.Currency), nil
 	}
-	switch {
-	case r.Kind == KindCharge && AccountType(counter.Type) != AccountTypeRevenue:
-		return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountTypeMismatch, "revenue_account_id must be a REVENUE account"), nil
-	case r.Kind == KindCredit && AccountType(counter.Type) != AccountTypeFunding:
-		return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountTypeMismatch, "funding_account_id must be a FUNDING account"), nil
+	if e := moveTypes(r.Kind, primary, counter); e != nil {
+		return TransferResult{}, e, nil
 	}
 	if Status(debit.Status) != StatusActive {
 		return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountNotActive, "account %s does not accept debits", debit.ID), nil
@@ -325,7 +363,7 @@ func (l *Ledger) decideMove(r MoveRequest, wk *work) (TransferResult, *Error, er
 
 func (l *Ledger) decideRefund(r MoveRequest, wk *work) (TransferResult, *Error, error) {
 	charge, ok := wk.charges[r.ChargeID]
-	if !ok {
+	if !ok || (r.Restrict.OwnObjects && charge.CreatedByClient != r.CreatedByClient) {
 		return TransferResult{}, nil, rejection(CodeNotFound, ReasonTransferNotFound, "transfer %s not found", r.ChargeID)
 	}
 	if Kind(charge.Kind) != KindCharge {
@@ -334,6 +372,14 @@ func (l *Ledger) decideRefund(r MoveRequest, wk *work) (TransferResult, *Error, 
 	customer, revenue := wk.accts[charge.DebitAccountID], wk.accts[charge.CreditAccountID]
 	if customer == nil || revenue == nil {
 		panic(fmt.Sprintf("ledger: accounts of charge %s were not locked", charge.ID))
+	}
+	// A charge stored before the account-type rules may have debited a
+	// system account: refunds go back to customers only.
+	if e := wantType(customer, AccountTypeCustomer, "only a CUSTOMER account can be refunded to"); e != nil {
+		return TransferResult{}, e, nil
+	}
+	if e := wantType(revenue, AccountTypeRevenue, "only a charge credited to a REVENUE account can be refunded"); e != nil {
+		return TransferResult{}, e, nil
 	}
 	remaining := charge.Amount - wk.refunded[charge.ID]
 	amount := r.Amount
@@ -389,6 +435,9 @@ func (l *Ledger) decideHold(r MoveRequest, wk *work) (TransferResult, *Error, er
 	if nf != nil {
 		return TransferResult{}, nil, nf
 	}
+	if e := wantType(a, AccountTypeCustomer, "only a CUSTOMER account can be held"); e != nil {
+		return TransferResult{}, e, nil
+	}
 	if r.Counterparty != uuid.Nil {
 		rev, nf := wk.account(r.Counterparty)
 		if nf != nil {
@@ -435,7 +484,10 @@ func (l *Ledger) decideHold(r MoveRequest, wk *work) (TransferResult, *Error, er
 		ID: id, Scope: r.Scope, Key: r.IdempotencyKey, AccountID: a.ID, RevenueAccountID: r.Counterparty,
 		Amount: r.Amount, Currency: a.Currency, Status: store.HoldOpen, ExpiresAt: expires,
 		Description: r.Description, Metadata: r.Metadata, CreatedAt: wk.now,
-		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey,
+		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey, AccountType: a.Type,
+	}
+	if r.Counterparty != uuid.Nil {
+		h.RevenueAccountType = wk.accts[r.Counterparty].Type
 	}
 	a.Held += r.Amount
 	a.Version++
@@ -458,7 +510,7 @@ func (l *Ledger) decideHold(r MoveRequest, wk *work) (TransferResult, *Error, er
 
 func (l *Ledger) decideFinalize(r MoveRequest, wk *work) (TransferResult, *Error, error) {
 	h, ok := wk.holds[r.HoldID]
-	if !ok {
+	if !ok || (r.Restrict.OwnObjects && h.CreatedByClient != r.CreatedByClient) {
 		return TransferResult{}, nil, rejection(CodeNotFound, ReasonHoldNotFound, "hold %s not found", r.HoldID)
 	}
 	a := wk.accts[h.AccountID]
@@ -494,6 +546,9 @@ func (l *Ledger) decideFinalize(r MoveRequest, wk *work) (TransferResult, *Error
 	if Status(a.Status) != StatusActive {
 		return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountNotActive, "account %s does not accept debits", a.ID), nil
 	}
+	if e := wantType(a, AccountTypeCustomer, "only a CUSTOMER account can be captured from"); e != nil {
+		return TransferResult{}, e, nil
+	}
 	var revenue *store.Account
 	if h.RevenueAccountID != uuid.Nil {
 		revenue = wk.accts[h.RevenueAccountID]
@@ -505,6 +560,12 @@ func (l *Ledger) decideFinalize(r MoveRequest, wk *work) (TransferResult, *Error
 		if revenue, err = wk.systemAccount(a.Currency, store.SystemRoleRevenue); err != nil {
 			return TransferResult{}, nil, err
 		}
+	}
+	if revenue.ID == a.ID {
+		return TransferResult{}, nil, selfPosting(a.ID)
+	}
+	if e := wantType(revenue, AccountTypeRevenue, "a capture is credited to a REVENUE account only"); e != nil {
+		return TransferResult{}, e, nil
 	}
 	if Status(revenue.Status) == StatusClosed {
 		return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountNotActive, "account %s is closed", revenue.ID), nil
@@ -551,6 +612,10 @@ func (l *Ledger) decideAccount(r MoveRequest, wk *work) (TransferResult, *Error,
 	if r.Kind == KindExpire {
 		return result()
 	}
+	if r.Restrict.CustomerAccounts && AccountType(a.Type) != AccountTypeCustomer {
+		return TransferResult{}, nil, rejection(CodePermissionDenied, ReasonPermissionDenied,
+			"only admin may change a %s account", AccountType(a.Type))
+	}
 	status := Status(a.Status)
 	if status == StatusClosed && r.Kind != KindClose {
 		return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountClosed, "account %s is closed", a.ID), nil
@@ -573,7 +638,7 @@ func (l *Ledger) decideAccount(r MoveRequest, wk *work) (TransferResult, *Error,
 			return result()
 		}
 		if a.SystemRole != "" {
-			return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountNotEmpty, "a default system account cannot be closed"), nil
+			return TransferResult{}, rejection(CodeFailedPrecondition, ReasonSystemAccount, "a default system account cannot be closed"), nil
 		}
 		if a.Balance != 0 || a.Held != 0 {
 			return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountNotEmpty,
@@ -590,6 +655,12 @@ func (l *Ledger) decideAccount(r MoveRequest, wk *work) (TransferResult, *Error,
 			if Floor(a.Floor) == FloorNonNegative && a.Balance < a.Held-cl {
 				return TransferResult{}, rejection(CodeFailedPrecondition, ReasonCreditLimitInUse,
 					"credit_limit %d is below what is already used (balance %d, held %d)", cl, a.Balance, a.Held), nil
+			}
+			if a.Balance > 0 && cl > math.MaxInt64-a.Balance {
+				// available = balance - held + credit_limit must stay an int64
+				// (the accounts_available_range CHECK).
+				return TransferResult{}, rejection(CodeOutOfRange, ReasonBalanceOverflow,
+					"credit_limit %d with balance %d would overflow the available amount", cl, a.Balance), nil
 			}
 			a.CreditLimit = cl
 		}
@@ -638,6 +709,19 @@ func (s Status) String() string {
 		return "CLOSED"
 	}
 	return fmt.Sprintf("STATUS_%d", int(s))
+}
+
+// String names an account type as the API does.
+func (t AccountType) String() string {
+	switch t {
+	case AccountTypeCustomer:
+		return "CUSTOMER"
+	case AccountTypeRevenue:
+		return "REVENUE"
+	case AccountTypeFunding:
+		return "FUNDING"
+	}
+	return fmt.Sprintf("ACCOUNT_TYPE_%d", int(t))
 }
 
 // String names a hold status as the API does.

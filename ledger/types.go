@@ -262,6 +262,22 @@ type MoveRequest struct {
 	NewThreshold    *int64
 	ClearThreshold  bool
 	ReplaceMetadata bool
+	// Restrict narrows what the request may act on, for callers whose role
+	// is narrower than admin (the api package sets it from the caller's
+	// role). It is not part of the fingerprint.
+	Restrict Restrict
+}
+
+// Restrict narrows what a request may touch beyond the account-type rules
+// that apply to every caller.
+type Restrict struct {
+	// OwnObjects: a Refund, CaptureHold or ReleaseHold acts only on a
+	// charge or hold that CreatedByClient created; any other reads as
+	// NOT_FOUND, exactly as GetTransfer and GetHold answer such a caller.
+	OwnObjects bool
+	// CustomerAccounts: lifecycle changes (freeze, unfreeze, close, update)
+	// act only on CUSTOMER accounts; system accounts are admin's.
+	CustomerAccounts bool
 }
 
 // AccountQuery filters FindAccounts.

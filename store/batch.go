@@ -233,6 +233,14 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 	return out, translate(br2.Close())
 }
 
+// nullType stores an account type of 0 (not known to the writer) as NULL.
+func nullType(t int16) *int16 {
+	if t == 0 {
+		return nil
+	}
+	return &t
+}
+
 func ids(v []uuid.UUID) []uuid.UUID {
 	if v == nil {
 		return []uuid.UUID{}
@@ -331,7 +339,10 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 		refundOf := make([]*string, n)
 		holds := make([]*string, n)
 		crossed := make([]bool, n)
+		debitTypes := make([]*int16, n)
+		creditTypes := make([]*int16, n)
 		for i, tr := range w.Transfers {
+			debitTypes[i], creditTypes[i] = nullType(tr.DebitAccountType), nullType(tr.CreditAccountType)
 			ids[i], scopes[i], keys[i], kinds[i] = tr.ID, tr.Scope, tr.Key, tr.Kind
 			debits[i], credits[i], amounts[i], currencies[i] = tr.DebitAccountID, tr.CreditAccountID, tr.Amount, tr.Currency
 			descs[i], metas[i], ats[i] = tr.Description, string(encodeMeta(tr.Metadata)), tr.CreatedAt
@@ -343,16 +354,16 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 		}
 		queue(n, `INSERT INTO transfers (transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
 			amount, currency, description, metadata, created_at, created_by_client, created_by_key,
-			refund_of, hold_id, threshold_crossed)
+			refund_of, hold_id, threshold_crossed, debit_account_type, credit_account_type)
 			SELECT t.id, t.scope, t.key, t.kind, t.debit, t.credit, t.amount, t.currency, t.description, t.meta::jsonb, t.at,
-			       t.by_client, t.by_key, t.refund_of, t.hold, t.crossed
+			       t.by_client, t.by_key, t.refund_of, t.hold, t.crossed, t.debit_type, t.credit_type
 			FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::uuid[], $6::uuid[], $7::int8[], $8::text[],
 			            $9::text[], $10::text[], $11::timestamptz[], $12::text[]::uuid[], $13::text[],
-			            $14::text[]::uuid[], $15::text[]::uuid[], $16::bool[])
+			            $14::text[]::uuid[], $15::text[]::uuid[], $16::bool[], $17::int2[], $18::int2[])
 			  AS t(id, scope, key, kind, debit, credit, amount, currency, description, meta, at, by_client, by_key,
-			       refund_of, hold, crossed)`,
+			       refund_of, hold, crossed, debit_type, credit_type)`,
 			ids, scopes, keys, kinds, debits, credits, amounts, currencies, descs, metas, ats, byClients, byKeys,
-			refundOf, holds, crossed)
+			refundOf, holds, crossed, debitTypes, creditTypes)
 	}
 	if n := len(w.Holds); n > 0 {
 		ids := make([]uuid.UUID, n)
@@ -368,7 +379,10 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 		ats := make([]time.Time, n)
 		byClients := make([]*string, n)
 		byKeys := make([]*string, n)
+		acctTypes := make([]*int16, n)
+		revTypes := make([]*int16, n)
 		for i, h := range w.Holds {
+			acctTypes[i], revTypes[i] = nullType(h.AccountType), nullType(h.RevenueAccountType)
 			ids[i], scopes[i], keys[i], accts[i], revs[i] = h.ID, h.Scope, h.Key, h.AccountID, nullID(h.RevenueAccountID)
 			amounts[i], currencies[i], expires[i], descs[i] = h.Amount, h.Currency, h.ExpiresAt, h.Description
 			metas[i], ats[i], byClients[i] = string(encodeMeta(h.Metadata)), h.CreatedAt, nullID(h.CreatedByClient)
@@ -378,13 +392,17 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 			}
 		}
 		queue(n, `INSERT INTO holds (hold_id, scope, idempotency_key, account_id, revenue_account_id, amount, currency,
-			expires_at, description, metadata, created_at, created_by_client, created_by_key)
+			expires_at, description, metadata, created_at, created_by_client, created_by_key,
+			account_type, revenue_account_type)
 			SELECT h.id, h.scope, h.key, h.acct, h.rev, h.amount, h.currency, h.expires, h.description, h.meta::jsonb,
-			       h.at, h.by_client, h.by_key
+			       h.at, h.by_client, h.by_key, h.acct_type, h.rev_type
 			FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[]::uuid[], $6::int8[], $7::text[],
-			            $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[], $12::text[]::uuid[], $13::text[])
-			  AS h(id, scope, key, acct, rev, amount, currency, expires, description, meta, at, by_client, by_key)`,
-			ids, scopes, keys, accts, revs, amounts, currencies, expires, descs, metas, ats, byClients, byKeys)
+			            $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[], $12::text[]::uuid[], $13::text[],
+			            $14::int2[], $15::int2[])
+			  AS h(id, scope, key, acct, rev, amount, currency, expires, description, meta, at, by_client, by_key,
+			       acct_type, rev_type)`,
+			ids, scopes, keys, accts, revs, amounts, currencies, expires, descs, metas, ats, byClients, byKeys,
+			acctTypes, revTypes)
 	}
 	if n := len(w.HoldChanges); n > 0 {
 		ids := make([]uuid.UUID, n)

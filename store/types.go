@@ -60,6 +60,11 @@ type Transfer struct {
 	ThresholdCrossed bool
 	// Refunded is how much of a CHARGE has been refunded; only reads fill it.
 	Refunded int64
+	// DebitAccountType and CreditAccountType are the types of the two
+	// accounts, written with the transfer so that the database can check
+	// the account-type rules (transfers_account_types_valid); reads leave
+	// them 0.
+	DebitAccountType, CreditAccountType int16
 }
 
 // Entry is an entries row: one side of a transfer on one account.
@@ -158,6 +163,9 @@ type Hold struct {
 	FinalizedAt       *time.Time
 	CreatedByClient   uuid.UUID
 	CreatedByKey      string
+	// AccountType and RevenueAccountType (0 without a revenue account) are
+	// written for holds_account_types_valid; reads leave them 0.
+	AccountType, RevenueAccountType int16
 }
 
 // HoldChange is the final action of a hold, written by WriteBatch.

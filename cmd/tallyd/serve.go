@@ -57,6 +57,11 @@ type serveConfig struct {
 	msgBytesMax        int
 	callTimeoutDefault time.Duration
 	streamsMax         uint
+	// Limits against hostile clients.
+	connectionsMax                                       int
+	unauthenticatedMsgBytesMax                           int
+	requestWaitMax, authWaitMax                          time.Duration
+	exportFollowStreamsPerKeyMax, exportFollowStreamsMax int
 
 	headerBytesMax   uint
 	keepaliveTime    time.Duration
@@ -116,7 +121,13 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.DurationVar(&c.cacheBreakerCooldown, "cache-breaker-cooldown", 5*time.Second, "how long the cache is bypassed after failures")
 	fs.IntVar(&c.msgBytesMax, "msg-bytes-max", api.MsgBytesMaxDefault, "largest gRPC message accepted or sent")
 	fs.DurationVar(&c.callTimeoutDefault, "call-timeout-default", api.CallTimeoutDefault, "deadline for calls that arrive without one")
-	fs.UintVar(&c.streamsMax, "streams-max", api.StreamsMaxDefault, "concurrent gRPC streams per connection")
+	fs.UintVar(&c.streamsMax, "streams-max", api.StreamsMaxDefault, "concurrent gRPC streams per connection (a client queues calls over it)")
+	fs.IntVar(&c.connectionsMax, "connections-max", api.ConnectionsMaxDefault, "concurrent gRPC client connections; one over it is closed at once (the client retries)")
+	fs.IntVar(&c.unauthenticatedMsgBytesMax, "unauthenticated-msg-bytes-max", api.UnauthenticatedMsgBytesMaxDefault, "largest request message of the calls open without credentials (health, reflection); every other call is authenticated from its headers, before its body is read")
+	fs.DurationVar(&c.requestWaitMax, "request-wait-max", api.RequestWaitMaxDefault, "longest wait from a call's headers to its whole request message, and for a new connection's handshake; a stream that sends headers and no message is closed after it")
+	fs.DurationVar(&c.authWaitMax, "auth-wait-max", api.AuthWaitMaxDefault, "longest a key not in the auth cache may be checked before the call is answered UNAVAILABLE (the check runs before the request body is read)")
+	fs.IntVar(&c.exportFollowStreamsPerKeyMax, "export-follow-streams-per-key-max", api.ExportFollowStreamsPerKeyMaxDefault, "following ExportTransfers streams per API key; more are RESOURCE_EXHAUSTED")
+	fs.IntVar(&c.exportFollowStreamsMax, "export-follow-streams-max", api.ExportFollowStreamsMaxDefault, "following ExportTransfers streams per server; more are RESOURCE_EXHAUSTED")
 	fs.UintVar(&c.headerBytesMax, "header-bytes-max", api.HeaderBytesMaxDefault, "largest gRPC metadata (headers) accepted per call")
 	fs.DurationVar(&c.keepaliveTime, "keepalive-time", api.KeepaliveTimeDefault, "ping a connection idle this long")
 	fs.DurationVar(&c.keepaliveTimeout, "keepalive-timeout", api.KeepaliveTimeoutDefault, "close a connection whose keepalive ping is not answered within this time")
@@ -157,7 +168,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.limits.PageBytesMax, "page-bytes-max", d.PageBytesMax, "largest page of FindAccounts or ListEntries, and GetBalances reply, in bytes (a page ends early with a next token; at most --msg-bytes-max)")
 	fs.DurationVar(&c.limits.ReconcileStatementTimeout, "reconcile-statement-timeout", d.ReconcileStatementTimeout, "statement timeout of each ledger-wide reconcile check (they read whole tables)")
 	fs.DurationVar(&c.limits.HistorySettleWindow, "history-settle-window", d.HistorySettleWindow, "a balance at an instant closer to now than this is not final (must exceed --batch-timeout)")
-	fs.DurationVar(&c.exportPollInterval, "export-poll-interval", api.ExportPollIntervalDefault, "how often a following ExportTransfers stream looks for new events")
+	fs.DurationVar(&c.exportPollInterval, "export-poll-interval", api.ExportPollIntervalDefault, "how often the server's one feed watcher looks for new events while a following ExportTransfers stream is caught up")
 	fs.DurationVar(&c.exportStreamDurationMax, "export-stream-duration-max", api.ExportStreamDurationMaxDefault, "longest following ExportTransfers stream (clients resume from their cursor)")
 	fs.StringVar(&c.usageDimensions, "usage-dimensions", "", "up to three charge metadata keys that spend breakdowns (SummarizeUsage) group by, e.g. product,team,sku")
 	fs.IntVar(&c.limits.UsageRowsMax, "usage-rows-max", d.UsageRowsMax, "most rows of one SummarizeUsage answer")
@@ -308,6 +319,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		HeaderBytesMax: uint32(c.headerBytesMax), KeepaliveTime: c.keepaliveTime, KeepaliveTimeout: c.keepaliveTimeout,
 		KeepaliveMinTime: c.keepaliveMinTime, NoReflection: !c.reflection, SubmitBatchBytesMax: c.submitBatchBytesMax,
 		ExportPollInterval: c.exportPollInterval, ExportStreamDurationMax: c.exportStreamDurationMax,
+		ExportFollowStreamsPerKeyMax: c.exportFollowStreamsPerKeyMax, ExportFollowStreamsMax: c.exportFollowStreamsMax,
+		RequestWaitMax: c.requestWaitMax, AuthWaitMax: c.authWaitMax, ConnectionsMax: c.connectionsMax,
+		UnauthenticatedMsgBytesMax: c.unauthenticatedMsgBytesMax,
 	}
 	tlsCfg, certRoles, err := c.transport(log)
 	if err != nil {
@@ -391,10 +405,11 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	hs.SetServingStatus("tally.v1.LedgerService", healthpb.HealthCheckResponse_SERVING)
 	gs := api.NewGRPCServer(l, hs, sopts)
 	met.InitializeGRPC(gs)
-	glis, err := net.Listen("tcp", c.grpcAddr)
+	rawGlis, err := net.Listen("tcp", c.grpcAddr)
 	if err != nil {
 		return err
 	}
+	glis := api.LimitConnections(rawGlis, c.connectionsMax)
 	hlis, err := net.Listen("tcp", c.httpAddr)
 	if err != nil {
 		glis.Close()

@@ -89,6 +89,8 @@ type Options struct {
 	ClientDialOptions []grpc.DialOption
 	// LogWriter receives the server's logs (default: stderr, errors only).
 	LogWriter io.Writer
+	// Server adjusts the gRPC server's options (limits) before it starts.
+	Server func(*api.ServerOptions)
 }
 
 // Env is a running Tally.
@@ -170,12 +172,16 @@ func Start(t testing.TB, o Options) *Env {
 	if o.ServerTLS != nil {
 		sopts.Creds = credentials.NewTLS(o.ServerTLS)
 	}
+	if o.Server != nil {
+		o.Server(&sopts)
+	}
 	gs := api.NewGRPCServer(env.Ledger, health.NewServer(), sopts)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("listen: %v", err)
 	}
-	go func() { _ = gs.Serve(lis) }()
+	glis := api.LimitConnections(lis, sopts.ConnectionsMax)
+	go func() { _ = gs.Serve(glis) }()
 	t.Cleanup(gs.Stop)
 	env.Addr = lis.Addr().String()
 	env.policy, env.dialOptions = o.ClientPolicy, o.ClientDialOptions
