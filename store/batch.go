@@ -113,20 +113,26 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 	// primary key: an OR of these conditions, or an IN (subquery) joined to
 	// accounts, makes PostgreSQL scan every account. The system accounts
 	// are found through accounts_system_role_unique (currency, system_role).
+	// Each hold, charge and currency is looked up by a subquery per id (one
+	// primary-key probe each, NULL when unknown, which matches nothing):
+	// an = ANY($n) there was planned, while the tables were young and their
+	// statistics behind, as a scan of the whole table even for an empty
+	// array, and the generic plan kept it as the table grew.
 	b.Queue(`SELECT `+accountCols+` FROM accounts
 		WHERE account_id = ANY (ARRAY(
 			SELECT unnest($1::uuid[])
-			UNION SELECT account_id FROM holds WHERE hold_id = ANY($4::uuid[])
-			UNION SELECT revenue_account_id FROM holds WHERE hold_id = ANY($4::uuid[]) AND revenue_account_id IS NOT NULL
-			UNION SELECT debit_account_id FROM transfers WHERE transfer_id = ANY($5::uuid[])
-			UNION SELECT credit_account_id FROM transfers WHERE transfer_id = ANY($5::uuid[])
+			UNION SELECT (SELECT account_id FROM holds WHERE hold_id = h.id) FROM unnest($4::uuid[]) AS h(id)
+			UNION SELECT (SELECT revenue_account_id FROM holds WHERE hold_id = h.id) FROM unnest($4::uuid[]) AS h(id)
+			UNION SELECT (SELECT debit_account_id FROM transfers WHERE transfer_id = c.id) FROM unnest($5::uuid[]) AS c(id)
+			UNION SELECT (SELECT credit_account_id FROM transfers WHERE transfer_id = c.id) FROM unnest($5::uuid[]) AS c(id)
 			UNION SELECT s.account_id FROM accounts s
 			      WHERE s.system_role = 'revenue' AND s.currency = ANY (ARRAY(
-			            SELECT currency FROM accounts WHERE account_id = ANY($2::uuid[])
-			            UNION SELECT currency FROM holds WHERE hold_id = ANY($4::uuid[]) AND revenue_account_id IS NULL))
+			            SELECT (SELECT currency FROM accounts WHERE account_id = r.id) FROM unnest($2::uuid[]) AS r(id)
+			            UNION SELECT (SELECT currency FROM holds WHERE hold_id = h.id AND revenue_account_id IS NULL)
+			                  FROM unnest($4::uuid[]) AS h(id)))
 			UNION SELECT s.account_id FROM accounts s
 			      WHERE s.system_role = 'funding' AND s.currency = ANY (ARRAY(
-			            SELECT currency FROM accounts WHERE account_id = ANY($3::uuid[])))))
+			            SELECT (SELECT currency FROM accounts WHERE account_id = f.id) FROM unnest($3::uuid[]) AS f(id)))))
 		ORDER BY account_id
 		FOR UPDATE`, ids(l.Accounts), ids(l.RevenueFor), ids(l.FundingFor), ids(l.Holds), ids(l.Charges))
 	b.Queue(`SELECT clock_timestamp()`)
@@ -423,15 +429,15 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 			ids[i], statuses[i], captured[i], transfers[i], ats[i] = c.HoldID, c.Status, c.CapturedAmount, nullID(c.CaptureTransferID), c.FinalizedAt
 		}
 		// status = 1 guards the one final action (the trigger enforces it too).
-		// The redundant hold_id = ANY($1) lets the planner reach the rows
-		// through the primary key; a join with unnest alone may be planned
-		// as a hash join over every hold (docs/PERFORMANCE.md).
+		// The redundant hold_id = ANY (ARRAY(...)) lets the planner reach
+		// the rows through the primary key; a join with unnest alone may be
+		// planned as a hash join over every hold (docs/PERFORMANCE.md).
 		queue(n, `UPDATE holds h SET status = c.status, captured_amount = c.captured,
 			capture_transfer_id = c.transfer, finalized_at = c.at
 			FROM unnest($1::uuid[], $2::int2[], $3::int8[], $4::text[]::uuid[], $5::timestamptz[])
 			  AS c(id, status, captured, transfer, at)
 			WHERE h.hold_id = c.id AND h.status = 1
-			  AND h.hold_id = ANY($1::uuid[])`, ids, statuses, captured, transfers, ats)
+			  AND h.hold_id = ANY (ARRAY(SELECT unnest($1::uuid[])))`, ids, statuses, captured, transfers, ats)
 	}
 	if n := len(w.Entries); n > 0 {
 		tids := make([]uuid.UUID, n)
@@ -471,9 +477,11 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 				metas[i] = &m
 			}
 		}
-		// a.account_id = ANY($1) repeats the join condition so that the rows
-		// are found through the primary key: a join with unnest alone may be
-		// planned as a hash join over every account (docs/PERFORMANCE.md).
+		// a.account_id = ANY (ARRAY(...)) repeats the join condition so that
+		// the rows are found through the primary key: a join with unnest
+		// alone may be planned as a hash join over every account, and a
+		// plain ANY($1) of a few hundred ids as a scan of a table the
+		// statistics still call small (docs/PERFORMANCE.md).
 		queue(n, `UPDATE accounts a
 			SET balance = u.balance, version = u.version, last_sequence = u.seq, last_entry_at = u.at,
 			    held = u.held, status = u.status, credit_limit = u.credit_limit,
@@ -486,7 +494,7 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 			            $7::int8[], $8::bool[], $9::int2[], $10::int8[], $11::text[], $12::int8[])
 			  AS u(id, prev, balance, version, seq, at, held, holds_changed, status, credit_limit, meta, threshold)
 			WHERE a.account_id = u.id AND a.version = u.prev
-			  AND a.account_id = ANY($1::uuid[])`,
+			  AND a.account_id = ANY (ARRAY(SELECT unnest($1::uuid[])))`,
 			ids, prevs, bals, vers, seqs, ats, held, holdsChanged, statuses, limits, metas, thresholds)
 	}
 	if n := len(w.Refunds); n > 0 {
