@@ -171,11 +171,14 @@ func (s *Store) GetBalance(ctx context.Context, id uuid.UUID) (BalanceRow, error
 }
 
 // GetBalances reads many balances in one statement, in the order of ids;
-// unknown ids are left out.
+// unknown ids are left out. The redundant account_id = ANY (...) makes the
+// accounts be found through the primary key (a join with unnest alone may
+// be planned as a hash join over every account).
 func (s *Store) GetBalances(ctx context.Context, ids []uuid.UUID) ([]BalanceRow, error) {
 	rows, err := s.pool.Query(ctx, balanceSelect+`
 		FROM unnest($1::uuid[]) WITH ORDINALITY AS q(id, n)
 		JOIN accounts a ON a.account_id = q.id, (SELECT clock_timestamp() AS now) c
+		WHERE a.account_id = ANY (ARRAY(SELECT unnest($1::uuid[])))
 		ORDER BY q.n`, ids)
 	if err != nil {
 		return nil, translate(err)
@@ -208,7 +211,8 @@ type HistoricalBalance struct {
 
 // BalancesAt returns each account's balance at instant at: the balance_after
 // of its last entry dated at or before it, and the holds open at it. The
-// credit limit is today's (limit changes are in account_changes).
+// credit limit is today's (limit changes are in account_changes). As in
+// GetBalances, account_id = ANY (...) keeps accounts read by primary key.
 func (s *Store) BalancesAt(ctx context.Context, ids []uuid.UUID, at time.Time) ([]HistoricalBalance, error) {
 	rows, err := s.pool.Query(ctx, `SELECT a.account_id, a.currency, a.floor, a.credit_limit,
 			coalesce(e.balance_after, 0), coalesce(e.sequence, 0),
@@ -222,6 +226,7 @@ func (s *Store) BalancesAt(ctx context.Context, ids []uuid.UUID, at time.Time) (
 			SELECT balance_after, sequence FROM entries
 			WHERE account_id = a.account_id AND created_at <= $2
 			ORDER BY created_at DESC, sequence DESC LIMIT 1) e ON true
+		WHERE a.account_id = ANY (ARRAY(SELECT unnest($1::uuid[])))
 		ORDER BY q.n`, ids, at)
 	if err != nil {
 		return nil, translate(err)

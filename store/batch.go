@@ -98,26 +98,41 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 		SELECT DISTINCT hashtextextended(length(s)::text || ':' || s || k, 0) AS h
 		FROM unnest($1::text[], $2::text[]) AS t(s, k)
 		ORDER BY h) x`, scopes, keys)
-	b.Queue(`SELECT `+keyCols+` FROM idempotency_keys
-		WHERE (scope, idempotency_key) IN (SELECT s, k FROM unnest($1::text[], $2::text[]) AS t(s, k))`, scopes, keys)
+	// One primary-key probe per distinct key, whatever the table's size:
+	// the LIMIT keeps the lookup a per-key subquery, where a plain join or
+	// a row-value IN lets the planner hash the batch's keys and scan the
+	// whole table (it prices a few hundred probes above a sequential scan
+	// of a table of some ten thousand rows; docs/PERFORMANCE.md,
+	// "Sequential scans on the write path").
+	b.Queue(`SELECT i.* FROM (SELECT DISTINCT s, k FROM unnest($1::text[], $2::text[]) AS t(s, k)) t,
+		LATERAL (SELECT `+keyCols+` FROM idempotency_keys
+		         WHERE scope = t.s AND idempotency_key = t.k LIMIT 1) i`, scopes, keys)
 	// Hold and charge rows never change the accounts they name, so reading
 	// them here, before their accounts are locked, is safe. The ids are
-	// gathered first (a UNION) and then locked through the primary key: an
-	// OR of these conditions would make PostgreSQL scan every account.
+	// gathered first (a UNION, into an array) and then locked through the
+	// primary key: an OR of these conditions, or an IN (subquery) joined to
+	// accounts, makes PostgreSQL scan every account. The system accounts
+	// are found through accounts_system_role_unique (currency, system_role).
+	// Each hold, charge and currency is looked up by a subquery per id (one
+	// primary-key probe each, NULL when unknown, which matches nothing):
+	// an = ANY($n) there was planned, while the tables were young and their
+	// statistics behind, as a scan of the whole table even for an empty
+	// array, and the generic plan kept it as the table grew.
 	b.Queue(`SELECT `+accountCols+` FROM accounts
-		WHERE account_id IN (
+		WHERE account_id = ANY (ARRAY(
 			SELECT unnest($1::uuid[])
-			UNION SELECT account_id FROM holds WHERE hold_id = ANY($4::uuid[])
-			UNION SELECT revenue_account_id FROM holds WHERE hold_id = ANY($4::uuid[]) AND revenue_account_id IS NOT NULL
-			UNION SELECT debit_account_id FROM transfers WHERE transfer_id = ANY($5::uuid[])
-			UNION SELECT credit_account_id FROM transfers WHERE transfer_id = ANY($5::uuid[])
+			UNION SELECT (SELECT account_id FROM holds WHERE hold_id = h.id) FROM unnest($4::uuid[]) AS h(id)
+			UNION SELECT (SELECT revenue_account_id FROM holds WHERE hold_id = h.id) FROM unnest($4::uuid[]) AS h(id)
+			UNION SELECT (SELECT debit_account_id FROM transfers WHERE transfer_id = c.id) FROM unnest($5::uuid[]) AS c(id)
+			UNION SELECT (SELECT credit_account_id FROM transfers WHERE transfer_id = c.id) FROM unnest($5::uuid[]) AS c(id)
 			UNION SELECT s.account_id FROM accounts s
-			      WHERE s.system_role = 'revenue' AND s.currency IN (
-			            SELECT currency FROM accounts WHERE account_id = ANY($2::uuid[])
-			            UNION SELECT currency FROM holds WHERE hold_id = ANY($4::uuid[]) AND revenue_account_id IS NULL)
+			      WHERE s.system_role = 'revenue' AND s.currency = ANY (ARRAY(
+			            SELECT (SELECT currency FROM accounts WHERE account_id = r.id) FROM unnest($2::uuid[]) AS r(id)
+			            UNION SELECT (SELECT currency FROM holds WHERE hold_id = h.id AND revenue_account_id IS NULL)
+			                  FROM unnest($4::uuid[]) AS h(id)))
 			UNION SELECT s.account_id FROM accounts s
-			      WHERE s.system_role = 'funding' AND s.currency IN (
-			            SELECT currency FROM accounts WHERE account_id = ANY($3::uuid[])))
+			      WHERE s.system_role = 'funding' AND s.currency = ANY (ARRAY(
+			            SELECT (SELECT currency FROM accounts WHERE account_id = f.id) FROM unnest($3::uuid[]) AS f(id)))))
 		ORDER BY account_id
 		FOR UPDATE`, ids(l.Accounts), ids(l.RevenueFor), ids(l.FundingFor), ids(l.Holds), ids(l.Charges))
 	b.Queue(`SELECT clock_timestamp()`)
@@ -191,9 +206,9 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 	}
 	b = &pgx.Batch{}
 	b.Queue(`SELECT `+holdCols+` FROM holds
-		WHERE hold_id IN (
+		WHERE hold_id = ANY (ARRAY(
 			SELECT unnest($1::uuid[])
-			UNION SELECT hold_id FROM holds WHERE account_id = ANY($2::uuid[]) AND status = 1 AND expires_at <= $3)`,
+			UNION SELECT hold_id FROM holds WHERE account_id = ANY($2::uuid[]) AND status = 1 AND expires_at <= $3))`,
 		ids(l.Holds), ids(expiring), out.Now)
 	b.Queue(`SELECT `+transferCols+` FROM transfers WHERE transfer_id = ANY($1::uuid[])`, ids(l.Charges))
 	br2 := t.tx.SendBatch(ctx, b)
@@ -414,11 +429,15 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 			ids[i], statuses[i], captured[i], transfers[i], ats[i] = c.HoldID, c.Status, c.CapturedAmount, nullID(c.CaptureTransferID), c.FinalizedAt
 		}
 		// status = 1 guards the one final action (the trigger enforces it too).
+		// The redundant hold_id = ANY (ARRAY(...)) lets the planner reach
+		// the rows through the primary key; a join with unnest alone may be
+		// planned as a hash join over every hold (docs/PERFORMANCE.md).
 		queue(n, `UPDATE holds h SET status = c.status, captured_amount = c.captured,
 			capture_transfer_id = c.transfer, finalized_at = c.at
 			FROM unnest($1::uuid[], $2::int2[], $3::int8[], $4::text[]::uuid[], $5::timestamptz[])
 			  AS c(id, status, captured, transfer, at)
-			WHERE h.hold_id = c.id AND h.status = 1`, ids, statuses, captured, transfers, ats)
+			WHERE h.hold_id = c.id AND h.status = 1
+			  AND h.hold_id = ANY (ARRAY(SELECT unnest($1::uuid[])))`, ids, statuses, captured, transfers, ats)
 	}
 	if n := len(w.Entries); n > 0 {
 		tids := make([]uuid.UUID, n)
@@ -458,6 +477,11 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 				metas[i] = &m
 			}
 		}
+		// a.account_id = ANY (ARRAY(...)) repeats the join condition so that
+		// the rows are found through the primary key: a join with unnest
+		// alone may be planned as a hash join over every account, and a
+		// plain ANY($1) of a few hundred ids as a scan of a table the
+		// statistics still call small (docs/PERFORMANCE.md).
 		queue(n, `UPDATE accounts a
 			SET balance = u.balance, version = u.version, last_sequence = u.seq, last_entry_at = u.at,
 			    held = u.held, status = u.status, credit_limit = u.credit_limit,
@@ -469,7 +493,8 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 			FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::timestamptz[],
 			            $7::int8[], $8::bool[], $9::int2[], $10::int8[], $11::text[], $12::int8[])
 			  AS u(id, prev, balance, version, seq, at, held, holds_changed, status, credit_limit, meta, threshold)
-			WHERE a.account_id = u.id AND a.version = u.prev`,
+			WHERE a.account_id = u.id AND a.version = u.prev
+			  AND a.account_id = ANY (ARRAY(SELECT unnest($1::uuid[])))`,
 			ids, prevs, bals, vers, seqs, ats, held, holdsChanged, statuses, limits, metas, thresholds)
 	}
 	if n := len(w.Refunds); n > 0 {
