@@ -14,36 +14,35 @@ import (
 // keeps the old value of an account whose newer value could not be stored,
 // and the successful reads in between reset the breaker's count of
 // consecutive failures. So one write that did not reach Redis closes the
-// gate at once; reads do not reopen it, only a write that began after the
-// failure and succeeded does (the periodic probe is such a write).
+// gate at once; reads do not reopen it. It reopens when a write that began
+// after the latest failure succeeded (the periodic probe is such a write)
+// and the entries of the accounts whose updates were missed (remembered, up
+// to pendingMax) have been deleted or overwritten.
 //
-// On reopening, the gate sets a floor: entries whose AsOf is before it were
-// stored before Redis stopped taking writes and may have missed an update
-// (this process's, or another tallyd's that this process cannot know
-// about), so they are refused and refilled from PostgreSQL.
-//
-// The accounts whose updates were missed are remembered (up to pendingMax)
-// so that the probe deletes their entries once Redis takes writes again:
-// that protects other tallyds that never noticed a short outage.
+// On reopening, the gate sets a floor: the start of the first missed write
+// of the outage. An entry whose AsOf is before it was stored before this
+// process saw Redis refuse writes and may have missed an update that
+// another tallyd could not store and this process cannot know about, so it
+// is refused (and refilled from PostgreSQL). AsOf is stamped by
+// PostgreSQL's clock, the floor by this process's: the floor is only as good
+// as the clocks agree, which is why this process's own missed entries are
+// deleted before reopening rather than left to the floor.
 type writeGate struct {
 	serving atomic.Bool
 	floor   atomic.Int64 // unix nanos; entries with an older AsOf are not served
 
-	mu       sync.Mutex
-	failedAt time.Time // start of the latest write that did not reach Redis
-	reason   string    // why, for Status
-	pending  map[uuid.UUID]time.Time
+	mu          sync.Mutex
+	closedSince time.Time // start of the first missed write since the gate closed
+	failedAt    time.Time // start of the latest write that did not reach Redis
+	reason      string    // why, for Status
+	pending     map[uuid.UUID]time.Time
 }
 
 const (
 	// pendingMax bounds the accounts remembered for deletion after missed
 	// updates. Beyond it, entries that missed an update are left to the
-	// floor (this process) and to their TTL (other tallyds).
+	// floor and to their TTL.
 	pendingMax = 10_000
-	// asOfSkewMax is how far the clock that stamps AsOf (PostgreSQL's, or
-	// another tallyd's) may run ahead of this process's: the floor is set
-	// this much after reopening, so a stale entry is refused even then.
-	asOfSkewMax = time.Second
 )
 
 func newWriteGate() *writeGate {
@@ -69,6 +68,9 @@ func (g *writeGate) missed(id *uuid.UUID, start time.Time, reason string) (wasOp
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	wasOpen = g.serving.Swap(false)
+	if wasOpen {
+		g.closedSince = start
+	}
 	if start.After(g.failedAt) {
 		g.failedAt = start
 	}
@@ -86,21 +88,32 @@ func (g *writeGate) missed(id *uuid.UUID, start time.Time, reason string) (wasOp
 }
 
 // wrote records that a write begun at start reached Redis (id, if set, is
-// the account it stored). A write begun before the latest failure proves
-// nothing about Redis now; one begun after it reopens the gate. It reports
-// whether it reopened.
+// the account it stored, now at least as new as any update missed before
+// start). It reports whether that reopened the gate.
 func (g *writeGate) wrote(id *uuid.UUID, start time.Time) (reopened bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if id != nil {
-		if t, ok := g.pending[*id]; ok && t.Before(start) {
-			delete(g.pending, *id)
-		}
+		g.clear(*id, start)
 	}
-	if g.serving.Load() || !start.After(g.failedAt) {
+	return g.tryOpen(start)
+}
+
+// clear forgets a missed update of id that a write begun at start repaired.
+func (g *writeGate) clear(id uuid.UUID, start time.Time) {
+	if t, ok := g.pending[id]; ok && t.Before(start) {
+		delete(g.pending, id)
+	}
+}
+
+// tryOpen reopens the gate after a successful write begun at start, unless
+// that write began before the latest failure (it proves nothing about Redis
+// now) or missed entries are still to be deleted.
+func (g *writeGate) tryOpen(start time.Time) bool {
+	if g.serving.Load() || !start.After(g.failedAt) || len(g.pending) > 0 {
 		return false
 	}
-	g.floor.Store(time.Now().Add(asOfSkewMax).UnixNano())
+	g.floor.Store(g.closedSince.UnixNano())
 	g.reason = ""
 	g.serving.Store(true)
 	return true
@@ -121,15 +134,15 @@ func (g *writeGate) pendingIDs(n int) []uuid.UUID {
 }
 
 // deleted records that the entries of ids were deleted by a call begun at
-// start: an update missed after that is still pending.
-func (g *writeGate) deleted(ids []uuid.UUID, start time.Time) {
+// start (an update missed after that is still pending), and reports
+// whether that reopened the gate.
+func (g *writeGate) deleted(ids []uuid.UUID, start time.Time) (reopened bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	for _, id := range ids {
-		if t, ok := g.pending[id]; ok && t.Before(start) {
-			delete(g.pending, id)
-		}
+		g.clear(id, start)
 	}
+	return g.tryOpen(start)
 }
 
 // state returns why the gate is closed ("" when open) and how many entries

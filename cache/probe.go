@@ -77,8 +77,8 @@ func (c *Cache) deletePending(ctx context.Context) {
 		})
 		return err
 	})
-	if err == nil {
-		c.gate.deleted(ids, start)
+	if err == nil && c.gate.deleted(ids, start) {
+		c.log.Info("redis cache serving again: entries that missed updates deleted")
 	}
 }
 
