@@ -251,7 +251,7 @@ func New(cfg Config) (*Cache, error) {
 		cfg.Logger = slog.Default()
 	}
 	if cfg.ProbeInterval == 0 {
-		cfg.ProbeInterval = probeIntervalDefault
+		cfg.ProbeInterval = ProbeIntervalDefault
 	}
 	// The client's own timeouts and retries are overridden whatever the
 	// URL says: they are what bounds the cost of a sick Redis. go-redis

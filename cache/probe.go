@@ -12,12 +12,12 @@ import (
 )
 
 const (
-	// probeIntervalDefault is how often each tallyd writes its own probe
+	// ProbeIntervalDefault is how often each tallyd writes its own probe
 	// key. A tallyd that writes nothing else still notices a Redis that
 	// stopped taking writes (and so may hold values another tallyd could
 	// not update) within about this plus OpTimeout, and stops serving
 	// cached balances.
-	probeIntervalDefault = 250 * time.Millisecond
+	ProbeIntervalDefault = 250 * time.Millisecond
 	// probeKeyTTLMin keeps probe keys from piling up: each expires soon
 	// after its tallyd stops writing it.
 	probeKeyTTLMin = 2 * time.Second
