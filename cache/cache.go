@@ -26,6 +26,13 @@
 //     no longer written (for example turned read-only) would otherwise keep
 //     serving balances it can no longer update, so once the breaker is open
 //     Get bypasses Redis as well.
+//   - More than that, one write (Put, Delete or probe) that does not reach
+//     Redis, for any reason, stops Get at once (see writeGate): successful
+//     reads do not undo it, only a later successful write does. Each
+//     process also writes a probe key of its own every ProbeInterval, so it
+//     notices a Redis that stopped taking writes within about ProbeInterval +
+//     OpTimeout even if it writes nothing else, and stops serving values
+//     another process could not update.
 //
 // Nothing in this package returns an error to the read path: every problem
 // turns into a miss, and the caller reads PostgreSQL.
@@ -59,7 +66,9 @@ const (
 	// breakerCooldownDefault is how long Redis is bypassed once the breaker
 	// opened, before a probe is let through.
 	breakerCooldownDefault = 5 * time.Second
-	// keyPrefixDefault namespaces balance keys in a shared Redis.
+	// keyPrefixDefault namespaces balance keys in a shared Redis. Probe
+	// keys live under it too, as prefix + "probe:" + a random process ID,
+	// which never looks like an account's UUID.
 	keyPrefixDefault = "tally:bal:"
 	// dialTimeoutMax caps the connect timeout of background dials (go-redis
 	// reconnects outside any caller's context).
@@ -95,7 +104,10 @@ type Config struct {
 	FailuresMax     int           // consecutive failures before the breaker opens; default 5
 	BreakerCooldown time.Duration // how long the cache is bypassed once open; default 5s
 	KeyPrefix       string        // default "tally:bal:"
-	Logger          *slog.Logger  // default slog.Default()
+	// ProbeInterval is how often the probe key is written; default 250ms,
+	// negative: no probe (tests that count every Redis call).
+	ProbeInterval time.Duration
+	Logger        *slog.Logger // default slog.Default()
 }
 
 // Status is the health of the cache as shown to operators and health checks.
@@ -128,6 +140,13 @@ type Cache struct {
 	mu      sync.Mutex
 	lastErr string // last failure, for Status
 
+	gate        *writeGate
+	probeKey    string
+	probeKeyTTL time.Duration
+	stop        chan struct{} // closed by Close
+	probeDone   chan struct{} // closed when the probe loop returned
+	closeOnce   sync.Once
+
 	// Counters for Stats (metrics).
 	hits, misses, errs, bypassed atomic.Int64
 }
@@ -141,13 +160,15 @@ type Stats struct {
 	Hits, Misses, Errors, Bypassed int64
 	// Breaker is the circuit breaker's state: "closed", "half-open" or "open".
 	Breaker string
+	// NotServing is true while a missed write keeps Get off Redis.
+	NotServing bool
 }
 
 // Stats returns the cache's counters and breaker state.
 func (c *Cache) Stats() Stats {
 	return Stats{
 		Hits: c.hits.Load(), Misses: c.misses.Load(), Errors: c.errs.Load(), Bypassed: c.bypassed.Load(),
-		Breaker: c.breaker.State().String(),
+		Breaker: c.breaker.State().String(), NotServing: !c.gate.open(),
 	}
 }
 
@@ -229,6 +250,9 @@ func New(cfg Config) (*Cache, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.ProbeInterval == 0 {
+		cfg.ProbeInterval = ProbeIntervalDefault
+	}
 	// The client's own timeouts and retries are overridden whatever the
 	// URL says: they are what bounds the cost of a sick Redis. go-redis
 	// ignores context deadlines on socket I/O unless ContextTimeoutEnabled
@@ -250,7 +274,12 @@ func New(cfg Config) (*Cache, error) {
 		ttl:       cfg.TTL,
 		prefix:    cfg.KeyPrefix,
 		log:       cfg.Logger.With("component", "cache"),
+		gate:      newWriteGate(),
+		probeKey:  cfg.KeyPrefix + "probe:" + uuid.NewString(),
+		stop:      make(chan struct{}),
+		probeDone: make(chan struct{}),
 	}
+	c.probeKeyTTL = max(4*cfg.ProbeInterval, probeKeyTTLMin)
 	failuresMax := uint32(cfg.FailuresMax)
 	c.breaker = gobreaker.NewCircuitBreaker[any](gobreaker.Settings{
 		Name:        "redis-balance-cache",
@@ -266,11 +295,15 @@ func New(cfg Config) (*Cache, error) {
 		OnStateChange: c.onStateChange,
 	})
 
-	// Find out now whether Redis is there, so Status is honest from the
-	// start; a failure here counts toward the breaker like any other.
-	ctx, cancel := context.WithTimeout(context.Background(), cfg.OpTimeout)
-	defer cancel()
-	_ = c.do(ctx, func(ctx context.Context) error { return c.client.Ping(ctx).Err() })
+	// Find out now whether Redis is there and takes writes, so Status is
+	// honest and a Redis turned read-only is not served from the start; a
+	// failure here counts toward the breaker like any other.
+	c.probe()
+	if cfg.ProbeInterval > 0 {
+		go c.probeLoop(cfg.ProbeInterval)
+	} else {
+		close(c.probeDone)
+	}
 	return c, nil
 }
 
@@ -333,7 +366,7 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 	// that still answers reads but refuses writes (a read-only replica) would
 	// pass a read probe and go back to serving balances it can no longer
 	// update.
-	if c.breaker.State() != gobreaker.StateClosed {
+	if !c.serving() {
 		c.bypassed.Add(1)
 		return Balance{}, false
 	}
@@ -359,6 +392,12 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		}
 		return Balance{}, false
 	}
+	if !c.gate.open() {
+		// A write failed while this read was in flight: what it read may
+		// be the value that write could not replace.
+		c.bypassed.Add(1)
+		return Balance{}, false
+	}
 	b, err = decode(raw)
 	if err != nil {
 		// Garbage is a miss. It is left for Put to overwrite (the CAS
@@ -368,6 +407,14 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		return Balance{}, false
 	}
 	b.AccountID = id
+	if c.gate.refuses(b.AsOf) {
+		// Stored before Redis last stopped taking writes: it may have
+		// missed an update. Delete it so a refill of the same version is
+		// not refused by the compare-and-set.
+		c.Delete(ctx, id)
+		c.misses.Add(1)
+		return Balance{}, false
+	}
 	if !b.ServeUntil.IsZero() && !time.Now().Before(b.ServeUntil) {
 		// A hold of the account may have expired since: a miss. Delete it
 		// so the next Put of the same version (with a later ServeUntil) is
@@ -399,36 +446,60 @@ func (c *Cache) Put(ctx context.Context, b Balance) {
 			return
 		}
 	}
-	_ = c.do(ctx, func(ctx context.Context) error {
+	start := time.Now()
+	err = c.do(ctx, func(ctx context.Context) error {
 		return putScript.Run(ctx, c.client, []string{c.key(b.AccountID)},
 			val, strconv.FormatInt(b.Version, 10), ttl.Milliseconds()).Err()
 	})
+	c.afterWrite(&b.AccountID, start, err)
 }
 
 // Delete removes the cached pair of account id, best-effort. While the
-// breaker is open it does nothing; that is safe for the age bound because
-// every entry expires within TTL anyway.
+// breaker is open it does nothing; like a failed Delete, that closes the
+// gate (the entry it meant to remove is still there) and leaves the entry
+// for the probe to delete once Redis takes writes again.
 func (c *Cache) Delete(ctx context.Context, id uuid.UUID) {
-	_ = c.do(ctx, func(ctx context.Context) error {
+	start := time.Now()
+	err := c.do(ctx, func(ctx context.Context) error {
 		return c.client.Del(ctx, c.key(id)).Err()
 	})
+	c.afterWrite(&id, start, err)
 }
 
-// Status reports whether the cache is in use. It is degraded while the
-// breaker is open or half-open, and while the last call(s) failed.
+// serving reports whether Get may read Redis: the breaker is closed and no
+// write has been missed since the last successful one. Only a successful
+// write closes the breaker or reopens the gate: while the breaker is
+// half-open, reads stay off Redis and the next write is the probe.
+func (c *Cache) serving() bool {
+	return c.gate.open() && c.breaker.State() == gobreaker.StateClosed
+}
+
+// Status reports whether the cache is in use. It is degraded while a missed
+// write keeps cached balances from being served, while the breaker is open
+// or half-open, and while the last call(s) failed.
 func (c *Cache) Status() Status {
+	var parts []string
+	if reason, pending := c.gate.state(); reason != "" {
+		s := "not serving cached balances: " + reason
+		if pending > 0 {
+			s += fmt.Sprintf(" (%d entries to delete once Redis takes writes)", pending)
+		}
+		parts = append(parts, s)
+	}
 	st := c.breaker.State()
 	n := c.breaker.Counts()
 	switch {
 	case st == gobreaker.StateOpen:
-		return Status{State: StateDegraded, Detail: "breaker open, bypassing Redis: " + c.lastError()}
+		parts = append(parts, "breaker open, bypassing Redis: "+c.lastError())
 	case st == gobreaker.StateHalfOpen:
-		return Status{State: StateDegraded, Detail: "breaker half-open, probing Redis: " + c.lastError()}
+		parts = append(parts, "breaker half-open, probing Redis: "+c.lastError())
 	case n.ConsecutiveFailures > 0:
-		return Status{State: StateDegraded, Detail: fmt.Sprintf("%d consecutive Redis failures: %s",
-			n.ConsecutiveFailures, c.lastError())}
+		parts = append(parts, fmt.Sprintf("%d consecutive Redis failures: %s", n.ConsecutiveFailures, c.lastError()))
 	}
-	return Status{State: StateOK}
+	if len(parts) == 0 {
+		return Status{State: StateOK}
+	}
+	return Status{State: StateDegraded, Detail: strings.Join(parts, "; ")}
 }
 
 // Client returns the underlying Redis client, for tests and tools. Commands
@@ -439,8 +510,12 @@ func (c *Cache) Client() redis.UniversalClient { return c.client }
 // TopologySingle, TopologySentinel or TopologyCluster.
 func (c *Cache) Topology() string { return c.topology }
 
-// Close releases the Redis connections.
-func (c *Cache) Close() error { return c.client.Close() }
+// Close stops the probe and releases the Redis connections.
+func (c *Cache) Close() error {
+	c.closeOnce.Do(func() { close(c.stop) })
+	<-c.probeDone
+	return c.client.Close()
+}
 
 func (c *Cache) setLastError(err error) {
 	c.mu.Lock()
@@ -532,7 +607,7 @@ func decode(s string) (Balance, error) {
 // Any trouble returns what was read so far, possibly nothing.
 func (c *Cache) Peek(ctx context.Context, ids []uuid.UUID) map[uuid.UUID]Balance {
 	out := map[uuid.UUID]Balance{}
-	if len(ids) == 0 || c.breaker.State() != gobreaker.StateClosed {
+	if len(ids) == 0 || !c.serving() {
 		return out
 	}
 	keys := make([]string, len(ids))
@@ -552,7 +627,7 @@ func (c *Cache) Peek(ctx context.Context, ids []uuid.UUID) map[uuid.UUID]Balance
 			continue
 		}
 		b, err := decode(s)
-		if err != nil || (!b.ServeUntil.IsZero() && !now.Before(b.ServeUntil)) {
+		if err != nil || c.gate.refuses(b.AsOf) || (!b.ServeUntil.IsZero() && !now.Before(b.ServeUntil)) {
 			continue
 		}
 		b.AccountID = ids[i]

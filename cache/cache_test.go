@@ -279,19 +279,31 @@ func TestTTLCountsFromAsOf(t *testing.T) {
 	}
 }
 
+// A caller giving up says nothing about Redis: it does not count toward
+// the breaker. But a Put abandoned that way did not store its value, so
+// the entry may be stale: the cache stops serving until a write of that
+// account succeeds.
 func TestCallerCancelNotAFailure(t *testing.T) {
 	requireSharedRedis(t)
-	c, _ := newCache(t, sharedRedisURL(), Config{FailuresMax: 1})
+	c, _ := newCache(t, sharedRedisURL(), Config{FailuresMax: 1, ProbeInterval: -1})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	id := uuid.New()
 	if _, ok := c.Get(ctx, id); ok {
 		t.Fatal("hit with canceled context")
 	}
-	c.Put(ctx, bal(id, 1, 1))
 	if st := c.Status(); st.State != StateOK {
-		t.Fatalf("status %+v after caller cancel, want ok", st)
+		t.Fatalf("status %+v after a canceled Get, want ok", st)
 	}
+	c.Put(ctx, bal(id, 1, 1))
+	if s := c.Stats(); s.Errors != 0 || s.Breaker != "closed" || !s.NotServing {
+		t.Fatalf("stats %+v after a canceled Put, want no error, breaker closed, not serving", s)
+	}
+	c.Put(context.Background(), bal(id, 1, 1))
+	if st := c.Status(); st.State != StateOK {
+		t.Fatalf("status %+v after the account was written, want ok", st)
+	}
+	mustHit(t, c, id, 1, 1)
 }
 
 func TestRedisDownAtStart(t *testing.T) {
@@ -301,18 +313,19 @@ func TestRedisDownAtStart(t *testing.T) {
 	if el := time.Since(start); el > maxSickCall {
 		t.Fatalf("New took %v with Redis down", el)
 	}
-	if st := c.Status(); st.State != StateDegraded {
-		t.Fatalf("status %+v, want degraded", st)
+	// New's probe write failed: reads stay off Redis from the start.
+	if st := c.Status(); st.State != StateDegraded || !strings.Contains(st.Detail, "not serving cached balances: last write failed") ||
+		!strings.Contains(st.Detail, "connection refused") {
+		t.Fatalf("status %+v, want degraded, not serving, connection refused", st)
 	}
 	id := uuid.New()
 	for i := 0; i < 3; i++ {
-		if ok, el := timedGet(c, id); ok || el > maxSickCall {
-			t.Fatalf("Get with Redis down: ok=%v in %v", ok, el)
+		if ok, el := timedGet(c, id); ok || el > maxBypass {
+			t.Fatalf("Get with Redis down: ok=%v in %v, want a bypass", ok, el)
 		}
 	}
-	if st := c.Status(); !strings.Contains(st.Detail, "breaker open") {
-		t.Fatalf("status %+v, want breaker open", st)
-	}
+	// The probe keeps trying without any traffic, and opens the breaker.
+	eventually(t, 3*time.Second, "breaker open", func() bool { return strings.Contains(c.Status().Detail, "breaker open") })
 	if !strings.Contains(lb.String(), "breaker open") {
 		t.Fatalf("breaker opening not logged: %s", lb.String())
 	}
@@ -543,16 +556,20 @@ func TestStats(t *testing.T) {
 	}
 
 	dead := freePort(t)
-	d, _ := newCache(t, "redis://127.0.0.1:"+itoa(dead)+"/0", Config{OpTimeout: testOpTimeout, FailuresMax: 2, BreakerCooldown: time.Minute})
-	// New's ping failed once; one more failure opens the breaker.
+	d, _ := newCache(t, "redis://127.0.0.1:"+itoa(dead)+"/0", Config{OpTimeout: testOpTimeout, FailuresMax: 2, BreakerCooldown: time.Minute, ProbeInterval: -1})
+	// New's probe write failed once: not serving, so Get does not call
+	// Redis; a failed Put is the second failure and opens the breaker.
 	mustMiss(t, d, id)
-	s := d.Stats()
-	if s.Errors != 2 || s.Breaker != "open" || s.Hits != 0 || s.Misses != 0 {
+	if s := d.Stats(); s != (Stats{Errors: 1, Bypassed: 1, Breaker: "closed", NotServing: true}) {
+		t.Fatalf("dead Redis after New: %+v", s)
+	}
+	d.Put(ctx, bal(id, 1, 10))
+	if s := d.Stats(); s.Errors != 2 || s.Breaker != "open" || s.Hits != 0 || s.Misses != 0 {
 		t.Fatalf("dead Redis after 2 failures: %+v", s)
 	}
 	mustMiss(t, d, id)
 	d.Put(ctx, bal(id, 1, 10))
-	if s := d.Stats(); s.Errors != 2 || s.Bypassed != 2 || s.Breaker != "open" {
+	if s := d.Stats(); s.Errors != 2 || s.Bypassed != 3 || s.Breaker != "open" {
 		t.Fatalf("dead Redis, breaker open: %+v", s)
 	}
 }

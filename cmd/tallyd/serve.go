@@ -53,6 +53,7 @@ type serveConfig struct {
 	cacheOpTimeout       time.Duration
 	cacheFailuresMax     int
 	cacheBreakerCooldown time.Duration
+	cacheProbeInterval   time.Duration
 
 	msgBytesMax        int
 	callTimeoutDefault time.Duration
@@ -119,6 +120,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.DurationVar(&c.cacheOpTimeout, "cache-op-timeout", 50*time.Millisecond, "timeout of each Redis call")
 	fs.IntVar(&c.cacheFailuresMax, "cache-failures-max", 5, "consecutive Redis failures before the cache is bypassed")
 	fs.DurationVar(&c.cacheBreakerCooldown, "cache-breaker-cooldown", 5*time.Second, "how long the cache is bypassed after failures")
+	fs.DurationVar(&c.cacheProbeInterval, "cache-probe-interval", cache.ProbeIntervalDefault, "how often this process writes its own probe key to Redis: a Redis that stops taking writes (read-only, full) stops cached reads within about this plus --cache-op-timeout, even in a process that writes nothing else")
 	fs.IntVar(&c.msgBytesMax, "msg-bytes-max", api.MsgBytesMaxDefault, "largest gRPC message accepted or sent")
 	fs.DurationVar(&c.callTimeoutDefault, "call-timeout-default", api.CallTimeoutDefault, "deadline for calls that arrive without one")
 	fs.UintVar(&c.streamsMax, "streams-max", api.StreamsMaxDefault, "concurrent gRPC streams per connection (a client queues calls over it)")
@@ -358,7 +360,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	if c.redisURL != "" {
 		bc, err = cache.New(cache.Config{
 			URL: c.redisURL, OpTimeout: c.cacheOpTimeout, TTL: c.cacheTTL, FailuresMax: c.cacheFailuresMax,
-			BreakerCooldown: c.cacheBreakerCooldown, Logger: log,
+			BreakerCooldown: c.cacheBreakerCooldown, ProbeInterval: c.cacheProbeInterval, Logger: log,
 		})
 		if err != nil {
 			return err

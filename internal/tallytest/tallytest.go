@@ -57,7 +57,10 @@ type Options struct {
 	CacheOpTimeout  time.Duration
 	FailuresMax     int
 	BreakerCooldown time.Duration
-	Limits          ledger.Limits
+	// CacheProbeInterval is the cache's probe interval (default
+	// cache.ProbeIntervalDefault; negative: no probe).
+	CacheProbeInterval time.Duration
+	Limits             ledger.Limits
 	// UsageDimensions are the metadata keys of spend breakdowns (tallyd
 	// --usage-dimensions).
 	UsageDimensions []string
@@ -144,7 +147,7 @@ func Start(t testing.TB, o Options) *Env {
 		}
 		c, err := cache.New(cache.Config{
 			URL: o.RedisURL, KeyPrefix: o.KeyPrefix, TTL: o.CacheTTL, OpTimeout: o.CacheOpTimeout,
-			FailuresMax: o.FailuresMax, BreakerCooldown: o.BreakerCooldown, Logger: log,
+			FailuresMax: o.FailuresMax, BreakerCooldown: o.BreakerCooldown, ProbeInterval: o.CacheProbeInterval, Logger: log,
 		})
 		if err != nil {
 			t.Fatalf("cache.New: %v", err)
