@@ -275,7 +275,7 @@ func New(cfg Config) (*Cache, error) {
 		prefix:    cfg.KeyPrefix,
 		log:       cfg.Logger.With("component", "cache"),
 		gate:      newWriteGate(),
-		probeKey:  cfg.KeyPrefix + "probe:" + uuid.NewString(),
+		probeKey:  ProbeKeyPrefix(cfg.KeyPrefix) + uuid.NewString(),
 		stop:      make(chan struct{}),
 		probeDone: make(chan struct{}),
 	}
@@ -356,6 +356,11 @@ func (c *Cache) do(ctx context.Context, fn func(ctx context.Context) error) erro
 }
 
 func (c *Cache) key(id uuid.UUID) string { return c.prefix + id.String() }
+
+// ProbeKeyPrefix is where, under the balance key prefix, each tallyd's
+// probe key lives (probe.go). Tools that scan the prefix for balances skip
+// keys that start with it: their values are not balances.
+func ProbeKeyPrefix(prefix string) string { return prefix + "probe:" }
 
 // Get returns the cached pair of account id. ok is false on a miss and on
 // every kind of trouble (garbage value, entry without a proper expiry, Redis

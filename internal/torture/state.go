@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/tallyledger/tally/cache"
 )
 
 // AccountRow is an accounts row as the checker needs it.
@@ -386,6 +388,16 @@ func LoadCacheState(ctx context.Context, rdb redis.UniversalClient, prefix strin
 	}
 	sort.Strings(keys)
 	keys = dedupe(keys)
+	// Each tallyd's cache probe key (a short-lived write check, not a
+	// balance) lives under the prefix too.
+	probes := cache.ProbeKeyPrefix(prefix)
+	kept := keys[:0]
+	for _, k := range keys {
+		if !strings.HasPrefix(k, probes) {
+			kept = append(kept, k)
+		}
+	}
+	keys = kept
 	for start := 0; start < len(keys); start += 500 {
 		batch := keys[start:min(start+500, len(keys))]
 		pipe := rdb.Pipeline()
