@@ -486,7 +486,7 @@ for sc in noop $SCENARIOS charge-uniform-big; do
     "$(M "$sc" .cost.client_cpu_us_per_op)" "$(M "$sc" .cost.items_per_batch 1)" "$(M "$sc" .cost.commits_per_s)" "$(M "$sc" .load_avg_1_at_start 2)"
 done
 echo
-echo "== sequential scans during the measured window, per table of the bench database (pg_stat_user_tables seq_scan, seq_tup_read rows; sum of $RUNS runs)"
+echo "== sequential scans during the measured window, per table of the bench database (pg_stat_user_tables seq_scan, seq_tup_read rows), summed over the runs (RUNS=$RUNS)"
 for sc in noop $SCENARIOS charge-uniform-big; do
   [ -e "$RES/$sc.1.json" ] || continue
   printf '%-18s %s\n' "$sc" "$(jq -rs '[.[] | .cost.seq_scans // {} | to_entries[]] | group_by(.key)

@@ -48,7 +48,9 @@ func (w window) cost() Cost {
 	}
 	if a.histOK && b.histOK {
 		c.Batches = ptr(b.hist.Count - a.hist.Count)
-		c.ItemsPerBatch = ptr(meanDelta(a.hist, b.hist))
+		if *c.Batches > 0 { // no batch (reads, noop): no mean
+			c.ItemsPerBatch = ptr(meanDelta(a.hist, b.hist))
+		}
 	}
 	p, q := w.pg[0], w.pg[1]
 	if !p.ok || !q.ok {

@@ -169,6 +169,11 @@ func TestWindowCost(t *testing.T) {
 	if c.Commits == nil || *c.Commits != 100 {
 		t.Errorf("commits = %v", c.Commits)
 	}
+	// Batches seen but none made (reads): no mean.
+	w.server[1].hist = w.server[0].hist
+	if c := w.cost(); c.ItemsPerBatch != nil || c.Batches == nil || *c.Batches != 0 {
+		t.Errorf("no batches: items/batch %v, batches %v", c.ItemsPerBatch, c.Batches)
+	}
 	// Nothing seen: every figure but the client's is unknown.
 	c = window{d: time.Second, ops: 1}.cost()
 	if c.TallydCPUUsPerOp != nil || c.PGBackendsCPUUsPerOp != nil || c.ItemsPerBatch != nil || c.CommitsPerS != nil {
