@@ -34,6 +34,16 @@
 #   WAITS=1      sample pg_stat_activity of the bench database 5 times a second
 #                during each Tally scenario and print what its sessions wait on
 #   OUT_DIR      keep raw results here (default: a temporary directory, removed)
+#   LOAD_MAX (1.5)  refuse to run when the 1-minute load average at the start
+#                is above this: figures from a busy machine are not comparable
+#                (see docs/PERFORMANCE.md, Noise). FORCE=1 runs anyway; the
+#                report then says "forced" next to the load average.
+#   PG_TEST_FSYNC  pg_test_fsync to run once at the start (-s 1, stopped
+#                after its fdatasync figure, a few seconds); default: the
+#                one on the PATH or in /usr/lib/postgresql/15/bin; skipped
+#                when absent. Its test file goes in a temporary directory;
+#                the report says whether that is on the data directory's
+#                file system.
 #   Any tallyd flag as TALLY_<FLAG> (e.g. TALLY_BATCH_WAIT_MAX=1ms,
 #   TALLY_BATCH_ITEMS_MAX=64, TALLY_BATCH_WORKERS_MAX=2, TALLY_POOL_CONNS_MAX=16).
 #
@@ -67,6 +77,9 @@ BIG="${BIG:-0}"
 HISTORY_ACCOUNTS="${HISTORY_ACCOUNTS:-1000000}"
 HISTORY_PER="${HISTORY_PER:-5}"
 PGBENCH="${PGBENCH:-$(command -v pgbench || echo /usr/lib/postgresql/15/bin/pgbench)}"
+PG_TEST_FSYNC="${PG_TEST_FSYNC:-$(command -v pg_test_fsync || echo /usr/lib/postgresql/15/bin/pg_test_fsync)}"
+LOAD_MAX="${LOAD_MAX:-1.5}"
+FORCE="${FORCE:-0}"
 
 for tool in psql "$PGBENCH" redis-cli redis-benchmark jq go; do
   command -v "$tool" >/dev/null || { echo "compare.sh: $tool not found (apt-get install postgresql-client redis-tools jq)" >&2; exit 1; }
@@ -130,8 +143,48 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# ---------------------------------------------------------------- load
+loadavg() { cut -d" " -f1-3 /proc/loadavg; }
+LOAD_START="$(loadavg)"
+LOAD_NOTE="at most LOAD_MAX=$LOAD_MAX"
+if awk -v l="${LOAD_START%% *}" -v m="$LOAD_MAX" 'BEGIN{exit !(l > m)}'; then
+  if [ "$FORCE" != 1 ]; then
+    echo "compare.sh: load average ${LOAD_START%% *} is above LOAD_MAX=$LOAD_MAX: the figures would not be comparable." >&2
+    echo "compare.sh: wait for a quiet machine, or run with LOAD_MAX=<higher> or FORCE=1 (the report then says so)." >&2
+    exit 3
+  fi
+  LOAD_NOTE="ABOVE LOAD_MAX=$LOAD_MAX: forced (FORCE=1), not comparable"
+fi
+log "load average $LOAD_START ($LOAD_NOTE)"
+
+# fsync_rate: prints pg_test_fsync's fdatasync figure (one 8 kB write); run
+# once, for at most a few seconds: it is stopped once that line is out. (Not
+# in a subshell, so that the exit trap sees its pid.)
+fsync_rate() {
+  [ -x "$PG_TEST_FSYNC" ] || { echo "n/a (pg_test_fsync not installed)"; return; }
+  local out="$WORK/pg_test_fsync.out" line="" same=no
+  "$PG_TEST_FSYNC" -s 1 -f "$WORK/pg_test_fsync.file" >"$out" 2>&1 &
+  local pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 40); do
+    line="$(grep -m1 -E '^[[:space:]]+fdatasync[[:space:]]+[0-9.]+ ops/sec' "$out" || true)"
+    [ -n "$line" ] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  forget "$pid"
+  local datadir; datadir="$(sql 'SHOW data_directory' 2>/dev/null || true)"
+  [ -n "$datadir" ] && [ "$(stat -c %d "$WORK" 2>/dev/null)" = "$(stat -c %d "$datadir" 2>/dev/null || echo x)" ] && same=yes
+  if [ -z "$line" ]; then echo "n/a (no fdatasync line from $PG_TEST_FSYNC)"; return; fi
+  awk -v same="$same" -v dir="$WORK" '{printf "fdatasync %s ops/s, %s µs/op (one 8 kB write, -s 1; file in %s, on the data directory'"'"'s file system: %s)", $2, $4, dir, same}' <<<"$line"
+}
+fsync_rate >"$WORK/fsync.txt"
+FSYNC="$(cat "$WORK/fsync.txt")"
+log "pg_test_fsync: $FSYNC"
+
 # ---------------------------------------------------------------- build
-log "load average $(cut -d" " -f1-3 /proc/loadavg)"
 log "building tallyd and tally from $(git rev-parse --short HEAD 2>/dev/null || echo 'this checkout')"
 mkdir -p "$WORK/bin"
 fgwait go build -o "$WORK/bin/tallyd" ./cmd/tallyd
@@ -244,6 +297,7 @@ pgbench_run() {
   local try
   for try in 1 2 3 4 5; do
     checkpoint
+    log "  $name: load average $(loadavg)"
     fgwait "$PGBENCH" -c "$CLIENTS" -j 2 -T "$DURATION" "$@" "$REF_DB" >"$WORK/$name.$run.log" 2>&1 && break
     # The PostgreSQL server is shared: other sessions can hold most of
     # max_connections for a while. Wait and try again.
@@ -263,6 +317,7 @@ pgbench_run() {
 redis_run() {
   local run="$1" n
   n=$((DURATION * 40000))
+  log "  redis-get: load average $(loadavg)"
   fgwait redis-benchmark -h "$REDIS_HOST" -p "$REDIS_PORT" --dbnum "$REDIS_DB" -c "$CLIENTS" -P 1 -r 10000 -n "$n" --csv \
     GET "${REDIS_REF_PREFIX}__rand_int__" >"$WORK/redis-get.$run.log" 2>&1
   local rps p99
@@ -300,10 +355,10 @@ tally_run() {
   fi
   fgwait "$TALLY" bench --addr "$grpc" --scenario "$sc" --clients "$CLIENTS" --conns "$CONNS" --accounts "$ACCOUNTS" \
     --duration "${DURATION}s" --warmup "${WARMUP}s" --seed "compare-$TAG" \
-    --server-pid "$pid" --server-http "$http" --json >"$RES/$name.$run.json" 2>"$WORK/$name.$run.err" ||
+    --server-pid "$pid" --server-http "$http" --database-url "$DB_URL" --json >"$RES/$name.$run.json" 2>"$WORK/$name.$run.err" ||
     { cat "$WORK/$name.$run.err" >&2; exit 1; }
   if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true; forget "$sampler"; fi
-  log "  $name: $(jq -r '"\(.throughput_ops_s|floor) ops/s p99 \(.latency.p99_ms) ms, \(.server.batch_items_avg*10|floor/10) items/batch, errors \(.errors)"' "$RES/$name.$run.json")"
+  log "  $name: $(jq -r '"\(.throughput_ops_s|floor) ops/s p99 \(.latency.p99_ms) ms, \(.server.batch_items_avg*10|floor/10) items/batch, \(.cost.commits_per_s // 0|floor) commits/s, errors \(.errors) (load average at start \(.load_avg_1_at_start))"' "$RES/$name.$run.json")"
 }
 
 for run in $(seq "$RUNS"); do
@@ -355,17 +410,26 @@ ratio() { [ -n "$1" ] && [ -n "$2" ] && awk -v a="$1" -v b="$2" 'BEGIN{printf "%
 verdict() { [ "$1" = n/a ] && { printf 'n/a'; return; }; awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN{ok = (op==">=") ? v>=t : v<=t; printf "%s", ok ? "met" : "MISSED"}'; }
 
 T() { median "$1" .throughput_ops_s; }
+# M NAME EXPR [DECIMALS]: the median of an optional figure, "n/a" when unknown.
+M() {
+  local v; v="$(median "$1" "($2) // empty")"
+  [ -n "$v" ] && [ "$v" != null ] && printf "%.${3:-0}f" "$v" || printf 'n/a'
+}
+first() { jq -r "$2 // empty" "$RES/$1.1.json" 2>/dev/null || true; }
 P99() { median "$1" .latency.p99_ms; }
 
 cu=$(T charge-uniform) ch=$(T charge-hot) tu=$(T transfer-uniform) bc=$(T balance-cached) bn=$(T balance-nocache) mx=$(T mixed) noop=$(T noop)
 tpcb=$(T pgbench-tpcb) hot=$(T pgbench-hot) sel=$(T pgbench-select) rget=$(T redis-get)
 cu_p99=$(P99 charge-uniform)
 big=$(T charge-uniform-big)
+PG_SCOPE_DB="$(first "${SCENARIOS%% *}" .cost.pg_backends_scope)"; PG_SCOPE_DB="${PG_SCOPE_DB:-unknown}"
+PG_SCOPE_ALL="$(first "${SCENARIOS%% *}" .cost.pg_server_scope)"; PG_SCOPE_ALL="${PG_SCOPE_ALL:-unknown (PostgreSQL not on this host)}"
 
 {
 echo
 echo "== settings"
-echo "machine:            $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), load average now $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine:            $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), load average at start $LOAD_START ($LOAD_NOTE), now $(loadavg)"
+echo "disk:               pg_test_fsync $FSYNC"
 echo "postgres:           $(sql 'SHOW server_version') synchronous_commit=$(sql 'SHOW synchronous_commit') fsync=$(sql 'SHOW fsync') wal_sync_method=$(sql 'SHOW wal_sync_method') commit_delay=$(sql 'SHOW commit_delay') full_page_writes=$(sql 'SHOW full_page_writes') shared_buffers=$(sql 'SHOW shared_buffers') max_connections=$(sql 'SHOW max_connections')"
 echo "redis:              $(rcli info server | tr -d '\r' | sed -n 's/^redis_version://p') appendonly=$(rcli config get appendonly | tail -1) (db $REDIS_DB)"
 echo "tallyd:             $(jq -r '"batch_items_max=\(.batch_items_max) batch_wait_max=\(.batch_wait_max) batch_workers_max=\(.batch_workers_max) pool_conns_max=\(.pool_conns_max)"' <<<"$CACHED_LINE")"
@@ -387,6 +451,9 @@ row balance-nocache "$bn" "pgbench select-only" "$sel" "0.5"
 row transfer-uniform "$tu" "pgbench tpcb-like" "$tpcb" ""
 row mixed "$mx" "pgbench tpcb-like" "$tpcb" ""
 row balance-cached "$bc" "redis-benchmark GET" "$rget" ""
+for sc in charge-uniform charge-hot transfer-uniform mixed; do  # every write scenario against the no-op call
+  if [[ " $SCENARIOS " == *" $sc "* ]]; then row "$sc" "$(T "$sc")" "no-op gRPC (health Check)" "$noop" ""; fi
+done
 echo
 printf '%-28s %12s   %s\n' "charge-uniform p99 latency" "$( [ -n "$cu_p99" ] && printf '%.1f ms' "$cu_p99" || echo n/a)" \
   "target <= 25 ms: $( [ -n "$cu_p99" ] && verdict "$cu_p99" 25 "<=" || echo n/a)"
@@ -404,6 +471,26 @@ for sc in noop $SCENARIOS charge-uniform-big; do
     "$(fmt "$(T "$sc")")" "$(median "$sc" .latency.p50_ms)" "$(median "$sc" .latency.p95_ms)" "$(P99 "$sc")" \
     "$(median "$sc" .latency.max_ms)" "$(median "$sc" .server.batch_items_avg)" "$(median "$sc" .server.cpu_cores)" \
     "$(jq -cs 'map(.errors) | add' "$RES/$sc".*.json)$(jq -rs 'map(.balance_sources // {}) | reduce .[] as $m ({}; reduce ($m|to_entries[]) as $e (.; .[$e.key] += $e.value)) | if length > 0 then "  reads " + (to_entries | map("\(.key)=\(.value)") | join(" ")) else "" end' "$RES/$sc".*.json)"
+done
+echo
+echo "== cost per scenario (median of $RUNS): CPU µs per operation of tallyd, of PostgreSQL and of tally bench"
+echo "   pg-db:  $PG_SCOPE_DB"
+echo "   pg-all: $PG_SCOPE_ALL"
+echo "   items/batch: tallyd's tally_batch_size_items histogram (committed batches); commits/s: pg_stat_database.xact_commit"
+echo "   of the bench database (reads' transactions included); x noop: ops/s over the no-op gRPC call's; load: 1-min load average as the window began"
+printf '%-18s %8s %7s %8s %8s %8s %8s %11s %10s %6s\n' scenario ops/s "x noop" tallyd pg-db pg-all bench items/batch commits/s load
+for sc in noop $SCENARIOS charge-uniform-big; do
+  [ -e "$RES/$sc.1.json" ] || continue
+  printf '%-18s %8s %7s %8s %8s %8s %8s %11s %10s %6s\n' "$sc" "$(fmt "$(T "$sc")")" "$(ratio "$(T "$sc")" "$noop")" \
+    "$(M "$sc" .cost.tallyd_cpu_us_per_op)" "$(M "$sc" .cost.pg_backends_cpu_us_per_op)" "$(M "$sc" .cost.pg_server_cpu_us_per_op)" \
+    "$(M "$sc" .cost.client_cpu_us_per_op)" "$(M "$sc" .cost.items_per_batch 1)" "$(M "$sc" .cost.commits_per_s)" "$(M "$sc" .load_avg_1_at_start 2)"
+done
+echo
+echo "== sequential scans during the measured window, per table of the bench database (pg_stat_user_tables seq_scan, seq_tup_read rows), summed over the runs (RUNS=$RUNS)"
+for sc in noop $SCENARIOS charge-uniform-big; do
+  [ -e "$RES/$sc.1.json" ] || continue
+  printf '%-18s %s\n' "$sc" "$(jq -rs '[.[] | .cost.seq_scans // {} | to_entries[]] | group_by(.key)
+    | map("\(.[0].key) \(map(.value.seq_scan) | add) (\(map(.value.seq_tup_read) | add) rows)") | if length > 0 then join(", ") else "none" end' "$RES/$sc".*.json)"
 done
 if [ "$WAITS" = 1 ]; then
   echo

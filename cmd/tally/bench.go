@@ -33,6 +33,7 @@ func benchCmd(args []string, out io.Writer) error {
 	fs.StringVar(&cfg.Consistency, "consistency", "", "balance reads: cached (default) or strong")
 	serverPIDs := fs.String("server-pid", "", "tallyd's pid (or several, comma-separated), to read peak RSS and CPU time from /proc")
 	fs.StringVar(&cfg.ServerHTTP, "server-http", "", "tallyd's --http-addr (or several, comma-separated), to read batch statistics")
+	fs.StringVar(&cfg.DatabaseURL, "database-url", "", "the bench database (PostgreSQL URL), to read commits/s, sequential scans and PostgreSQL's CPU time per op")
 	jsonOut := fs.Bool("json", false, "print the result as JSON")
 	quiet := fs.Bool("quiet", false, "no progress lines on stderr")
 	if err := parse(fs, args); err != nil {

@@ -86,6 +86,11 @@ type Config struct {
 	// separated by commas), lets the bench read the servers' batch
 	// statistics from /debug/stats (summed over the servers).
 	ServerHTTP string
+	// DatabaseURL, when set, is the bench database (the one tallyd writes):
+	// the bench reads its commits (pg_stat_database), its tables' sequential
+	// scans (pg_stat_user_tables) and, when PostgreSQL runs on this host, its
+	// backends' and the whole server's CPU time from /proc.
+	DatabaseURL string
 	// Policy is the client retry policy (client.DefaultPolicy when zero).
 	Policy client.Policy
 	// Log receives progress lines (setup); nil discards them.
@@ -182,6 +187,10 @@ type Result struct {
 	// the window.
 	ClientCPUCores float64     `json:"client_cpu_cores"`
 	Server         ServerStats `json:"server"`
+	// Cost is what one operation cost in CPU, batches and commits.
+	Cost Cost `json:"cost"`
+	// LoadAvg1 is the 1-minute load average when the measured window began.
+	LoadAvg1 float64 `json:"load_avg_1_at_start"`
 }
 
 // env is what the scenario workers share.
@@ -220,6 +229,15 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 			defer closeFn()
 			e.health = append(e.health, hc)
 		}
+	}
+
+	var pg *pgWatch
+	if cfg.DatabaseURL != "" {
+		var err error
+		if pg, err = newPGWatch(ctx, cfg.DatabaseURL, cfg.Log); err != nil {
+			return Result{}, err
+		}
+		defer pg.close()
 	}
 
 	setupStart := time.Now()
@@ -272,16 +290,18 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	}
 
 	sleep(ctx, cfg.Warmup)
-	before := e.serverSample(ctx)
-	cpu0 := selfCPU()
+	var win window
+	res.LoadAvg1 = loadAvg1("/proc")
+	win.server[0], win.pg[0] = e.serverSample(ctx), pg.sample(ctx)
+	win.clientCPU[0] = selfCPU()
 	t0 := time.Now()
 	measuring.Store(true)
-	cfg.Log("measuring for %s", cfg.Duration)
+	cfg.Log("measuring for %s (load average %.2f)", cfg.Duration, res.LoadAvg1)
 	sleep(ctx, cfg.Duration)
 	measuring.Store(false)
 	window := time.Since(t0)
-	cpu1 := selfCPU()
-	after := e.serverSample(ctx)
+	win.clientCPU[1] = selfCPU()
+	win.server[1], win.pg[1] = e.serverSample(ctx), pg.sample(ctx)
 	stop.Store(true)
 	wg.Wait()
 	if ctx.Err() != nil {
@@ -306,8 +326,10 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	res.Ops = int64(len(all))
 	res.Throughput = float64(res.Ops) / window.Seconds()
 	res.Latency = summarize(all)
-	res.ClientCPUCores = (cpu1 - cpu0).Seconds() / window.Seconds()
-	res.Server = diffServer(before, after, window)
+	res.ClientCPUCores = (win.clientCPU[1] - win.clientCPU[0]).Seconds() / window.Seconds()
+	res.Server = diffServer(win.server[0], win.server[1], window)
+	win.d, win.ops = window, res.Ops
+	res.Cost = win.cost()
 	return res, nil
 }
 

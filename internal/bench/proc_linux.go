@@ -2,7 +2,6 @@ package bench
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
 	"os"
 	"strconv"
@@ -10,9 +9,6 @@ import (
 	"syscall"
 	"time"
 )
-
-// clockTicks is USER_HZ, which Linux fixes at 100 for /proc/<pid>/stat.
-const clockTicks = 100
 
 // PeakRSS returns VmHWM (peak resident set size) of process pid, in bytes.
 func PeakRSS(pid int) (int64, error) {
@@ -41,27 +37,8 @@ func PeakRSS(pid int) (int64, error) {
 
 // procCPU returns user+system CPU time of process pid.
 func procCPU(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// The command name (field 2) may hold spaces; fields after it start
-	// after the last ')'.
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("bad /proc/%d/stat", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	// f[0] is field 3 (state); utime is field 14, stime field 15.
-	if len(f) < 13 {
-		return 0, fmt.Errorf("short /proc/%d/stat", pid)
-	}
-	ut, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("bad /proc/%d/stat", pid)
-	}
-	return time.Duration(ut+st) * time.Second / clockTicks, nil
+	s, err := readProcStat("/proc", pid)
+	return s.CPU, err
 }
 
 func selfCPU() time.Duration {

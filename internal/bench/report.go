@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strconv"
 	"strings"
 )
 
@@ -39,6 +40,52 @@ func Print(w io.Writer, r Result) {
 	} else {
 		fmt.Fprintf(w, "cpu          bench %.2f cores\n", r.ClientCPUCores)
 	}
+	printCost(w, r.Cost)
+	fmt.Fprintf(w, "load average %.2f at the start of the window\n", r.LoadAvg1)
+}
+
+// printCost writes the cost lines of Print.
+func printCost(w io.Writer, c Cost) {
+	fmt.Fprintf(w, "cpu µs/op    tallyd %s, bench %s\n", num(c.TallydCPUUsPerOp, 0), num(c.ClientCPUUsPerOp, 0))
+	if c.PGBackendsCPUUsPerOp == nil {
+		fmt.Fprintln(w, "postgres     unknown (pass --database-url of the bench database)")
+		return
+	}
+	fmt.Fprintf(w, "pg cpu µs/op %s: %s\n", num(c.PGBackendsCPUUsPerOp, 0), c.PGBackendsScope)
+	if c.PGServerCPUUsPerOp != nil {
+		fmt.Fprintf(w, "pg cpu µs/op %s: %s\n", num(c.PGServerCPUUsPerOp, 0), c.PGServerScope)
+	}
+	fmt.Fprintf(w, "commits      %s/s (%s, pg_stat_database.xact_commit), %s items/batch (%s committed batches, %s)\n",
+		num(c.CommitsPerS, 0), numi(c.Commits), num(c.ItemsPerBatch, 1), num(c.Batches, 0), BatchSizeMetric)
+	if len(c.SeqScans) == 0 {
+		fmt.Fprintln(w, "seq scans    none")
+		return
+	}
+	tables := make([]string, 0, len(c.SeqScans))
+	for t := range c.SeqScans {
+		tables = append(tables, t)
+	}
+	sort.Strings(tables)
+	parts := make([]string, len(tables))
+	for i, t := range tables {
+		parts[i] = fmt.Sprintf("%s %d (%d rows)", t, c.SeqScans[t].Scans, c.SeqScans[t].TupRead)
+	}
+	fmt.Fprintf(w, "seq scans    %s\n", strings.Join(parts, ", "))
+}
+
+// num formats an optional figure with prec decimals ("?" when unknown).
+func num(v *float64, prec int) string {
+	if v == nil {
+		return "?"
+	}
+	return strconv.FormatFloat(*v, 'f', prec, 64)
+}
+
+func numi(v *int64) string {
+	if v == nil {
+		return "?"
+	}
+	return strconv.FormatInt(*v, 10)
 }
 
 func kv(m map[string]int64) string {

@@ -28,10 +28,12 @@ type serverSample struct {
 	cpu     time.Duration
 	cpuOK   bool
 	peakRSS int64
+	hist    promHist // tally_batch_size_items, summed over the servers
+	histOK  bool
 }
 
-// serverSample reads what it can about the server: its counters over HTTP
-// and its CPU time and peak RSS from /proc.
+// serverSample reads what it can about the server: its counters and its
+// batch-size histogram over HTTP, and its CPU time and peak RSS from /proc.
 func (e *env) serverSample(ctx context.Context) serverSample {
 	var s serverSample
 	if hosts := splitList(e.cfg.ServerHTTP); len(hosts) > 0 {
@@ -48,6 +50,17 @@ func (e *env) serverSample(ctx context.Context) serverSample {
 			s.stats.Batch.Splits += st.Batch.Splits
 			s.stats.Batch.ItemsPeak = max(s.stats.Batch.ItemsPeak, st.Batch.ItemsPeak)
 			s.peakRSS = max(s.peakRSS, st.PeakRSSBytes)
+		}
+		s.histOK = true
+		for _, h := range hosts {
+			hist, err := fetchBatchHist(ctx, h)
+			if err != nil {
+				e.cfg.Log("server metrics: %v", err)
+				s.histOK = false
+				continue
+			}
+			s.hist.Sum += hist.Sum
+			s.hist.Count += hist.Count
 		}
 	}
 	var pids []int
