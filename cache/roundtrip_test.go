@@ -34,7 +34,8 @@ func (h *rttCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.P
 	}
 }
 
-// commandStats returns Redis's calls per command (INFO commandstats).
+// commandStats returns Redis's calls per command (INFO commandstats), and
+// the microseconds Redis spent in them under the key name+"_usec".
 func commandStats(t *testing.T, rc *redis.Client) map[string]int64 {
 	t.Helper()
 	info, err := rc.Info(context.Background(), "commandstats").Result()
@@ -51,6 +52,10 @@ func commandStats(t *testing.T, rc *redis.Client) map[string]int64 {
 			if v, ok := strings.CutPrefix(kv, "calls="); ok {
 				n, _ := strconv.ParseInt(v, 10, 64)
 				out[strings.TrimPrefix(name, "cmdstat_")] = n
+			}
+			if v, ok := strings.CutPrefix(kv, "usec="); ok {
+				n, _ := strconv.ParseInt(v, 10, 64)
+				out[strings.TrimPrefix(name, "cmdstat_")+"_usec"] = n
 			}
 		}
 	}
@@ -72,17 +77,28 @@ func TestGetHitRoundTrips(t *testing.T) {
 	c.Client().AddHook(h)
 	admin := r.client()
 	before := commandStats(t, admin)
-	const n = 100
+	const n = 1000
 	for range n {
 		mustHit(t, c, id, 1, 10)
 	}
 	after := commandStats(t, admin)
 	delta := map[string]int64{}
 	for k, v := range after {
-		if d := v - before[k]; d != 0 && k != "info" {
+		if d := v - before[k]; d != 0 && !strings.HasPrefix(k, "info") {
 			delta[k] = d
 		}
 	}
 	t.Logf("per Get hit: %.2f round trips, %.2f client commands; Redis commandstats delta over %d Gets: %v",
 		float64(h.trips.Load())/n, float64(h.cmds.Load())/n, n, delta)
+	if got := h.trips.Load(); got != n {
+		t.Errorf("%d round trips for %d Gets, want one each", got, n)
+	}
+	for _, cmd := range []string{"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "del"} {
+		if delta[cmd] != 0 {
+			t.Errorf("a Get hit ran %s (%d calls for %d Gets): want plain reads only", cmd, delta[cmd], n)
+		}
+	}
+	if delta["get"] != n || delta["pttl"] != n {
+		t.Errorf("want one GET and one PTTL per Get, got %v", delta)
+	}
 }
