@@ -141,6 +141,11 @@ type Cache struct {
 	// (which gobreaker calls under its lock on every transition), so that
 	// Get checks the breaker without taking that lock.
 	breakerClosed atomic.Bool
+	// readFailures is set when a failed read was reported to the breaker,
+	// so that the next successful read reports a success (resetting the
+	// consecutive failures, as a successful call always did) and all
+	// other successful reads skip the breaker's lock.
+	readFailures atomic.Bool
 
 	mu      sync.Mutex
 	lastErr string // last failure, for Status
@@ -410,7 +415,7 @@ func (c *Cache) opContext(ctx context.Context) (context.Context, context.CancelF
 // value older than TTL by its AsOf, past its ServeUntil, below the gate's
 // floor or unparsable. No lock is taken on a hit: the gate and the breaker
 // are read from atomics, and the breaker hears of a read only when it
-// failed.
+// failed, and of the first success after that.
 func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 	// Only a successful write may close the breaker: while it is half-open,
 	// reads stay off Redis and the next Put is the probe. Otherwise a Redis
@@ -499,17 +504,19 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		return Balance{}, false
 	}
 	c.hits.Add(1)
+	if c.readFailures.Load() && c.readFailures.Swap(false) && c.breakerClosed.Load() {
+		// Only while closed: a read must never be the half-open trial
+		// that closes the breaker (a successful write must).
+		_, _ = c.breaker.Execute(func() (any, error) { return nil, nil })
+	}
 	return b, true
 }
 
 // readFailed counts a failed read, for Stats and Status and toward the
 // breaker, unless the caller hung up (that says nothing about Redis; a
 // caller deadline shorter than OpTimeout still counts: a healthy Redis
-// answers well within it). Only failures go through the breaker's lock;
-// a successful read is not reported, so ConsecutiveFailures counts the
-// failures since the last successful write (the probe writes every
-// ProbeInterval), and a read can never be the half-open trial that closes
-// the breaker.
+// answers well within it). Failures go through the breaker's lock; of the
+// successful reads only the first after a failure does (see Get).
 func (c *Cache) readFailed(ctx context.Context, err error) {
 	if errors.Is(ctx.Err(), context.Canceled) {
 		return
@@ -517,6 +524,7 @@ func (c *Cache) readFailed(ctx context.Context, err error) {
 	c.setLastError(err)
 	c.errs.Add(1)
 	_, _ = c.breaker.Execute(func() (any, error) { return nil, err })
+	c.readFailures.Store(true)
 }
 
 // clean deletes the entry at key if Redis still holds one Get must refuse

@@ -86,7 +86,7 @@ func BenchmarkGetHitParallel(b *testing.B) {
 		ctx := context.Background()
 		for pb.Next() {
 			if _, ok := c.Get(ctx, id); !ok {
-				b.Error("miss")
+				b.Errorf("miss: stats %+v status %+v", c.Stats(), c.Status())
 				return
 			}
 		}

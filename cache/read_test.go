@@ -155,3 +155,25 @@ func TestKey(t *testing.T) {
 		t.Fatalf("nil uuid key %q", got)
 	}
 }
+
+// TestReadSuccessResetsFailures: a successful read after failed ones resets
+// the breaker's consecutive failures, as before reads skipped its lock, so
+// sporadic read failures between successes never open it (the probe is off
+// here: no write resets them).
+func TestReadSuccessResetsFailures(t *testing.T) {
+	requireSharedRedis(t)
+	p, url := proxied(t)
+	c, _ := newCache(t, url, Config{OpTimeout: testOpTimeout, FailuresMax: 2, ProbeInterval: -1, BreakerCooldown: time.Minute})
+	ctx := context.Background()
+	id := uuid.New()
+	c.Put(ctx, bal(id, 1, 10))
+	for i := range 3 {
+		p.Cut()
+		mustMiss(t, c, id)
+		p.Heal()
+		eventually(t, 2*time.Second, "a hit after healing", func() bool { _, ok := c.Get(ctx, id); return ok })
+		if s := c.Stats(); s.Breaker != "closed" {
+			t.Fatalf("round %d: breaker %s after a failed and a successful read, want closed (stats %+v)", i, s.Breaker, s)
+		}
+	}
+}
