@@ -14,10 +14,10 @@
 //     Redis (Lua), so an older pair can never overwrite a newer one: a slow
 //     reader that fills v5 after a writer stored v6 loses.
 //   - Every write carries a PX expiry of at most TTL, counted from the pair's
-//     AsOf, and Get reads the remaining TTL and then the value in one
-//     pipelined round trip (PTTL, GET) and refuses (and deletes) an entry
-//     without expiry or with a longer one than TTL, so even a value planted
-//     by hand cannot outlive the bound (see Get for why PTTL comes first).
+//     AsOf, and Get reads value and remaining TTL atomically (one round
+//     trip, MULTI PTTL GET EXEC, no script) and refuses (and deletes) an
+//     entry without expiry or with a longer one than TTL, so even a value
+//     planted by hand cannot outlive the bound.
 //   - Anything Get cannot parse completely is a miss, never an error.
 //   - Every Redis call is bounded by OpTimeout, without retries, and a
 //     circuit breaker stops calling Redis for BreakerCooldown after
