@@ -14,9 +14,10 @@
 //     Redis (Lua), so an older pair can never overwrite a newer one: a slow
 //     reader that fills v5 after a writer stored v6 loses.
 //   - Every write carries a PX expiry of at most TTL, counted from the pair's
-//     AsOf, and Get reads value and remaining TTL atomically and refuses (and
-//     deletes) an entry without expiry or with a longer one than TTL, so even
-//     a value planted by hand cannot outlive the bound.
+//     AsOf, and Get reads value and remaining TTL atomically (one round
+//     trip, MULTI PTTL GET EXEC, no script) and refuses (and deletes) an
+//     entry without expiry or with a longer one than TTL, so even a value
+//     planted by hand cannot outlive the bound.
 //   - Anything Get cannot parse completely is a miss, never an error.
 //   - Every Redis call is bounded by OpTimeout, without retries, and a
 //     circuit breaker stops calling Redis for BreakerCooldown after
@@ -136,6 +137,15 @@ type Cache struct {
 	prefix    string
 	log       *slog.Logger
 	breaker   *gobreaker.CircuitBreaker[any]
+	// breakerClosed mirrors "the breaker is closed", set by onStateChange
+	// (which gobreaker calls under its lock on every transition), so that
+	// Get checks the breaker without taking that lock.
+	breakerClosed atomic.Bool
+	// readFailures is set when a failed read was reported to the breaker,
+	// so that the next successful read reports a success (resetting the
+	// consecutive failures, as a successful call always did) and all
+	// other successful reads skip the breaker's lock.
+	readFailures atomic.Bool
 
 	mu      sync.Mutex
 	lastErr string // last failure, for Status
@@ -172,32 +182,29 @@ func (c *Cache) Stats() Stats {
 	}
 }
 
-// getScript reads a value and its remaining time to live atomically, and
-// deletes it right there if it has no expiry or a longer one than the
-// configured TTL (ARGV[1], ms): such an entry was not written by Put and
-// could break the age bound, so it is never served. It returns nil (a miss)
-// or {value, pttl}. Doing the check in the script avoids a window where a
-// separate DEL could remove a fresh value stored in between. A read-only
-// Redis (a replica) runs the script as long as it only reads, and refuses
-// the DEL with READONLY: Get then fails and counts toward the breaker, which
-// is what we want from a Redis that can no longer be kept up to date (it is
-// mostly failed Puts that open the breaker there). A key of another type (a
-// hash, a list) makes GET fail with WRONGTYPE; that is garbage too, deleted
-// like the above, rather than an error that would count toward the breaker
-// and keep the key from ever being refilled.
-var getScript = redis.NewScript(`
+// cleanScript deletes KEYS[1] if it is still an entry Get must refuse:
+// without expiry or with a longer one than the configured TTL (ARGV[1], ms),
+// or a key of another type (GET fails with WRONGTYPE). Such an entry was not
+// written by Put and could break the age bound. It runs only after Get's
+// plain read saw such an entry, and checks again inside Redis so that a
+// fresh value Put stored in between is never deleted. A read-only Redis
+// refuses the DEL with READONLY: that counts toward the breaker, which is
+// what we want from a Redis that can no longer be kept up to date. Deleting
+// garbage of another type rather than only skipping it keeps the key from
+// failing every read until its TTL. Returns 1 if deleted.
+var cleanScript = redis.NewScript(`
 local v = redis.pcall('GET', KEYS[1])
 if type(v) == 'table' then
   redis.call('DEL', KEYS[1])
-  return false
+  return 1
 end
-if not v then return false end
+if not v then return 0 end
 local t = redis.call('PTTL', KEYS[1])
 if t == -1 or t > tonumber(ARGV[1]) then
   redis.call('DEL', KEYS[1])
-  return false
+  return 1
 end
-return {v, t}
+return 0
 `)
 
 // putScript sets KEYS[1] to ARGV[1] with PX ARGV[3] unless the current value
@@ -281,6 +288,7 @@ func New(cfg Config) (*Cache, error) {
 	}
 	c.probeKeyTTL = max(4*cfg.ProbeInterval, probeKeyTTLMin)
 	failuresMax := uint32(cfg.FailuresMax)
+	c.breakerClosed.Store(true) // gobreaker starts closed
 	c.breaker = gobreaker.NewCircuitBreaker[any](gobreaker.Settings{
 		Name:        "redis-balance-cache",
 		MaxRequests: 1, // one probe at a time when half-open
@@ -315,6 +323,7 @@ var errCallerGone = errors.New("cache: caller context done")
 // are what an operator needs to see. It runs under the breaker's lock, so it
 // must not call back into the breaker.
 func (c *Cache) onStateChange(_ string, from, to gobreaker.State) {
+	c.breakerClosed.Store(to == gobreaker.StateClosed)
 	switch to {
 	case gobreaker.StateOpen:
 		c.log.Warn("redis cache breaker open: bypassing Redis",
@@ -355,7 +364,42 @@ func (c *Cache) do(ctx context.Context, fn func(ctx context.Context) error) erro
 	return err
 }
 
-func (c *Cache) key(id uuid.UUID) string { return c.prefix + id.String() }
+// key is prefix + id.String(), built with one allocation: it is on the
+// path of every read.
+func (c *Cache) key(id uuid.UUID) string {
+	var hex [36]byte
+	encodeUUID(&hex, id)
+	var sb strings.Builder
+	sb.Grow(len(c.prefix) + len(hex))
+	sb.WriteString(c.prefix)
+	sb.Write(hex[:])
+	return sb.String()
+}
+
+// encodeUUID writes id in the canonical 8-4-4-4-12 lower-case form, as
+// uuid.UUID.String does.
+func encodeUUID(dst *[36]byte, id uuid.UUID) {
+	const digits = "0123456789abcdef"
+	j := 0
+	for i, x := range id {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			dst[j] = '-'
+			j++
+		}
+		dst[j], dst[j+1] = digits[x>>4], digits[x&0x0f]
+		j += 2
+	}
+}
+
+// opContext bounds one Redis call by OpTimeout: the single timeout layer of
+// a read. A caller's deadline that comes sooner is used as it is.
+func (c *Cache) opContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	d := time.Now().Add(c.opTimeout)
+	if dl, ok := ctx.Deadline(); ok && !dl.After(d) {
+		return ctx, func() {}
+	}
+	return context.WithDeadline(ctx, d)
+}
 
 // ProbeKeyPrefix is where, under the balance key prefix, each tallyd's
 // probe key lives (probe.go). Tools that scan the prefix for balances skip
@@ -365,6 +409,18 @@ func ProbeKeyPrefix(prefix string) string { return prefix + "probe:" }
 // Get returns the cached pair of account id. ok is false on a miss and on
 // every kind of trouble (garbage value, entry without a proper expiry, Redis
 // error or timeout, breaker open): the caller then reads PostgreSQL.
+//
+// A hit costs one round trip of plain commands, MULTI PTTL GET EXEC: the
+// transaction reads the value and its remaining time to live atomically, as
+// one Redis step, so the expiry checked is the served value's own (in a
+// plain pipeline another client's SET could come between the two). The
+// checks are then made here: an entry without expiry or with a longer one
+// than TTL was not written by Put and could break the age bound, so it is
+// refused (and deleted by cleanScript, on that rare path only); so is a
+// value older than TTL by its AsOf, past its ServeUntil, below the gate's
+// floor or unparsable. No lock is taken on a hit: the gate and the breaker
+// are read from atomics, and the breaker hears of a read only when it
+// failed, and of the first success after that.
 func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 	// Only a successful write may close the breaker: while it is half-open,
 	// reads stay off Redis and the next Put is the probe. Otherwise a Redis
@@ -375,26 +431,42 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		c.bypassed.Add(1)
 		return Balance{}, false
 	}
-	var raw string
-	err := c.do(ctx, func(ctx context.Context) error {
-		res, err := getScript.Run(ctx, c.client, []string{c.key(id)}, c.ttl.Milliseconds()).Slice()
-		if err != nil {
-			return err
-		}
-		if len(res) != 2 {
-			return redis.Nil
-		}
-		s, isStr := res[0].(string)
-		if !isStr {
-			return redis.Nil
-		}
-		raw = s
-		return nil
-	})
-	if err != nil {
-		if errors.Is(err, redis.Nil) {
-			c.misses.Add(1)
-		}
+	if ctx.Err() != nil {
+		return Balance{}, false // the caller is gone: says nothing about Redis
+	}
+	key := c.key(id)
+	opCtx, cancel := c.opContext(ctx)
+	p := c.client.TxPipeline()
+	ttlCmd := p.PTTL(opCtx, key)
+	getCmd := p.Get(opCtx, key)
+	_, _ = p.Exec(opCtx)
+	cancel()
+	if err := ttlCmd.Err(); err != nil {
+		c.readFailed(ctx, err)
+		return Balance{}, false
+	}
+	raw, err := getCmd.Result()
+	switch {
+	case errors.Is(err, redis.Nil):
+		c.misses.Add(1)
+		return Balance{}, false
+	case err != nil && strings.HasPrefix(err.Error(), "WRONGTYPE"):
+		// A key of another type (a hash, a list) is garbage: a miss, not a
+		// failure that would count toward the breaker, and deleted so
+		// that it does not fail every read until its TTL.
+		c.clean(ctx, key)
+		c.misses.Add(1)
+		return Balance{}, false
+	case err != nil:
+		c.readFailed(ctx, err)
+		return Balance{}, false
+	}
+	if pttl := ttlCmd.Val(); pttl < 0 || pttl > c.ttl {
+		// -1: no expiry; above TTL: longer than Put ever sets (-2, gone,
+		// cannot come with a value from the same transaction). Never
+		// served, and removed.
+		c.clean(ctx, key)
+		c.misses.Add(1)
 		return Balance{}, false
 	}
 	if !c.gate.open() {
@@ -412,6 +484,14 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		return Balance{}, false
 	}
 	b.AccountID = id
+	now := time.Now()
+	if !b.AsOf.IsZero() && now.Sub(b.AsOf) >= c.ttl {
+		// Older than TTL by its own stamp: Put gave it an expiry that has
+		// run out by this process's clock (Redis's may lag). A miss; its
+		// expiry removes it.
+		c.misses.Add(1)
+		return Balance{}, false
+	}
 	if c.gate.refuses(b.AsOf) {
 		// Stored before Redis last stopped taking writes: it may have
 		// missed an update. Delete it so a refill of the same version is
@@ -420,7 +500,7 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		c.misses.Add(1)
 		return Balance{}, false
 	}
-	if !b.ServeUntil.IsZero() && !time.Now().Before(b.ServeUntil) {
+	if !b.ServeUntil.IsZero() && !now.Before(b.ServeUntil) {
 		// A hold of the account may have expired since: a miss. Delete it
 		// so the next Put of the same version (with a later ServeUntil) is
 		// not refused by the compare-and-set.
@@ -429,7 +509,37 @@ func (c *Cache) Get(ctx context.Context, id uuid.UUID) (b Balance, ok bool) {
 		return Balance{}, false
 	}
 	c.hits.Add(1)
+	if c.readFailures.Load() && c.readFailures.Swap(false) && c.breakerClosed.Load() {
+		// Only while closed: a read must never be the half-open trial
+		// that closes the breaker (a successful write must).
+		_, _ = c.breaker.Execute(func() (any, error) { return nil, nil })
+	}
 	return b, true
+}
+
+// readFailed counts a failed read, for Stats and Status and toward the
+// breaker, unless the caller hung up (that says nothing about Redis; a
+// caller deadline shorter than OpTimeout still counts: a healthy Redis
+// answers well within it). Failures go through the breaker's lock; of the
+// successful reads only the first after a failure does (see Get).
+func (c *Cache) readFailed(ctx context.Context, err error) {
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return
+	}
+	c.setLastError(err)
+	c.errs.Add(1)
+	_, _ = c.breaker.Execute(func() (any, error) { return nil, err })
+	c.readFailures.Store(true)
+}
+
+// clean deletes the entry at key if Redis still holds one Get must refuse
+// (see cleanScript). Its failure counts toward the breaker like any Redis
+// call; it is not a cache write for the gate: the entry it leaves is
+// refused by every Get anyway.
+func (c *Cache) clean(ctx context.Context, key string) {
+	_ = c.do(ctx, func(ctx context.Context) error {
+		return cleanScript.Run(ctx, c.client, []string{key}, c.ttl.Milliseconds()).Err()
+	})
 }
 
 // Put stores b unless Redis already holds the same or a newer version of the
@@ -476,7 +586,7 @@ func (c *Cache) Delete(ctx context.Context, id uuid.UUID) {
 // write closes the breaker or reopens the gate: while the breaker is
 // half-open, reads stay off Redis and the next write is the probe.
 func (c *Cache) serving() bool {
-	return c.gate.open() && c.breaker.State() == gobreaker.StateClosed
+	return c.gate.open() && c.breakerClosed.Load()
 }
 
 // Status reports whether the cache is in use. It is degraded while a missed
@@ -551,31 +661,47 @@ func encode(b Balance) (string, error) {
 	if !b.ServeUntil.IsZero() {
 		until = b.ServeUntil.UnixNano()
 	}
-	return strings.Join([]string{
-		valueFormat,
-		strconv.FormatInt(b.Version, 10),
-		strconv.FormatInt(b.Balance, 10),
-		strconv.FormatInt(b.CreditLimit, 10),
-		strconv.FormatInt(b.Available, 10),
-		b.Currency,
-		strconv.FormatInt(asOf, 10),
-		strconv.FormatInt(b.Held, 10),
-		strconv.FormatInt(until, 10),
-	}, "|"), nil
+	// 8 numbers of at most 20 bytes, 9 separators and the tag fit in 192
+	// bytes unless the currency is long; the buffer grows if it is.
+	var buf [192]byte
+	out := append(buf[:0], valueFormat...)
+	for _, n := range [...]int64{b.Version, b.Balance, b.CreditLimit, b.Available} {
+		out = strconv.AppendInt(append(out, '|'), n, 10)
+	}
+	out = append(append(out, '|'), b.Currency...)
+	for _, n := range [...]int64{asOf, b.Held, until} {
+		out = strconv.AppendInt(append(out, '|'), n, 10)
+	}
+	return string(out), nil
 }
 
 // decode parses what encode wrote, strictly: every number must be in the
-// canonical form encode produces, so that the Lua CAS and decode agree on
-// which values are valid.
+// canonical form encode produces (see canonicalInt), so that the Lua CAS and
+// decode agree on which values are valid.
 func decode(s string) (Balance, error) {
-	f := strings.Split(s, "|")
-	if len(f) != 9 || f[0] != valueFormat {
+	var f [9]string
+	rest := s
+	for i := range f {
+		if i == len(f)-1 {
+			if strings.IndexByte(rest, '|') >= 0 {
+				return Balance{}, errors.New("not a " + valueFormat + " value")
+			}
+			f[i] = rest
+			break
+		}
+		var ok bool
+		f[i], rest, ok = strings.Cut(rest, "|")
+		if !ok {
+			return Balance{}, errors.New("not a " + valueFormat + " value")
+		}
+	}
+	if f[0] != valueFormat {
 		return Balance{}, errors.New("not a " + valueFormat + " value")
 	}
 	var n [7]int64
-	for i, idx := range []int{1, 2, 3, 4, 6, 7, 8} {
-		v, err := strconv.ParseInt(f[idx], 10, 64)
-		if err != nil || strconv.FormatInt(v, 10) != f[idx] {
+	for i, idx := range [...]int{1, 2, 3, 4, 6, 7, 8} {
+		v, ok := canonicalInt(f[idx])
+		if !ok {
 			return Balance{}, fmt.Errorf("field %d: bad integer %q", idx, f[idx])
 		}
 		n[i] = v
@@ -604,6 +730,27 @@ func decode(s string) (Balance, error) {
 		b.ServeUntil = time.Unix(0, n[6]).UTC()
 	}
 	return b, nil
+}
+
+// canonicalInt parses s as a decimal int64 and accepts it only in the form
+// strconv.FormatInt gives: no '+', no leading zeros, no "-0". It is the same
+// as ParseInt followed by FormatInt(v) == s, without the allocation.
+func canonicalInt(s string) (int64, bool) {
+	if s == "" || s[0] == '+' {
+		return 0, false
+	}
+	digits := s
+	if s[0] == '-' {
+		digits = s[1:]
+	}
+	if len(digits) > 1 && digits[0] == '0' || s == "-0" {
+		return 0, false
+	}
+	v, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	return v, true
 }
 
 // Peek reads the cached values of many accounts in one round trip (MGET),

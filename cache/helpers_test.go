@@ -43,7 +43,7 @@ func sharedRedisAddr(t *testing.T) string {
 
 // requireSharedRedis skips when the shared Redis is not there, rather than
 // failing with a wall of timeouts; CI starts it, so there it really runs.
-func requireSharedRedis(t *testing.T) {
+func requireSharedRedis(t testing.TB) {
 	t.Helper()
 	opt, err := redis.ParseURL(sharedRedisURL())
 	if err != nil {
@@ -81,7 +81,7 @@ func (l *logBuf) String() string {
 
 // newCache builds a cache on url with a random key prefix and removes its
 // keys at the end. Zero cfg fields take test-friendly values.
-func newCache(t *testing.T, url string, cfg Config) (*Cache, *logBuf) {
+func newCache(t testing.TB, url string, cfg Config) (*Cache, *logBuf) {
 	t.Helper()
 	cfg.URL = url
 	if cfg.KeyPrefix == "" {
@@ -118,7 +118,7 @@ func cleanupPrefix(prefix string) {
 	}
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(bytes.TrimRight(p, "\n")))
@@ -141,13 +141,13 @@ func proxied(t *testing.T) (*faultproxy.Proxy, string) {
 // privateRedis is a redis-server owned by one test, for faults that would
 // hurt the shared one (kill, restart empty, read-only).
 type privateRedis struct {
-	t    *testing.T
+	t    testing.TB
 	port int
 	mu   sync.Mutex
 	cmd  *exec.Cmd
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -157,7 +157,7 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
-func startPrivateRedis(t *testing.T) *privateRedis {
+func startPrivateRedis(t testing.TB) *privateRedis {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Skip("redis-server not on PATH")
