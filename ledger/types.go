@@ -142,8 +142,14 @@ type Transfer struct {
 	ID              uuid.UUID
 	IdempotencyKey  string
 	Kind            Kind
+	// DebitAccountID and CreditAccountID are the accounts as callers name
+	// them; where a side posted to a shard of its account, DebitShardID or
+	// CreditShardID names the shard (docs/ARCHITECTURE.md, "Sharded system
+	// accounts").
 	DebitAccountID  uuid.UUID
 	CreditAccountID uuid.UUID
+	DebitShardID    uuid.UUID
+	CreditShardID   uuid.UUID
 	Amount          int64
 	Currency        string
 	Description     string
