@@ -76,8 +76,8 @@ type Ledger struct {
 	// background; shardGate opens once no previous release is connected.
 	widened   sync.Map
 	shardGate atomic.Bool
-	refresh refreshing
-	usage   usageConfig
+	refresh   refreshing
+	usage     usageConfig
 }
 
 // New returns a Ledger.
