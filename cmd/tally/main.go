@@ -133,7 +133,7 @@ func newApp(in io.Reader, out, errOut io.Writer) *app {
 // the command began its work is a usageError.
 func (a *app) execute(args []string) (*cobra.Command, error) {
 	root := a.newRoot()
-	root.SetArgs(args)
+	root.SetArgs(append([]string{}, args...)) // never nil: cobra reads os.Args for nil
 	cmd, err := root.ExecuteC()
 	a.close()
 	if err != nil && !a.started {
@@ -218,6 +218,14 @@ or DEADLINE_EXCEEDED after the retries: repeat with the same --key).`),
 	root.AddCommand(a.newAccountCmd(), a.newCreditCmd(), a.newChargeCmd(), a.newRefundCmd(), a.newHoldCmd(),
 		a.newBatchCmd(), a.newTransferCmd(), a.newBalanceCmd(), a.newBalancesCmd(), a.newEntriesCmd(),
 		a.newExportCmd(), a.newShowCmd(), a.newReconcileCmd(), a.newUsageCmd(), a.newBenchCmd(), a.newBenchUsageCmd())
+	// cobra's own `completion bash|zsh|fish|powershell`, made a group so
+	// that an unknown shell is bad usage rather than help.
+	root.InitDefaultCompletionCmd()
+	for _, c := range root.Commands() {
+		if c.Name() == "completion" {
+			group(c)
+		}
+	}
 	annotateEnv(root)
 	return root
 }
