@@ -66,6 +66,7 @@ func transferPB(t ledger.Transfer) *tallyv1.Transfer {
 		CreatedByClientId: idString(t.CreatedByClient), CreatedByKeyId: t.CreatedByKey,
 		RefundOf: idString(t.RefundOf), HoldId: idString(t.HoldID), RefundedAmount: t.Refunded,
 		ThresholdCrossed: t.ThresholdCrossed,
+		DebitShardId:     idString(t.DebitShardID), CreditShardId: idString(t.CreditShardID),
 	}
 }
 

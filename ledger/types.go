@@ -139,11 +139,17 @@ type Account struct {
 // Transfer is an immutable movement of Amount from DebitAccountID to
 // CreditAccountID.
 type Transfer struct {
-	ID              uuid.UUID
-	IdempotencyKey  string
-	Kind            Kind
+	ID             uuid.UUID
+	IdempotencyKey string
+	Kind           Kind
+	// DebitAccountID and CreditAccountID are the accounts as callers name
+	// them; where a side posted to a shard of its account, DebitShardID or
+	// CreditShardID names the shard (docs/ARCHITECTURE.md, "Sharded system
+	// accounts").
 	DebitAccountID  uuid.UUID
 	CreditAccountID uuid.UUID
+	DebitShardID    uuid.UUID
+	CreditShardID   uuid.UUID
 	Amount          int64
 	Currency        string
 	Description     string

@@ -1135,8 +1135,14 @@ type Transfer struct {
 	// This transfer took the debited account's available amount below its
 	// low-balance threshold.
 	ThresholdCrossed bool `protobuf:"varint,16,opt,name=threshold_crossed,json=thresholdCrossed,proto3" json:"threshold_crossed,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Where a side posted to one shard of a sharded REVENUE or FUNDING
+	// account, the shard's account id (the side's account_id above names
+	// the account itself); empty otherwise. A shard is a real ledger account
+	// with its own entries; the account's balance is the sum of its shards.
+	DebitShardId  string `protobuf:"bytes,17,opt,name=debit_shard_id,json=debitShardId,proto3" json:"debit_shard_id,omitempty"`
+	CreditShardId string `protobuf:"bytes,18,opt,name=credit_shard_id,json=creditShardId,proto3" json:"credit_shard_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Transfer) Reset() {
@@ -1279,6 +1285,20 @@ func (x *Transfer) GetThresholdCrossed() bool {
 		return x.ThresholdCrossed
 	}
 	return false
+}
+
+func (x *Transfer) GetDebitShardId() string {
+	if x != nil {
+		return x.DebitShardId
+	}
+	return ""
+}
+
+func (x *Transfer) GetCreditShardId() string {
+	if x != nil {
+		return x.CreditShardId
+	}
+	return ""
 }
 
 // TransferResult is the outcome of a money-moving call.
@@ -4329,7 +4349,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\bmetadata\x18\x06 \x03(\v2'.tally.v1.TransferRequest.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xca\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x98\x06\n" +
 	"\bTransfer\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12'\n" +
@@ -4349,7 +4369,9 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\trefund_of\x18\r \x01(\tR\brefundOf\x12\x17\n" +
 	"\ahold_id\x18\x0e \x01(\tR\x06holdId\x12'\n" +
 	"\x0frefunded_amount\x18\x0f \x01(\x03R\x0erefundedAmount\x12+\n" +
-	"\x11threshold_crossed\x18\x10 \x01(\bR\x10thresholdCrossed\x1a;\n" +
+	"\x11threshold_crossed\x18\x10 \x01(\bR\x10thresholdCrossed\x12$\n" +
+	"\x0edebit_shard_id\x18\x11 \x01(\tR\fdebitShardId\x12&\n" +
+	"\x0fcredit_shard_id\x18\x12 \x01(\tR\rcreditShardId\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb6\x01\n" +
