@@ -195,7 +195,7 @@ func (a *app) newRoot() *cobra.Command {
 		Short: "The command-line client of the Tally ledger",
 		Long: strings.TrimSpace(`
 The command-line client of the Tally ledger: accounts, credits, charges,
-holds, refunds and batches; balances, statements and the change feed;
+holds, refunds and batches; balances, entries and the change feed;
 reconciliation, usage reports and load tests against a running tallyd.
 
 Every flag --name also reads $TALLY_NAME when not given (--addr: $TALLY_ADDR,
