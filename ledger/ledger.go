@@ -473,6 +473,7 @@ func toAccount(a store.Account) Account {
 		ID: a.ID, Currency: a.Currency, Type: AccountType(a.Type), ExternalRef: a.ExternalRef,
 		Floor: Floor(a.Floor), CreditLimit: a.CreditLimit, Status: Status(a.Status), Metadata: a.Metadata,
 		CreatedAt: a.CreatedAt, Version: a.Version, LowBalanceThreshold: a.LowBalanceThreshold,
+		ShardOf: a.ShardOf, ShardCount: a.ShardCount,
 	}
 }
 

@@ -134,6 +134,11 @@ type Account struct {
 	// LowBalanceThreshold, when set, is the available amount below which a
 	// debit or hold reports ThresholdCrossed.
 	LowBalanceThreshold *int64
+	// ShardOf is, for a shard row, the account it is a shard of;
+	// ShardCount, for an account with shards, how many further shards it
+	// has (docs/ARCHITECTURE.md, "Sharded system accounts").
+	ShardOf    uuid.UUID
+	ShardCount int32
 }
 
 // Transfer is an immutable movement of Amount from DebitAccountID to
