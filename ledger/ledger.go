@@ -140,6 +140,17 @@ func (l *Ledger) ensureSystemAccounts(ctx context.Context, currency string) erro
 	if _, ok := l.dir.systemOf(currency); ok {
 		return nil
 	}
+	sys, err := l.loadSystemAccounts(ctx, currency)
+	if err != nil {
+		return err
+	}
+	l.dir.setSystem(currency, sys)
+	return nil
+}
+
+// loadSystemAccounts creates the currency's default system accounts if
+// needed, gives them their shards where allowed, and returns them.
+func (l *Ledger) loadSystemAccounts(ctx context.Context, currency string) (systemShards, error) {
 	sys := systemShards{complete: true, at: time.Now()}
 	for _, role := range []string{store.SystemRoleRevenue, store.SystemRoleFunding} {
 		t := AccountTypeRevenue
@@ -148,11 +159,11 @@ func (l *Ledger) ensureSystemAccounts(ctx context.Context, currency string) erro
 		}
 		id, err := l.st.EnsureSystemAccount(ctx, currency, role, int16(t), int16(FloorNone))
 		if err != nil {
-			return fromStore(err)
+			return systemShards{}, fromStore(err)
 		}
 		shards, complete, err := l.ensureShards(ctx, id)
 		if err != nil {
-			return err
+			return systemShards{}, err
 		}
 		sys.complete = sys.complete && complete
 		if role == store.SystemRoleRevenue {
@@ -166,8 +177,7 @@ func (l *Ledger) ensureSystemAccounts(ctx context.Context, currency string) erro
 		}
 		l.dir.remember(map[uuid.UUID]store.AccountFacts{id: f})
 	}
-	l.dir.setSystem(currency, sys)
-	return nil
+	return sys, nil
 }
 
 // SystemAccount returns the currency's default revenue or funding account.

@@ -57,8 +57,8 @@ type factsEntry struct {
 
 // systemShards are a currency's default revenue and funding accounts, each
 // as its shard list (the account's own id first). complete is false when
-// shards could not be added yet; the entry is then looked up again after
-// shardRetryInterval.
+// shards could not be added yet; they are then tried again in the
+// background (widenSystem).
 type systemShards struct {
 	revenue, funding []uuid.UUID
 	complete         bool
@@ -109,9 +109,6 @@ func (d *directory) systemOf(currency string) (systemShards, bool) {
 	d.mu.RLock()
 	s, ok := d.system[currency]
 	d.mu.RUnlock()
-	if ok && !s.complete && time.Since(s.at) > shardRetryInterval {
-		return systemShards{}, false
-	}
 	return s, ok
 }
 
@@ -177,6 +174,32 @@ func (l *Ledger) shardsAllowed(ctx context.Context) bool {
 	}
 	l.shardGate.Store(true)
 	return true
+}
+
+// widenSystem tries again, in the background and at most every
+// shardRetryInterval, to give a currency's default system accounts their
+// shards when that could not be done before (a previous release was
+// connected, or PostgreSQL did not answer). Batches meanwhile post to the
+// shards already known.
+func (l *Ledger) widenSystem(currency string, sys systemShards) {
+	if sys.complete || l.systemShards <= 1 || time.Since(sys.at) < shardRetryInterval {
+		return
+	}
+	if _, loaded := l.widened.LoadOrStore("system:"+currency, true); loaded {
+		return
+	}
+	go func() {
+		defer l.widened.Delete("system:" + currency)
+		ctx, cancel := context.WithTimeout(context.Background(), l.batch.cfg.Timeout)
+		defer cancel()
+		next, err := l.loadSystemAccounts(ctx, currency)
+		if err != nil {
+			l.log.Debug("adding system-account shards failed; trying again later", "currency", currency, "err", err)
+			next = sys
+			next.at = time.Now()
+		}
+		l.dir.setSystem(currency, next)
+	}()
 }
 
 // widenShards adds shards, in the background, to a REVENUE or FUNDING
