@@ -114,7 +114,6 @@ func (d *directory) rememberType(id uuid.UUID, currency string, t int16) {
 	}
 }
 
-
 // systemOf returns the currency's default system accounts, if known.
 func (d *directory) systemOf(currency string) (systemShards, bool) {
 	d.mu.RLock()
