@@ -186,11 +186,11 @@ func TestNoSeqScansOnHotPaths(t *testing.T) {
 		        ('c0000002-0000-0000-0000-000000000000', 'EUR', 2, 2, 'revenue'),
 		        ('c0000003-0000-0000-0000-000000000000', 'EUR', 3, 2, 'funding')`,
 		`INSERT INTO transfers (transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
-		                        amount, currency, created_at)
+		                        amount, currency, created_at, debit_account_type, credit_account_type)
 		 SELECT ('b' || lpad(to_hex(t), 7, '0') || '-0000-0000-0000-000000000000')::uuid, '', 'plan-' || t, 3,
 		        ('a' || lpad(to_hex(t % 10000), 7, '0') || '-0000-0000-0000-000000000000')::uuid,
 		        ('a' || lpad(to_hex((t + 1) % 10000), 7, '0') || '-0000-0000-0000-000000000000')::uuid,
-		        1, 'USD', now() - interval '20 days' + t * interval '1 second'
+		        1, 'USD', now() - interval '20 days' + t * interval '1 second', 1, 1
 		 FROM generate_series(0, 19999) t`,
 		`INSERT INTO entries (transfer_id, account_id, sequence, amount, balance_after, version_after, created_at)
 		 SELECT transfer_id, debit_account_id, 2 * (n / 10000) + 2, -1, 0, 2 * (n / 10000) + 2, created_at
