@@ -37,9 +37,9 @@ type StatementLine struct {
 
 // KindTotal sums the entries of one transfer kind.
 type KindTotal struct {
-	Kind             int16
-	Count            int64
-	Credits, Debits  int64
+	Kind            int16
+	Count           int64
+	Credits, Debits int64
 }
 
 // StatementPage is what one statement page needs, all read in one
