@@ -128,4 +128,3 @@ func mustRead(t *testing.T, f string) []byte {
 	}
 	return b
 }
-
