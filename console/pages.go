@@ -243,4 +243,3 @@ func statementRequest(id string, from, to time.Time, size int, token string) *ta
 	return &tallyv1.GetStatementRequest{AccountId: id, From: timestamppb.New(from), To: timestamppb.New(to),
 		PageSize: int32(size), PageToken: token}
 }
-
