@@ -24,9 +24,8 @@ type accountView struct {
 	// From and To are the period as RFC 3339 (exact, for the links);
 	// FromDay and ToDay fill the form.
 	From, To, FromDay, ToDay string
-	// Query is the period's query string for the download links; Next the
-	// next page's.
-	Query, Next string
+	// Next is the next page's token.
+	Next string
 	// CanChange: the role table lets this session freeze and unfreeze.
 	CanChange, Frozen bool
 	ReasonMax         int
@@ -78,12 +77,7 @@ func (c *Console) account(w http.ResponseWriter, r *http.Request, s *session) {
 		CanChange: api.Allowed(tallyv1.LedgerService_FreezeAccount_FullMethodName, s.p.Role),
 		Frozen:    acct.GetStatus() == tallyv1.AccountStatus_ACCOUNT_STATUS_FROZEN,
 	}
-	pq := url.Values{"from": {av.From}, "to": {av.To}}
-	av.Query = pq.Encode()
-	if st.GetNextPageToken() != "" {
-		pq.Set("page", st.GetNextPageToken())
-		av.Next = pq.Encode()
-	}
+	av.Next = st.GetNextPageToken()
 	c.render(w, r, http.StatusOK, "account", view{Title: "Account " + id, Session: viewOf(s), Data: av, Notice: notices[q.Get("notice")]})
 }
 

@@ -101,21 +101,21 @@ func (s *site) customer(t *testing.T) (id, ref string) {
 	return a.GetAccountId(), ref
 }
 
-// browser is a cookie-keeping HTTP client that does not follow redirects.
-type browser struct {
+// httpClient is a cookie-keeping HTTP client that does not follow redirects.
+type httpClient struct {
 	t   *testing.T
 	c   *http.Client
 	url string
 }
 
-func (s *site) browser(t *testing.T) *browser {
+func (s *site) client(t *testing.T) *httpClient {
 	jar, _ := cookiejar.New(nil)
-	return &browser{t: t, url: s.srv.URL, c: &http.Client{Jar: jar, CheckRedirect: func(*http.Request, []*http.Request) error {
+	return &httpClient{t: t, url: s.srv.URL, c: &http.Client{Jar: jar, CheckRedirect: func(*http.Request, []*http.Request) error {
 		return http.ErrUseLastResponse
 	}}}
 }
 
-func (b *browser) do(req *http.Request) (*http.Response, string) {
+func (b *httpClient) do(req *http.Request) (*http.Response, string) {
 	b.t.Helper()
 	res, err := b.c.Do(req)
 	if err != nil {
@@ -126,12 +126,12 @@ func (b *browser) do(req *http.Request) (*http.Response, string) {
 	return res, string(body)
 }
 
-func (b *browser) get(path string) (*http.Response, string) {
+func (b *httpClient) get(path string) (*http.Response, string) {
 	req, _ := http.NewRequest("GET", b.url+path, nil)
 	return b.do(req)
 }
 
-func (b *browser) post(path string, form url.Values) (*http.Response, string) {
+func (b *httpClient) post(path string, form url.Values) (*http.Response, string) {
 	req, _ := http.NewRequest("POST", b.url+path, strings.NewReader(form.Encode()))
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	return b.do(req)
@@ -140,7 +140,7 @@ func (b *browser) post(path string, form url.Values) (*http.Response, string) {
 var csrfRe = regexp.MustCompile(`name="csrf" value="([^"]+)"`)
 
 // signIn signs in with key and returns the session's CSRF token.
-func (b *browser) signIn(key string) string {
+func (b *httpClient) signIn(key string) string {
 	b.t.Helper()
 	_, page := b.get("/signin")
 	m := csrfRe.FindStringSubmatch(page)
@@ -170,7 +170,7 @@ func TestConsoleSecurity(t *testing.T) {
 	s := startSite(t, 300*time.Millisecond)
 	acct, ref := s.customer(t)
 
-	anon := s.browser(t)
+	anon := s.client(t)
 	res, _ := anon.get("/accounts/" + acct)
 	if res.StatusCode != http.StatusSeeOther || res.Header.Get("Location") != "/signin" {
 		t.Fatalf("unauthenticated page: %d %q", res.StatusCode, res.Header.Get("Location"))
@@ -188,7 +188,7 @@ func TestConsoleSecurity(t *testing.T) {
 		t.Fatalf("sign-in without csrf: %d", res.StatusCode)
 	}
 	// A charger's key cannot use the console.
-	charger := s.browser(t)
+	charger := s.client(t)
 	_, page := charger.get("/signin")
 	tok := csrfRe.FindStringSubmatch(page)[1]
 	if res, _ := charger.post("/signin", url.Values{"csrf": {tok}, "api_key": {newKey(t, s.env, auth.RoleCharger)}}); res.StatusCode != http.StatusForbidden {
@@ -197,7 +197,7 @@ func TestConsoleSecurity(t *testing.T) {
 
 	// The session cookie.
 	supportKey := newKey(t, s.env, auth.RoleSupport)
-	sup := s.browser(t)
+	sup := s.client(t)
 	_, page = sup.get("/signin")
 	tok = csrfRe.FindStringSubmatch(page)[1]
 	res, _ = sup.post("/signin", url.Values{"csrf": {tok}, "api_key": {supportKey}})
@@ -228,7 +228,7 @@ func TestConsoleSecurity(t *testing.T) {
 	assertStatus(t, s.env, acct, tallyv1.AccountStatus_ACCOUNT_STATUS_ACTIVE)
 
 	// A viewer sees no freeze control, and a hand-made POST is refused.
-	viewer := s.browser(t)
+	viewer := s.client(t)
 	vcsrf := viewer.signIn(newKey(t, s.env, auth.RoleViewer))
 	_, vpage := viewer.get("/accounts/" + acct)
 	if strings.Contains(vpage, "status-change") || !strings.Contains(vpage, "117.45 USD") {
