@@ -138,13 +138,6 @@ func (d *directory) setSystem(currency string, s systemShards) {
 	d.mu.Unlock()
 }
 
-// sharded reports whether id is known to be an account with shards (whose
-// balance must never be cached: no one row holds it).
-func (d *directory) sharded(id uuid.UUID) bool {
-	_, ok := d.shardedIDs.Load(id)
-	return ok
-}
-
 // pickShard returns the shard a committer posts to: committers of one
 // process use distinct shards, and each process starts at its own random
 // offset so several processes spread over the shards too.
