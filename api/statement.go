@@ -65,3 +65,37 @@ func statementPB(st ledger.Statement) *tallyv1.Statement {
 	}
 	return out
 }
+
+// ListOpenHolds implements LedgerService.
+func (s *Server) ListOpenHolds(ctx context.Context, r *tallyv1.ListOpenHoldsRequest) (*tallyv1.ListOpenHoldsResponse, error) {
+	id, err := parseID("account_id", r.GetAccountId(), true)
+	if err != nil {
+		return nil, err
+	}
+	hs, next, err := s.l.ListOpenHolds(ctx, id, int(r.GetPageSize()), r.GetPageToken())
+	if err != nil {
+		return nil, statusError(err)
+	}
+	out := &tallyv1.ListOpenHoldsResponse{NextPageToken: next}
+	for _, h := range hs {
+		out.Holds = append(out.Holds, holdPB(h))
+	}
+	return out, nil
+}
+
+// ListRefunds implements LedgerService.
+func (s *Server) ListRefunds(ctx context.Context, r *tallyv1.ListRefundsRequest) (*tallyv1.ListRefundsResponse, error) {
+	id, err := parseID("transfer_id", r.GetTransferId(), true)
+	if err != nil {
+		return nil, err
+	}
+	ts, next, err := s.l.ListRefunds(ctx, id, int(r.GetPageSize()), r.GetPageToken())
+	if err != nil {
+		return nil, statusError(err)
+	}
+	out := &tallyv1.ListRefundsResponse{NextPageToken: next}
+	for _, t := range ts {
+		out.Refunds = append(out.Refunds, transferPB(t))
+	}
+	return out, nil
+}

@@ -206,3 +206,78 @@ func TestStatementErrors(t *testing.T) {
 		t.Fatalf("an hour-old period: %v final=%v", err, st.GetFinal())
 	}
 }
+
+// TestListOpenHoldsAndRefunds pages through an account's open holds (not
+// the released or expired ones) and a charge's refunds.
+func TestListOpenHoldsAndRefunds(t *testing.T) {
+	t.Parallel()
+	env := newEnv(t)
+	ctx := ctxT(t)
+	acct := createAccount(t, env, newCurrency()).GetAccountId()
+	credit(t, env, acct, 10_000)
+	open := map[string]bool{}
+	for i := 0; i < 7; i++ {
+		h, err := env.Client.Hold(ctx, &tallyv1.HoldRequest{AccountId: acct, Amount: 10, IdempotencyKey: client.NewIdempotencyKey(),
+			ExpiresInSeconds: int64(600 + i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		open[h.GetHold().GetHoldId()] = true
+	}
+	rel, err := env.Client.Hold(ctx, &tallyv1.HoldRequest{AccountId: acct, Amount: 10, IdempotencyKey: client.NewIdempotencyKey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.Client.ReleaseHold(ctx, &tallyv1.ReleaseHoldRequest{HoldId: rel.GetHold().GetHoldId(), IdempotencyKey: client.NewIdempotencyKey()}); err != nil {
+		t.Fatal(err)
+	}
+	seen, tok := 0, ""
+	for {
+		res, err := env.Raw.ListOpenHolds(ctx, &tallyv1.ListOpenHoldsRequest{AccountId: acct, PageSize: 3, PageToken: tok})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, h := range res.GetHolds() {
+			if !open[h.GetHoldId()] || h.GetStatus() != tallyv1.HoldStatus_HOLD_STATUS_OPEN {
+				t.Fatalf("listed %s (%v)", h.GetHoldId(), h.GetStatus())
+			}
+			seen++
+		}
+		if tok = res.GetNextPageToken(); tok == "" {
+			break
+		}
+	}
+	if seen != len(open) {
+		t.Fatalf("listed %d open holds, want %d", seen, len(open))
+	}
+
+	ch, err := env.Client.Charge(ctx, &tallyv1.ChargeRequest{AccountId: acct, Amount: 500, IdempotencyKey: client.NewIdempotencyKey()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 5; i++ {
+		if _, err := env.Client.Refund(ctx, &tallyv1.RefundRequest{TransferId: ch.GetTransfer().GetTransferId(), Amount: 10,
+			IdempotencyKey: client.NewIdempotencyKey(), Reason: fmt.Sprint("r", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var refunds []*tallyv1.Transfer
+	tok = ""
+	for {
+		res, err := env.Raw.ListRefunds(ctx, &tallyv1.ListRefundsRequest{TransferId: ch.GetTransfer().GetTransferId(), PageSize: 2, PageToken: tok})
+		if err != nil {
+			t.Fatal(err)
+		}
+		refunds = append(refunds, res.GetRefunds()...)
+		if tok = res.GetNextPageToken(); tok == "" {
+			break
+		}
+	}
+	if len(refunds) != 5 || refunds[0].GetRefundOf() != ch.GetTransfer().GetTransferId() || refunds[0].GetKind() != tallyv1.TransferKind_TRANSFER_KIND_REFUND {
+		t.Fatalf("refunds: %v", refunds)
+	}
+	_, err = env.Raw.ListRefunds(ctx, &tallyv1.ListRefundsRequest{TransferId: acct})
+	wantErr(t, err, codes.NotFound, "")
+	_, err = env.Raw.ListOpenHolds(ctx, &tallyv1.ListOpenHoldsRequest{AccountId: acct, PageToken: "garbage"})
+	wantErr(t, err, codes.InvalidArgument, "")
+}

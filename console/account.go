@@ -21,6 +21,10 @@ type accountView struct {
 	Balance   *tallyv1.Balance
 	Type      string
 	Statement *tallyv1.Statement
+	// Holds are the open holds (the first page); MoreHolds says there are
+	// more than shown.
+	Holds     []*tallyv1.Hold
+	MoreHolds bool
 	// From and To are the period as RFC 3339 (exact, for the links);
 	// FromDay and ToDay fill the form.
 	From, To, FromDay, ToDay string
@@ -61,6 +65,11 @@ func (c *Console) account(w http.ResponseWriter, r *http.Request, s *session) {
 		c.apiError(w, r, s, err)
 		return
 	}
+	holds, err := c.api.ListOpenHolds(ctx, &tallyv1.ListOpenHoldsRequest{AccountId: id, PageSize: int32(c.limits.PageSize)})
+	if err != nil {
+		c.apiError(w, r, s, err)
+		return
+	}
 	token := q.Get("page")
 	if len(token) > 512 {
 		c.fail(w, r, s, http.StatusBadRequest, "That page link is not valid.")
@@ -78,6 +87,7 @@ func (c *Console) account(w http.ResponseWriter, r *http.Request, s *session) {
 		Frozen:    acct.GetStatus() == tallyv1.AccountStatus_ACCOUNT_STATUS_FROZEN,
 	}
 	av.Next = st.GetNextPageToken()
+	av.Holds, av.MoreHolds = holds.GetHolds(), holds.GetNextPageToken() != ""
 	c.render(w, r, http.StatusOK, "account", view{Title: "Account " + id, Session: viewOf(s), Data: av, Notice: notices[q.Get("notice")]})
 }
 
@@ -202,6 +212,9 @@ func (c *Console) changeStatus(w http.ResponseWriter, r *http.Request, s *sessio
 // transferView is the transfer page.
 type transferView struct {
 	T *tallyv1.Transfer
+	// Refunds of a charge (the first page); MoreRefunds says there are more.
+	Refunds     []*tallyv1.Transfer
+	MoreRefunds bool
 }
 
 // transfer shows a transfer: both sides, kind, amount, key, who, when, the
@@ -214,7 +227,16 @@ func (c *Console) transfer(w http.ResponseWriter, r *http.Request, s *session) {
 		c.apiError(w, r, s, err)
 		return
 	}
-	c.render(w, r, http.StatusOK, "transfer", view{Title: "Transfer " + t.GetTransferId(), Session: viewOf(s), Data: transferView{T: t}})
+	tv := transferView{T: t}
+	if t.GetKind() == tallyv1.TransferKind_TRANSFER_KIND_CHARGE && t.GetRefundedAmount() > 0 {
+		rs, err := c.api.ListRefunds(ctx, &tallyv1.ListRefundsRequest{TransferId: t.GetTransferId(), PageSize: int32(c.limits.PageSize)})
+		if err != nil {
+			c.apiError(w, r, s, err)
+			return
+		}
+		tv.Refunds, tv.MoreRefunds = rs.GetRefunds(), rs.GetNextPageToken() != ""
+	}
+	c.render(w, r, http.StatusOK, "transfer", view{Title: "Transfer " + t.GetTransferId(), Session: viewOf(s), Data: tv})
 }
 
 // hold shows a hold.

@@ -165,8 +165,8 @@ func TestConsoleInBrowser(t *testing.T) {
 	shot(t, ctx, "account-frozen")
 	checkFreezeRecorded(t, s, acct, supportKey)
 
-	// The transfer page.
-	run(t, ctx, "transfer", chromedp.Click(css(`table.statement a[href^="/transfers/"]`)), chromedp.WaitVisible(css("#amount")))
+	// The transfer page: the refunded charge, with its refund.
+	run(t, ctx, "transfer", chromedp.Navigate(base+"/transfers/"+s.charge), chromedp.WaitVisible(css("#refunds")))
 	shot(t, ctx, "transfer")
 
 	// A POST without the CSRF token is refused.
@@ -273,7 +273,7 @@ func checkCSVDownload(t *testing.T, ctx context.Context, s *site, acct string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rows) != len(full.GetLines())+1 || len(full.GetLines()) != 4 {
+	if len(rows) != len(full.GetLines())+1 || len(full.GetLines()) != 5 {
 		t.Fatalf("CSV has %d rows, GetStatement %d lines", len(rows), len(full.GetLines()))
 	}
 	for i, l := range full.GetLines() {

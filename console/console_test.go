@@ -53,7 +53,9 @@ func (s *syncBuffer) String() string {
 
 // site is a running Tally with its console.
 type site struct {
-	env  *tallytest.Env
+	// charge is the customer's refunded charge.
+	charge string
+	env    *tallytest.Env
 	srv  *httptest.Server
 	logs *syncBuffer
 }
@@ -89,10 +91,16 @@ func (s *site) customer(t *testing.T) (id, ref string) {
 		t.Fatal(err)
 	}
 	for i := 0; i < 3; i++ {
-		if _, err := s.env.Client.Charge(ctx, &tallyv1.ChargeRequest{AccountId: a.GetAccountId(), Amount: int64(199 + i),
-			IdempotencyKey: client.NewIdempotencyKey(), Description: "api calls"}); err != nil {
+		ch, err := s.env.Client.Charge(ctx, &tallyv1.ChargeRequest{AccountId: a.GetAccountId(), Amount: int64(199 + i),
+			IdempotencyKey: client.NewIdempotencyKey(), Description: "api calls"})
+		if err != nil {
 			t.Fatal(err)
 		}
+		s.charge = ch.GetTransfer().GetTransferId()
+	}
+	if _, err := s.env.Client.Refund(ctx, &tallyv1.RefundRequest{TransferId: s.charge, Amount: 101,
+		IdempotencyKey: client.NewIdempotencyKey(), Reason: "duplicate call"}); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := s.env.Client.Hold(ctx, &tallyv1.HoldRequest{AccountId: a.GetAccountId(), Amount: 500,
 		IdempotencyKey: client.NewIdempotencyKey(), Description: "card auth"}); err != nil {
@@ -231,13 +239,18 @@ func TestConsoleSecurity(t *testing.T) {
 	viewer := s.client(t)
 	vcsrf := viewer.signIn(newKey(t, s.env, auth.RoleViewer))
 	_, vpage := viewer.get("/accounts/" + acct)
-	if strings.Contains(vpage, "status-change") || !strings.Contains(vpage, "117.45 USD") {
+	if strings.Contains(vpage, "status-change") || !strings.Contains(vpage, "118.46 USD") || !strings.Contains(vpage, "card auth") {
 		t.Fatalf("viewer's account page:\n%s", vpage)
 	}
 	if res, _ := viewer.post("/accounts/"+acct+"/status", url.Values{"csrf": {vcsrf}, "action": {"freeze"}, "reason": {"forged"}, "confirm": {"yes"}}); res.StatusCode != http.StatusForbidden {
 		t.Fatalf("viewer's forged POST: %d", res.StatusCode)
 	}
 	assertStatus(t, s.env, acct, tallyv1.AccountStatus_ACCOUNT_STATUS_ACTIVE)
+
+	// The refunded charge's page lists its refund.
+	if _, tpage := viewer.get("/transfers/" + s.charge); !strings.Contains(tpage, "Refunds of this charge") || !strings.Contains(tpage, "1.01 USD") {
+		t.Fatalf("charge page:\n%s", tpage)
+	}
 
 	// Search by external_ref opens the account.
 	if res, _ := viewer.get("/search?q=" + url.QueryEscape(ref)); res.Header.Get("Location") != "/accounts/"+acct {

@@ -50,13 +50,14 @@ const holdCols = `hold_id, scope, idempotency_key, account_id, revenue_account_i
 	expires_at, captured_amount, capture_transfer_id, description, metadata, created_at, finalized_at,
 	created_by_client, coalesce(created_by_key, '')`
 
-func scanHold(r rowScanner) (Hold, error) {
+// scanHold scans holdCols, then any extra columns into extra.
+func scanHold(r rowScanner, extra ...any) (Hold, error) {
 	var h Hold
 	var rev, capture, by uuid.NullUUID
 	var meta []byte
-	err := r.Scan(&h.ID, &h.Scope, &h.Key, &h.AccountID, &rev, &h.Amount, &h.Currency, &h.Status,
+	err := r.Scan(append([]any{&h.ID, &h.Scope, &h.Key, &h.AccountID, &rev, &h.Amount, &h.Currency, &h.Status,
 		&h.ExpiresAt, &h.CapturedAmount, &capture, &h.Description, &meta, &h.CreatedAt, &h.FinalizedAt,
-		&by, &h.CreatedByKey)
+		&by, &h.CreatedByKey}, extra...)...)
 	if err != nil {
 		return Hold{}, err
 	}

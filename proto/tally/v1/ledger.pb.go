@@ -4700,6 +4700,235 @@ func (x *Statement) GetNextPageToken() string {
 	return ""
 }
 
+// ListOpenHoldsRequest pages through an account's open holds.
+type ListOpenHoldsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	PageSize      int32                  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string                 `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListOpenHoldsRequest) Reset() {
+	*x = ListOpenHoldsRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListOpenHoldsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListOpenHoldsRequest) ProtoMessage() {}
+
+func (x *ListOpenHoldsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListOpenHoldsRequest.ProtoReflect.Descriptor instead.
+func (*ListOpenHoldsRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *ListOpenHoldsRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *ListOpenHoldsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListOpenHoldsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListOpenHoldsResponse is one page of open holds.
+type ListOpenHoldsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Holds         []*Hold                `protobuf:"bytes,1,rep,name=holds,proto3" json:"holds,omitempty"`
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListOpenHoldsResponse) Reset() {
+	*x = ListOpenHoldsResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListOpenHoldsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListOpenHoldsResponse) ProtoMessage() {}
+
+func (x *ListOpenHoldsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListOpenHoldsResponse.ProtoReflect.Descriptor instead.
+func (*ListOpenHoldsResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *ListOpenHoldsResponse) GetHolds() []*Hold {
+	if x != nil {
+		return x.Holds
+	}
+	return nil
+}
+
+func (x *ListOpenHoldsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// ListRefundsRequest pages through the refunds of a charge.
+type ListRefundsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The CHARGE.
+	TransferId    string `protobuf:"bytes,1,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	PageSize      int32  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRefundsRequest) Reset() {
+	*x = ListRefundsRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRefundsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRefundsRequest) ProtoMessage() {}
+
+func (x *ListRefundsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRefundsRequest.ProtoReflect.Descriptor instead.
+func (*ListRefundsRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *ListRefundsRequest) GetTransferId() string {
+	if x != nil {
+		return x.TransferId
+	}
+	return ""
+}
+
+func (x *ListRefundsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListRefundsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListRefundsResponse is one page of refunds.
+type ListRefundsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Refunds       []*Transfer            `protobuf:"bytes,1,rep,name=refunds,proto3" json:"refunds,omitempty"`
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRefundsResponse) Reset() {
+	*x = ListRefundsResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRefundsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRefundsResponse) ProtoMessage() {}
+
+func (x *ListRefundsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRefundsResponse.ProtoReflect.Descriptor instead.
+func (*ListRefundsResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *ListRefundsResponse) GetRefunds() []*Transfer {
+	if x != nil {
+		return x.Refunds
+	}
+	return nil
+}
+
+func (x *ListRefundsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
 var File_tally_v1_ledger_proto protoreflect.FileDescriptor
 
 const file_tally_v1_ledger_proto_rawDesc = "" +
@@ -5122,7 +5351,25 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x06totals\x18\b \x03(\v2\x18.tally.v1.StatementTotalR\x06totals\x12\x14\n" +
 	"\x05final\x18\t \x01(\bR\x05final\x12&\n" +
 	"\x0fnext_page_token\x18\n" +
-	" \x01(\tR\rnextPageToken*z\n" +
+	" \x01(\tR\rnextPageToken\"q\n" +
+	"\x14ListOpenHoldsRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"e\n" +
+	"\x15ListOpenHoldsResponse\x12$\n" +
+	"\x05holds\x18\x01 \x03(\v2\x0e.tally.v1.HoldR\x05holds\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"q\n" +
+	"\x12ListRefundsRequest\x12\x1f\n" +
+	"\vtransfer_id\x18\x01 \x01(\tR\n" +
+	"transferId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"k\n" +
+	"\x13ListRefundsResponse\x12,\n" +
+	"\arefunds\x18\x01 \x03(\v2\x12.tally.v1.TransferR\arefunds\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*z\n" +
 	"\vAccountType\x12\x1c\n" +
 	"\x18ACCOUNT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15ACCOUNT_TYPE_CUSTOMER\x10\x01\x12\x18\n" +
@@ -5162,7 +5409,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\rBalanceSource\x12\x1e\n" +
 	"\x1aBALANCE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14BALANCE_SOURCE_CACHE\x10\x01\x12\x18\n" +
-	"\x14BALANCE_SOURCE_STORE\x10\x022\xf8\f\n" +
+	"\x14BALANCE_SOURCE_STORE\x10\x022\x96\x0e\n" +
 	"\rLedgerService\x12B\n" +
 	"\rCreateAccount\x12\x1e.tally.v1.CreateAccountRequest\x1a\x11.tally.v1.Account\x12<\n" +
 	"\n" +
@@ -5189,7 +5436,9 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x0fExportTransfers\x12 .tally.v1.ExportTransfersRequest\x1a!.tally.v1.ExportTransfersResponse0\x01\x12F\n" +
 	"\tReconcile\x12\x1a.tally.v1.ReconcileRequest\x1a\x1b.tally.v1.ReconcileResponse0\x01\x12S\n" +
 	"\x0eSummarizeUsage\x12\x1f.tally.v1.SummarizeUsageRequest\x1a .tally.v1.SummarizeUsageResponse\x12B\n" +
-	"\fGetStatement\x12\x1d.tally.v1.GetStatementRequest\x1a\x13.tally.v1.StatementB5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
+	"\fGetStatement\x12\x1d.tally.v1.GetStatementRequest\x1a\x13.tally.v1.Statement\x12P\n" +
+	"\rListOpenHolds\x12\x1e.tally.v1.ListOpenHoldsRequest\x1a\x1f.tally.v1.ListOpenHoldsResponse\x12J\n" +
+	"\vListRefunds\x12\x1c.tally.v1.ListRefundsRequest\x1a\x1d.tally.v1.ListRefundsResponseB5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
 
 var (
 	file_tally_v1_ledger_proto_rawDescOnce sync.Once
@@ -5204,7 +5453,7 @@ func file_tally_v1_ledger_proto_rawDescGZIP() []byte {
 }
 
 var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 61)
+var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
 var file_tally_v1_ledger_proto_goTypes = []any{
 	(AccountType)(0),                // 0: tally.v1.AccountType
 	(Floor)(0),                      // 1: tally.v1.Floor
@@ -5264,56 +5513,60 @@ var file_tally_v1_ledger_proto_goTypes = []any{
 	(*StatementLine)(nil),           // 55: tally.v1.StatementLine
 	(*StatementTotal)(nil),          // 56: tally.v1.StatementTotal
 	(*Statement)(nil),               // 57: tally.v1.Statement
-	nil,                             // 58: tally.v1.Account.MetadataEntry
-	nil,                             // 59: tally.v1.CreateAccountRequest.MetadataEntry
-	nil,                             // 60: tally.v1.ChargeRequest.MetadataEntry
-	nil,                             // 61: tally.v1.CreditRequest.MetadataEntry
-	nil,                             // 62: tally.v1.TransferRequest.MetadataEntry
-	nil,                             // 63: tally.v1.Transfer.MetadataEntry
-	nil,                             // 64: tally.v1.RefundRequest.MetadataEntry
-	nil,                             // 65: tally.v1.Hold.MetadataEntry
-	nil,                             // 66: tally.v1.HoldRequest.MetadataEntry
-	nil,                             // 67: tally.v1.UpdateAccountRequest.MetadataEntry
-	nil,                             // 68: tally.v1.UsageRow.DimensionsEntry
-	(*timestamppb.Timestamp)(nil),   // 69: google.protobuf.Timestamp
+	(*ListOpenHoldsRequest)(nil),    // 58: tally.v1.ListOpenHoldsRequest
+	(*ListOpenHoldsResponse)(nil),   // 59: tally.v1.ListOpenHoldsResponse
+	(*ListRefundsRequest)(nil),      // 60: tally.v1.ListRefundsRequest
+	(*ListRefundsResponse)(nil),     // 61: tally.v1.ListRefundsResponse
+	nil,                             // 62: tally.v1.Account.MetadataEntry
+	nil,                             // 63: tally.v1.CreateAccountRequest.MetadataEntry
+	nil,                             // 64: tally.v1.ChargeRequest.MetadataEntry
+	nil,                             // 65: tally.v1.CreditRequest.MetadataEntry
+	nil,                             // 66: tally.v1.TransferRequest.MetadataEntry
+	nil,                             // 67: tally.v1.Transfer.MetadataEntry
+	nil,                             // 68: tally.v1.RefundRequest.MetadataEntry
+	nil,                             // 69: tally.v1.Hold.MetadataEntry
+	nil,                             // 70: tally.v1.HoldRequest.MetadataEntry
+	nil,                             // 71: tally.v1.UpdateAccountRequest.MetadataEntry
+	nil,                             // 72: tally.v1.UsageRow.DimensionsEntry
+	(*timestamppb.Timestamp)(nil),   // 73: google.protobuf.Timestamp
 }
 var file_tally_v1_ledger_proto_depIdxs = []int32{
 	0,   // 0: tally.v1.Account.type:type_name -> tally.v1.AccountType
 	1,   // 1: tally.v1.Account.floor:type_name -> tally.v1.Floor
 	2,   // 2: tally.v1.Account.status:type_name -> tally.v1.AccountStatus
-	58,  // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
-	69,  // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
+	62,  // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
+	73,  // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
 	0,   // 5: tally.v1.CreateAccountRequest.type:type_name -> tally.v1.AccountType
 	1,   // 6: tally.v1.CreateAccountRequest.floor:type_name -> tally.v1.Floor
-	59,  // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
+	63,  // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
 	0,   // 8: tally.v1.FindAccountsRequest.type:type_name -> tally.v1.AccountType
 	8,   // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
-	60,  // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
-	61,  // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
-	62,  // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
+	64,  // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
+	65,  // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
+	66,  // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
 	3,   // 13: tally.v1.Transfer.kind:type_name -> tally.v1.TransferKind
-	63,  // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
-	69,  // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
+	67,  // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
+	73,  // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
 	16,  // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
 	19,  // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
 	6,   // 18: tally.v1.GetBalanceRequest.consistency:type_name -> tally.v1.Consistency
-	69,  // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
+	73,  // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
 	7,   // 20: tally.v1.Balance.source:type_name -> tally.v1.BalanceSource
-	69,  // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
-	69,  // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
-	69,  // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
+	73,  // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
+	73,  // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
+	73,  // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,   // 24: tally.v1.ListEntriesRequest.kinds:type_name -> tally.v1.TransferKind
-	69,  // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	73,  // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	3,   // 26: tally.v1.Entry.kind:type_name -> tally.v1.TransferKind
 	22,  // 27: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
-	64,  // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
+	68,  // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
 	4,   // 29: tally.v1.Hold.status:type_name -> tally.v1.HoldStatus
-	69,  // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
-	65,  // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
-	69,  // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
-	69,  // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
-	69,  // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
-	66,  // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
+	73,  // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
+	69,  // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
+	73,  // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
+	73,  // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
+	73,  // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
+	70,  // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
 	25,  // 36: tally.v1.HoldResult.hold:type_name -> tally.v1.Hold
 	16,  // 37: tally.v1.HoldResult.transfer:type_name -> tally.v1.Transfer
 	19,  // 38: tally.v1.HoldResult.balance:type_name -> tally.v1.Balance
@@ -5330,12 +5583,12 @@ var file_tally_v1_ledger_proto_depIdxs = []int32{
 	30,  // 49: tally.v1.BatchOperationResult.hold:type_name -> tally.v1.HoldResult
 	33,  // 50: tally.v1.BatchOperationResult.error:type_name -> tally.v1.BatchError
 	34,  // 51: tally.v1.SubmitBatchResponse.results:type_name -> tally.v1.BatchOperationResult
-	67,  // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
-	69,  // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
+	71,  // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
+	73,  // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
 	19,  // 54: tally.v1.GetBalancesResponse.balances:type_name -> tally.v1.Balance
-	69,  // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
-	69,  // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
-	69,  // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
+	73,  // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
+	73,  // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
+	73,  // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
 	16,  // 58: tally.v1.ExportTransfersResponse.transfer:type_name -> tally.v1.Transfer
 	25,  // 59: tally.v1.ExportTransfersResponse.hold:type_name -> tally.v1.Hold
 	43,  // 60: tally.v1.ExportTransfersResponse.account_change:type_name -> tally.v1.AccountChangeEvent
@@ -5343,70 +5596,76 @@ var file_tally_v1_ledger_proto_depIdxs = []int32{
 	48,  // 62: tally.v1.ReconcileResponse.progress:type_name -> tally.v1.ReconcileProgress
 	47,  // 63: tally.v1.ReconcileResponse.finding:type_name -> tally.v1.ReconcileFinding
 	49,  // 64: tally.v1.ReconcileResponse.summary:type_name -> tally.v1.ReconcileSummary
-	68,  // 65: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
+	72,  // 65: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
 	52,  // 66: tally.v1.SummarizeUsageResponse.rows:type_name -> tally.v1.UsageRow
-	69,  // 67: tally.v1.GetStatementRequest.from:type_name -> google.protobuf.Timestamp
-	69,  // 68: tally.v1.GetStatementRequest.to:type_name -> google.protobuf.Timestamp
-	69,  // 69: tally.v1.StatementLine.created_at:type_name -> google.protobuf.Timestamp
+	73,  // 67: tally.v1.GetStatementRequest.from:type_name -> google.protobuf.Timestamp
+	73,  // 68: tally.v1.GetStatementRequest.to:type_name -> google.protobuf.Timestamp
+	73,  // 69: tally.v1.StatementLine.created_at:type_name -> google.protobuf.Timestamp
 	3,   // 70: tally.v1.StatementLine.kind:type_name -> tally.v1.TransferKind
 	3,   // 71: tally.v1.StatementTotal.kind:type_name -> tally.v1.TransferKind
-	69,  // 72: tally.v1.Statement.from:type_name -> google.protobuf.Timestamp
-	69,  // 73: tally.v1.Statement.to:type_name -> google.protobuf.Timestamp
+	73,  // 72: tally.v1.Statement.from:type_name -> google.protobuf.Timestamp
+	73,  // 73: tally.v1.Statement.to:type_name -> google.protobuf.Timestamp
 	55,  // 74: tally.v1.Statement.lines:type_name -> tally.v1.StatementLine
 	56,  // 75: tally.v1.Statement.totals:type_name -> tally.v1.StatementTotal
-	9,   // 76: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
-	10,  // 77: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
-	11,  // 78: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
-	13,  // 79: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
-	14,  // 80: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
-	15,  // 81: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
-	18,  // 82: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
-	20,  // 83: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
-	21,  // 84: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
-	24,  // 85: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
-	26,  // 86: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
-	27,  // 87: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
-	28,  // 88: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
-	29,  // 89: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
-	32,  // 90: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
-	36,  // 91: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
-	37,  // 92: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
-	38,  // 93: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
-	39,  // 94: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
-	40,  // 95: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
-	42,  // 96: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
-	46,  // 97: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
-	51,  // 98: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
-	54,  // 99: tally.v1.LedgerService.GetStatement:input_type -> tally.v1.GetStatementRequest
-	8,   // 100: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
-	8,   // 101: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
-	12,  // 102: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
-	17,  // 103: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
-	17,  // 104: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
-	17,  // 105: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
-	19,  // 106: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
-	16,  // 107: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
-	23,  // 108: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
-	17,  // 109: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
-	30,  // 110: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
-	30,  // 111: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
-	30,  // 112: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
-	25,  // 113: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
-	35,  // 114: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
-	8,   // 115: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
-	8,   // 116: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
-	8,   // 117: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
-	8,   // 118: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
-	41,  // 119: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
-	45,  // 120: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
-	50,  // 121: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
-	53,  // 122: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
-	57,  // 123: tally.v1.LedgerService.GetStatement:output_type -> tally.v1.Statement
-	100, // [100:124] is the sub-list for method output_type
-	76,  // [76:100] is the sub-list for method input_type
-	76,  // [76:76] is the sub-list for extension type_name
-	76,  // [76:76] is the sub-list for extension extendee
-	0,   // [0:76] is the sub-list for field type_name
+	25,  // 76: tally.v1.ListOpenHoldsResponse.holds:type_name -> tally.v1.Hold
+	16,  // 77: tally.v1.ListRefundsResponse.refunds:type_name -> tally.v1.Transfer
+	9,   // 78: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
+	10,  // 79: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
+	11,  // 80: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
+	13,  // 81: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
+	14,  // 82: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
+	15,  // 83: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
+	18,  // 84: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
+	20,  // 85: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
+	21,  // 86: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
+	24,  // 87: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
+	26,  // 88: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
+	27,  // 89: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
+	28,  // 90: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
+	29,  // 91: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
+	32,  // 92: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
+	36,  // 93: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
+	37,  // 94: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
+	38,  // 95: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
+	39,  // 96: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
+	40,  // 97: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
+	42,  // 98: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
+	46,  // 99: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
+	51,  // 100: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
+	54,  // 101: tally.v1.LedgerService.GetStatement:input_type -> tally.v1.GetStatementRequest
+	58,  // 102: tally.v1.LedgerService.ListOpenHolds:input_type -> tally.v1.ListOpenHoldsRequest
+	60,  // 103: tally.v1.LedgerService.ListRefunds:input_type -> tally.v1.ListRefundsRequest
+	8,   // 104: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
+	8,   // 105: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
+	12,  // 106: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
+	17,  // 107: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
+	17,  // 108: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
+	17,  // 109: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
+	19,  // 110: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
+	16,  // 111: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
+	23,  // 112: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
+	17,  // 113: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
+	30,  // 114: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
+	30,  // 115: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
+	30,  // 116: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
+	25,  // 117: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
+	35,  // 118: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
+	8,   // 119: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
+	8,   // 120: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
+	8,   // 121: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
+	8,   // 122: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
+	41,  // 123: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
+	45,  // 124: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
+	50,  // 125: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
+	53,  // 126: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
+	57,  // 127: tally.v1.LedgerService.GetStatement:output_type -> tally.v1.Statement
+	59,  // 128: tally.v1.LedgerService.ListOpenHolds:output_type -> tally.v1.ListOpenHoldsResponse
+	61,  // 129: tally.v1.LedgerService.ListRefunds:output_type -> tally.v1.ListRefundsResponse
+	104, // [104:130] is the sub-list for method output_type
+	78,  // [78:104] is the sub-list for method input_type
+	78,  // [78:78] is the sub-list for extension type_name
+	78,  // [78:78] is the sub-list for extension extendee
+	0,   // [0:78] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_ledger_proto_init() }
@@ -5447,7 +5706,7 @@ func file_tally_v1_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tally_v1_ledger_proto_rawDesc), len(file_tally_v1_ledger_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   61,
+			NumMessages:   65,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
