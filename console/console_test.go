@@ -56,8 +56,8 @@ type site struct {
 	// charge is the customer's refunded charge.
 	charge string
 	env    *tallytest.Env
-	srv  *httptest.Server
-	logs *syncBuffer
+	srv    *httptest.Server
+	logs   *syncBuffer
 }
 
 // startSite starts Tally (auth cache TTL ttl) and a console in front of it.
