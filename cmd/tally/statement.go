@@ -25,8 +25,7 @@ type statementOpts struct {
 }
 
 // Validate parses the period (RFC 3339 instants or YYYY-MM-DD UTC days;
-// --to defaults to now) and refuses PDF to a terminal-bound stdout only by
-// convention: --output names the file.
+// --to defaults to now) and checks that it ends after it starts.
 func (o *statementOpts) Validate() error {
 	var err error
 	if o.from, err = parseInstant("from", o.fromText); err != nil {
