@@ -120,11 +120,11 @@ func (c *Console) authed(h handler) http.HandlerFunc {
 			return
 		}
 		if _, err := c.verify(r.Context(), s.key); err != nil {
-			c.sessions.end(s.id)
 			if errors.Is(err, auth.ErrUnavailable) {
 				c.fail(w, r, s, http.StatusServiceUnavailable, "Cannot check your key right now; try again shortly.")
 				return
 			}
+			c.sessions.end(s.id)
 			c.log.InfoContext(r.Context(), "console: session ended: key no longer valid", "key_id", s.p.KeyID)
 			setCookie(w, r, sessionCookie, "", -1)
 			http.Redirect(w, r, "/signin?ended=1", http.StatusSeeOther)
