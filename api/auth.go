@@ -65,6 +65,9 @@ var MethodRoles = map[string][]auth.Role{
 	tallyv1.LedgerService_Reconcile_FullMethodName:       {auth.RoleReconciler, auth.RoleAdmin},
 	// Spend breakdowns: support screens, finance and reconciliation jobs.
 	tallyv1.LedgerService_SummarizeUsage_FullMethodName: readers,
+	tallyv1.LedgerService_GetStatement_FullMethodName:   readers,
+	tallyv1.LedgerService_ListOpenHolds_FullMethodName:  readers,
+	tallyv1.LedgerService_ListRefunds_FullMethodName:    readers,
 }
 
 // openServices need no credentials: health checks (load balancers, the

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tallyledger/tally/api"
 	"github.com/tallyledger/tally/api/client"
@@ -258,6 +259,13 @@ func requestFor(method, acct, other, transferID string, fx *fixtures) (any, any)
 	case "SummarizeUsage":
 		return &tallyv1.SummarizeUsageRequest{AccountId: acct, FromDay: "2026-01-01", ToDay: "2026-02-01",
 			GroupBy: []string{"month"}}, &tallyv1.SummarizeUsageResponse{}
+	case "GetStatement":
+		return &tallyv1.GetStatementRequest{AccountId: acct, From: timestamppb.New(time.Now().Add(-time.Hour)),
+			To: timestamppb.New(time.Now().Add(-time.Second))}, &tallyv1.Statement{}
+	case "ListOpenHolds":
+		return &tallyv1.ListOpenHoldsRequest{AccountId: acct}, &tallyv1.ListOpenHoldsResponse{}
+	case "ListRefunds":
+		return &tallyv1.ListRefundsRequest{TransferId: fx.charge}, &tallyv1.ListRefundsResponse{}
 	}
 	panic("no request for " + method)
 }
@@ -304,6 +312,10 @@ var wantAllowed = map[string][]auth.Role{
 	"GetBalances":     {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 	// Issue 7: spend breakdowns are for support, finance and reconciliation.
 	"SummarizeUsage": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	// Issue 14: statements, open holds and refunds for support screens.
+	"GetStatement":  {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	"ListOpenHolds": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	"ListRefunds":   {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 }
 
 func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {

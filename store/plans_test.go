@@ -337,6 +337,22 @@ func TestNoSeqScansOnHotPaths(t *testing.T) {
 		_, err := st.ListEntries(ctx, store.EntryFilter{AccountID: ids[0], NewestFirst: true, Kinds: []int16{1}, Limit: 100})
 		return err
 	})
+	step("Statement", func() error {
+		_, err := st.Statement(ctx, store.StatementQuery{Shards: ids[:2], From: now.Add(-10 * 24 * time.Hour), To: now,
+			After: store.StatementPos{Valid: true, At: now.Add(-5 * 24 * time.Hour), Shard: 1, Seq: 3}, Limit: 100})
+		return err
+	})
+	step("ListOpenHolds", func() error {
+		if _, _, err := st.ListOpenHolds(ctx, ids[0], time.Time{}, uuid.Nil, 100); err != nil {
+			return err
+		}
+		_, _, err := st.ListOpenHolds(ctx, ids[0], now, planID("d", 5), 100)
+		return err
+	})
+	step("ListRefunds", func() error {
+		_, err := st.ListRefunds(ctx, planID("b", 5), now.Add(-time.Hour), planID("b", 6), 100)
+		return err
+	})
 	step("ReadEvents", func() error { _, err := st.ReadEvents(ctx, 0, 0, 100); return err })
 	step("GetAPIKey", func() error { _, err := st.GetAPIKey(ctx, "abcdefghijkl"); return err })
 	step("ExpiringAccounts", func() error { _, err := st.ExpiringAccounts(ctx, 100); return err })

@@ -312,3 +312,8 @@ func (c *Client) GetBalances(ctx context.Context, r *tallyv1.GetBalancesRequest)
 func (c *Client) SummarizeUsage(ctx context.Context, r *tallyv1.SummarizeUsageRequest) (*tallyv1.SummarizeUsageResponse, error) {
 	return call(ctx, c, c.raw.SummarizeUsage, r)
 }
+
+// GetStatement returns one page of an account's statement.
+func (c *Client) GetStatement(ctx context.Context, r *tallyv1.GetStatementRequest) (*tallyv1.Statement, error) {
+	return call(ctx, c, c.raw.GetStatement, r)
+}

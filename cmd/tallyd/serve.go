@@ -99,6 +99,11 @@ type serveConfig struct {
 	// Tracing (off without an endpoint).
 	otlpEndpoint     string
 	traceSampleRatio float64
+
+	// The support console (off without --console-addr).
+	console consoleConfig
+	// consoleStarted, when set, learns the console's URL once it serves.
+	consoleStarted func(url string)
 }
 
 func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
@@ -180,6 +185,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.limits.UsageRowsMax, "usage-rows-max", d.UsageRowsMax, "most rows of one SummarizeUsage answer")
 	fs.IntVar(&c.limits.UsageRangeDaysMax, "usage-range-days-max", d.UsageRangeDaysMax, "longest SummarizeUsage range in days")
 	fs.DurationVar(&c.holdSweepInterval, "hold-sweep-interval", 30*time.Second, "how often expired holds are written down (0: never; reads never need it)")
+	c.console.register(fs)
 }
 
 func newLogger(level, format string) *slog.Logger {
@@ -429,6 +435,25 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	hmux.Handle("/", debugHandler(healthHandler(st, bc), l, c.pprof))
 	hmux.Handle("/metrics", met.Handler())
 	hsrv := &http.Server{Handler: hmux, ReadHeaderTimeout: 5 * time.Second}
+
+	if c.console.addr != "" {
+		addr, stopConsole, err := startConsole(c, gs, sopts.Auth, tlsCfg, log)
+		if err != nil {
+			glis.Close()
+			hlis.Close()
+			return err
+		}
+		defer stopConsole()
+		scheme := "http"
+		if tlsCfg != nil {
+			scheme = "https"
+		}
+		url := scheme + "://" + addr + "/"
+		log.Info("support console serving", "url", url)
+		if c.consoleStarted != nil {
+			c.consoleStarted(url)
+		}
+	}
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 2)
