@@ -458,6 +458,9 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 		if err := tx.WriteBatch(ctx, wk.w); err != nil {
 			return err
 		}
+		if err := l.topUpStep(ctx, tx, wk, items, results); err != nil {
+			return err
+		}
 		if sb != nil {
 			return tx.InsertBatch(ctx, store.BatchRecord{
 				Scope: sb.scope, Key: sb.key, Fingerprint: sb.fp, Mode: int16(sb.mode), Applied: true,

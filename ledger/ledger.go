@@ -43,6 +43,8 @@ type Config struct {
 	// group charges by (tallyd --usage-dimensions); see
 	// ValidateUsageDimensions.
 	UsageDimensions []string
+	// TopUp configures auto top-up.
+	TopUp TopUpConfig
 }
 
 // Ledger applies the rules of money on top of the store.
@@ -57,6 +59,7 @@ type Ledger struct {
 	// They are never deleted, so remembering them in process is safe.
 	systemReady sync.Map
 	usage       usageConfig
+	topup       TopUpConfig
 }
 
 // New returns a Ledger.
@@ -71,7 +74,8 @@ func New(cfg Config) *Ledger {
 	if err := ValidateUsageDimensions(cfg.UsageDimensions); err != nil {
 		panic("ledger: " + err.Error())
 	}
-	l := &Ledger{st: cfg.Store, log: cfg.Logger, limits: cfg.Limits}
+	cfg.TopUp.fill()
+	l := &Ledger{st: cfg.Store, log: cfg.Logger, limits: cfg.Limits, topup: cfg.TopUp}
 	l.usage.keys = append([]string{}, cfg.UsageDimensions...)
 	if cfg.Cache != nil {
 		l.cache = cfg.Cache

@@ -11,7 +11,7 @@ import (
 
 const accountCols = `account_id, currency, type, external_ref, floor, credit_limit, status, metadata,
 	coalesce(system_role, ''), balance, version, last_sequence, last_entry_at, created_at,
-	held, next_hold_expiry, low_balance_threshold`
+	held, next_hold_expiry, low_balance_threshold, topup_threshold`
 
 type rowScanner interface{ Scan(dest ...any) error }
 
@@ -20,7 +20,7 @@ func scanAccount(r rowScanner) (Account, error) {
 	var meta []byte
 	err := r.Scan(&a.ID, &a.Currency, &a.Type, &a.ExternalRef, &a.Floor, &a.CreditLimit, &a.Status, &meta,
 		&a.SystemRole, &a.Balance, &a.Version, &a.LastSequence, &a.LastEntryAt, &a.CreatedAt,
-		&a.Held, &a.NextHoldExpiry, &a.LowBalanceThreshold)
+		&a.Held, &a.NextHoldExpiry, &a.LowBalanceThreshold, &a.TopUpThreshold)
 	if err != nil {
 		return Account{}, err
 	}

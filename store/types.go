@@ -32,6 +32,11 @@ type Account struct {
 	// LowBalanceThreshold, when set, is the available amount below which a
 	// debit reports threshold_crossed.
 	LowBalanceThreshold *int64
+	// TopUpThreshold is the threshold of the account's auto top-up rule
+	// while the rule is active, nil otherwise (see topup_rules). The write
+	// path reads it with the locked row, so a batch learns without another
+	// statement whether it may have to start a top-up.
+	TopUpThreshold *int64
 }
 
 // Transfer is a transfers row.
