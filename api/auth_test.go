@@ -258,6 +258,13 @@ func requestFor(method, acct, other, transferID string, fx *fixtures) (any, any)
 	case "SummarizeUsage":
 		return &tallyv1.SummarizeUsageRequest{AccountId: acct, FromDay: "2026-01-01", ToDay: "2026-02-01",
 			GroupBy: []string{"month"}}, &tallyv1.SummarizeUsageResponse{}
+	case "SetAutoTopUp":
+		return &tallyv1.SetAutoTopUpRequest{AccountId: other, Threshold: 10, TargetBalance: 100, AmountMax: 100,
+			PerDayMax: 1000, ProviderCustomerId: "cus_test", PaymentMethodId: "pm_card_visa"}, &tallyv1.AutoTopUp{}
+	case "GetAutoTopUp":
+		return &tallyv1.GetAutoTopUpRequest{AccountId: other}, &tallyv1.AutoTopUp{}
+	case "ListTopUps":
+		return &tallyv1.ListTopUpsRequest{AccountId: other}, &tallyv1.ListTopUpsResponse{}
 	}
 	panic("no request for " + method)
 }
@@ -304,11 +311,15 @@ var wantAllowed = map[string][]auth.Role{
 	"GetBalances":     {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 	// Issue 7: spend breakdowns are for support, finance and reconciliation.
 	"SummarizeUsage": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	// Issue 13: support and admin set auto top-up rules; readers read them.
+	"SetAutoTopUp": {auth.RoleSupport, auth.RoleAdmin},
+	"GetAutoTopUp": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	"ListTopUps":   {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 }
 
 func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 	t.Parallel()
-	env := newAuthEnv(t)
+	env := newAuthEnv(t, func(o *tallytest.Options) { o.TopUp.Provider = "stripe" })
 	if len(wantAllowed) != len(tallyv1.LedgerService_ServiceDesc.Methods) {
 		t.Fatalf("the test's matrix has %d methods, the service %d", len(wantAllowed), len(tallyv1.LedgerService_ServiceDesc.Methods))
 	}
@@ -321,6 +332,12 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 	acct := createAccount(t, env, cur)
 	other := createAccount(t, env, cur)
 	credit(t, env, acct.GetAccountId(), 1_000_000)
+	// A rule every reading role may read (disabled: no worker runs here).
+	if _, err := env.Client.Raw().SetAutoTopUp(ctxT(t), &tallyv1.SetAutoTopUpRequest{AccountId: other.GetAccountId(),
+		Threshold: 10, TargetBalance: 100, AmountMax: 100, PerDayMax: 1000, ProviderCustomerId: "cus_test",
+		PaymentMethodId: "pm_card_visa"}); err != nil {
+		t.Fatal(err)
+	}
 	// A transfer every reading role may see, and for the charger one of its own.
 	adminTransfer := credit(t, env, acct.GetAccountId(), 1).GetTransfer().GetTransferId()
 	ch, err := env.Client.Charge(ctxT(t), &tallyv1.ChargeRequest{AccountId: acct.GetAccountId(), Amount: 1000, IdempotencyKey: client.NewIdempotencyKey()})

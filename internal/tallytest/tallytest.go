@@ -94,6 +94,9 @@ type Options struct {
 	LogWriter io.Writer
 	// Server adjusts the gRPC server's options (limits) before it starts.
 	Server func(*api.ServerOptions)
+	// TopUp configures auto top-up in the ledger (Provider "" refuses
+	// rules). Running the jobs needs a top-up worker (package topup).
+	TopUp ledger.TopUpConfig
 }
 
 // Env is a running Tally.
@@ -158,6 +161,7 @@ func Start(t testing.TB, o Options) *Env {
 		lcfg.Cache = c
 	}
 	lcfg.Batch = o.Batch
+	lcfg.TopUp = o.TopUp
 	env.Ledger = ledger.New(lcfg)
 	t.Cleanup(env.Ledger.Close) // runs after the server stops (cleanups are LIFO)
 	sopts := api.ServerOptions{Logger: log}
