@@ -259,12 +259,12 @@ func requestFor(method, acct, other, transferID string, fx *fixtures) (any, any)
 		return &tallyv1.SummarizeUsageRequest{AccountId: acct, FromDay: "2026-01-01", ToDay: "2026-02-01",
 			GroupBy: []string{"month"}}, &tallyv1.SummarizeUsageResponse{}
 	case "SetAutoTopUp":
-		return &tallyv1.SetAutoTopUpRequest{AccountId: other, Threshold: 10, TargetBalance: 100, AmountMax: 100,
+		return &tallyv1.SetAutoTopUpRequest{AccountId: fx.topupAccount, Threshold: 10, TargetBalance: 100, AmountMax: 100,
 			PerDayMax: 1000, ProviderCustomerId: "cus_test", PaymentMethodId: "pm_card_visa"}, &tallyv1.AutoTopUp{}
 	case "GetAutoTopUp":
-		return &tallyv1.GetAutoTopUpRequest{AccountId: other}, &tallyv1.AutoTopUp{}
+		return &tallyv1.GetAutoTopUpRequest{AccountId: fx.topupAccount}, &tallyv1.AutoTopUp{}
 	case "ListTopUps":
-		return &tallyv1.ListTopUpsRequest{AccountId: other}, &tallyv1.ListTopUpsResponse{}
+		return &tallyv1.ListTopUpsRequest{AccountId: fx.topupAccount}, &tallyv1.ListTopUpsResponse{}
 	}
 	panic("no request for " + method)
 }
@@ -277,11 +277,13 @@ type fixtures struct {
 	charge   string
 	newHold  func() string
 	newEmpty func() string
+	// topupAccount is a CUSTOMER account in a currency a card can pay.
+	topupAccount string
 }
 
 func noFixtures() *fixtures {
 	id := func() string { return uuid.Must(uuid.NewV7()).String() }
-	return &fixtures{charge: id(), newHold: id, newEmpty: id}
+	return &fixtures{charge: id(), newHold: id, newEmpty: id, topupAccount: id()}
 }
 
 // The permission matrix, written out from the issue rather than derived
@@ -333,7 +335,8 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 	other := createAccount(t, env, cur)
 	credit(t, env, acct.GetAccountId(), 1_000_000)
 	// A rule every reading role may read (disabled: no worker runs here).
-	if _, err := env.Client.Raw().SetAutoTopUp(ctxT(t), &tallyv1.SetAutoTopUpRequest{AccountId: other.GetAccountId(),
+	topupAccount := createAccount(t, env, "RTB").GetAccountId()
+	if _, err := env.Client.Raw().SetAutoTopUp(ctxT(t), &tallyv1.SetAutoTopUpRequest{AccountId: topupAccount,
 		Threshold: 10, TargetBalance: 100, AmountMax: 100, PerDayMax: 1000, ProviderCustomerId: "cus_test",
 		PaymentMethodId: "pm_card_visa"}); err != nil {
 		t.Fatal(err)
@@ -344,7 +347,7 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fx := &fixtures{charge: ch.GetTransfer().GetTransferId()}
+	fx := &fixtures{charge: ch.GetTransfer().GetTransferId(), topupAccount: topupAccount}
 	fx.newHold = func() string {
 		h, err := env.Client.Hold(ctxT(t), &tallyv1.HoldRequest{AccountId: acct.GetAccountId(), Amount: 1, IdempotencyKey: client.NewIdempotencyKey()})
 		if err != nil {
@@ -372,7 +375,7 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 				// A charger refunds, captures, releases and reads only
 				// what its own client created.
 				own := tallyv1.NewLedgerServiceClient(conn)
-				rfx = &fixtures{charge: transferID, newEmpty: fx.newEmpty, newHold: func() string {
+				rfx = &fixtures{charge: transferID, newEmpty: fx.newEmpty, topupAccount: topupAccount, newHold: func() string {
 					h, err := own.Hold(ctx, &tallyv1.HoldRequest{AccountId: acct.GetAccountId(), Amount: 1, IdempotencyKey: client.NewIdempotencyKey()})
 					if err != nil {
 						t.Fatal(err)

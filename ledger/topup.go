@@ -255,8 +255,23 @@ func ruleAccount(a store.Account, rs Restrict) error {
 		return rejection(CodeFailedPrecondition, ReasonTopUpNeedsFloor, "auto top-up needs an account with FLOOR_NON_NEGATIVE")
 	case Status(a.Status) == StatusClosed:
 		return rejection(CodeFailedPrecondition, ReasonAccountClosed, "account %s is closed", a.ID)
+	case !isoCurrency(a.Currency):
+		return rejection(CodeFailedPrecondition, ReasonCurrencyMismatch,
+			"auto top-up needs an ISO 4217 currency (three letters) the card can be charged in; the account's is %s", a.Currency)
 	}
 	return nil
+}
+
+func isoCurrency(c string) bool {
+	if len(c) != 3 {
+		return false
+	}
+	for i := 0; i < 3; i++ {
+		if c[i] < 'A' || c[i] > 'Z' {
+			return false
+		}
+	}
+	return true
 }
 
 func ruleState(r store.TopUpRule) map[string]any {
