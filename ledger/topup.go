@@ -58,6 +58,9 @@ type TopUpConfig struct {
 	FailuresMax int
 	// ValueMax bounds the amounts of a rule.
 	ValueMax int64
+	// Queue is the River queue of top-up jobs (default store.TopUpQueue;
+	// tests give each server its own).
+	Queue string
 }
 
 func (c *TopUpConfig) fill() {
@@ -69,6 +72,9 @@ func (c *TopUpConfig) fill() {
 	}
 	if c.ValueMax <= 0 {
 		c.ValueMax = TopUpValueMaxDefault
+	}
+	if c.Queue == "" {
+		c.Queue = store.TopUpQueue
 	}
 }
 
@@ -395,7 +401,7 @@ func (l *Ledger) topUpStep(ctx context.Context, tx *store.Tx, wk *work, items []
 	if len(starts) == 0 {
 		return nil
 	}
-	_, err := l.st.StartTopUps(ctx, tx, starts, l.topup.AttemptsMax)
+	_, err := l.st.StartTopUps(ctx, tx, starts, l.topup.Queue, l.topup.AttemptsMax)
 	return err
 }
 

@@ -21,7 +21,8 @@ const (
 	TopUpFailed    int16 = 3
 )
 
-// TopUpQueue is the River queue top-up jobs are inserted into and worked from.
+// TopUpQueue is the default River queue top-up jobs are inserted into and
+// worked from.
 const TopUpQueue = "tally_topup"
 
 // EventTopUp is the change-feed kind of a top-up's state change.
@@ -195,9 +196,9 @@ func (t *Tx) LockTopUp(ctx context.Context, id uuid.UUID) (Account, TopUp, error
 // (and finished_at for a final status) and its feed event. Lock it first
 // with LockTopUp.
 func (t *Tx) UpdateTopUp(ctx context.Context, x TopUp) (TopUp, error) {
-	out, err := scanTopUp(t.tx.QueryRow(ctx, `UPDATE topups SET status = $2, failure_code = $3, failure_reason = $4,
+	out, err := scanTopUp(t.tx.QueryRow(ctx, `UPDATE topups SET status = $2::int2, failure_code = $3, failure_reason = $4,
 		    attempts = $5, provider_payment_id = $6, updated_at = clock_timestamp(),
-		    finished_at = CASE WHEN $2 = 1 THEN NULL ELSE clock_timestamp() END
+		    finished_at = CASE WHEN $2::int2 = 1 THEN NULL ELSE clock_timestamp() END
 		WHERE topup_id = $1 AND status = 1 RETURNING `+topupCols,
 		x.ID, x.Status, x.FailureCode, x.FailureReason, x.Attempts, x.ProviderPaymentID))
 	if err != nil {
@@ -254,7 +255,7 @@ func (s *Store) jobs() (*river.Client[pgx.Tx], error) {
 // River job in the same transaction and writes its feed event. It returns
 // the top-ups started. The account rows are locked by the batch, so the
 // rules read here cannot change before commit.
-func (s *Store) StartTopUps(ctx context.Context, t *Tx, starts []TopUpStart, attemptsMax int) ([]TopUp, error) {
+func (s *Store) StartTopUps(ctx context.Context, t *Tx, starts []TopUpStart, queue string, attemptsMax int) ([]TopUp, error) {
 	n := len(starts)
 	accts := make([]uuid.UUID, n)
 	avail := make([]int64, n)
@@ -310,7 +311,7 @@ func (s *Store) StartTopUps(ctx context.Context, t *Tx, starts []TopUpStart, att
 	params := make([]river.InsertManyParams, len(started))
 	for i, x := range started {
 		params[i] = river.InsertManyParams{Args: TopUpJobArgs{TopUpID: x.ID},
-			InsertOpts: &river.InsertOpts{Queue: TopUpQueue, MaxAttempts: attemptsMax}}
+			InsertOpts: &river.InsertOpts{Queue: queue, MaxAttempts: attemptsMax}}
 	}
 	if _, err := jobs.InsertManyTx(ctx, t.tx, params); err != nil {
 		return nil, translate(err)

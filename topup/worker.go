@@ -94,7 +94,7 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 		return nil, err
 	}
 	c, err := river.NewClient(riverpgxv5.New(cfg.Store.Pool()), &river.Config{
-		Queues:               map[string]river.QueueConfig{store.TopUpQueue: {MaxWorkers: cfg.WorkersMax}},
+		Queues:               map[string]river.QueueConfig{cfg.Ledger.TopUpConfig().Queue: {MaxWorkers: cfg.WorkersMax}},
 		Workers:              workers,
 		JobTimeout:           cfg.JobTimeout,
 		RescueStuckJobsAfter: cfg.RescueAfter,
@@ -149,6 +149,7 @@ func (w *worker) Work(ctx context.Context, job *river.Job[store.TopUpJobArgs]) e
 	l := s.cfg.Ledger
 	x, err := l.BeginTopUpAttempt(ctx, job.Args.TopUpID)
 	if err != nil {
+		s.cfg.Logger.Warn("top-up attempt not started", "topup_id", job.Args.TopUpID.String(), "err", causeText(err))
 		return err
 	}
 	if x.Status != ledger.TopUpPending {
@@ -234,4 +235,15 @@ func (w *worker) unresolved(ctx context.Context, x ledger.TopUp, job *river.Job[
 		s.cfg.Logger.Warn("recording a top-up's problem", "topup_id", x.ID.String(), "err", err.Error())
 	}
 	return fmt.Errorf("%w: %s", errUnknown, reason)
+}
+
+// causeText unwraps ledger and store errors to the driver's message, for
+// the server's log only.
+func causeText(err error) string {
+	type causer interface{ Cause() error }
+	var c causer
+	if errors.As(err, &c) && c.Cause() != nil {
+		return err.Error() + ": " + c.Cause().Error()
+	}
+	return err.Error()
 }

@@ -168,6 +168,10 @@ func Start(t testing.TB, o Options) *Env {
 	}
 	lcfg.Batch = o.Batch
 	lcfg.TopUp = o.TopUp
+	if lcfg.TopUp.Queue == "" {
+		// Tests share a database: each server works only its own jobs.
+		lcfg.TopUp.Queue = "tally_topup_" + RandomSuffix()
+	}
 	env.Ledger = ledger.New(lcfg)
 	t.Cleanup(env.Ledger.Close) // runs after the server stops (cleanups are LIFO)
 	if o.TopUpWorker != nil {
