@@ -93,6 +93,10 @@ type Server struct {
 	URL string
 	// SlowDelay is FaultSlow's delay (default 2s).
 	SlowDelay time.Duration
+	// OnRecord, when set, is called with every PaymentIntent just after it
+	// is recorded and before the response is sent (a test kills the client
+	// there: paid, and the client never learns it).
+	OnRecord func(PaymentIntent)
 
 	mu       sync.Mutex
 	intents  []*PaymentIntent
@@ -305,6 +309,9 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) {
 		forget()
 		writeJSON(w, http.StatusBadRequest, bad) // validation errors are not stored (as Stripe)
 		return
+	}
+	if s.OnRecord != nil {
+		s.OnRecord(*pi)
 	}
 	if fault == Fault500AfterRecord {
 		status = http.StatusInternalServerError
