@@ -22,8 +22,8 @@ import (
 
 	"github.com/tallyledger/tally/cache"
 	"github.com/tallyledger/tally/ledger"
-	"github.com/tallyledger/tally/topup"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
+	"github.com/tallyledger/tally/topup"
 )
 
 // RPCLatencyBuckets are the buckets (seconds) of grpc_server_handling_seconds:
