@@ -54,6 +54,7 @@ func accountPB(a ledger.Account) *tallyv1.Account {
 		ExternalRef: a.ExternalRef, Floor: tallyv1.Floor(a.Floor), CreditLimit: a.CreditLimit,
 		Status: tallyv1.AccountStatus(a.Status), Metadata: a.Metadata, CreatedAt: timestamppb.New(a.CreatedAt),
 		Version: a.Version, LowBalanceThreshold: a.LowBalanceThreshold,
+		ShardOf: idString(a.ShardOf), ShardCount: a.ShardCount,
 	}
 }
 
@@ -66,6 +67,7 @@ func transferPB(t ledger.Transfer) *tallyv1.Transfer {
 		CreatedByClientId: idString(t.CreatedByClient), CreatedByKeyId: t.CreatedByKey,
 		RefundOf: idString(t.RefundOf), HoldId: idString(t.HoldID), RefundedAmount: t.Refunded,
 		ThresholdCrossed: t.ThresholdCrossed,
+		DebitShardId:     idString(t.DebitShardID), CreditShardId: idString(t.CreditShardID),
 	}
 }
 

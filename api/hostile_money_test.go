@@ -191,7 +191,7 @@ func TestHostileSelfPostingsAreInvalidArgument(t *testing.T) {
 	// An UpdateAccount whose credit limit would overflow available is
 	// OUT_OF_RANGE, not INTERNAL.
 	rich := createAccount(t, env, b.currency).GetAccountId()
-	credit(t, env, rich, 9_000_000_000_000_000_000)
+	fillFromCustomers(t, env, b.currency, rich, 9)
 	limit := int64(1_000_000_000_000_000_000)
 	_, err = b.admin.UpdateAccount(ctx, &tallyv1.UpdateAccountRequest{AccountId: rich, CreditLimit: &limit})
 	wantErr(t, err, codes.OutOfRange, "BALANCE_OVERFLOW")

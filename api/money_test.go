@@ -9,8 +9,10 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/tallyledger/tally/api/client"
+	"github.com/tallyledger/tally/internal/tallytest"
 	"github.com/tallyledger/tally/ledger"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
+	"github.com/tallyledger/tally/store"
 )
 
 // 50 concurrent Charges with one key: exactly one transfer, 49 replays, no error.
@@ -275,7 +277,9 @@ func TestTransferRules(t *testing.T) {
 	env.CheckBooks(t)
 }
 
-// Balances that would overflow int64 are OUT_OF_RANGE, recorded, never wrapped.
+// Balances that would overflow int64 are OUT_OF_RANGE, recorded, never
+// wrapped: a customer's balance, and each shard of a system account (bounded
+// by store.ShardBalanceMax so that their sum fits an int64).
 func TestOverflowIsOutOfRange(t *testing.T) {
 	t.Parallel()
 	env := newEnv(t)
@@ -283,8 +287,21 @@ func TestOverflowIsOutOfRange(t *testing.T) {
 	cur := newCurrency()
 	a := createAccount(t, env, cur)
 	const max = int64(^uint64(0) >> 1)
-	credit(t, env, a.GetAccountId(), max)
+	// Fill a from customers that may go 1e18 below zero: nine such
+	// transfers leave it at 9e18, the tenth would pass max.
+	give := func(amount int64, key string) error {
+		return giveFromCustomer(t, env, cur, a.GetAccountId(), amount, key)
+	}
+	fillFromCustomers(t, env, cur, a.GetAccountId(), 9)
 	key := client.NewIdempotencyKey()
+	wantErr(t, give(ledger.CreditLimitMax, key), codes.OutOfRange, ledger.ReasonBalanceOverflow)
+	if bb := strongBalance(t, env, a.GetAccountId()); bb.GetBalance() != 9*ledger.CreditLimitMax {
+		t.Fatalf("balance %d", bb.GetBalance())
+	}
+	if err := give(max-9*ledger.CreditLimitMax, client.NewIdempotencyKey()); err != nil {
+		t.Fatalf("up to max exactly: %v", err)
+	}
+	key = client.NewIdempotencyKey()
 	_, err := env.Client.Credit(ctx, &tallyv1.CreditRequest{AccountId: a.GetAccountId(), Amount: 1, IdempotencyKey: key})
 	wantErr(t, err, codes.OutOfRange, ledger.ReasonBalanceOverflow)
 	_, err = env.Client.Credit(ctx, &tallyv1.CreditRequest{AccountId: a.GetAccountId(), Amount: 1, IdempotencyKey: key})
@@ -292,10 +309,10 @@ func TestOverflowIsOutOfRange(t *testing.T) {
 	if !replayedErr(err) {
 		t.Fatal("OUT_OF_RANGE must be recorded and replayed")
 	}
-	// The funding account is now at -max; one more credit from it would pass
-	// MinInt64+1 only on a fresh account, so drain with a second account.
+	// A funding shard gives at most store.ShardBalanceMax.
 	b := createAccount(t, env, cur)
-	_, err = env.Client.Credit(ctx, &tallyv1.CreditRequest{AccountId: b.GetAccountId(), Amount: 2, IdempotencyKey: client.NewIdempotencyKey()})
+	credit(t, env, b.GetAccountId(), store.ShardBalanceMax)
+	_, err = env.Client.Credit(ctx, &tallyv1.CreditRequest{AccountId: b.GetAccountId(), Amount: 1, IdempotencyKey: client.NewIdempotencyKey()})
 	wantErr(t, err, codes.OutOfRange, ledger.ReasonBalanceOverflow)
 	if bb := strongBalance(t, env, a.GetAccountId()); bb.GetBalance() != max {
 		t.Fatalf("balance %d", bb.GetBalance())
@@ -313,5 +330,26 @@ func TestKeysAreScopedByCallerColumn(t *testing.T) {
 		WHERE table_name IN ('idempotency_keys', 'transfers') AND column_name = 'scope'`).Scan(&n)
 	if err != nil || n != 2 {
 		t.Fatalf("scope columns: %d %v", n, err)
+	}
+}
+
+// giveFromCustomer moves amount to account to from a new customer account
+// that may go CreditLimitMax below zero (a system account's shard could not
+// give that much: store.ShardBalanceMax).
+func giveFromCustomer(t *testing.T, env *tallytest.Env, cur, to string, amount int64, key string) error {
+	t.Helper()
+	x := createAccount(t, env, cur, func(r *tallyv1.CreateAccountRequest) { r.CreditLimit = ledger.CreditLimitMax })
+	_, err := env.Client.Transfer(ctxT(t), &tallyv1.TransferRequest{DebitAccountId: x.GetAccountId(), CreditAccountId: to,
+		Amount: amount, IdempotencyKey: key})
+	return err
+}
+
+// fillFromCustomers gives account to n × CreditLimitMax.
+func fillFromCustomers(t *testing.T, env *tallytest.Env, cur, to string, n int) {
+	t.Helper()
+	for range n {
+		if err := giveFromCustomer(t, env, cur, to, ledger.CreditLimitMax, client.NewIdempotencyKey()); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

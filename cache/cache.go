@@ -569,6 +569,69 @@ func (c *Cache) Put(ctx context.Context, b Balance) {
 	c.afterWrite(&b.AccountID, start, err)
 }
 
+// PutMany stores every balance of bs as Put would, in one pipelined round
+// trip: the cache refresh after a group-committed batch. Each value keeps
+// Put's compare-and-set on version and its expiry from AsOf; each write's
+// failure counts against the gate exactly as a failed Put does.
+func (c *Cache) PutMany(ctx context.Context, bs []Balance) {
+	type put struct {
+		id  uuid.UUID
+		key string
+		val string
+		ver string
+		ttl int64
+	}
+	puts := make([]put, 0, len(bs))
+	for _, b := range bs {
+		val, err := encode(b)
+		if err != nil {
+			c.log.Debug("not caching invalid balance", "account", b.AccountID, "err", err)
+			continue
+		}
+		ttl := c.ttl
+		if !b.AsOf.IsZero() {
+			ttl = min(c.ttl-time.Since(b.AsOf), c.ttl)
+			if ttl < time.Millisecond {
+				continue
+			}
+		}
+		puts = append(puts, put{b.AccountID, c.key(b.AccountID), val, strconv.FormatInt(b.Version, 10), ttl.Milliseconds()})
+	}
+	if len(puts) == 0 {
+		return
+	}
+	start := time.Now()
+	cmds := make([]*redis.Cmd, len(puts))
+	send := func(ctx context.Context) error {
+		_, err := c.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for i, u := range puts {
+				cmds[i] = putScript.EvalSha(ctx, p, []string{u.key}, u.val, u.ver, u.ttl)
+			}
+			return nil
+		})
+		return err
+	}
+	err := c.do(ctx, func(ctx context.Context) error {
+		err := send(ctx)
+		if err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
+			// First use on this Redis (or after a restart emptied it):
+			// load the script, then send the pipeline once more.
+			if err := putScript.Load(ctx, c.client).Err(); err != nil {
+				return err
+			}
+			err = send(ctx)
+		}
+		return err
+	})
+	for i := range puts {
+		werr := err
+		if werr == nil && cmds[i] != nil {
+			werr = cmds[i].Err()
+		}
+		c.afterWrite(&puts[i].id, start, werr)
+	}
+}
+
 // Delete removes the cached pair of account id, best-effort. While the
 // breaker is open it does nothing; like a failed Delete, that closes the
 // gate (the entry it meant to remove is still there) and leaves the entry

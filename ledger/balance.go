@@ -27,6 +27,18 @@ func (l *Ledger) cachePut(ctx context.Context, b cache.Balance) {
 	l.cache.Put(ctx, b)
 }
 
+// refreshCache writes the final states of a committed batch's accounts to
+// the cache in one round trip; a failure changes nothing but the cache's
+// own state (reads fall back to PostgreSQL).
+func (l *Ledger) refreshCache(ctx context.Context, bs []cache.Balance) {
+	if l.cache == nil || len(bs) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cacheCallTimeout)
+	defer cancel()
+	l.cache.PutMany(ctx, bs)
+}
+
 // GetBalance reads an account's balance.
 //
 // The promise: a cached read returns a (version, balance) pair that really
@@ -37,7 +49,9 @@ func (l *Ledger) GetBalance(ctx context.Context, id uuid.UUID, c Consistency, mi
 	if minVersion < 0 {
 		return Balance{}, invalid("min_version", "min_version must not be negative")
 	}
-	if c == ConsistencyCached && l.cache != nil {
+	// An account with shards is never cached: no one row holds its balance,
+	// and the post-commit refresh writes rows.
+	if c == ConsistencyCached && l.cache != nil && !l.dir.sharded(id) && !l.refresh.active(id) {
 		cctx, cancel := context.WithTimeout(ctx, cacheCallTimeout)
 		b, ok := l.cache.Get(cctx, id)
 		cancel()
@@ -85,6 +99,9 @@ func (l *Ledger) GetBalance(ctx context.Context, id uuid.UUID, c Consistency, mi
 			"account is at version %d, below min_version %d", row.Version, minVersion)
 	}
 	b := balanceFromRow(row)
+	if row.Sharded {
+		return b, nil
+	}
 	l.cachePut(ctx, cache.Balance{
 		AccountID: id, Currency: b.Currency, Balance: b.Balance, CreditLimit: b.CreditLimit, Held: b.Held,
 		Available: b.Available, Version: b.Version, AsOf: b.AsOf, ServeUntil: serveUntil(row.NextHoldExpiry),

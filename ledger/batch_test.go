@@ -82,7 +82,7 @@ func TestBatchInsufficientFundsMidBatch(t *testing.T) {
 	l := newLedger(t)
 	a := newAccount(t, l, "BATCHA", 10)
 	items := []*item{charge(a, 4, uuid.NewString()), charge(a, 4, uuid.NewString()), charge(a, 4, uuid.NewString()), charge(a, 2, uuid.NewString())}
-	res := l.batch.apply(items)
+	res := applyNow(l, items)
 	want := []string{"OK", "OK", ReasonInsufficientFunds, "OK"}
 	for i := range items {
 		if code(res[i].err) != want[i] {
@@ -96,7 +96,7 @@ func TestBatchInsufficientFundsMidBatch(t *testing.T) {
 		t.Fatalf("balance %d, want 0", got)
 	}
 	// The rejection was recorded under its key: a replay stays rejected.
-	again := l.batch.apply([]*item{charge(a, 4, items[2].r.IdempotencyKey)})
+	again := applyNow(l, []*item{charge(a, 4, items[2].r.IdempotencyKey)})
 	if code(again[0].err) != ReasonInsufficientFunds || !again[0].err.(*Error).Replayed {
 		t.Fatalf("replay of the rejection: %v", again[0].err)
 	}
@@ -114,7 +114,7 @@ func TestBatchDuplicateKeyWithinBatch(t *testing.T) {
 		charge(a, 5, k), charge(a, 5, k), charge(a, 6, k),
 		charge(a, 500, rk), charge(a, 500, rk),
 	}
-	res := l.batch.apply(items)
+	res := applyNow(l, items)
 	if res[0].err != nil || res[0].res.Replayed {
 		t.Fatalf("first: %+v %v", res[0].res, res[0].err)
 	}
@@ -138,7 +138,7 @@ func TestBatchDuplicateKeyWithinBatch(t *testing.T) {
 		t.Fatalf("balance %d, want 95", got)
 	}
 	// A later batch replays the committed outcome.
-	later := l.batch.apply([]*item{charge(a, 5, k)})
+	later := applyNow(l, []*item{charge(a, 5, k)})
 	if later[0].err != nil || !later[0].res.Replayed || later[0].res.Transfer.ID != res[0].res.Transfer.ID || later[0].res.Balance.Balance != 95 {
 		t.Fatalf("later replay: %+v %v", later[0].res, later[0].err)
 	}
@@ -158,7 +158,7 @@ func TestBatchPoisonItemFailsAlone(t *testing.T) {
 	missing := charge(uuid.Must(uuid.NewV7()), 1, uuid.NewString())
 	items := []*item{charge(a, 1, uuid.NewString()), charge(a, 2, uuid.NewString()), poison, missing, charge(a, 3, uuid.NewString())}
 	splitsBefore := l.BatchStats().Splits
-	res := l.batch.apply(items)
+	res := applyNow(l, items)
 	want := []string{"OK", "OK", ReasonInternal, ReasonAccountNotFound, "OK"}
 	for i := range items {
 		if code(res[i].err) != want[i] {
@@ -181,4 +181,14 @@ func TestBatchPoisonItemFailsAlone(t *testing.T) {
 	if code(err) != ReasonInvalidArgument {
 		t.Fatalf("NUL description: %v", err)
 	}
+}
+
+// applyNow commits items as one batch of committer 0 and resolves its
+// replays, as run does, but returns the results instead of sending them.
+func applyNow(l *Ledger, items []*item) []itemResult {
+	res, post := l.batch.apply(items, 0)
+	for i, k := range post.replays {
+		res[i].res, res[i].err = l.replay(context.Background(), &k)
+	}
+	return res
 }

@@ -79,6 +79,9 @@ const (
 	// (REVENUE or FUNDING) account, or on a default one.
 	ReasonSystemAccount    = "SYSTEM_ACCOUNT"
 	ReasonPermissionDenied = "PERMISSION_DENIED"
+	// ReasonShardAccount: a request named one shard of a sharded system
+	// account; name the account itself.
+	ReasonShardAccount = "SHARD_ACCOUNT"
 	// ReasonBatchReplyTooLarge: a SubmitBatch whose reply could not be sent
 	// (more than Limits.BatchReplyBytesMax); refused before COMMIT.
 	ReasonBatchReplyTooLarge = "BATCH_REPLY_TOO_LARGE"

@@ -13,6 +13,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"math/rand/v2"
+	"strconv"
 	"sync"
 
 	"github.com/google/uuid"
@@ -30,6 +32,8 @@ type BalanceCache interface {
 	Get(ctx context.Context, id uuid.UUID) (cache.Balance, bool)
 	// Put stores b unless the cache already holds a newer version.
 	Put(ctx context.Context, b cache.Balance)
+	// PutMany does what Put does for each of bs, in one round trip.
+	PutMany(ctx context.Context, bs []cache.Balance)
 }
 
 // Config configures a Ledger.
@@ -43,6 +47,12 @@ type Config struct {
 	// group charges by (tallyd --usage-dimensions); see
 	// ValidateUsageDimensions.
 	UsageDimensions []string
+	// SystemShards is how many shards each REVENUE and FUNDING account
+	// gets, its own row included (tallyd --system-shards; 0: the default).
+	SystemShards int
+	// AccountFactsMax bounds the accounts whose unchanging facts are kept
+	// in memory for planning locks (tallyd --account-facts-max).
+	AccountFactsMax int
 	// TopUp configures auto top-up.
 	TopUp TopUpConfig
 }
@@ -55,11 +65,16 @@ type Ledger struct {
 	limits Limits
 	reads  singleflight.Group
 	batch  *batcher
-	// systemReady remembers currencies whose default system accounts exist.
-	// They are never deleted, so remembering them in process is safe.
-	systemReady sync.Map
-	usage       usageConfig
-	topup       TopUpConfig
+	// dir remembers what never changes: accounts' currencies, types and
+	// shards, and each currency's default system accounts.
+	dir          *directory
+	systemShards int
+	shardOffset  int
+	// widened remembers accounts given shards in the background.
+	widened sync.Map
+	refresh refreshing
+	usage   usageConfig
+	topup   TopUpConfig
 }
 
 // New returns a Ledger.
@@ -75,7 +90,14 @@ func New(cfg Config) *Ledger {
 		panic("ledger: " + err.Error())
 	}
 	cfg.TopUp.fill()
-	l := &Ledger{st: cfg.Store, log: cfg.Logger, limits: cfg.Limits, topup: cfg.TopUp}
+	if cfg.SystemShards <= 0 {
+		cfg.SystemShards = SystemShardsDefault
+	}
+	if cfg.SystemShards > store.ShardsMax {
+		panic(fmt.Sprintf("ledger: SystemShards %d above %d", cfg.SystemShards, store.ShardsMax))
+	}
+	l := &Ledger{st: cfg.Store, log: cfg.Logger, limits: cfg.Limits, dir: newDirectory(cfg.AccountFactsMax),
+		systemShards: cfg.SystemShards, shardOffset: rand.IntN(cfg.SystemShards), topup: cfg.TopUp}
 	l.usage.keys = append([]string{}, cfg.UsageDimensions...)
 	if cfg.Cache != nil {
 		l.cache = cfg.Cache
@@ -109,18 +131,35 @@ func defaultFloor(t AccountType) Floor {
 }
 
 // ensureSystemAccounts makes sure the currency's default revenue and funding
-// accounts exist, so Charge and Credit can name them implicitly.
+// accounts exist with their shards, so Charge and Credit can name them
+// implicitly, and remembers them. They are never deleted and their shards
+// only grow, so remembering them in process is safe.
 func (l *Ledger) ensureSystemAccounts(ctx context.Context, currency string) error {
-	if _, ok := l.systemReady.Load(currency); ok {
+	if _, ok := l.dir.systemOf(currency); ok {
 		return nil
 	}
-	if _, err := l.st.EnsureSystemAccount(ctx, currency, store.SystemRoleRevenue, int16(AccountTypeRevenue), int16(FloorNone)); err != nil {
-		return fromStore(err)
+	var sys systemShards
+	for _, role := range []string{store.SystemRoleRevenue, store.SystemRoleFunding} {
+		t := AccountTypeRevenue
+		if role == store.SystemRoleFunding {
+			t = AccountTypeFunding
+		}
+		id, err := l.st.EnsureSystemAccount(ctx, currency, role, int16(t), int16(FloorNone))
+		if err != nil {
+			return fromStore(err)
+		}
+		shards, err := l.ensureShards(ctx, id)
+		if err != nil {
+			return err
+		}
+		if role == store.SystemRoleRevenue {
+			sys.revenue = shards
+		} else {
+			sys.funding = shards
+		}
+		l.dir.remember(map[uuid.UUID]store.AccountFacts{id: {ID: id, Currency: currency, Type: int16(t), Shards: shards}})
 	}
-	if _, err := l.st.EnsureSystemAccount(ctx, currency, store.SystemRoleFunding, int16(AccountTypeFunding), int16(FloorNone)); err != nil {
-		return fromStore(err)
-	}
-	l.systemReady.Store(currency, true)
+	l.dir.setSystem(currency, sys)
 	return nil
 }
 
@@ -190,6 +229,13 @@ func (l *Ledger) CreateAccount(ctx context.Context, r CreateAccountRequest) (Acc
 	got, created, err := l.st.CreateAccount(ctx, want)
 	if err != nil {
 		return Account{}, fromStore(err)
+	}
+	if created && r.Type != AccountTypeCustomer {
+		// A REVENUE or FUNDING account is sharded from the start. Should
+		// this fail, it gets its shards on first use (widenShards).
+		if _, err := l.ensureShards(ctx, got.ID); err != nil {
+			l.log.Warn("adding shards to a new account failed", "account", got.ID, "err", err)
+		}
 	}
 	if !created && !sameAccount(want, got) {
 		return Account{}, rejection(CodeAlreadyExists, ReasonAccountExistsDifferent,
@@ -289,20 +335,33 @@ func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string
 	if len(kinds) > 0 || q.NewestFirst {
 		query += fmt.Sprintf("|%v|%v", kinds, q.NewestFirst)
 	}
-	f := store.EntryFilter{AccountID: q.AccountID, Start: q.Start, End: q.End, Kinds: kinds, NewestFirst: q.NewestFirst, Limit: size + 1}
+	shards, err := l.st.Shards(ctx, q.AccountID)
+	if err != nil {
+		return nil, "", fromStore(err)
+	}
+	if len(shards) > 1 {
+		// A sharded account's history is its shards' entries, shard after
+		// shard; each entry names its shard. The token carries the shard.
+		query += "|shards"
+	}
+	f := store.EntryFilter{Start: q.Start, End: q.End, Kinds: kinds, NewestFirst: q.NewestFirst}
+	pos := 0
 	if q.PageToken != "" {
-		seq, err := entriesCursor(query, q.PageToken)
+		c, err := decodeToken(query, q.PageToken)
 		if err != nil {
 			return nil, "", err
 		}
-		f.AfterSequence = seq
+		if pos, err = strconv.Atoi(c.After); (err != nil && c.After != "") || c.Seq < 0 || pos < 0 || pos >= max(len(shards), 1) {
+			return nil, "", invalid("page_token", "page_token is malformed or belongs to another query")
+		}
+		f.AfterSequence = c.Seq
 	} else if _, err := l.GetAccount(ctx, q.AccountID); err != nil {
 		// An unknown account is NOT_FOUND, not an empty statement.
 		return nil, "", err
 	}
-	rows, err := l.st.ListEntries(ctx, f)
+	rows, at, err := l.shardEntries(ctx, f, shards, pos, size+1)
 	if err != nil {
-		return nil, "", fromStore(err)
+		return nil, "", err
 	}
 	// A page ends at size items or PageBytesMax bytes.
 	next := ""
@@ -310,7 +369,11 @@ func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string
 		return entryBytes(Entry{CreatedByKey: rows[i].CreatedByKey})
 	}, l.limits.PageBytesMax); n < len(rows) {
 		rows = rows[:n]
-		next = encodeToken(query, pageCursor{Seq: rows[n-1].Sequence})
+		c := pageCursor{Seq: rows[n-1].Sequence}
+		if len(shards) > 1 {
+			c.After = strconv.Itoa(at[n-1])
+		}
+		next = encodeToken(query, c)
 	}
 	out := make([]Entry, len(rows))
 	for i, e := range rows {
@@ -321,6 +384,31 @@ func (l *Ledger) ListEntries(ctx context.Context, q EntryQuery) ([]Entry, string
 		}
 	}
 	return out, next, nil
+}
+
+// shardEntries reads up to limit entries of shards, from position pos
+// (newest shard first when f.NewestFirst) and f.AfterSequence within it,
+// and the position of each entry's shard.
+func (l *Ledger) shardEntries(ctx context.Context, f store.EntryFilter, shards []uuid.UUID, pos, limit int) ([]store.Entry, []int, error) {
+	var rows []store.Entry
+	var at []int
+	for ; pos < len(shards) && len(rows) < limit; pos++ {
+		i := pos
+		if f.NewestFirst {
+			i = len(shards) - 1 - pos
+		}
+		f.AccountID, f.Limit = shards[i], limit-len(rows)
+		got, err := l.st.ListEntries(ctx, f)
+		if err != nil {
+			return nil, nil, fromStore(err)
+		}
+		for range got {
+			at = append(at, pos)
+		}
+		rows = append(rows, got...)
+		f.AfterSequence = 0
+	}
+	return rows, at, nil
 }
 
 // GetTransfer returns a transfer by id.
@@ -389,15 +477,23 @@ func toAccount(a store.Account) Account {
 		ID: a.ID, Currency: a.Currency, Type: AccountType(a.Type), ExternalRef: a.ExternalRef,
 		Floor: Floor(a.Floor), CreditLimit: a.CreditLimit, Status: Status(a.Status), Metadata: a.Metadata,
 		CreatedAt: a.CreatedAt, Version: a.Version, LowBalanceThreshold: a.LowBalanceThreshold,
+		ShardOf: a.ShardOf, ShardCount: a.ShardCount,
 	}
 }
 
 func toTransfer(t store.Transfer) Transfer {
-	return Transfer{
+	out := Transfer{
 		ID: t.ID, IdempotencyKey: t.Key, Kind: Kind(t.Kind), DebitAccountID: t.DebitAccountID,
 		CreditAccountID: t.CreditAccountID, Amount: t.Amount, Currency: t.Currency,
 		Description: t.Description, Metadata: t.Metadata, CreatedAt: t.CreatedAt,
 		CreatedByClient: t.CreatedByClient, CreatedByKey: t.CreatedByKey,
 		RefundOf: t.RefundOf, HoldID: t.HoldID, ThresholdCrossed: t.ThresholdCrossed, Refunded: t.Refunded,
 	}
+	if t.DebitShardOf != uuid.Nil {
+		out.DebitAccountID, out.DebitShardID = t.DebitShardOf, t.DebitAccountID
+	}
+	if t.CreditShardOf != uuid.Nil {
+		out.CreditAccountID, out.CreditShardID = t.CreditShardOf, t.CreditAccountID
+	}
+	return out
 }

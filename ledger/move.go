@@ -200,7 +200,7 @@ func (l *Ledger) move(ctx context.Context, r MoveRequest) (TransferResult, error
 func (l *Ledger) submit(ctx context.Context, r MoveRequest, fp []byte) (TransferResult, error) {
 	it := &item{r: r, fp: fp, out: make(chan itemResult, 1)}
 	select {
-	case l.batch.in <- it:
+	case l.batch.route(r) <- it:
 	default:
 		return TransferResult{}, rejection(CodeResourceExhausted, ReasonOverloaded,
 			"too many calls waiting for a batch; retry with the same idempotency key after a backoff")

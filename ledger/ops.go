@@ -14,8 +14,13 @@ import (
 // decided one after another against it, so each sees the effects of the ones
 // before it, exactly as if they had run one by one.
 type work struct {
-	accts    map[uuid.UUID]*store.Account
-	system   map[string]map[string]uuid.UUID
+	accts  map[uuid.UUID]*store.Account
+	system map[string]map[string]uuid.UUID
+	// alias maps a sharded account a posting names to the shard this batch
+	// posts to; shardsOf are the shards of accounts whose lifecycle an item
+	// may change (lockPlan).
+	alias    map[uuid.UUID]uuid.UUID
+	shardsOf map[uuid.UUID][]uuid.UUID
 	now      time.Time
 	holds    map[uuid.UUID]*store.Hold
 	charges  map[uuid.UUID]store.Transfer
@@ -32,10 +37,12 @@ type work struct {
 	w          store.BatchWrite
 }
 
-func newWork(locked store.BatchLocked) *work {
+func newWork(locked store.BatchLocked, p *lockPlan) *work {
 	wk := &work{
 		accts:        make(map[uuid.UUID]*store.Account, len(locked.Accounts)),
-		system:       locked.System,
+		system:       p.system,
+		alias:        p.alias,
+		shardsOf:     p.shardsOf,
 		now:          locked.Now,
 		holds:        make(map[uuid.UUID]*store.Hold, len(locked.Holds)),
 		charges:      locked.Charges,
@@ -151,6 +158,7 @@ func (wk *work) post(r MoveRequest, kind Kind, debit, credit *store.Account, amo
 		Description: r.Description, Metadata: r.Metadata, CreatedAt: at,
 		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey, RefundOf: refundOf, HoldID: holdID,
 		DebitAccountType: debit.Type, CreditAccountType: credit.Type,
+		DebitShardOf: debit.ShardOf, CreditShardOf: credit.ShardOf,
 	}
 	before := [2]store.Account{*debit, *credit}
 	var entries [2]store.Entry
@@ -185,10 +193,17 @@ func assertFloor(a *store.Account) {
 
 // checkOverflow rejects a posting that would take either balance out of range.
 func checkOverflow(debit, credit *store.Account, amount int64) *Error {
-	if debit.Balance < math.MinInt64+amount {
+	low, high := int64(math.MinInt64), int64(math.MaxInt64)
+	if debit.Sharded() {
+		low = -store.ShardBalanceMax
+	}
+	if credit.Sharded() {
+		high = store.ShardBalanceMax
+	}
+	if debit.Balance < low+amount {
 		return rejection(CodeOutOfRange, ReasonBalanceOverflow, "debit would overflow the balance of %s", debit.ID)
 	}
-	if credit.Balance > math.MaxInt64-amount || credit.Balance+amount > math.MaxInt64-credit.CreditLimit {
+	if credit.Balance > high-amount || credit.Balance+amount > math.MaxInt64-credit.CreditLimit {
 		return rejection(CodeOutOfRange, ReasonBalanceOverflow, "credit would overflow the balance of %s", credit.ID)
 	}
 	return nil
@@ -284,6 +299,32 @@ func (wk *work) account(id uuid.UUID) (*store.Account, *Error) {
 	return a, nil
 }
 
+// posting returns the row a posting to account id changes: the account, or
+// the shard of it this batch posts to. Naming a shard itself is refused:
+// callers name the account.
+func (wk *work) posting(id uuid.UUID) (*store.Account, *Error) {
+	if s, ok := wk.alias[id]; ok {
+		a, ok := wk.accts[s]
+		if !ok {
+			panic(fmt.Sprintf("ledger: shard %s of %s was not locked", s, id))
+		}
+		return a, nil
+	}
+	a, nf := wk.account(id)
+	if nf != nil {
+		return nil, nf
+	}
+	if a.ShardOf != uuid.Nil {
+		return nil, shardNamed(a)
+	}
+	return a, nil
+}
+
+func shardNamed(a *store.Account) *Error {
+	return rejection(CodeFailedPrecondition, ReasonShardAccount,
+		"account %s is a shard of account %s: name that account", a.ID, a.ShardOf)
+}
+
 func (wk *work) systemAccount(currency, role string) (*store.Account, error) {
 	id, ok := wk.system[currency][role]
 	if !ok {
@@ -297,13 +338,13 @@ func (wk *work) systemAccount(currency, role string) (*store.Account, error) {
 }
 
 func (l *Ledger) decideMove(r MoveRequest, wk *work) (TransferResult, *Error, error) {
-	primary, nf := wk.account(r.AccountID)
+	primary, nf := wk.posting(r.AccountID)
 	if nf != nil {
 		return TransferResult{}, nil, nf
 	}
 	var counter *store.Account
 	if r.Counterparty != uuid.Nil {
-		if counter, nf = wk.account(r.Counterparty); nf != nil {
+		if counter, nf = wk.posting(r.Counterparty); nf != nil {
 			return TransferResult{}, nil, nf
 		}
 	} else {
@@ -443,6 +484,9 @@ func (l *Ledger) decideHold(r MoveRequest, wk *work) (TransferResult, *Error, er
 		if nf != nil {
 			return TransferResult{}, nil, nf
 		}
+		if rev.ShardOf != uuid.Nil {
+			return TransferResult{}, shardNamed(rev), nil
+		}
 		if AccountType(rev.Type) != AccountTypeRevenue {
 			return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountTypeMismatch, "revenue_account_id must be a REVENUE account"), nil
 		}
@@ -551,7 +595,11 @@ func (l *Ledger) decideFinalize(r MoveRequest, wk *work) (TransferResult, *Error
 	}
 	var revenue *store.Account
 	if h.RevenueAccountID != uuid.Nil {
-		revenue = wk.accts[h.RevenueAccountID]
+		rev := h.RevenueAccountID
+		if s, ok := wk.alias[rev]; ok {
+			rev = s // the shard this batch posts to
+		}
+		revenue = wk.accts[rev]
 		if revenue == nil {
 			panic(fmt.Sprintf("ledger: revenue account of hold %s was not locked", h.ID))
 		}
@@ -606,11 +654,15 @@ func (l *Ledger) decideAccount(r MoveRequest, wk *work) (TransferResult, *Error,
 		return TransferResult{}, nil, nf
 	}
 	result := func() (TransferResult, *Error, error) {
-		acct := toAccount(*a)
-		return TransferResult{Account: &acct, Balance: wk.balanceOf(a, wk.now)}, nil, nil
+		sum := wk.summed(a)
+		acct := toAccount(sum)
+		return TransferResult{Account: &acct, Balance: wk.balanceOf(&sum, wk.now)}, nil, nil
 	}
 	if r.Kind == KindExpire {
 		return result()
+	}
+	if a.ShardOf != uuid.Nil {
+		return TransferResult{}, shardNamed(a), nil
 	}
 	if r.Restrict.CustomerAccounts && AccountType(a.Type) != AccountTypeCustomer {
 		return TransferResult{}, nil, rejection(CodePermissionDenied, ReasonPermissionDenied,
@@ -640,9 +692,9 @@ func (l *Ledger) decideAccount(r MoveRequest, wk *work) (TransferResult, *Error,
 		if a.SystemRole != "" {
 			return TransferResult{}, rejection(CodeFailedPrecondition, ReasonSystemAccount, "a default system account cannot be closed"), nil
 		}
-		if a.Balance != 0 || a.Held != 0 {
+		if sum := wk.summed(a); sum.Balance != 0 || sum.Held != 0 {
 			return TransferResult{}, rejection(CodeFailedPrecondition, ReasonAccountNotEmpty,
-				"account %s has balance %d and held %d; only an empty account can be closed", a.ID, a.Balance, a.Held), nil
+				"account %s has balance %d and held %d; only an empty account can be closed", a.ID, sum.Balance, sum.Held), nil
 		}
 		a.Status, action = int16(StatusClosed), "close"
 	case KindUpdate:
@@ -683,11 +735,43 @@ func (l *Ledger) decideAccount(r MoveRequest, wk *work) (TransferResult, *Error,
 	}
 	a.Version++
 	assertFloor(a)
+	wk.propagateStatus(a)
 	wk.w.Changes = append(wk.w.Changes, store.AccountChange{
 		AccountID: a.ID, Action: action, VersionAfter: a.Version, Before: before, After: accountState(a),
 		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey, CreatedAt: wk.now,
 	})
 	return result()
+}
+
+// summed is account a as callers see it: for an account with shards, the
+// balance and version are the sums over its shards (all locked).
+func (wk *work) summed(a *store.Account) store.Account {
+	sum := *a
+	for _, id := range wk.shardsOf[a.ID] {
+		if id == a.ID {
+			continue
+		}
+		s := wk.accts[id]
+		if s == nil {
+			panic(fmt.Sprintf("ledger: shard %s of %s was not locked", id, a.ID))
+		}
+		sum.Balance += s.Balance
+		sum.Version += s.Version
+	}
+	return sum
+}
+
+// propagateStatus gives every shard of a its status: a frozen or closed
+// account is frozen or closed on every shard a batch may post to.
+func (wk *work) propagateStatus(a *store.Account) {
+	for _, id := range wk.shardsOf[a.ID] {
+		s := wk.accts[id]
+		if id == a.ID || s.Status == a.Status {
+			continue
+		}
+		s.Status = a.Status
+		s.Version++
+	}
 }
 
 func accountState(a *store.Account) map[string]any {

@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/google/uuid"
+
 	"github.com/tallyledger/tally/store"
 )
 
@@ -160,9 +162,12 @@ func (l *Ledger) SubmitBatch(ctx context.Context, r BatchRequest) (BatchResult, 
 	fp := batchFingerprint(r.Mode, items)
 	ctx, cancel := context.WithTimeout(ctx, l.batch.cfg.Timeout)
 	defer cancel()
+	// A SubmitBatch posts to the system shards of a committer chosen by its
+	// key, so retries and its batch key land on the same shard.
+	lane := laneOf(uuid.NewSHA1(uuid.NameSpaceOID, []byte(r.Scope+"\x00"+r.Key)), l.batch.cfg.WorkersMax)
 	for attempt := 0; ; attempt++ {
 		sb := &submitBatch{scope: r.Scope, key: r.Key, fp: fp, mode: r.Mode}
-		results, applied, err := l.commitItems(ctx, items, sb)
+		results, applied, post, err := l.commitItems(ctx, items, sb, lane)
 		var missing *systemMissingError
 		if errors.As(err, &missing) && attempt == 0 {
 			if err := l.ensureSystemAccounts(ctx, missing.currency); err != nil {
@@ -173,6 +178,11 @@ func (l *Ledger) SubmitBatch(ctx context.Context, r BatchRequest) (BatchResult, 
 		if err != nil {
 			return BatchResult{}, fromStore(err)
 		}
+		l.refresh.begin(post.balances)
+		l.batch.afterCommit(func(ctx context.Context) {
+			l.refreshCache(ctx, post.balances)
+			l.refresh.end(post.balances)
+		})
 		if sb.stored != nil {
 			if string(sb.stored.Fingerprint) != string(fp) || BatchMode(sb.stored.Mode) != r.Mode {
 				return BatchResult{}, rejection(CodeAlreadyExists, ReasonIdempotencyKeyReused,

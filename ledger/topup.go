@@ -382,10 +382,14 @@ func (l *Ledger) ListTopUps(ctx context.Context, accountID uuid.UUID, pageSize i
 // rule that a debit of this batch left below its threshold. A batch that
 // neither posts a top-up credit nor leaves a ruled account below its
 // threshold runs no statement here.
-func (l *Ledger) topUpStep(ctx context.Context, tx *store.Tx, wk *work, items []*item, results []itemResult) error {
+func (l *Ledger) topUpStep(ctx context.Context, tx *store.Tx, d *decided, items []*item) error {
+	wk := d.wk
+	if wk == nil {
+		return nil // an ATOMIC batch that wrote nothing
+	}
 	var done []store.TopUpSuccess
 	for i, it := range items {
-		res := results[i]
+		res := d.results[i]
 		if it.r.TopUpID == uuid.Nil || res.err != nil || res.res.Replayed || res.res.Transfer.ID == uuid.Nil {
 			continue
 		}

@@ -134,16 +134,27 @@ type Account struct {
 	// LowBalanceThreshold, when set, is the available amount below which a
 	// debit or hold reports ThresholdCrossed.
 	LowBalanceThreshold *int64
+	// ShardOf is, for a shard row, the account it is a shard of;
+	// ShardCount, for an account with shards, how many further shards it
+	// has (docs/ARCHITECTURE.md, "Sharded system accounts").
+	ShardOf    uuid.UUID
+	ShardCount int32
 }
 
 // Transfer is an immutable movement of Amount from DebitAccountID to
 // CreditAccountID.
 type Transfer struct {
-	ID              uuid.UUID
-	IdempotencyKey  string
-	Kind            Kind
+	ID             uuid.UUID
+	IdempotencyKey string
+	Kind           Kind
+	// DebitAccountID and CreditAccountID are the accounts as callers name
+	// them; where a side posted to a shard of its account, DebitShardID or
+	// CreditShardID names the shard (docs/ARCHITECTURE.md, "Sharded system
+	// accounts").
 	DebitAccountID  uuid.UUID
 	CreditAccountID uuid.UUID
+	DebitShardID    uuid.UUID
+	CreditShardID   uuid.UUID
 	Amount          int64
 	Currency        string
 	Description     string

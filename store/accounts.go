@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -11,19 +12,35 @@ import (
 
 const accountCols = `account_id, currency, type, external_ref, floor, credit_limit, status, metadata,
 	coalesce(system_role, ''), balance, version, last_sequence, last_entry_at, created_at,
-	held, next_hold_expiry, low_balance_threshold, topup_threshold`
+	held, next_hold_expiry, low_balance_threshold, shard_of, shard_index, shard_count, topup_threshold`
+
+// accountViewCols are accountCols as callers see an account: the balance
+// and version of an account with shards are the sums over its shards, read
+// in the statement's one snapshot (a shard's own row reads as itself).
+var accountViewCols = strings.Replace(strings.Replace(accountCols,
+	` balance,`, ` balance + `+shardSum("balance", "accounts")+` AS balance,`, 1),
+	` version,`, ` version + `+shardSum("version", "accounts")+` AS version,`, 1)
+
+// shardSum is the sum of column col over the further shards of the
+// accounts row aliased t (0 when it has none: one integer test, no probe).
+func shardSum(col, t string) string {
+	return `CASE WHEN ` + t + `.shard_count > 0 THEN (SELECT coalesce(sum(s.` + col + `), 0) FROM accounts s
+		WHERE s.shard_of = ` + t + `.account_id)::bigint ELSE 0 END`
+}
 
 type rowScanner interface{ Scan(dest ...any) error }
 
 func scanAccount(r rowScanner) (Account, error) {
 	var a Account
 	var meta []byte
+	var shardOf uuid.NullUUID
 	err := r.Scan(&a.ID, &a.Currency, &a.Type, &a.ExternalRef, &a.Floor, &a.CreditLimit, &a.Status, &meta,
 		&a.SystemRole, &a.Balance, &a.Version, &a.LastSequence, &a.LastEntryAt, &a.CreatedAt,
-		&a.Held, &a.NextHoldExpiry, &a.LowBalanceThreshold, &a.TopUpThreshold)
+		&a.Held, &a.NextHoldExpiry, &a.LowBalanceThreshold, &shardOf, &a.ShardIndex, &a.ShardCount, &a.TopUpThreshold)
 	if err != nil {
 		return Account{}, err
 	}
+	a.ShardOf = shardOf.UUID
 	a.Metadata, err = decodeMeta(meta)
 	return a, err
 }
@@ -104,7 +121,7 @@ func (s *Store) SystemAccountID(ctx context.Context, currency, role string) (uui
 
 // GetAccount returns one account.
 func (s *Store) GetAccount(ctx context.Context, id uuid.UUID) (Account, error) {
-	a, err := scanAccount(s.pool.QueryRow(ctx, `SELECT `+accountCols+` FROM accounts WHERE account_id = $1`, id))
+	a, err := scanAccount(s.pool.QueryRow(ctx, `SELECT `+accountViewCols+` FROM accounts WHERE account_id = $1`, id))
 	return a, translate(err)
 }
 
@@ -120,8 +137,8 @@ type AccountFilter struct {
 
 // FindAccounts returns up to f.Limit accounts matching f, ordered by id.
 func (s *Store) FindAccounts(ctx context.Context, f AccountFilter) ([]Account, error) {
-	rows, err := s.pool.Query(ctx, `SELECT `+accountCols+` FROM accounts
-		WHERE ($1 = '' OR external_ref = $1)
+	rows, err := s.pool.Query(ctx, `SELECT `+accountViewCols+` FROM accounts
+		WHERE shard_of IS NULL AND ($1 = '' OR external_ref = $1)
 		  AND ($2 = '' OR currency = $2)
 		  AND ($3 = 0 OR type = $3)
 		  AND ($4::uuid IS NULL OR account_id > $4)
@@ -145,7 +162,8 @@ func (s *Store) FindAccounts(ctx context.Context, f AccountFilter) ([]Account, e
 // balanceSelect reads accounts a as of the time c.now, counting only holds
 // that had not expired by then (held as stored may still include expired
 // ones, see Account.Held), and the next expiry after c.now.
-const balanceSelect = `SELECT a.account_id, a.currency, a.floor, a.balance, a.credit_limit, a.version, c.now,
+var balanceSelect = `SELECT a.account_id, a.currency, a.floor, a.balance + ` + shardSum("balance", "a") + `,
+		a.credit_limit, a.version + ` + shardSum("version", "a") + `, c.now,
 		a.held - CASE WHEN a.next_hold_expiry <= c.now THEN
 			(SELECT coalesce(sum(h.amount), 0) FROM holds h
 			 WHERE h.account_id = a.account_id AND h.status = 1 AND h.expires_at <= c.now)::bigint ELSE 0 END,
@@ -153,12 +171,12 @@ const balanceSelect = `SELECT a.account_id, a.currency, a.floor, a.balance, a.cr
 			(SELECT min(h.expires_at) FROM holds h
 			 WHERE h.account_id = a.account_id AND h.status = 1 AND h.expires_at > c.now)
 		ELSE a.next_hold_expiry END,
-		a.status`
+		a.status, a.shard_count > 0 OR a.shard_of IS NOT NULL`
 
 func scanBalance(r rowScanner) (BalanceRow, error) {
 	var b BalanceRow
 	err := r.Scan(&b.AccountID, &b.Currency, &b.Floor, &b.Balance, &b.CreditLimit, &b.Version, &b.ReadAt,
-		&b.Held, &b.NextHoldExpiry, &b.Status)
+		&b.Held, &b.NextHoldExpiry, &b.Status, &b.Sharded)
 	return b, err
 }
 
@@ -215,7 +233,13 @@ type HistoricalBalance struct {
 // GetBalances, account_id = ANY (...) keeps accounts read by primary key.
 func (s *Store) BalancesAt(ctx context.Context, ids []uuid.UUID, at time.Time) ([]HistoricalBalance, error) {
 	rows, err := s.pool.Query(ctx, `SELECT a.account_id, a.currency, a.floor, a.credit_limit,
-			coalesce(e.balance_after, 0), coalesce(e.sequence, 0),
+			coalesce(e.balance_after, 0) + CASE WHEN a.shard_count > 0 THEN (
+				SELECT coalesce(sum(x.balance_after), 0) FROM accounts s, LATERAL (
+					SELECT balance_after FROM entries
+					WHERE account_id = s.account_id AND created_at <= $2
+					ORDER BY created_at DESC, sequence DESC LIMIT 1) x
+				WHERE s.shard_of = a.account_id)::bigint ELSE 0 END,
+			coalesce(e.sequence, 0),
 			(SELECT coalesce(sum(h.amount), 0) FROM holds h
 			 WHERE h.account_id = a.account_id AND h.created_at <= $2
 			   AND (h.finalized_at IS NULL OR h.finalized_at > $2) AND h.expires_at > $2)::bigint,

@@ -16,21 +16,18 @@ type KeyRef struct {
 	Key   string
 }
 
-// BatchLock says what a group-committed batch needs locked.
+// BatchLock says what a group-committed batch needs locked. The ledger
+// decides it (ledger.lockPlan); the store locks exactly what it is given.
 type BatchLock struct {
 	// Keys are the batch's idempotency keys (duplicates allowed).
 	Keys []KeyRef
-	// Accounts are the accounts the batch names.
+	// Accounts are every account row the batch may change, shards
+	// included (duplicates allowed). They are locked in ascending id order.
 	Accounts []uuid.UUID
-	// RevenueFor and FundingFor are accounts whose currency's default
-	// revenue (respectively funding) account must be locked too.
-	RevenueFor, FundingFor []uuid.UUID
-	// Holds are holds the batch captures or releases: their accounts are
-	// locked, their revenue accounts too (or the currency's default revenue
-	// account), and their rows are read.
-	Holds []uuid.UUID
-	// Charges are charges the batch refunds: both their accounts are
-	// locked, and their rows and refunded totals are read.
+	// Holds are holds the batch captures or releases, and Charges charges
+	// it refunds: their rows (and refunded totals) are read after the
+	// accounts they name were locked. Those accounts must be in Accounts.
+	Holds   []uuid.UUID
 	Charges []uuid.UUID
 }
 
@@ -40,8 +37,6 @@ type BatchLocked struct {
 	Keys map[KeyRef]KeyRecord
 	// Accounts holds the locked accounts by id.
 	Accounts map[uuid.UUID]Account
-	// System maps currency → role → the default system account's id.
-	System map[string]map[string]uuid.UUID
 	// Now is PostgreSQL's clock, read after the locks were granted.
 	Now time.Time
 	// Holds are the holds asked for plus every hold of a locked account
@@ -77,16 +72,16 @@ func (s *Store) GetHold(ctx context.Context, id uuid.UUID) (Hold, error) {
 }
 
 // LockBatch serializes on every key of the batch, reads their stored
-// outcomes and locks every account involved, in one pipelined round trip
-// (two when the batch touches holds or refunds, or a locked account has a
-// hold past its expiry).
+// outcomes and locks exactly the accounts it is given, in one pipelined
+// round trip (two when the batch touches holds or refunds, or a locked
+// account has a hold past its expiry).
 //
 // Lock order is what keeps concurrent batches (in this and other tallyd
 // processes) free of deadlocks: first all key locks, in ascending hash order;
 // then all account rows, in ascending account_id order. A batch never waits
-// for a key while holding a row. Hold rows and refund totals are only
-// changed while their account's row is locked, so they need no lock of
-// their own.
+// for a key while holding a row, and never locks a row after reading holds
+// or charges. Hold rows and refund totals are only changed while their
+// account's row is locked, so they need no lock of their own.
 func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 	scopes := make([]string, len(l.Keys))
 	keys := make([]string, len(l.Keys))
@@ -107,34 +102,13 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 	b.Queue(`SELECT i.* FROM (SELECT DISTINCT s, k FROM unnest($1::text[], $2::text[]) AS t(s, k)) t,
 		LATERAL (SELECT `+keyCols+` FROM idempotency_keys
 		         WHERE scope = t.s AND idempotency_key = t.k LIMIT 1) i`, scopes, keys)
-	// Hold and charge rows never change the accounts they name, so reading
-	// them here, before their accounts are locked, is safe. The ids are
-	// gathered first (a UNION, into an array) and then locked through the
-	// primary key: an OR of these conditions, or an IN (subquery) joined to
-	// accounts, makes PostgreSQL scan every account. The system accounts
-	// are found through accounts_system_role_unique (currency, system_role).
-	// Each hold, charge and currency is looked up by a subquery per id (one
-	// primary-key probe each, NULL when unknown, which matches nothing):
-	// an = ANY($n) there was planned, while the tables were young and their
-	// statistics behind, as a scan of the whole table even for an empty
-	// array, and the generic plan kept it as the table grew.
+	// = ANY (ARRAY(...)) rather than = ANY($1): the generic plan of the
+	// latter was seen to scan the table while its statistics called it
+	// small, and kept doing so as it grew.
 	b.Queue(`SELECT `+accountCols+` FROM accounts
-		WHERE account_id = ANY (ARRAY(
-			SELECT unnest($1::uuid[])
-			UNION SELECT (SELECT account_id FROM holds WHERE hold_id = h.id) FROM unnest($4::uuid[]) AS h(id)
-			UNION SELECT (SELECT revenue_account_id FROM holds WHERE hold_id = h.id) FROM unnest($4::uuid[]) AS h(id)
-			UNION SELECT (SELECT debit_account_id FROM transfers WHERE transfer_id = c.id) FROM unnest($5::uuid[]) AS c(id)
-			UNION SELECT (SELECT credit_account_id FROM transfers WHERE transfer_id = c.id) FROM unnest($5::uuid[]) AS c(id)
-			UNION SELECT s.account_id FROM accounts s
-			      WHERE s.system_role = 'revenue' AND s.currency = ANY (ARRAY(
-			            SELECT (SELECT currency FROM accounts WHERE account_id = r.id) FROM unnest($2::uuid[]) AS r(id)
-			            UNION SELECT (SELECT currency FROM holds WHERE hold_id = h.id AND revenue_account_id IS NULL)
-			                  FROM unnest($4::uuid[]) AS h(id)))
-			UNION SELECT s.account_id FROM accounts s
-			      WHERE s.system_role = 'funding' AND s.currency = ANY (ARRAY(
-			            SELECT (SELECT currency FROM accounts WHERE account_id = f.id) FROM unnest($3::uuid[]) AS f(id)))))
+		WHERE account_id = ANY (ARRAY(SELECT unnest($1::uuid[])))
 		ORDER BY account_id
-		FOR UPDATE`, ids(l.Accounts), ids(l.RevenueFor), ids(l.FundingFor), ids(l.Holds), ids(l.Charges))
+		FOR UPDATE`, ids(l.Accounts))
 	b.Queue(`SELECT clock_timestamp()`)
 	br := t.tx.SendBatch(ctx, b)
 	defer br.Close()
@@ -142,7 +116,6 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 	out := BatchLocked{
 		Keys:     map[KeyRef]KeyRecord{},
 		Accounts: map[uuid.UUID]Account{},
-		System:   map[string]map[string]uuid.UUID{},
 		Holds:    map[uuid.UUID]Hold{},
 		Charges:  map[uuid.UUID]Transfer{},
 	}
@@ -177,12 +150,6 @@ func (t *Tx) LockBatch(ctx context.Context, l BatchLock) (BatchLocked, error) {
 			return BatchLocked{}, translate(err)
 		}
 		out.Accounts[a.ID] = a
-		if a.SystemRole != "" {
-			if out.System[a.Currency] == nil {
-				out.System[a.Currency] = map[string]uuid.UUID{}
-			}
-			out.System[a.Currency][a.SystemRole] = a.ID
-		}
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {

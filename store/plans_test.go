@@ -236,12 +236,8 @@ func TestNoSeqScansOnHotPaths(t *testing.T) {
 		}
 		l.Keys = append(l.Keys, store.KeyRef{Scope: "", Key: key})
 		l.Accounts = append(l.Accounts, acct(i))
-		if i%2 == 0 {
-			l.RevenueFor = append(l.RevenueFor, acct(i))
-		} else {
-			l.FundingFor = append(l.FundingFor, acct(i))
-		}
 	}
+	l.Accounts = append(l.Accounts, planID("c", 0))
 	for i := range 32 {
 		l.Holds = append(l.Holds, planID("d", (i*151)%nHolds))
 		l.Charges = append(l.Charges, planID("b", (i*17)%1000))
@@ -291,9 +287,12 @@ func TestNoSeqScansOnHotPaths(t *testing.T) {
 		capt.label = ""
 		capt.mu.Unlock()
 	}
-	step("LockBatchKey+LockBatch+InsertBatch", func() error {
+	step("LockBatchKey+ReadFacts+LockBatch+InsertBatch", func() error {
 		return st.InTx(ctx, func(tx *store.Tx) error {
 			if _, _, err := tx.LockBatchKey(ctx, "", "plan-batch"); err != nil {
+				return err
+			}
+			if _, err := tx.ReadFacts(ctx, l.Accounts, l.Holds, l.Charges); err != nil {
 				return err
 			}
 			if _, err := tx.LockBatch(ctx, l); err != nil {

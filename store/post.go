@@ -56,18 +56,21 @@ func scanKey(r rowScanner) (KeyRecord, error) {
 const transferCols = `transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
 	amount, currency, description, metadata, created_at, created_by_client, coalesce(created_by_key, ''),
 	refund_of, hold_id, threshold_crossed,
-	coalesce((SELECT r.refunded FROM charge_refunds r WHERE r.transfer_id = transfers.transfer_id), 0)`
+	coalesce((SELECT r.refunded FROM charge_refunds r WHERE r.transfer_id = transfers.transfer_id), 0),
+	(SELECT s.shard_of FROM accounts s WHERE s.account_id = transfers.debit_account_id),
+	(SELECT s.shard_of FROM accounts s WHERE s.account_id = transfers.credit_account_id)`
 
 func scanTransfer(r rowScanner) (Transfer, error) {
 	var t Transfer
 	var meta []byte
-	var by, refundOf, hold uuid.NullUUID
+	var by, refundOf, hold, debitOf, creditOf uuid.NullUUID
 	err := r.Scan(&t.ID, &t.Scope, &t.Key, &t.Kind, &t.DebitAccountID, &t.CreditAccountID,
 		&t.Amount, &t.Currency, &t.Description, &meta, &t.CreatedAt, &by, &t.CreatedByKey,
-		&refundOf, &hold, &t.ThresholdCrossed, &t.Refunded)
+		&refundOf, &hold, &t.ThresholdCrossed, &t.Refunded, &debitOf, &creditOf)
 	if err != nil {
 		return Transfer{}, err
 	}
+	t.DebitShardOf, t.CreditShardOf = debitOf.UUID, creditOf.UUID
 	t.CreatedByClient, t.RefundOf, t.HoldID = by.UUID, refundOf.UUID, hold.UUID
 	t.Metadata, err = decodeMeta(meta)
 	return t, err

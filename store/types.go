@@ -37,7 +37,17 @@ type Account struct {
 	// path reads it with the locked row, so a batch learns without another
 	// statement whether it may have to start a top-up.
 	TopUpThreshold *int64
+	// ShardOf is, on a shard row, the account it is a shard of (uuid.Nil on
+	// every account's own row, shard 0); ShardIndex its index (0 on shard
+	// 0). ShardCount is, on shard 0, how many further shards exist.
+	ShardOf    uuid.UUID
+	ShardIndex int32
+	ShardCount int32
 }
+
+// Sharded reports whether the row is one of several shards of an account,
+// so its own balance is not the account's.
+func (a *Account) Sharded() bool { return a.ShardCount > 0 || a.ShardOf != uuid.Nil }
 
 // Transfer is a transfers row.
 type Transfer struct {
@@ -70,6 +80,10 @@ type Transfer struct {
 	// the account-type rules (transfers_account_types_valid); reads leave
 	// them 0.
 	DebitAccountType, CreditAccountType int16
+	// DebitShardOf and CreditShardOf are, where a side's account row is a
+	// shard, the account it is a shard of (uuid.Nil otherwise). Not
+	// written: the shard row says it.
+	DebitShardOf, CreditShardOf uuid.UUID
 }
 
 // Entry is an entries row: one side of a transfer on one account.
@@ -118,6 +132,9 @@ type BalanceRow struct {
 	// NextHoldExpiry is the earliest expiry after ReadAt of an open hold.
 	NextHoldExpiry *time.Time
 	Status         int16
+	// Sharded is set for an account with shards: Balance and Version are
+	// the sums over its shards, read in one snapshot.
+	Sharded bool
 }
 
 // AccountUpdate is the new state of one account after a posting. PrevVersion

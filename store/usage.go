@@ -178,7 +178,11 @@ func (s *Store) SummarizeUsage(ctx context.Context, q UsageQuery) ([]UsageRow, e
 		groups = append(groups, "NULL::uuid")
 	}
 	if q.GroupByRevenue {
-		groups = append(groups, "u.revenue_account_id")
+		// Rollup rows are keyed by the revenue shard a batch credited, so
+		// concurrent committers never write one row; the sum is per
+		// revenue account, over its shards.
+		groups = append(groups, `coalesce((SELECT r.shard_of FROM accounts r
+			WHERE r.account_id = u.revenue_account_id), u.revenue_account_id)`)
 	} else {
 		groups = append(groups, "NULL::uuid")
 	}

@@ -79,6 +79,8 @@ type serveConfig struct {
 	exportPollInterval, exportStreamDurationMax time.Duration
 	// usageDimensions is the comma-separated --usage-dimensions.
 	usageDimensions string
+	systemShards    int
+	accountFactsMax int
 	batch           ledger.BatchConfig
 	pprof           bool
 
@@ -153,7 +155,9 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.rateBurstPerKey, "rate-burst-per-key", auth.RateBurstPerKeyDefault, "burst size of the per-key token bucket")
 	fs.IntVar(&c.batch.ItemsMax, "batch-items-max", ledger.BatchItemsMaxDefault, "most calls group-committed in one transaction (1 disables batching)")
 	fs.DurationVar(&c.batch.WaitMax, "batch-wait-max", ledger.BatchWaitMaxDefault, "how long a batch waits for more calls after its first")
-	fs.IntVar(&c.batch.WorkersMax, "batch-workers-max", ledger.BatchWorkersMaxDefault, "batches in flight at once")
+	fs.IntVar(&c.batch.WorkersMax, "batch-workers-max", ledger.BatchWorkersMaxDefault, "group committers (each commits one batch at a time, to its own system-account shard)")
+	fs.IntVar(&c.systemShards, "system-shards", ledger.SystemShardsDefault, "shards per REVENUE and FUNDING account (its own row included); raising it adds shards online")
+	fs.IntVar(&c.accountFactsMax, "account-facts-max", ledger.AccountFactsMaxDefault, "accounts whose unchanging facts are kept in memory for planning locks")
 	fs.IntVar(&c.batch.QueueItemsMax, "batch-queue-items-max", ledger.BatchQueueItemsMaxDefault, "calls waiting for a batch before RESOURCE_EXHAUSTED")
 	fs.DurationVar(&c.batch.Timeout, "batch-timeout", ledger.BatchTimeoutDefault, "bound on one batch's transaction")
 	fs.StringVar(&c.otlpEndpoint, "otlp-endpoint", "", "OpenTelemetry collector (OTLP/gRPC) to send traces to: http://host:4317 (plaintext), https://host:4317 (TLS), or host:port (plaintext on loopback, else TLS); empty: no tracing")
@@ -400,7 +404,8 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	}
 	batch := c.batch
 	batch.OnBatch = met.ObserveBatch
-	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: batch, UsageDimensions: dims, TopUp: c.topup}
+	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: batch, UsageDimensions: dims,
+		SystemShards: c.systemShards, AccountFactsMax: c.accountFactsMax, TopUp: c.topup}
 	if c.redisURL != "" {
 		bc, err = cache.New(cache.Config{
 			URL: c.redisURL, OpTimeout: c.cacheOpTimeout, TTL: c.cacheTTL, FailuresMax: c.cacheFailuresMax,
@@ -428,6 +433,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	if c.limits.BatchReplyBytesMax > c.msgBytesMax || c.limits.PageBytesMax > c.msgBytesMax {
 		return fmt.Errorf("--batch-reply-bytes-max (%d) and --page-bytes-max (%d) must be at most --msg-bytes-max (%d): "+
 			"a reply larger than the message limit cannot be sent", c.limits.BatchReplyBytesMax, c.limits.PageBytesMax, c.msgBytesMax)
+	}
+	if c.systemShards < 1 || c.systemShards > store.ShardsMax {
+		return fmt.Errorf("--system-shards (%d) must be between 1 and %d", c.systemShards, store.ShardsMax)
 	}
 	l := ledger.New(lcfg)
 	topups, err := c.startTopUps(ctx, l, st, log)

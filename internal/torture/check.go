@@ -248,6 +248,15 @@ func (c *checker) index() {
 	}
 }
 
+// logical is the account a row belongs to: the account itself, or for a
+// shard row the account it is a shard of.
+func (c *checker) logical(id string) string {
+	if a, ok := c.db.Accounts[id]; ok && a.ShardOf != "" {
+		return a.ShardOf
+	}
+	return id
+}
+
 // sides returns the debit and credit accounts an op's request means, with
 // default system accounts resolved from the database.
 func (c *checker) sides(o *Op) (debit, credit, currency string) {
@@ -474,7 +483,7 @@ func (c *checker) ackedProblems(o *Op) []string {
 	if t.Amount != o.Amount {
 		bad = append(bad, fmt.Sprintf("amount %d, sent %d", t.Amount, o.Amount))
 	}
-	if t.Debit != debit || t.Credit != credit {
+	if c.logical(t.Debit) != debit || c.logical(t.Credit) != credit {
 		bad = append(bad, fmt.Sprintf("accounts %s->%s, sent %s->%s", t.Debit, t.Credit, debit, credit))
 	}
 	if t.Currency != currency {
@@ -801,11 +810,15 @@ func (c *checker) checkBalanceHistory() {
 		expected[debit] -= o.Amount
 		expected[credit] += o.Amount
 	}
-	c.checked(InvBalanceMatchesHistory, len(c.db.Accounts))
-	for _, id := range sortedKeys(c.db.Accounts) {
-		a := c.db.Accounts[id]
-		if a.Balance != expected[id] {
-			c.fail(InvBalanceMatchesHistory, "account %s: balance %d, history says %d (off by %d)", id, a.Balance, expected[id], a.Balance-expected[id])
+	// A sharded account's balance is the sum of its shards' rows.
+	actual := map[string]int64{}
+	for id, a := range c.db.Accounts {
+		actual[c.logical(id)] += a.Balance
+	}
+	c.checked(InvBalanceMatchesHistory, len(actual))
+	for _, id := range sortedKeys(actual) {
+		if actual[id] != expected[id] {
+			c.fail(InvBalanceMatchesHistory, "account %s: balance %d, history says %d (off by %d)", id, actual[id], expected[id], actual[id]-expected[id])
 		}
 	}
 	for id := range expected {
@@ -825,6 +838,15 @@ func (c *checker) pairExisted(acct string, version, balance int64) (bool, string
 	if !ok {
 		return false, "no such account"
 	}
+	if v, _, sharded := c.summed(acct); sharded {
+		// The pair of a sharded account is a sum over its shards' rows,
+		// read in one snapshot: its version can only be one the sum
+		// reached by the end.
+		if version < 0 || version > v {
+			return false, fmt.Sprintf("version %d never existed (the shards sum to version %d)", version, v)
+		}
+		return true, ""
+	}
 	if version < 0 || version > a.Version {
 		return false, fmt.Sprintf("version %d never existed (account is at version %d)", version, a.Version)
 	}
@@ -838,6 +860,19 @@ func (c *checker) pairExisted(acct string, version, balance int64) (bool, string
 		return false, fmt.Sprintf("at version %d the balance was %d", version, bal)
 	}
 	return true, ""
+}
+
+// summed returns the version and balance of acct as readers see it: for
+// an account with shards, the sums over its shards' rows.
+func (c *checker) summed(acct string) (version, balance int64, sharded bool) {
+	for id, a := range c.db.Accounts {
+		if id == acct || a.ShardOf == acct {
+			version += a.Version
+			balance += a.Balance
+			sharded = sharded || a.ShardOf == acct
+		}
+	}
+	return version, balance, sharded
 }
 
 // nextEntry returns the first entry of acct after version: the earliest
@@ -889,6 +924,11 @@ func (c *checker) checkReads() {
 			}
 		}
 		if o.Source != SourceCache {
+			continue
+		}
+		if _, _, sharded := c.summed(o.Account); sharded {
+			c.fail(InvReadsExisted, "client %d read sharded account %s from the cache (v%d, %d): no one row holds its balance",
+				o.Client, o.Account, o.Version, o.Balance)
 			continue
 		}
 		if c.planted(o) {
@@ -944,11 +984,7 @@ func (c *checker) checkCache() {
 		}
 		finals++
 		c.checked(InvCacheMatchesDB, 1)
-		if a, ok := c.db.Accounts[o.Account]; !ok || a.Version != o.Version || a.Balance != o.Balance {
-			var v, b int64
-			if ok {
-				v, b = a.Version, a.Balance
-			}
+		if v, b, _ := c.summed(o.Account); v != o.Version || b != o.Balance {
 			c.fail(InvCacheMatchesDB, "after healing, a %s read of account %s returned (v%d, %d) from %s but Postgres has (v%d, %d)",
 				o.Consistency, o.Account, o.Version, o.Balance, o.Source, v, b)
 		}

@@ -69,7 +69,7 @@ func (c *checker) checkHolds() {
 			revenue = c.sysAccounts[h.Currency+"/revenue"]
 		}
 		if t.ID != h.CaptureTransferID || t.Kind != KindCharge.transferKind() || t.Amount != h.CapturedAmount || t.Amount <= 0 ||
-			t.Debit != h.Account || t.Credit != revenue {
+			t.Debit != h.Account || c.logical(t.Credit) != revenue {
 			c.fail(InvHoldsOneFinalAction, "captured hold %s (%d of %d from %s to %s, by %s) has capture transfer %s: kind %d, %d from %s to %s",
 				h.ID, h.CapturedAmount, h.Amount, h.Account, revenue, h.CaptureTransferID, t.ID, t.Kind, t.Amount, t.Debit, t.Credit)
 		}

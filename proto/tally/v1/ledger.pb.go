@@ -524,8 +524,14 @@ type Account struct {
 	// When set, a debit or hold that takes available below it reports
 	// threshold_crossed (decided in the committing transaction).
 	LowBalanceThreshold *int64 `protobuf:"varint,11,opt,name=low_balance_threshold,json=lowBalanceThreshold,proto3,oneof" json:"low_balance_threshold,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// For a shard row of a sharded REVENUE or FUNDING account: the account
+	// it is a shard of. Empty for every account itself.
+	ShardOf string `protobuf:"bytes,12,opt,name=shard_of,json=shardOf,proto3" json:"shard_of,omitempty"`
+	// How many further shards back this account (0: none); its balance and
+	// version are the sums over its own row and its shards.
+	ShardCount    int32 `protobuf:"varint,13,opt,name=shard_count,json=shardCount,proto3" json:"shard_count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Account) Reset() {
@@ -631,6 +637,20 @@ func (x *Account) GetVersion() int64 {
 func (x *Account) GetLowBalanceThreshold() int64 {
 	if x != nil && x.LowBalanceThreshold != nil {
 		return *x.LowBalanceThreshold
+	}
+	return 0
+}
+
+func (x *Account) GetShardOf() string {
+	if x != nil {
+		return x.ShardOf
+	}
+	return ""
+}
+
+func (x *Account) GetShardCount() int32 {
+	if x != nil {
+		return x.ShardCount
 	}
 	return 0
 }
@@ -1191,8 +1211,16 @@ type Transfer struct {
 	// This transfer took the debited account's available amount below its
 	// low-balance threshold.
 	ThresholdCrossed bool `protobuf:"varint,16,opt,name=threshold_crossed,json=thresholdCrossed,proto3" json:"threshold_crossed,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Where a side posted to a further shard of a sharded REVENUE or FUNDING
+	// account, the shard's account id (the side's account_id above names
+	// the account itself); empty where it posted to the account's own row
+	// (shard 0) or the account has no shards. A shard is a real ledger
+	// account with its own entries; the account's balance is the sum of its
+	// shards.
+	DebitShardId  string `protobuf:"bytes,17,opt,name=debit_shard_id,json=debitShardId,proto3" json:"debit_shard_id,omitempty"`
+	CreditShardId string `protobuf:"bytes,18,opt,name=credit_shard_id,json=creditShardId,proto3" json:"credit_shard_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Transfer) Reset() {
@@ -1335,6 +1363,20 @@ func (x *Transfer) GetThresholdCrossed() bool {
 		return x.ThresholdCrossed
 	}
 	return false
+}
+
+func (x *Transfer) GetDebitShardId() string {
+	if x != nil {
+		return x.DebitShardId
+	}
+	return ""
+}
+
+func (x *Transfer) GetCreditShardId() string {
+	if x != nil {
+		return x.CreditShardId
+	}
+	return ""
 }
 
 // TransferResult is the outcome of a money-moving call.
@@ -4897,7 +4939,7 @@ var File_tally_v1_ledger_proto protoreflect.FileDescriptor
 
 const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\n" +
-	"\x15tally/v1/ledger.proto\x12\btally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x04\n" +
+	"\x15tally/v1/ledger.proto\x12\btally.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x04\n" +
 	"\aAccount\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1a\n" +
@@ -4912,7 +4954,10 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"created_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x18\n" +
 	"\aversion\x18\n" +
 	" \x01(\x03R\aversion\x127\n" +
-	"\x15low_balance_threshold\x18\v \x01(\x03H\x00R\x13lowBalanceThreshold\x88\x01\x01\x1a;\n" +
+	"\x15low_balance_threshold\x18\v \x01(\x03H\x00R\x13lowBalanceThreshold\x88\x01\x01\x12\x19\n" +
+	"\bshard_of\x18\f \x01(\tR\ashardOf\x12\x1f\n" +
+	"\vshard_count\x18\r \x01(\x05R\n" +
+	"shardCount\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x18\n" +
@@ -4973,7 +5018,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\bmetadata\x18\x06 \x03(\v2'.tally.v1.TransferRequest.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xca\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x98\x06\n" +
 	"\bTransfer\x12\x1f\n" +
 	"\vtransfer_id\x18\x01 \x01(\tR\n" +
 	"transferId\x12'\n" +
@@ -4993,7 +5038,9 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\trefund_of\x18\r \x01(\tR\brefundOf\x12\x17\n" +
 	"\ahold_id\x18\x0e \x01(\tR\x06holdId\x12'\n" +
 	"\x0frefunded_amount\x18\x0f \x01(\x03R\x0erefundedAmount\x12+\n" +
-	"\x11threshold_crossed\x18\x10 \x01(\bR\x10thresholdCrossed\x1a;\n" +
+	"\x11threshold_crossed\x18\x10 \x01(\bR\x10thresholdCrossed\x12$\n" +
+	"\x0edebit_shard_id\x18\x11 \x01(\tR\fdebitShardId\x12&\n" +
+	"\x0fcredit_shard_id\x18\x12 \x01(\tR\rcreditShardId\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb6\x01\n" +
