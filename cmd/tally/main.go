@@ -22,6 +22,8 @@
 //	tally show     (--account ID | --external-ref R) [--entries 20]
 //	tally reconcile [--account ID ...] [--repair-cache] [--external FILE.csv] [--json]
 //	tally usage    [--from DAY] [--to DAY] [--account ID | --external-ref R] [--group-by product,month,...]
+//	tally topup set --account ID --threshold N --target N --amount-max N --per-day-max N --customer C --payment-method PM
+//	tally topup get|list --account ID
 //	tally bench    --scenario S [--clients N] [--duration D] [--warmup D] [--accounts N] [--json]
 //
 // Every command takes --addr (TALLY_ADDR), --api-key (TALLY_API_KEY),
@@ -79,6 +81,7 @@ commands:
   usage                     spend breakdown: charges minus refunds by metadata key, revenue account, day or month
   bench                     load-test a running tallyd (throughput, latency, batch sizes)
   bench-usage               time SummarizeUsage against filled rollups (bench/usage.sh)
+  topup set|get|list        an account's auto top-up rule (tallyd --topup-provider) and its top-ups
 
 Common flags: --addr ($TALLY_ADDR, default 127.0.0.1:7070), --api-key ($TALLY_API_KEY),
 --tls-ca/--tls-cert/--tls-key (TLS and mTLS), --json, --timeout. Run "tally <command> -h" for more.
@@ -175,7 +178,7 @@ func run(args []string, out io.Writer) error {
 		return errUsage
 	}
 	cmd, rest := args[0], args[1:]
-	if (cmd == "account" || cmd == "transfer" || cmd == "hold") && len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
+	if (cmd == "account" || cmd == "transfer" || cmd == "hold" || cmd == "topup") && len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
 		cmd, rest = cmd+" "+rest[0], rest[1:]
 	}
 	switch cmd {
@@ -219,6 +222,8 @@ func run(args []string, out io.Writer) error {
 		return usageCmd(rest, out)
 	case "bench-usage":
 		return benchUsageCmd(rest, out)
+	case "topup set", "topup get", "topup list":
+		return topupCmd(strings.TrimPrefix(cmd, "topup "), rest, out)
 	}
 	return errUsage
 }
