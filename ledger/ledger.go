@@ -75,6 +75,8 @@ type Ledger struct {
 	refresh refreshing
 	usage   usageConfig
 	topup   TopUpConfig
+	// payments lists the top-up provider's payments (Reconcile).
+	payments PaymentLister
 }
 
 // New returns a Ledger.

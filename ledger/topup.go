@@ -37,7 +37,7 @@ const (
 
 // TopUpScope is the idempotency scope of top-up credits: no API client's
 // scope (a client id, or "") can equal it.
-const TopUpScope = "tally:topup"
+const TopUpScope = store.TopUpScope
 
 // Reasons of auto top-up errors.
 const (

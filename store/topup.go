@@ -371,3 +371,14 @@ func (t *Tx) SucceedTopUps(ctx context.Context, ss []TopUpSuccess, at time.Time)
 	}
 	return t.insertTopUpEvents(ctx, done)
 }
+
+// TopUpsCreated returns the top-ups created in [from, to), at most limit
+// (more is ErrOutOfRange).
+func (s *Store) TopUpsCreated(ctx context.Context, from, to time.Time, limit int) ([]TopUp, error) {
+	xs, err := collectTopUps(s.pool.Query(ctx, `SELECT `+topupCols+` FROM topups
+		WHERE created_at >= $1 AND created_at < $2 ORDER BY topup_id LIMIT $3`, from, to, limit+1))
+	if err == nil && len(xs) > limit {
+		return nil, &Error{Kind: ErrOutOfRange, cause: fmt.Errorf("more than %d top-ups in the window", limit)}
+	}
+	return xs, err
+}

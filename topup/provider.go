@@ -227,3 +227,21 @@ func (s *Stripe) Payments(ctx context.Context, customer string, from, to time.Ti
 	}
 	return out, nil
 }
+
+// Lister adapts a Provider to ledger.PaymentLister (tally reconcile
+// --stripe compares its payments with the top-ups).
+type Lister struct{ Provider Provider }
+
+// ProviderPayments implements ledger.PaymentLister.
+func (l Lister) ProviderPayments(ctx context.Context, from, to time.Time) ([]ledger.ProviderPayment, error) {
+	ps, err := l.Provider.Payments(ctx, "", from, to)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ledger.ProviderPayment, len(ps))
+	for i, p := range ps {
+		out[i] = ledger.ProviderPayment{ID: p.ID, TopUpID: p.TopUpID, Amount: p.Amount, Currency: p.Currency,
+			Status: p.Status, Succeeded: p.Status == string(stripe.PaymentIntentStatusSucceeded)}
+	}
+	return out, nil
+}

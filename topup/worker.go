@@ -109,6 +109,7 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 		return nil, err
 	}
 	s.client = c
+	cfg.Ledger.SetPaymentLister(Lister{Provider: cfg.Provider})
 	return s, nil
 }
 

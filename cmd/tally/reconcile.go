@@ -12,8 +12,11 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tallyledger/tally/api/client"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
 )
 
@@ -50,8 +53,15 @@ func reconcile(args []string, out io.Writer) error {
 	repair := fs.Bool("repair-cache", false, "delete cached balances that disagree with PostgreSQL")
 	external := fs.String("external", "", "CSV of account_id or external_ref, expected_balance (e.g. from a payment provider)")
 	pageSize := fs.Int("page-size", 0, "accounts per statement (server default 500)")
+	stripe := fs.Bool("stripe", false, "also compare the payment provider's (Stripe's) payments with the top-ups, through tallyd")
+	since := fs.Duration("stripe-since", 24*time.Hour, "with --stripe: compare payments created this long ago until now (at most 744h)")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	req := &tallyv1.ReconcileRequest{AccountIds: accts, PageSize: int32(*pageSize), RepairCache: *repair, Provider: *stripe}
+	if *stripe {
+		now := time.Now()
+		req.ProviderFrom, req.ProviderTo = timestamppb.New(now.Add(-*since)), timestamppb.New(now)
 	}
 	if !isFlagSet(fs, "timeout") {
 		c.timeout = 0 // a full run may take minutes; Ctrl-C stops it
@@ -65,7 +75,7 @@ func reconcile(args []string, out io.Writer) error {
 	var findings []finding
 	var checked int64
 	prog := newProgress(os.Stderr, "reconcile", 0)
-	err = cl.Reconcile(ctx, &tallyv1.ReconcileRequest{AccountIds: accts, PageSize: int32(*pageSize), RepairCache: *repair},
+	err = cl.Reconcile(ctx, req,
 		func(m *tallyv1.ReconcileResponse) error {
 			switch {
 			case m.GetProgress() != nil:

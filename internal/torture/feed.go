@@ -90,6 +90,8 @@ func feedEvent(ev *tallyv1.ExportTransfersResponse) FeedEvent {
 		if e.Subject == "" {
 			e.Subject = ev.GetLowBalance().GetHoldId()
 		}
+	case ev.GetTopup() != nil:
+		e.Kind, e.Subject = "topup", ev.GetTopup().GetTopupId()
 	default:
 		e.Kind = "unknown"
 	}

@@ -3753,7 +3753,15 @@ type ReconcileRequest struct {
 	// Accounts per statement (default 500, at most 5,000).
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// Delete cached balances that disagree with PostgreSQL.
-	RepairCache   bool `protobuf:"varint,3,opt,name=repair_cache,json=repairCache,proto3" json:"repair_cache,omitempty"`
+	RepairCache bool `protobuf:"varint,3,opt,name=repair_cache,json=repairCache,proto3" json:"repair_cache,omitempty"`
+	// Also compare the payment provider's payments (tallyd
+	// --topup-provider) created in [provider_from, provider_to) with the
+	// top-ups: a payment without its SUCCEEDED top-up, a SUCCEEDED top-up
+	// without its payment, two payments for one top-up. Default window: the
+	// last 24 hours; at most 31 days.
+	Provider      bool                   `protobuf:"varint,4,opt,name=provider,proto3" json:"provider,omitempty"`
+	ProviderFrom  *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=provider_from,json=providerFrom,proto3" json:"provider_from,omitempty"`
+	ProviderTo    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=provider_to,json=providerTo,proto3" json:"provider_to,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3809,11 +3817,35 @@ func (x *ReconcileRequest) GetRepairCache() bool {
 	return false
 }
 
+func (x *ReconcileRequest) GetProvider() bool {
+	if x != nil {
+		return x.Provider
+	}
+	return false
+}
+
+func (x *ReconcileRequest) GetProviderFrom() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ProviderFrom
+	}
+	return nil
+}
+
+func (x *ReconcileRequest) GetProviderTo() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ProviderTo
+	}
+	return nil
+}
+
 // ReconcileFinding is one thing found wrong.
 type ReconcileFinding struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// balance_vs_entries, entry_sequence, running_balance, held_vs_holds,
-	// cache_mismatch, currency_sum, transfer_entries, refunds_within_charge.
+	// cache_mismatch, currency_sum, transfer_entries, refunds_within_charge,
+	// topup_credited, topup_credit_orphan; with provider:
+	// provider_payment_without_topup, provider_payment_duplicate,
+	// topup_without_payment.
 	Check      string `protobuf:"bytes,1,opt,name=check,proto3" json:"check,omitempty"`
 	AccountId  string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
 	TransferId string `protobuf:"bytes,3,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
@@ -5261,12 +5293,16 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\vlow_balance\x18\x06 \x01(\v2\x19.tally.v1.LowBalanceEventH\x00R\n" +
 	"lowBalance\x12'\n" +
 	"\x05topup\x18\a \x01(\v2\x0f.tally.v1.TopUpH\x00R\x05topupB\a\n" +
-	"\x05event\"s\n" +
+	"\x05event\"\x8d\x02\n" +
 	"\x10ReconcileRequest\x12\x1f\n" +
 	"\vaccount_ids\x18\x01 \x03(\tR\n" +
 	"accountIds\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12!\n" +
-	"\frepair_cache\x18\x03 \x01(\bR\vrepairCache\"\xb8\x01\n" +
+	"\frepair_cache\x18\x03 \x01(\bR\vrepairCache\x12\x1a\n" +
+	"\bprovider\x18\x04 \x01(\bR\bprovider\x12?\n" +
+	"\rprovider_from\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\fproviderFrom\x12;\n" +
+	"\vprovider_to\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"providerTo\"\xb8\x01\n" +
 	"\x10ReconcileFinding\x12\x14\n" +
 	"\x05check\x18\x01 \x01(\tR\x05check\x12\x1d\n" +
 	"\n" +
@@ -5608,74 +5644,76 @@ var file_tally_v1_ledger_proto_depIdxs = []int32{
 	44,  // 60: tally.v1.ExportTransfersResponse.account_change:type_name -> tally.v1.AccountChangeEvent
 	45,  // 61: tally.v1.ExportTransfersResponse.low_balance:type_name -> tally.v1.LowBalanceEvent
 	58,  // 62: tally.v1.ExportTransfersResponse.topup:type_name -> tally.v1.TopUp
-	49,  // 63: tally.v1.ReconcileResponse.progress:type_name -> tally.v1.ReconcileProgress
-	48,  // 64: tally.v1.ReconcileResponse.finding:type_name -> tally.v1.ReconcileFinding
-	50,  // 65: tally.v1.ReconcileResponse.summary:type_name -> tally.v1.ReconcileSummary
-	71,  // 66: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
-	53,  // 67: tally.v1.SummarizeUsageResponse.rows:type_name -> tally.v1.UsageRow
-	72,  // 68: tally.v1.AutoTopUp.updated_at:type_name -> google.protobuf.Timestamp
-	8,   // 69: tally.v1.TopUp.status:type_name -> tally.v1.TopUpStatus
-	72,  // 70: tally.v1.TopUp.created_at:type_name -> google.protobuf.Timestamp
-	72,  // 71: tally.v1.TopUp.updated_at:type_name -> google.protobuf.Timestamp
-	72,  // 72: tally.v1.TopUp.finished_at:type_name -> google.protobuf.Timestamp
-	58,  // 73: tally.v1.ListTopUpsResponse.topups:type_name -> tally.v1.TopUp
-	10,  // 74: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
-	11,  // 75: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
-	12,  // 76: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
-	14,  // 77: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
-	15,  // 78: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
-	16,  // 79: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
-	19,  // 80: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
-	21,  // 81: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
-	22,  // 82: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
-	25,  // 83: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
-	27,  // 84: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
-	28,  // 85: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
-	29,  // 86: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
-	30,  // 87: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
-	33,  // 88: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
-	37,  // 89: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
-	38,  // 90: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
-	39,  // 91: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
-	40,  // 92: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
-	41,  // 93: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
-	43,  // 94: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
-	47,  // 95: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
-	52,  // 96: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
-	55,  // 97: tally.v1.LedgerService.SetAutoTopUp:input_type -> tally.v1.SetAutoTopUpRequest
-	56,  // 98: tally.v1.LedgerService.GetAutoTopUp:input_type -> tally.v1.GetAutoTopUpRequest
-	59,  // 99: tally.v1.LedgerService.ListTopUps:input_type -> tally.v1.ListTopUpsRequest
-	9,   // 100: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
-	9,   // 101: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
-	13,  // 102: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
-	18,  // 103: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
-	18,  // 104: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
-	18,  // 105: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
-	20,  // 106: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
-	17,  // 107: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
-	24,  // 108: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
-	18,  // 109: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
-	31,  // 110: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
-	31,  // 111: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
-	31,  // 112: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
-	26,  // 113: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
-	36,  // 114: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
-	9,   // 115: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
-	9,   // 116: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
-	9,   // 117: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
-	9,   // 118: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
-	42,  // 119: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
-	46,  // 120: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
-	51,  // 121: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
-	54,  // 122: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
-	57,  // 123: tally.v1.LedgerService.SetAutoTopUp:output_type -> tally.v1.AutoTopUp
-	57,  // 124: tally.v1.LedgerService.GetAutoTopUp:output_type -> tally.v1.AutoTopUp
-	60,  // 125: tally.v1.LedgerService.ListTopUps:output_type -> tally.v1.ListTopUpsResponse
-	100, // [100:126] is the sub-list for method output_type
-	74,  // [74:100] is the sub-list for method input_type
-	74,  // [74:74] is the sub-list for extension type_name
-	74,  // [74:74] is the sub-list for extension extendee
-	0,   // [0:74] is the sub-list for field type_name
+	72,  // 63: tally.v1.ReconcileRequest.provider_from:type_name -> google.protobuf.Timestamp
+	72,  // 64: tally.v1.ReconcileRequest.provider_to:type_name -> google.protobuf.Timestamp
+	49,  // 65: tally.v1.ReconcileResponse.progress:type_name -> tally.v1.ReconcileProgress
+	48,  // 66: tally.v1.ReconcileResponse.finding:type_name -> tally.v1.ReconcileFinding
+	50,  // 67: tally.v1.ReconcileResponse.summary:type_name -> tally.v1.ReconcileSummary
+	71,  // 68: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
+	53,  // 69: tally.v1.SummarizeUsageResponse.rows:type_name -> tally.v1.UsageRow
+	72,  // 70: tally.v1.AutoTopUp.updated_at:type_name -> google.protobuf.Timestamp
+	8,   // 71: tally.v1.TopUp.status:type_name -> tally.v1.TopUpStatus
+	72,  // 72: tally.v1.TopUp.created_at:type_name -> google.protobuf.Timestamp
+	72,  // 73: tally.v1.TopUp.updated_at:type_name -> google.protobuf.Timestamp
+	72,  // 74: tally.v1.TopUp.finished_at:type_name -> google.protobuf.Timestamp
+	58,  // 75: tally.v1.ListTopUpsResponse.topups:type_name -> tally.v1.TopUp
+	10,  // 76: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
+	11,  // 77: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
+	12,  // 78: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
+	14,  // 79: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
+	15,  // 80: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
+	16,  // 81: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
+	19,  // 82: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
+	21,  // 83: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
+	22,  // 84: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
+	25,  // 85: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
+	27,  // 86: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
+	28,  // 87: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
+	29,  // 88: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
+	30,  // 89: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
+	33,  // 90: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
+	37,  // 91: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
+	38,  // 92: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
+	39,  // 93: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
+	40,  // 94: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
+	41,  // 95: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
+	43,  // 96: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
+	47,  // 97: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
+	52,  // 98: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
+	55,  // 99: tally.v1.LedgerService.SetAutoTopUp:input_type -> tally.v1.SetAutoTopUpRequest
+	56,  // 100: tally.v1.LedgerService.GetAutoTopUp:input_type -> tally.v1.GetAutoTopUpRequest
+	59,  // 101: tally.v1.LedgerService.ListTopUps:input_type -> tally.v1.ListTopUpsRequest
+	9,   // 102: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
+	9,   // 103: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
+	13,  // 104: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
+	18,  // 105: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
+	18,  // 106: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
+	18,  // 107: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
+	20,  // 108: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
+	17,  // 109: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
+	24,  // 110: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
+	18,  // 111: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
+	31,  // 112: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
+	31,  // 113: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
+	31,  // 114: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
+	26,  // 115: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
+	36,  // 116: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
+	9,   // 117: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
+	9,   // 118: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
+	9,   // 119: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
+	9,   // 120: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
+	42,  // 121: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
+	46,  // 122: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
+	51,  // 123: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
+	54,  // 124: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
+	57,  // 125: tally.v1.LedgerService.SetAutoTopUp:output_type -> tally.v1.AutoTopUp
+	57,  // 126: tally.v1.LedgerService.GetAutoTopUp:output_type -> tally.v1.AutoTopUp
+	60,  // 127: tally.v1.LedgerService.ListTopUps:output_type -> tally.v1.ListTopUpsResponse
+	102, // [102:128] is the sub-list for method output_type
+	76,  // [76:102] is the sub-list for method input_type
+	76,  // [76:76] is the sub-list for extension type_name
+	76,  // [76:76] is the sub-list for extension extendee
+	0,   // [0:76] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_ledger_proto_init() }
