@@ -198,7 +198,7 @@ func (r *runner) reconcile(ctx context.Context) {
 	for i := 0; ; i++ {
 		t := r.tds[i%len(r.tds)]
 		run := &ReconcileLog{}
-		err := t.cl.Reconcile(ctx, &tallyv1.ReconcileRequest{}, func(m *tallyv1.ReconcileResponse) error {
+		err := t.cl.Reconcile(ctx, &tallyv1.ReconcileRequest{Provider: r.stripe != nil}, func(m *tallyv1.ReconcileResponse) error {
 			switch {
 			case m.GetFinding() != nil:
 				fd := m.GetFinding()
