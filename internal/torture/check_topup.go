@@ -110,6 +110,17 @@ func (c *checker) checkTopUps() {
 	for i := range c.db.TopUps {
 		byID[c.db.TopUps[i].ID] = &c.db.TopUps[i]
 	}
+	var ok, failed int
+	for _, x := range c.db.TopUps {
+		switch x.Status {
+		case topUpSucceeded:
+			ok++
+		case topUpFailed:
+			failed++
+		}
+	}
+	c.results[InvTopUpCreditedOnce].Note = fmt.Sprintf("%d top-ups (%d succeeded, %d failed) on %d accounts with rules; the provider recorded %d PaymentIntents",
+		len(c.db.TopUps), ok, failed, len(c.db.TopUpRules), len(c.db.Payments))
 	c.checkTopUpPayments(byID)
 	c.checkTopUpCredits(byID)
 	c.checkTopUpInFlight()

@@ -41,11 +41,12 @@ type topUpSpec struct {
 	paymentMethod                           string
 }
 
-// topUpSpecs: two accounts that top up (the per-day cap binds after some
-// ten top-ups) and one whose card is declined (its rule is disabled after
-// the first top-up).
+// topUpSpecs: two accounts that top up (the first one's per-day cap binds
+// after three top-ups of 500: the last is cut to what the day has left)
+// and one whose card is declined (its rule is disabled after the first
+// top-up).
 var topUpSpecs = []topUpSpec{
-	{threshold: 300, target: 800, amountMax: 500, perDayMax: 5000, paymentMethod: "pm_card_visa"},
+	{threshold: 300, target: 800, amountMax: 500, perDayMax: 1200, paymentMethod: "pm_card_visa"},
 	{threshold: 300, target: 800, amountMax: 500, perDayMax: 5000, paymentMethod: "pm_card_visa"},
 	{threshold: 300, target: 800, amountMax: 500, perDayMax: 5000, paymentMethod: "pm_card_chargeDeclined"},
 }
