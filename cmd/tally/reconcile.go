@@ -129,7 +129,8 @@ func isFlagSet(fs *flag.FlagSet, name string) bool {
 func printFindings(out io.Writer, checked int64, findings []finding) {
 	if len(findings) == 0 {
 		fmt.Fprintf(out, "OK: %d accounts checked; every balance equals its entries, sequences are gapless, held equals open holds, "+
-			"the cache agrees, each currency sums to zero, every transfer has two entries summing to zero, refunds stay within their charges\n", checked)
+			"the cache agrees, each currency sums to zero, every transfer has two entries summing to zero, refunds stay within their charges, "+
+			"every SUCCEEDED top-up has exactly one credit and every top-up credit its top-up\n", checked)
 		return
 	}
 	byCheck := map[string]int{}

@@ -44,4 +44,6 @@ func TestCLITopUp(t *testing.T) {
 	}
 	mustContain(t, out, "SUCCEEDED 600 USD pi_test")
 	mustContain(t, cli(t, env, "topup", "list", "--account", acct, "--json"), `"status": "TOP_UP_STATUS_SUCCEEDED"`, `"amount": "600"`)
+	// The provider's payments agree with the top-ups.
+	mustContain(t, cli(t, env, "reconcile", "--account", acct, "--stripe"), "OK: 1 accounts checked")
 }
