@@ -25,6 +25,9 @@ const (
 	ProviderWindowMax = 31 * 24 * time.Hour
 	// ProviderTopUpsMax bounds the top-ups one comparison reads.
 	ProviderTopUpsMax = 100_000
+	// providerGrace widens the window on both sides: a top-up is recorded
+	// before its payment is made, and the provider counts in seconds.
+	providerGrace = time.Hour
 )
 
 // ProviderPayment is one payment at the top-up provider.
@@ -36,6 +39,7 @@ type ProviderPayment struct {
 	// Succeeded: the money was taken.
 	Succeeded bool
 	Status    string
+	Created   time.Time
 }
 
 // PaymentLister lists the provider's top-up payments created in [from, to).
@@ -63,13 +67,15 @@ func (l *Ledger) reconcileProvider(ctx context.Context, from, to time.Time, repo
 	if !from.Before(to) || to.Sub(from) > ProviderWindowMax {
 		return invalid("provider_from", "the provider window must be non-empty and at most %s", ProviderWindowMax)
 	}
-	pays, err := l.payments.ProviderPayments(ctx, from, to)
+	// Payments of the window's top-ups may be made after it ends; only
+	// payments made inside it are reported as lacking a top-up.
+	pays, err := l.payments.ProviderPayments(ctx, from, to.Add(providerGrace))
 	if err != nil {
 		return &Error{Code: CodeUnavailable, Reason: ReasonDatabaseUnavailable,
 			Message: "the payment provider could not be read: " + err.Error(), cause: err}
 	}
 	// Top-ups are recorded before their payment: look a little earlier.
-	xs, err := l.st.TopUpsCreated(ctx, from.Add(-time.Hour), to, ProviderTopUpsMax)
+	xs, err := l.st.TopUpsCreated(ctx, from.Add(-providerGrace), to, ProviderTopUpsMax)
 	if err != nil {
 		return fromStore(err)
 	}
@@ -85,6 +91,9 @@ func (l *Ledger) reconcileProvider(ctx context.Context, from, to time.Time, repo
 		id, err := uuid.Parse(p.TopUpID)
 		if err == nil {
 			paid[id] = append(paid[id], p)
+		}
+		if !p.Created.IsZero() && !p.Created.Before(to) {
+			continue // after the window: its top-up is another window's
 		}
 		if err := l.checkPayment(ctx, p, id, err == nil, byID, report); err != nil {
 			return err

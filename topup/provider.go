@@ -192,9 +192,10 @@ func (s *Stripe) list(ctx context.Context, customer string, from, to time.Time, 
 	if customer != "" {
 		lp.Customer = stripe.String(customer)
 	}
+	// Stripe counts in seconds: the window is widened to whole seconds.
 	rq := &stripe.RangeQueryParams{GreaterThanOrEqual: from.Unix()}
 	if !to.IsZero() {
-		rq.LesserThan = to.Unix()
+		rq.LesserThan = to.Add(time.Second - 1).Unix()
 	}
 	lp.CreatedRange = rq
 	lp.Limit = stripe.Int64(100)
@@ -241,7 +242,7 @@ func (l Lister) ProviderPayments(ctx context.Context, from, to time.Time) ([]led
 	out := make([]ledger.ProviderPayment, len(ps))
 	for i, p := range ps {
 		out[i] = ledger.ProviderPayment{ID: p.ID, TopUpID: p.TopUpID, Amount: p.Amount, Currency: p.Currency,
-			Status: p.Status, Succeeded: p.Status == string(stripe.PaymentIntentStatusSucceeded)}
+			Status: p.Status, Succeeded: p.Status == string(stripe.PaymentIntentStatusSucceeded), Created: p.Created}
 	}
 	return out, nil
 }
