@@ -21,16 +21,16 @@ import (
 // default and extra system accounts, learned as a caller learns them: from
 // replies.
 type hostileBooks struct {
-	currency                             string
-	customer, other                      string
-	revenue, funding                     string // the defaults
-	revenue2, funding2                   string // created by admin
-	chargeID                             string // a charge of customer by admin
-	charger                              tallyv1.LedgerServiceClient
-	chargerKey                           auth.Created
-	admin                                tallyv1.LedgerServiceClient
-	balancesBefore                       map[string]int64
-	transfersBefore, entriesBefore, keys int64
+	currency                       string
+	customer, other                string
+	revenue, funding               string // the defaults
+	revenue2, funding2             string // created by admin
+	chargeID                       string // a charge of customer by admin
+	charger                        tallyv1.LedgerServiceClient
+	chargerKey                     auth.Created
+	admin                          tallyv1.LedgerServiceClient
+	balancesBefore                 map[string]int64
+	transfersBefore, entriesBefore int64
 }
 
 func newHostileBooks(t *testing.T, env *tallytest.Env) *hostileBooks {

@@ -270,3 +270,24 @@ func TestCommittersNeverDeadlock(t *testing.T) {
 	}
 	envs[0].CheckBooks(t)
 }
+
+// A tallyd that has not met two currencies yet (their accounts were made
+// through another one) applies a SubmitBatch charging in both: it learns
+// each currency's system accounts and shards, one attempt per currency.
+func TestSubmitBatchLearnsEveryCurrency(t *testing.T) {
+	t.Parallel()
+	first := newEnv(t)
+	var ops []*tallyv1.BatchOperation
+	for range 3 {
+		a := createAccount(t, first, newCurrency()).GetAccountId()
+		credit(t, first, a, 100)
+		ops = append(ops, chargeOp(a, 7, client.NewIdempotencyKey()))
+	}
+	fresh := newEnv(t)
+	res, err := fresh.Client.SubmitBatch(ctxT(t), &tallyv1.SubmitBatchRequest{BatchKey: client.NewIdempotencyKey(),
+		Mode: tallyv1.BatchMode_BATCH_MODE_ATOMIC, Operations: ops})
+	if err != nil || !res.GetApplied() {
+		t.Fatalf("batch over three currencies on a fresh server: %v %v", res, err)
+	}
+	fresh.CheckBooks(t)
+}

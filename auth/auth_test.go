@@ -238,8 +238,9 @@ func TestLimiterIsPerKeyAndEvictsIdleBuckets(t *testing.T) {
 		t.Fatal("nil limiter must allow")
 	}
 	l := NewLimiter(1, 2)
-	if !l.Allow("a") || !l.Allow("a") || l.Allow("a") {
-		t.Fatal("burst of 2 not enforced")
+	first, second, third := l.Allow("a"), l.Allow("a"), l.Allow("a")
+	if !first || !second || third {
+		t.Fatalf("burst of 2 not enforced: allowed %v, %v, %v", first, second, third)
 	}
 	if !l.Allow("b") {
 		t.Fatal("limit leaked across keys")

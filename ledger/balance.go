@@ -100,6 +100,9 @@ func (l *Ledger) GetBalance(ctx context.Context, id uuid.UUID, c Consistency, mi
 	}
 	b := balanceFromRow(row)
 	if row.Sharded {
+		l.dir.markSharded(id)
+	}
+	if !cacheable(row.Type) {
 		return b, nil
 	}
 	l.cachePut(ctx, cache.Balance{

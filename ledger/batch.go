@@ -584,16 +584,21 @@ func (wk *work) buildUpdates(original map[uuid.UUID]store.Account) {
 	}
 }
 
+// cacheable reports whether balances of accounts of type t are cached:
+// CUSTOMER accounts only. A REVENUE or FUNDING account may have shards (or
+// get them at any time), and then no one row holds its balance; such reads
+// are not the hot path.
+func cacheable(t int16) bool { return AccountType(t) == AccountTypeCustomer }
+
 // post is what the committed batch leaves to do: the replays to look up
-// and the final state of every changed account to cache. Shard rows are
-// never cached: no one of them holds its account's balance.
+// and the final state of every changed CUSTOMER account to cache.
 func (d *decided) post() postCommit {
 	p := postCommit{replays: d.replays}
 	if d.wk == nil {
 		return p
 	}
 	for id, a := range d.wk.accts {
-		if a.Version == d.original[id].Version || a.Sharded() {
+		if a.Version == d.original[id].Version || !cacheable(a.Type) {
 			continue
 		}
 		p.balances = append(p.balances, cacheValue(a, d.wk.nextExpiry[id], d.wk.now))

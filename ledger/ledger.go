@@ -16,6 +16,8 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/google/uuid"
 	"golang.org/x/sync/singleflight"
@@ -34,6 +36,8 @@ type BalanceCache interface {
 	Put(ctx context.Context, b cache.Balance)
 	// PutMany does what Put does for each of bs, in one round trip.
 	PutMany(ctx context.Context, bs []cache.Balance)
+	// Delete removes a cached pair, best-effort.
+	Delete(ctx context.Context, id uuid.UUID)
 }
 
 // Config configures a Ledger.
@@ -70,11 +74,13 @@ type Ledger struct {
 	dir          *directory
 	systemShards int
 	shardOffset  int
-	// widened remembers accounts given shards in the background.
-	widened sync.Map
-	refresh refreshing
-	usage   usageConfig
-	topup   TopUpConfig
+	// widened remembers when accounts were last given shards in the
+	// background; shardGate opens once no previous release is connected.
+	widened   sync.Map
+	shardGate atomic.Bool
+	refresh   refreshing
+	usage     usageConfig
+	topup     TopUpConfig
 	// payments lists the top-up provider's payments (Reconcile).
 	payments PaymentLister
 }
@@ -140,7 +146,18 @@ func (l *Ledger) ensureSystemAccounts(ctx context.Context, currency string) erro
 	if _, ok := l.dir.systemOf(currency); ok {
 		return nil
 	}
-	var sys systemShards
+	sys, err := l.loadSystemAccounts(ctx, currency)
+	if err != nil {
+		return err
+	}
+	l.dir.setSystem(currency, sys)
+	return nil
+}
+
+// loadSystemAccounts creates the currency's default system accounts if
+// needed, gives them their shards where allowed, and returns them.
+func (l *Ledger) loadSystemAccounts(ctx context.Context, currency string) (systemShards, error) {
+	sys := systemShards{complete: true, at: time.Now()}
 	for _, role := range []string{store.SystemRoleRevenue, store.SystemRoleFunding} {
 		t := AccountTypeRevenue
 		if role == store.SystemRoleFunding {
@@ -148,21 +165,25 @@ func (l *Ledger) ensureSystemAccounts(ctx context.Context, currency string) erro
 		}
 		id, err := l.st.EnsureSystemAccount(ctx, currency, role, int16(t), int16(FloorNone))
 		if err != nil {
-			return fromStore(err)
+			return systemShards{}, fromStore(err)
 		}
-		shards, err := l.ensureShards(ctx, id)
+		shards, complete, err := l.ensureShards(ctx, id)
 		if err != nil {
-			return err
+			return systemShards{}, err
 		}
+		sys.complete = sys.complete && complete
 		if role == store.SystemRoleRevenue {
 			sys.revenue = shards
 		} else {
 			sys.funding = shards
 		}
-		l.dir.remember(map[uuid.UUID]store.AccountFacts{id: {ID: id, Currency: currency, Type: int16(t), Shards: shards}})
+		f := store.AccountFacts{ID: id, Currency: currency, Type: int16(t)}
+		if len(shards) > 1 {
+			f.Shards = shards
+		}
+		l.dir.remember(map[uuid.UUID]store.AccountFacts{id: f})
 	}
-	l.dir.setSystem(currency, sys)
-	return nil
+	return sys, nil
 }
 
 // SystemAccount returns the currency's default revenue or funding account.
@@ -235,7 +256,7 @@ func (l *Ledger) CreateAccount(ctx context.Context, r CreateAccountRequest) (Acc
 	if created && r.Type != AccountTypeCustomer {
 		// A REVENUE or FUNDING account is sharded from the start. Should
 		// this fail, it gets its shards on first use (widenShards).
-		if _, err := l.ensureShards(ctx, got.ID); err != nil {
+		if _, _, err := l.ensureShards(ctx, got.ID); err != nil {
 			l.log.Warn("adding shards to a new account failed", "account", got.ID, "err", err)
 		}
 	}

@@ -99,3 +99,49 @@ func BenchmarkDecideBatch(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkPlanLocks plans the locks of one batch of charges whose account
+// facts are remembered (the steady state): the rows each item may change,
+// with the committer's shard of the revenue account.
+func BenchmarkPlanLocks(b *testing.B) {
+	const currency = "USD"
+	l := &Ledger{dir: newDirectory(0), systemShards: 8}
+	shards := make([]uuid.UUID, 8)
+	for i := range shards {
+		shards[i] = uuid.Must(uuid.NewV7())
+	}
+	l.dir.setSystem(currency, systemShards{revenue: shards, funding: shards, complete: true, at: time.Now()})
+	for _, n := range []int{1, 32, 256} {
+		items := make([]*item, n)
+		facts := map[uuid.UUID]store.AccountFacts{}
+		for i := range items {
+			id := uuid.Must(uuid.NewV7())
+			facts[id] = store.AccountFacts{ID: id, Currency: currency, Type: int16(AccountTypeCustomer)}
+			items[i] = &item{r: MoveRequest{Kind: KindCharge, AccountID: id, Amount: 1, IdempotencyKey: id.String()}}
+		}
+		l.dir.remember(facts)
+		b.Run(fmt.Sprintf("items=%d", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				p := &lockPlan{system: map[string]map[string]uuid.UUID{}, alias: map[uuid.UUID]uuid.UUID{},
+					shardsOf: map[uuid.UUID][]uuid.UUID{}}
+				accounts, _, _ := p.collect(items)
+				p.facts.Accounts = make(map[uuid.UUID]store.AccountFacts, len(accounts))
+				for _, id := range accounts {
+					f, ok := l.dir.lookup(id)
+					if !ok {
+						b.Fatal("facts not remembered")
+					}
+					p.facts.Accounts[id] = f
+				}
+				for _, it := range items {
+					l.planItem(p, it.r, 3)
+				}
+				if len(p.lock.Accounts) != 2*n {
+					b.Fatalf("planned %d rows, want %d", len(p.lock.Accounts), 2*n)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/item")
+		})
+	}
+}

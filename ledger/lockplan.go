@@ -188,6 +188,7 @@ func (p *lockPlan) systemShard(l *Ledger, currency, role string, lane int) {
 	if !ok {
 		return
 	}
+	l.widenSystem(currency, sys)
 	shards := sys.revenue
 	if role == store.SystemRoleFunding {
 		shards = sys.funding

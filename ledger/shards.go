@@ -31,6 +31,9 @@ const (
 	// used before it is read again, so shards another process added are
 	// picked up. A short list is never wrong, only less spread.
 	shardListTTL = time.Minute
+	// shardRetryInterval is how soon shards that could not be added yet
+	// (a previous release still connected) are tried again.
+	shardRetryInterval = 5 * time.Second
 )
 
 // directory remembers facts that never change: an account's currency, type
@@ -41,6 +44,10 @@ type directory struct {
 	facts  map[uuid.UUID]factsEntry
 	max    int
 	system map[string]systemShards
+	// shardedIDs are the accounts known to have shards (or to be one),
+	// kept for good: shards are never removed. Bounded by the number of
+	// REVENUE and FUNDING accounts and their shards.
+	shardedIDs sync.Map
 }
 
 type factsEntry struct {
@@ -49,9 +56,13 @@ type factsEntry struct {
 }
 
 // systemShards are a currency's default revenue and funding accounts, each
-// as its shard list (the account's own id first).
+// as its shard list (the account's own id first). complete is false when
+// shards could not be added yet; they are then tried again in the
+// background (widenSystem).
 type systemShards struct {
 	revenue, funding []uuid.UUID
+	complete         bool
+	at               time.Time
 }
 
 func newDirectory(max int) *directory {
@@ -84,8 +95,14 @@ func (d *directory) remember(fs map[uuid.UUID]store.AccountFacts) {
 	}
 	for id, f := range fs {
 		d.facts[id] = factsEntry{AccountFacts: f, readAt: now}
+		if f.Shards != nil || f.ShardOf != uuid.Nil {
+			d.shardedIDs.Store(id, true)
+		}
 	}
 }
+
+// markSharded records that id has shards (or is one).
+func (d *directory) markSharded(id uuid.UUID) { d.shardedIDs.Store(id, true) }
 
 // systemOf returns the currency's default system accounts, if known.
 func (d *directory) systemOf(currency string) (systemShards, bool) {
@@ -104,8 +121,8 @@ func (d *directory) setSystem(currency string, s systemShards) {
 // sharded reports whether id is known to be an account with shards (whose
 // balance must never be cached: no one row holds it).
 func (d *directory) sharded(id uuid.UUID) bool {
-	f, ok := d.lookup(id)
-	return ok && (f.Shards != nil || f.ShardOf != uuid.Nil)
+	_, ok := d.shardedIDs.Load(id)
+	return ok
 }
 
 // pickShard returns the shard a committer posts to: committers of one
@@ -116,13 +133,73 @@ func (l *Ledger) pickShard(shards []uuid.UUID, lane int) uuid.UUID {
 }
 
 // ensureShards gives a REVENUE or FUNDING account its configured number of
-// shards, and returns them. It runs outside any batch transaction.
-func (l *Ledger) ensureShards(ctx context.Context, id uuid.UUID) ([]uuid.UUID, error) {
-	shards, err := l.st.AddShards(ctx, id, l.systemShards)
-	if err != nil {
-		return nil, fromStore(err)
+// shards, and returns them; complete is false when none could be added
+// because a tallyd of a release that does not know shards is still
+// connected (the existing shards are returned). It runs outside any batch
+// transaction.
+func (l *Ledger) ensureShards(ctx context.Context, id uuid.UUID) (shards []uuid.UUID, complete bool, err error) {
+	if l.systemShards > 1 && !l.shardsAllowed(ctx) {
+		shards, err := l.st.Shards(ctx, id)
+		return shards, false, fromStore(err)
 	}
-	return shards, nil
+	if l.cache != nil {
+		// Once shards exist no one row holds the balance: forget what the
+		// cache holds for the account's own row, written by a previous
+		// release while it had none (this release never caches REVENUE or
+		// FUNDING accounts, and no previous release is connected now).
+		l.cache.Delete(ctx, id)
+	}
+	shards, err = l.st.AddShards(ctx, id, l.systemShards)
+	if err != nil {
+		return nil, false, fromStore(err)
+	}
+	if len(shards) > 1 {
+		l.dir.markSharded(id)
+	}
+	return shards, true, nil
+}
+
+// shardsAllowed reports whether shards may be added: once no tallyd of a
+// previous release is connected, from then on.
+func (l *Ledger) shardsAllowed(ctx context.Context) bool {
+	if l.shardGate.Load() {
+		return true
+	}
+	old, err := l.st.PreviousReleaseConnected(ctx)
+	if err != nil || old {
+		if old {
+			l.log.Info("not adding system-account shards while a tallyd of a previous release is connected")
+		}
+		return false
+	}
+	l.shardGate.Store(true)
+	return true
+}
+
+// widenSystem tries again, in the background and at most every
+// shardRetryInterval, to give a currency's default system accounts their
+// shards when that could not be done before (a previous release was
+// connected, or PostgreSQL did not answer). Batches meanwhile post to the
+// shards already known.
+func (l *Ledger) widenSystem(currency string, sys systemShards) {
+	if sys.complete || l.systemShards <= 1 || time.Since(sys.at) < shardRetryInterval {
+		return
+	}
+	if _, loaded := l.widened.LoadOrStore("system:"+currency, true); loaded {
+		return
+	}
+	go func() {
+		defer l.widened.Delete("system:" + currency)
+		ctx, cancel := context.WithTimeout(context.Background(), l.batch.cfg.Timeout)
+		defer cancel()
+		next, err := l.loadSystemAccounts(ctx, currency)
+		if err != nil {
+			l.log.Debug("adding system-account shards failed; trying again later", "currency", currency, "err", err)
+			next = sys
+			next.at = time.Now()
+		}
+		l.dir.setSystem(currency, next)
+	}()
 }
 
 // widenShards adds shards, in the background, to a REVENUE or FUNDING
@@ -132,15 +209,16 @@ func (l *Ledger) widenShards(id uuid.UUID) {
 	if l.systemShards <= 1 {
 		return
 	}
-	if _, loaded := l.widened.LoadOrStore(id, true); loaded {
+	now := time.Now()
+	if last, loaded := l.widened.LoadOrStore(id, now); loaded && now.Sub(last.(time.Time)) < shardRetryInterval {
 		return
 	}
+	l.widened.Store(id, now)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), l.batch.cfg.Timeout)
 		defer cancel()
-		if _, err := l.ensureShards(ctx, id); err != nil {
+		if _, _, err := l.ensureShards(ctx, id); err != nil {
 			l.log.Warn("adding shards failed; posting to the existing ones", "account", id, "err", err)
-			l.widened.Delete(id)
 		}
 	}()
 }

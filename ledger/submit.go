@@ -169,7 +169,9 @@ func (l *Ledger) SubmitBatch(ctx context.Context, r BatchRequest) (BatchResult, 
 		sb := &submitBatch{scope: r.Scope, key: r.Key, fp: fp, mode: r.Mode}
 		results, applied, post, err := l.commitItems(ctx, items, sb, lane)
 		var missing *systemMissingError
-		if errors.As(err, &missing) && attempt == 0 {
+		// Each attempt can find one more currency whose default system
+		// accounts this process has not met yet: at most one per item.
+		if errors.As(err, &missing) && attempt < len(items) {
 			if err := l.ensureSystemAccounts(ctx, missing.currency); err != nil {
 				return BatchResult{}, err
 			}

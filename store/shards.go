@@ -17,6 +17,29 @@ const ShardsMax = 64
 // ShardsMax shards, always fits an int64 (accounts_shard_balance_range).
 const ShardBalanceMax = math.MaxInt64 / ShardsMax
 
+// ApplicationName is how tallyd's connections name themselves to
+// PostgreSQL. Releases before sharded system accounts named theirs
+// "tallyd" (previousApplicationName); PreviousReleaseConnected looks for
+// those.
+const (
+	ApplicationName         = "tallyd/sharded"
+	previousApplicationName = "tallyd"
+)
+
+// PreviousReleaseConnected reports whether a tallyd of a release that does
+// not know shards is connected to this database. While one is, no shards
+// are added: it would read a sharded account's own row as its balance, and
+// change the status of that row only (docs/OPERATIONS.md, "Upgrading").
+// Through a connection pooler that hides client names this sees none: the
+// upgrade procedure there is to replace every tallyd before raising
+// --system-shards above 1.
+func (s *Store) PreviousReleaseConnected(ctx context.Context) (bool, error) {
+	var found bool
+	err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+		WHERE datname = current_database() AND application_name = $1)`, previousApplicationName).Scan(&found)
+	return found, translate(err)
+}
+
 // AddShards makes sure account id has at least total shards (shard 0, its
 // own row, included) and returns every shard's id in index order. Shards
 // are only ever added, each a new accounts row with no history, under the

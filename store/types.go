@@ -135,6 +135,7 @@ type BalanceRow struct {
 	// Sharded is set for an account with shards: Balance and Version are
 	// the sums over its shards, read in one snapshot.
 	Sharded bool
+	Type    int16
 }
 
 // AccountUpdate is the new state of one account after a posting. PrevVersion

@@ -20,7 +20,7 @@ func TestBenchCost(t *testing.T) {
 		"--clients", "4", "--accounts", "20", "--duration", "1500ms", "--warmup", "0s", "--quiet",
 		"--server-pid", strconv.Itoa(os.Getpid()), "--database-url", dbURL}
 	var out bytes.Buffer
-	if err := benchCmd(append(args, "--json"), &out); err != nil {
+	if err := run(append([]string{"bench"}, append(args, "--json")...), &out); err != nil {
 		t.Fatal(err)
 	}
 	var r bench.Result
@@ -39,7 +39,7 @@ func TestBenchCost(t *testing.T) {
 		t.Fatalf("items/batch without --server-http: %v", *c.ItemsPerBatch)
 	}
 	out.Reset()
-	if err := benchCmd(args, &out); err != nil {
+	if err := run(append([]string{"bench"}, args...), &out); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("tally bench printed:\n%s", out.String())

@@ -4,13 +4,12 @@ import (
 	"context"
 	"encoding/csv"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"time"
 
+	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
@@ -20,48 +19,54 @@ import (
 var exportCSVHeader = []string{"cursor", "event", "created_at", "id", "kind", "debit_account_id", "credit_account_id",
 	"account_id", "amount", "currency", "status", "refund_of", "hold_id", "idempotency_key", "threshold_crossed"}
 
-// export writes the change feed as JSON lines or CSV and reports the cursor
-// to resume from: on standard error when the data goes to standard output,
-// else on standard output.
-func export(args []string, out io.Writer) error {
-	var c common
-	fs := flag.NewFlagSet("tally export", flag.ContinueOnError)
-	c.register(fs)
-	since := fs.String("since", "", "cursor to resume after (empty: from the beginning)")
-	format := fs.String("format", "jsonl", "jsonl or csv")
-	file := fs.String("out", "", "write to this file instead of standard output")
-	follow := fs.Bool("follow", false, "keep streaming new events until interrupted or --timeout")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	if *format != "jsonl" && *format != "csv" {
-		return fmt.Errorf("--format must be jsonl or csv")
-	}
-	data, report := out, io.Writer(os.Stderr)
-	if *file != "" {
-		f, err := os.Create(*file)
+type exportOpts struct {
+	since, format, file string
+	follow              bool
+}
+
+// Validate has nothing to check: cobra checks --format.
+func (o *exportOpts) Validate() error { return nil }
+
+// newExportCmd writes the change feed as JSON lines or CSV and reports the
+// cursor to resume from: on standard error when the data goes to standard
+// output, else on standard output.
+func (a *app) newExportCmd() *cobra.Command {
+	o := &exportOpts{}
+	cmd := &cobra.Command{Use: "export", Short: "Write the change feed (JSON lines or CSV) from a cursor", Args: cobra.NoArgs,
+		RunE: a.runE(o), Example: "  tally export --since CURSOR --format csv --out feed.csv"}
+	f := cmd.Flags()
+	f.StringVar(&o.since, "since", "", "cursor to resume after (empty: from the beginning)")
+	enumFlag(cmd, &o.format, "format", "jsonl", []string{"jsonl", "csv"}, "output format")
+	f.StringVar(&o.file, "out", "", "write to this file instead of standard output")
+	f.BoolVar(&o.follow, "follow", false, "keep streaming new events until interrupted or --timeout")
+	a.conn.register(cmd)
+	return cmd
+}
+
+func (o *exportOpts) run(a *app) error {
+	data, report := a.out, a.errOut
+	if o.file != "" {
+		f, err := os.Create(o.file)
 		if err != nil {
 			return err
 		}
 		defer f.Close()
-		data, report = f, out
+		data, report = f, a.out
 	}
-	cl, ctx, cancel, err := connect(&c)
+	cl, ctx, err := a.client()
 	if err != nil {
 		return err
 	}
-	defer cancel()
-	defer cl.Close()
 	var w *csv.Writer
-	if *format == "csv" {
+	if o.format == "csv" {
 		w = csv.NewWriter(data)
 		if err := w.Write(exportCSVHeader); err != nil {
 			return err
 		}
 	}
 	n := 0
-	prog := newProgress(os.Stderr, "export", 0)
-	cursor, err := cl.Export(ctx, *since, *follow, func(ev *tallyv1.ExportTransfersResponse) error {
+	prog := newProgress(a.errOut, "export", 0)
+	cursor, err := cl.Export(ctx, o.since, o.follow, func(ev *tallyv1.ExportTransfersResponse) error {
 		n++
 		prog.add(1)
 		if w != nil {
@@ -83,7 +88,7 @@ func export(args []string, out io.Writer) error {
 	}
 	// A follow ended by --timeout or Ctrl-C is a normal end: report where
 	// to resume.
-	if *follow && errors.Is(err, context.DeadlineExceeded) {
+	if o.follow && errors.Is(err, context.DeadlineExceeded) {
 		err = nil
 	}
 	fmt.Fprintf(report, "exported %d events; resume with: tally export --since %s\n", n, cursor)

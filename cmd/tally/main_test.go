@@ -16,6 +16,9 @@ import (
 var dbURL string
 
 func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		main() // tallyExec: this process is tally
+	}
 	os.Exit(testdb.Main(m, testdb.Options{Migrate: store.Migrate, TemplateName: "tally_template_" + store.MigrationsFingerprint()},
 		func(db *testdb.DB) { dbURL = db.URL() }))
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/csv"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -14,9 +13,10 @@ import (
 	"strings"
 	"time"
 
-	"github.com/tallyledger/tally/api/client"
+	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/tallyledger/tally/api/client"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
 )
 
@@ -44,86 +44,110 @@ type finding struct {
 	Repaired   bool   `json:"repaired,omitempty"`
 }
 
-func reconcile(args []string, out io.Writer) error {
-	var c common
-	fs := flag.NewFlagSet("tally reconcile", flag.ContinueOnError)
-	c.register(fs)
-	var accts multi
-	fs.Var(&accts, "account", "check only this account (repeatable; default: all, plus the ledger-wide sums)")
-	repair := fs.Bool("repair-cache", false, "delete cached balances that disagree with PostgreSQL")
-	external := fs.String("external", "", "CSV of account_id or external_ref, expected_balance (e.g. from a payment provider)")
-	pageSize := fs.Int("page-size", 0, "accounts per statement (server default 500)")
-	stripe := fs.Bool("stripe", false, "also compare the payment provider's (Stripe's) payments with the top-ups, through tallyd")
-	since := fs.Duration("stripe-since", 24*time.Hour, "with --stripe: compare payments created this long ago until now (at most 744h)")
-	if err := parse(fs, args); err != nil {
-		return err
+type reconcileOpts struct {
+	accounts []string
+	repair   bool
+	external string
+	pageSize int
+	// stripe compares the provider's payments of the last stripeSince
+	// with the top-ups, through tallyd.
+	stripe      bool
+	stripeSince time.Duration
+	findings    []finding
+	checked     int64
+}
+
+// Validate has nothing to check: the server checks the account ids.
+func (o *reconcileOpts) Validate() error { return nil }
+
+func (a *app) newReconcileCmd() *cobra.Command {
+	o := &reconcileOpts{}
+	cmd := &cobra.Command{Use: "reconcile", Short: "Prove the books add up (and compare an external CSV); exit 1 on any mismatch",
+		Args: cobra.NoArgs, RunE: a.runE(o), Long: strings.TrimSpace(`
+Prove the books add up: every balance equals its entries, sequences are
+gapless, held equals open holds, the cache agrees, each currency sums to
+zero, every transfer has two entries summing to zero, refunds stay within
+their charges, every SUCCEEDED top-up has exactly one credit and every
+top-up credit its top-up; with --external, every balance equals the CSV's;
+with --stripe, Stripe's payments of the window match the top-ups. Exits 1 on
+any finding. Without --timeout it has no deadline (Ctrl-C stops it).`)}
+	f := cmd.Flags()
+	f.StringArrayVar(&o.accounts, "account", nil, "check only this account (repeatable; default: all, plus the ledger-wide sums)")
+	f.BoolVar(&o.repair, "repair-cache", false, "delete cached balances that disagree with PostgreSQL")
+	f.StringVar(&o.external, "external", "", "CSV of account_id or external_ref, expected_balance (e.g. from a payment provider)")
+	f.IntVar(&o.pageSize, "page-size", 0, "accounts per statement (server default 500)")
+	f.BoolVar(&o.stripe, "stripe", false, "also compare the payment provider's (Stripe's) payments with the top-ups, through tallyd (--topup-provider)")
+	f.DurationVar(&o.stripeSince, "stripe-since", 24*time.Hour, "with --stripe: compare the payments made this long ago until now (at most 744h)")
+	a.conn.register(cmd)
+	return cmd
+}
+
+func (o *reconcileOpts) run(a *app) error {
+	if !a.cmd.Flags().Changed("timeout") {
+		a.conn.timeout = 0 // a full run may take minutes; Ctrl-C stops it
 	}
-	req := &tallyv1.ReconcileRequest{AccountIds: accts, PageSize: int32(*pageSize), RepairCache: *repair, Provider: *stripe}
-	if *stripe {
-		now := time.Now()
-		req.ProviderFrom, req.ProviderTo = timestamppb.New(now.Add(-*since)), timestamppb.New(now)
-	}
-	if !isFlagSet(fs, "timeout") {
-		c.timeout = 0 // a full run may take minutes; Ctrl-C stops it
-	}
-	cl, ctx, cancel, err := connect(&c)
+	cl, ctx, err := a.client()
 	if err != nil {
 		return err
 	}
-	defer cancel()
-	defer cl.Close()
-	var findings []finding
-	var checked int64
-	prog := newProgress(os.Stderr, "reconcile", 0)
-	err = cl.Reconcile(ctx, req,
-		func(m *tallyv1.ReconcileResponse) error {
-			switch {
-			case m.GetProgress() != nil:
-				p := m.GetProgress()
-				prog.total = p.GetAccountsTotal()
-				prog.add(p.GetAccountsChecked() - prog.n)
-			case m.GetFinding() != nil:
-				f := m.GetFinding()
-				findings = append(findings, finding{Check: f.GetCheck(), AccountID: f.GetAccountId(), TransferID: f.GetTransferId(),
-					Currency: f.GetCurrency(), Detail: f.GetDetail(), Repaired: f.GetRepaired()})
-			case m.GetSummary() != nil:
-				checked = m.GetSummary().GetAccountsChecked()
-			}
-			return nil
-		})
-	prog.done()
-	if err != nil {
+	if err := o.stream(ctx, cl, a.errOut); err != nil {
 		return err
 	}
-	if *external != "" {
-		ext, err := compareExternal(ctx, cl, *external)
+	if o.external != "" {
+		ext, err := compareExternal(ctx, cl, o.external)
 		if err != nil {
 			return err
 		}
-		findings = append(findings, ext...)
+		o.findings = append(o.findings, ext...)
 	}
-	if c.json {
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		if findings == nil {
-			findings = []finding{}
-		}
-		if err := enc.Encode(map[string]any{"accounts_checked": checked, "findings": findings, "ok": len(findings) == 0}); err != nil {
+	if a.conn.json {
+		if err := o.printJSON(a.out); err != nil {
 			return err
 		}
 	} else {
-		printFindings(out, checked, findings)
+		printFindings(a.out, o.checked, o.findings)
 	}
-	if len(findings) > 0 {
-		return fmt.Errorf("%w: %d", errFindings, len(findings))
+	if len(o.findings) > 0 {
+		return fmt.Errorf("%w: %d", errFindings, len(o.findings))
 	}
 	return nil
 }
 
-func isFlagSet(fs *flag.FlagSet, name string) bool {
-	set := false
-	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
-	return set || os.Getenv("TALLY_"+strings.ToUpper(strings.ReplaceAll(name, "-", "_"))) != ""
+// stream runs the Reconcile RPC, collecting its findings and showing its
+// progress on progressOut.
+func (o *reconcileOpts) stream(ctx context.Context, cl *client.Client, progressOut io.Writer) error {
+	prog := newProgress(progressOut, "reconcile", 0)
+	defer prog.done()
+	req := &tallyv1.ReconcileRequest{AccountIds: o.accounts, PageSize: int32(o.pageSize), RepairCache: o.repair, Provider: o.stripe}
+	if o.stripe {
+		now := time.Now()
+		req.ProviderFrom, req.ProviderTo = timestamppb.New(now.Add(-o.stripeSince)), timestamppb.New(now)
+	}
+	return cl.Reconcile(ctx, req, func(m *tallyv1.ReconcileResponse) error {
+		switch {
+		case m.GetProgress() != nil:
+			p := m.GetProgress()
+			prog.total = p.GetAccountsTotal()
+			prog.add(p.GetAccountsChecked() - prog.n)
+		case m.GetFinding() != nil:
+			f := m.GetFinding()
+			o.findings = append(o.findings, finding{Check: f.GetCheck(), AccountID: f.GetAccountId(), TransferID: f.GetTransferId(),
+				Currency: f.GetCurrency(), Detail: f.GetDetail(), Repaired: f.GetRepaired()})
+		case m.GetSummary() != nil:
+			o.checked = m.GetSummary().GetAccountsChecked()
+		}
+		return nil
+	})
+}
+
+func (o *reconcileOpts) printJSON(out io.Writer) error {
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	findings := o.findings
+	if findings == nil {
+		findings = []finding{}
+	}
+	return enc.Encode(map[string]any{"accounts_checked": o.checked, "findings": findings, "ok": len(findings) == 0})
 }
 
 func printFindings(out io.Writer, checked int64, findings []finding) {

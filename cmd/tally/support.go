@@ -1,15 +1,17 @@
 package main
 
 import (
-	"flag"
+	"context"
 	"fmt"
 	"io"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/encoding/protojson"
 
+	"github.com/tallyledger/tally/api/client"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
 )
 
@@ -45,102 +47,130 @@ func money(minor int64, currency string) string {
 	return s + " " + currency
 }
 
-// show is the support agent's view of a customer: the account, its balance,
-// held and available amounts, and its latest entries.
-func show(args []string, out io.Writer) error {
-	var c common
-	fs := flag.NewFlagSet("tally show", flag.ContinueOnError)
-	c.register(fs)
-	id := fs.String("account", "", "account id")
-	ref := fs.String("external-ref", "", "the customer's id in your system")
-	n := fs.Int("entries", 20, "how many of the latest entries to show")
-	if err := parse(fs, args); err != nil {
-		return err
+type showOpts struct {
+	account, externalRef string
+	entries              int
+}
+
+// Validate has nothing to check: cobra enforces one of --account and
+// --external-ref.
+func (o *showOpts) Validate() error { return nil }
+
+// newShowCmd is the support agent's view of a customer: the account, its
+// balance, held and available amounts, and its latest entries.
+func (a *app) newShowCmd() *cobra.Command {
+	o := &showOpts{}
+	cmd := &cobra.Command{Use: "show", Short: "A customer at a glance: balance, held, available, latest entries",
+		Args: cobra.NoArgs, RunE: a.runE(o), Example: "  tally show --external-ref cust-42"}
+	f := cmd.Flags()
+	f.StringVar(&o.account, "account", "", "account id")
+	f.StringVar(&o.externalRef, "external-ref", "", "the customer's id in your system")
+	f.IntVar(&o.entries, "entries", 20, "how many of the latest entries to show")
+	cmd.MarkFlagsOneRequired("account", "external-ref")
+	cmd.MarkFlagsMutuallyExclusive("account", "external-ref")
+	a.conn.register(cmd)
+	return cmd
+}
+
+// accounts finds the account of --account, or those of --external-ref.
+func (o *showOpts) accounts(ctx context.Context, cl *client.Client) ([]*tallyv1.Account, error) {
+	if o.account != "" {
+		acct, err := cl.GetAccount(ctx, &tallyv1.GetAccountRequest{AccountId: o.account})
+		if err != nil {
+			return nil, err
+		}
+		return []*tallyv1.Account{acct}, nil
 	}
-	if (*id == "") == (*ref == "") {
-		return fmt.Errorf("give --account or --external-ref")
+	res, err := cl.FindAccounts(ctx, &tallyv1.FindAccountsRequest{ExternalRef: o.externalRef, PageSize: 20})
+	if err != nil {
+		return nil, err
 	}
-	cl, ctx, cancel, err := connect(&c)
+	if len(res.GetAccounts()) == 0 {
+		return nil, fmt.Errorf("no account has external_ref %q", o.externalRef)
+	}
+	return res.GetAccounts(), nil
+}
+
+func (o *showOpts) run(a *app) error {
+	cl, ctx, err := a.client()
 	if err != nil {
 		return err
 	}
-	defer cancel()
-	defer cl.Close()
-	var accts []*tallyv1.Account
-	if *id != "" {
-		a, err := cl.GetAccount(ctx, &tallyv1.GetAccountRequest{AccountId: *id})
-		if err != nil {
-			return err
-		}
-		accts = append(accts, a)
-	} else {
-		res, err := cl.FindAccounts(ctx, &tallyv1.FindAccountsRequest{ExternalRef: *ref, PageSize: 20})
-		if err != nil {
-			return err
-		}
-		if len(res.GetAccounts()) == 0 {
-			return fmt.Errorf("no account has external_ref %q", *ref)
-		}
-		accts = res.GetAccounts()
+	accts, err := o.accounts(ctx, cl)
+	if err != nil {
+		return err
 	}
-	type view struct {
-		Account *tallyv1.Account `json:"account"`
-		Balance *tallyv1.Balance `json:"balance"`
-		Entries []*tallyv1.Entry `json:"entries"`
-	}
-	var views []view
-	for _, a := range accts {
-		b, err := cl.GetBalance(ctx, &tallyv1.GetBalanceRequest{AccountId: a.GetAccountId(), Consistency: tallyv1.Consistency_CONSISTENCY_STRONG})
+	var views []customerView
+	for _, acct := range accts {
+		b, err := cl.GetBalance(ctx, &tallyv1.GetBalanceRequest{AccountId: acct.GetAccountId(), Consistency: tallyv1.Consistency_CONSISTENCY_STRONG})
 		if err != nil {
 			return err
 		}
-		es, err := cl.ListEntries(ctx, &tallyv1.ListEntriesRequest{AccountId: a.GetAccountId(), PageSize: int32(*n), NewestFirst: true})
+		es, err := cl.ListEntries(ctx, &tallyv1.ListEntriesRequest{AccountId: acct.GetAccountId(), PageSize: int32(o.entries), NewestFirst: true})
 		if err != nil {
 			return err
 		}
-		views = append(views, view{a, b, es.GetEntries()})
+		views = append(views, customerView{acct, b, es.GetEntries()})
 	}
-	if c.json {
-		m := protojson.MarshalOptions{UseProtoNames: true}
-		fmt.Fprint(out, "[")
-		for i, v := range views {
-			if i > 0 {
-				fmt.Fprint(out, ",")
-			}
-			a, _ := m.Marshal(v.Account)
-			b, _ := m.Marshal(v.Balance)
-			var es []string
-			for _, e := range v.Entries {
-				j, _ := m.Marshal(e)
-				es = append(es, string(j))
-			}
-			fmt.Fprintf(out, `{"account":%s,"balance":%s,"entries":[%s]}`, a, b, strings.Join(es, ","))
-		}
-		fmt.Fprintln(out, "]")
-		return nil
+	if a.conn.json {
+		return printViewsJSON(a.out, views)
 	}
 	for i, v := range views {
 		if i > 0 {
-			fmt.Fprintln(out)
+			fmt.Fprintln(a.out)
 		}
-		a, b, cur := v.Account, v.Balance, v.Account.GetCurrency()
-		fmt.Fprintf(out, "Account   %s  (%s, %s)\n", a.GetAccountId(), enumName(a.GetType(), "ACCOUNT_TYPE_"), enumName(a.GetStatus(), "ACCOUNT_STATUS_"))
-		if a.GetExternalRef() != "" {
-			fmt.Fprintf(out, "Customer  %s\n", a.GetExternalRef())
-		}
-		fmt.Fprintf(out, "Balance   %s\nHeld      %s\nAvailable %s", money(b.GetBalance(), cur), money(b.GetHeld(), cur), money(b.GetAvailable(), cur))
-		if b.GetCreditLimit() != 0 {
-			fmt.Fprintf(out, "  (credit limit %s)", money(b.GetCreditLimit(), cur))
-		}
-		fmt.Fprintf(out, "\nVersion   %d, read %s\n\n", b.GetVersion(), b.GetAsOf().AsTime().Format(time.RFC3339))
-		rows := make([]string, 0, len(v.Entries))
-		for _, e := range v.Entries {
-			rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s", e.GetCreatedAt().AsTime().Format("2006-01-02 15:04:05"),
-				enumName(e.GetKind(), "TRANSFER_KIND_"), money(e.GetAmount(), cur), money(e.GetBalanceAfter(), cur), e.GetTransferId(),
-				createdBy(e.GetCreatedByClientId(), e.GetCreatedByKeyId())))
-		}
-		fmt.Fprintf(out, "Latest %d entries, newest first:\n", len(rows))
-		table(out, "WHEN (UTC)\tKIND\tAMOUNT\tBALANCE\tTRANSFER\tBY", rows...)
+		v.print(a.out)
 	}
 	return nil
+}
+
+// customerView is what tally show prints of one account.
+type customerView struct {
+	Account *tallyv1.Account
+	Balance *tallyv1.Balance
+	Entries []*tallyv1.Entry
+}
+
+// printViewsJSON prints the views as a JSON array of {account, balance,
+// entries}, with the proto field names.
+func printViewsJSON(out io.Writer, views []customerView) error {
+	m := protojson.MarshalOptions{UseProtoNames: true}
+	fmt.Fprint(out, "[")
+	for i, v := range views {
+		if i > 0 {
+			fmt.Fprint(out, ",")
+		}
+		acct, _ := m.Marshal(v.Account)
+		bal, _ := m.Marshal(v.Balance)
+		var es []string
+		for _, e := range v.Entries {
+			j, _ := m.Marshal(e)
+			es = append(es, string(j))
+		}
+		fmt.Fprintf(out, `{"account":%s,"balance":%s,"entries":[%s]}`, acct, bal, strings.Join(es, ","))
+	}
+	_, err := fmt.Fprintln(out, "]")
+	return err
+}
+
+// print prints the view for a person, amounts in the currency's units.
+func (v customerView) print(out io.Writer) {
+	acct, b, cur := v.Account, v.Balance, v.Account.GetCurrency()
+	fmt.Fprintf(out, "Account   %s  (%s, %s)\n", acct.GetAccountId(), enumName(acct.GetType(), "ACCOUNT_TYPE_"), enumName(acct.GetStatus(), "ACCOUNT_STATUS_"))
+	if acct.GetExternalRef() != "" {
+		fmt.Fprintf(out, "Customer  %s\n", acct.GetExternalRef())
+	}
+	fmt.Fprintf(out, "Balance   %s\nHeld      %s\nAvailable %s", money(b.GetBalance(), cur), money(b.GetHeld(), cur), money(b.GetAvailable(), cur))
+	if b.GetCreditLimit() != 0 {
+		fmt.Fprintf(out, "  (credit limit %s)", money(b.GetCreditLimit(), cur))
+	}
+	fmt.Fprintf(out, "\nVersion   %d, read %s\n\n", b.GetVersion(), b.GetAsOf().AsTime().Format(time.RFC3339))
+	rows := make([]string, 0, len(v.Entries))
+	for _, e := range v.Entries {
+		rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s", e.GetCreatedAt().AsTime().Format("2006-01-02 15:04:05"),
+			enumName(e.GetKind(), "TRANSFER_KIND_"), money(e.GetAmount(), cur), money(e.GetBalanceAfter(), cur), e.GetTransferId(),
+			createdBy(e.GetCreatedByClientId(), e.GetCreatedByKeyId())))
+	}
+	fmt.Fprintf(out, "Latest %d entries, newest first:\n", len(rows))
+	table(out, "WHEN (UTC)\tKIND\tAMOUNT\tBALANCE\tTRANSFER\tBY", rows...)
 }

@@ -1,6 +1,8 @@
 // Package flagenv gives every command-line flag a matching environment
 // variable: --database-url falls back to TALLY_DATABASE_URL. A flag given on
-// the command line wins over the environment.
+// the command line wins over the environment. Parse serves the standard
+// library's flag package (tallyd); the tally CLI (cobra) applies the same
+// EnvName rule to its pflag flags.
 package flagenv
 
 import (

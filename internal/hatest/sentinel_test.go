@@ -67,8 +67,6 @@ func TestRedisSentinelFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = master.Close() })
-	var nodes []*localsvc.Redis
-	nodes = append(nodes, master)
 	for i := range 2 {
 		r, err := localsvc.StartRedis(ctx, localsvc.RedisOptions{Dir: filepath.Join(dir, fmt.Sprintf("r%d", i)),
 			Args: []string{"--replicaof", "127.0.0.1", fmt.Sprint(master.Port())}})
@@ -76,7 +74,6 @@ func TestRedisSentinelFailover(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = r.Close() })
-		nodes = append(nodes, r)
 	}
 	var sentinels []string
 	for i := range 3 {

@@ -450,7 +450,7 @@ func (c *checker) ackedProblems(o *Op) []string {
 		} else if ks[0].HoldID != h.ID {
 			bad = append(bad, fmt.Sprintf("idempotency_keys row points to hold %q", ks[0].HoldID))
 		}
-		if ok, why := c.pairExisted(o.Account, o.BalanceVersion, o.BalanceAfter); !ok {
+		if ok, why := c.pairExisted(o.Account, o.BalanceVersion, o.BalanceAfter, time.Time{}); !ok {
 			bad = append(bad, fmt.Sprintf("acked balance (v%d, %d) never existed: %s", o.BalanceVersion, o.BalanceAfter, why))
 		}
 		return bad
@@ -467,7 +467,7 @@ func (c *checker) ackedProblems(o *Op) []string {
 		} else if ks[0].HoldID != h.ID || ks[0].TransferID != "" {
 			bad = append(bad, fmt.Sprintf("idempotency_keys row points to hold %q transfer %q", ks[0].HoldID, ks[0].TransferID))
 		}
-		if ok, why := c.pairExisted(o.Account, o.BalanceVersion, o.BalanceAfter); !ok {
+		if ok, why := c.pairExisted(o.Account, o.BalanceVersion, o.BalanceAfter, time.Time{}); !ok {
 			bad = append(bad, fmt.Sprintf("acked balance (v%d, %d) never existed: %s", o.BalanceVersion, o.BalanceAfter, why))
 		}
 		return bad
@@ -850,15 +850,16 @@ func (c *checker) checkBalanceHistory() {
 // really had: a version it reached, with the balance of its last entry at
 // or before that version (versions also advance without entries: holds,
 // expiry write-downs, lifecycle changes).
-func (c *checker) pairExisted(acct string, version, balance int64) (bool, string) {
+func (c *checker) pairExisted(acct string, version, balance int64, start time.Time) (bool, string) {
 	a, ok := c.db.Accounts[acct]
 	if !ok {
 		return false, "no such account"
 	}
-	if v, _, sharded := c.summed(acct); sharded {
+	if v, _, sharded := c.summed(acct); sharded && !start.Before(c.shardedSince(acct)) {
 		// The pair of a sharded account is a sum over its shards' rows,
 		// read in one snapshot: its version can only be one the sum
-		// reached by the end.
+		// reached by the end. (Before its first shard existed, it was an
+		// account like any other: checked below.)
 		if version < 0 || version > v {
 			return false, fmt.Sprintf("version %d never existed (the shards sum to version %d)", version, v)
 		}
@@ -892,6 +893,18 @@ func (c *checker) summed(acct string) (version, balance int64, sharded bool) {
 	return version, balance, sharded
 }
 
+// shardedSince is when acct's first shard row was created (the far future
+// for an account without shards).
+func (c *checker) shardedSince(acct string) time.Time {
+	since := time.Unix(1<<40, 0)
+	for _, a := range c.db.Accounts {
+		if a.ShardOf == acct && a.CreatedAt.Before(since) {
+			since = a.CreatedAt
+		}
+	}
+	return since
+}
+
 // nextEntry returns the first entry of acct after version: the earliest
 // known time a state of that version was superseded (a hold or lifecycle
 // change may have superseded it earlier; entries are what carry a version
@@ -922,7 +935,7 @@ func (c *checker) checkReads() {
 	var maxAge time.Duration
 	for _, o := range c.h.Observations {
 		c.checked(InvReadsExisted, 1)
-		if ok, why := c.pairExisted(o.Account, o.Version, o.Balance); !ok {
+		if ok, why := c.pairExisted(o.Account, o.Version, o.Balance, o.Start); !ok {
 			c.fail(InvReadsExisted, "client %d read account %s (%s, source %s) = (v%d, %d): %s",
 				o.Client, o.Account, o.Consistency, o.Source, o.Version, o.Balance, why)
 		}
@@ -943,9 +956,9 @@ func (c *checker) checkReads() {
 		if o.Source != SourceCache {
 			continue
 		}
-		if _, _, sharded := c.summed(o.Account); sharded {
-			c.fail(InvReadsExisted, "client %d read sharded account %s from the cache (v%d, %d): no one row holds its balance",
-				o.Client, o.Account, o.Version, o.Balance)
+		if _, _, sharded := c.summed(o.Account); sharded && !o.Start.Before(c.shardedSince(o.Account)) {
+			c.fail(InvReadsExisted, "client %d read sharded account %s from the cache (v%d, %d) at %s, after its shards existed: no one row holds its balance",
+				o.Client, o.Account, o.Version, o.Balance, o.Start.Format("15:04:05.000"))
 			continue
 		}
 		if c.planted(o) {

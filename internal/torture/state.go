@@ -30,7 +30,8 @@ type AccountRow struct {
 	Status       int16 // 1 ACTIVE, 2 FROZEN, 3 CLOSED
 	// ShardOf is, on a shard row of a sharded system account, the account
 	// it is a shard of ("" otherwise).
-	ShardOf string
+	ShardOf   string
+	CreatedAt time.Time
 	// MaxCreditLimit is the highest credit_limit account_changes shows
 	// the account ever had (0 when it never changed).
 	MaxCreditLimit int64
@@ -165,14 +166,14 @@ func LoadDBState(ctx context.Context, q Querier) (*DBState, error) {
 	s := &DBState{Accounts: map[string]*AccountRow{}, Entries: map[string][]EntryRow{}, AccountChanges: map[string]int64{}}
 
 	rows, err := q.Query(ctx, `SELECT account_id::text, currency, type, floor, credit_limit, coalesce(system_role, ''),
-		balance, version, last_sequence, held, status, coalesce(shard_of::text, '') FROM accounts`)
+		balance, version, last_sequence, held, status, coalesce(shard_of::text, ''), created_at FROM accounts`)
 	if err != nil {
 		return nil, fmt.Errorf("load accounts: %w", err)
 	}
 	for rows.Next() {
 		var a AccountRow
 		if err := rows.Scan(&a.ID, &a.Currency, &a.Type, &a.Floor, &a.CreditLimit, &a.SystemRole, &a.Balance, &a.Version, &a.LastSequence,
-			&a.Held, &a.Status, &a.ShardOf); err != nil {
+			&a.Held, &a.Status, &a.ShardOf, &a.CreatedAt); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("load accounts: %w", err)
 		}
