@@ -443,9 +443,13 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		l.Close()
 		return err
 	}
-	if topups != nil {
-		met.RegisterTopUps(topups.Stats)
-	}
+	// Served at 0 without a provider too, so alerts on them always resolve.
+	met.RegisterTopUps(func() topup.Stats {
+		if topups == nil {
+			return topup.Stats{}
+		}
+		return topups.Stats()
+	})
 	queueMax := c.batch.QueueItemsMax
 	if queueMax <= 0 {
 		queueMax = ledger.BatchQueueItemsMaxDefault
