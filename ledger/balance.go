@@ -49,9 +49,12 @@ func (l *Ledger) GetBalance(ctx context.Context, id uuid.UUID, c Consistency, mi
 	if minVersion < 0 {
 		return Balance{}, invalid("min_version", "min_version must not be negative")
 	}
-	// An account with shards is never cached: no one row holds its balance,
-	// and the post-commit refresh writes rows.
-	if c == ConsistencyCached && l.cache != nil && !l.dir.sharded(id) && !l.refresh.active(id) {
+	// Only an account this process knows to be a CUSTOMER account is read
+	// from the cache: a REVENUE or FUNDING account may have shards (no one
+	// row holds its balance), and a value found under its key was not
+	// written by this release. The first read of an account in a process
+	// learns its type from PostgreSQL.
+	if c == ConsistencyCached && l.cache != nil && l.dir.customer(id) && !l.refresh.active(id) {
 		cctx, cancel := context.WithTimeout(ctx, cacheCallTimeout)
 		b, ok := l.cache.Get(cctx, id)
 		cancel()
@@ -102,6 +105,7 @@ func (l *Ledger) GetBalance(ctx context.Context, id uuid.UUID, c Consistency, mi
 	if row.Sharded {
 		l.dir.markSharded(id)
 	}
+	l.dir.rememberType(id, row.Currency, row.Type)
 	if !cacheable(row.Type) {
 		return b, nil
 	}

@@ -253,6 +253,7 @@ func (l *Ledger) CreateAccount(ctx context.Context, r CreateAccountRequest) (Acc
 	if err != nil {
 		return Account{}, fromStore(err)
 	}
+	l.dir.rememberType(got.ID, got.Currency, got.Type)
 	if created && r.Type != AccountTypeCustomer {
 		// A REVENUE or FUNDING account is sharded from the start. Should
 		// this fail, it gets its shards on first use (widenShards).

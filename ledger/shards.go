@@ -101,6 +101,26 @@ func (d *directory) remember(fs map[uuid.UUID]store.AccountFacts) {
 	}
 }
 
+// customer reports whether id is known to be a CUSTOMER account (whose
+// balance one row holds, and which is cached).
+func (d *directory) customer(id uuid.UUID) bool {
+	d.mu.RLock()
+	e, ok := d.facts[id]
+	d.mu.RUnlock()
+	return ok && AccountType(e.Type) == AccountTypeCustomer
+}
+
+// rememberType records an account's currency and type learned from a
+// read; what a batch read already (its shards too) is kept.
+func (d *directory) rememberType(id uuid.UUID, currency string, t int16) {
+	d.mu.RLock()
+	_, ok := d.facts[id]
+	d.mu.RUnlock()
+	if !ok && AccountType(t) == AccountTypeCustomer {
+		d.remember(map[uuid.UUID]store.AccountFacts{id: {ID: id, Currency: currency, Type: t}})
+	}
+}
+
 // markSharded records that id has shards (or is one).
 func (d *directory) markSharded(id uuid.UUID) { d.shardedIDs.Store(id, true) }
 

@@ -340,6 +340,8 @@ func TestNoSeqScansOnHotPaths(t *testing.T) {
 	step("ReadEvents", func() error { _, err := st.ReadEvents(ctx, 0, 0, 100); return err })
 	step("GetAPIKey", func() error { _, err := st.GetAPIKey(ctx, "abcdefghijkl"); return err })
 	step("ExpiringAccounts", func() error { _, err := st.ExpiringAccounts(ctx, 100); return err })
+	step("Shards", func() error { _, err := st.Shards(ctx, planID("c", 0)); return err })
+	step("AddShards", func() error { _, err := st.AddShards(ctx, planID("c", 0), 4); return err })
 
 	if len(capt.stmts) < 20 {
 		t.Fatalf("recorded only %d statements", len(capt.stmts))

@@ -145,10 +145,15 @@ type Facts struct {
 func (t *Tx) ReadFacts(ctx context.Context, accounts, holds, charges []uuid.UUID) (Facts, error) {
 	out := Facts{Accounts: map[uuid.UUID]AccountFacts{}, Holds: map[uuid.UUID]HoldFacts{}, Charges: map[uuid.UUID]ChargeFacts{}}
 	b := &pgx.Batch{}
-	b.Queue(`SELECT a.account_id, a.currency, a.type, a.shard_of,
+	// One primary-key probe per id, whatever the statistics say: the LIMIT
+	// keeps each lookup a subquery of its own (the accounts a batch names
+	// for the first time are often new, while the table's statistics are
+	// still those of a smaller table).
+	b.Queue(`SELECT a.* FROM (SELECT DISTINCT id FROM unnest($1::uuid[]) AS q(id)) q,
+		LATERAL (SELECT a.account_id, a.currency, a.type, a.shard_of,
 			CASE WHEN a.shard_count > 0 THEN ARRAY(SELECT s.account_id FROM accounts s
 			     WHERE s.shard_of = a.account_id ORDER BY s.shard_index) END
-		FROM accounts a WHERE a.account_id = ANY (ARRAY(SELECT unnest($1::uuid[])))`, ids(accounts))
+			FROM accounts a WHERE a.account_id = q.id LIMIT 1) a`, ids(accounts))
 	b.Queue(`SELECT h.hold_id, h.account_id, h.revenue_account_id, h.currency,
 			CASE WHEN r.shard_count > 0 THEN ARRAY(SELECT s.account_id FROM accounts s
 			     WHERE s.shard_of = r.account_id ORDER BY s.shard_index) END
