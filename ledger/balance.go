@@ -102,9 +102,6 @@ func (l *Ledger) GetBalance(ctx context.Context, id uuid.UUID, c Consistency, mi
 			"account is at version %d, below min_version %d", row.Version, minVersion)
 	}
 	b := balanceFromRow(row)
-	if row.Sharded {
-		l.dir.markSharded(id)
-	}
 	l.dir.rememberType(id, row.Currency, row.Type)
 	if !cacheable(row.Type) {
 		return b, nil

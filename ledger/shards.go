@@ -44,10 +44,6 @@ type directory struct {
 	facts  map[uuid.UUID]factsEntry
 	max    int
 	system map[string]systemShards
-	// shardedIDs are the accounts known to have shards (or to be one),
-	// kept for good: shards are never removed. Bounded by the number of
-	// REVENUE and FUNDING accounts and their shards.
-	shardedIDs sync.Map
 }
 
 type factsEntry struct {
@@ -95,9 +91,6 @@ func (d *directory) remember(fs map[uuid.UUID]store.AccountFacts) {
 	}
 	for id, f := range fs {
 		d.facts[id] = factsEntry{AccountFacts: f, readAt: now}
-		if f.Shards != nil || f.ShardOf != uuid.Nil {
-			d.shardedIDs.Store(id, true)
-		}
 	}
 }
 
@@ -121,9 +114,6 @@ func (d *directory) rememberType(id uuid.UUID, currency string, t int16) {
 	}
 }
 
-// markSharded records that id has shards (or is one).
-func (d *directory) markSharded(id uuid.UUID) { d.shardedIDs.Store(id, true) }
-
 // systemOf returns the currency's default system accounts, if known.
 func (d *directory) systemOf(currency string) (systemShards, bool) {
 	d.mu.RLock()
@@ -136,13 +126,6 @@ func (d *directory) setSystem(currency string, s systemShards) {
 	d.mu.Lock()
 	d.system[currency] = s
 	d.mu.Unlock()
-}
-
-// sharded reports whether id is known to be an account with shards (whose
-// balance must never be cached: no one row holds it).
-func (d *directory) sharded(id uuid.UUID) bool {
-	_, ok := d.shardedIDs.Load(id)
-	return ok
 }
 
 // pickShard returns the shard a committer posts to: committers of one
@@ -172,9 +155,6 @@ func (l *Ledger) ensureShards(ctx context.Context, id uuid.UUID) (shards []uuid.
 	shards, err = l.st.AddShards(ctx, id, l.systemShards)
 	if err != nil {
 		return nil, false, fromStore(err)
-	}
-	if len(shards) > 1 {
-		l.dir.markSharded(id)
 	}
 	return shards, true, nil
 }
