@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tallyledger/tally/api"
 	"github.com/tallyledger/tally/api/client"
@@ -265,6 +266,13 @@ func requestFor(method, acct, other, transferID string, fx *fixtures) (any, any)
 		return &tallyv1.GetAutoTopUpRequest{AccountId: fx.topupAccount}, &tallyv1.AutoTopUp{}
 	case "ListTopUps":
 		return &tallyv1.ListTopUpsRequest{AccountId: fx.topupAccount}, &tallyv1.ListTopUpsResponse{}
+	case "GetStatement":
+		return &tallyv1.GetStatementRequest{AccountId: acct, From: timestamppb.New(time.Now().Add(-time.Hour)),
+			To: timestamppb.New(time.Now().Add(-time.Second))}, &tallyv1.Statement{}
+	case "ListOpenHolds":
+		return &tallyv1.ListOpenHoldsRequest{AccountId: acct}, &tallyv1.ListOpenHoldsResponse{}
+	case "ListRefunds":
+		return &tallyv1.ListRefundsRequest{TransferId: fx.charge}, &tallyv1.ListRefundsResponse{}
 	}
 	panic("no request for " + method)
 }
@@ -317,6 +325,10 @@ var wantAllowed = map[string][]auth.Role{
 	"SetAutoTopUp": {auth.RoleSupport, auth.RoleAdmin},
 	"GetAutoTopUp": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 	"ListTopUps":   {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	// Issue 14: statements, open holds and refunds for support screens.
+	"GetStatement":  {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	"ListOpenHolds": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	"ListRefunds":   {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 }
 
 func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {

@@ -192,12 +192,12 @@ func (s *Server) submitBatchBytesMax() int {
 
 // FreezeAccount implements LedgerService.
 func (s *Server) FreezeAccount(ctx context.Context, r *tallyv1.FreezeAccountRequest) (*tallyv1.Account, error) {
-	return s.changeAccount(ctx, ledger.KindFreeze, r.GetAccountId(), ledger.MoveRequest{})
+	return s.changeAccount(ctx, ledger.KindFreeze, r.GetAccountId(), ledger.MoveRequest{Reason: r.GetReason()})
 }
 
 // UnfreezeAccount implements LedgerService.
 func (s *Server) UnfreezeAccount(ctx context.Context, r *tallyv1.UnfreezeAccountRequest) (*tallyv1.Account, error) {
-	return s.changeAccount(ctx, ledger.KindUnfreeze, r.GetAccountId(), ledger.MoveRequest{})
+	return s.changeAccount(ctx, ledger.KindUnfreeze, r.GetAccountId(), ledger.MoveRequest{Reason: r.GetReason()})
 }
 
 // CloseAccount implements LedgerService.

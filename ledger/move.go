@@ -80,6 +80,9 @@ func (l *Ledger) ChangeAccount(ctx context.Context, r MoveRequest) (Account, err
 	default:
 		panic(fmt.Sprintf("ledger: ChangeAccount with kind %d", r.Kind))
 	}
+	if len(r.Reason) > l.limits.DescriptionBytesMax || !validText(r.Reason) {
+		return Account{}, invalid("reason", "reason must be valid UTF-8, at most %d bytes", l.limits.DescriptionBytesMax)
+	}
 	res, err := l.move(ctx, r)
 	if err != nil {
 		return Account{}, err

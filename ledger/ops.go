@@ -738,7 +738,7 @@ func (l *Ledger) decideAccount(r MoveRequest, wk *work) (TransferResult, *Error,
 	wk.propagateStatus(a)
 	wk.w.Changes = append(wk.w.Changes, store.AccountChange{
 		AccountID: a.ID, Action: action, VersionAfter: a.Version, Before: before, After: accountState(a),
-		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey, CreatedAt: wk.now,
+		CreatedByClient: r.CreatedByClient, CreatedByKey: r.CreatedByKey, CreatedAt: wk.now, Reason: r.Reason,
 	})
 	return result()
 }

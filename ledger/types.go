@@ -273,6 +273,9 @@ type MoveRequest struct {
 	NewThreshold    *int64
 	ClearThreshold  bool
 	ReplaceMetadata bool
+	// Reason says why an account change was made (freeze, unfreeze),
+	// recorded with who in account_changes; at most DescriptionBytesMax.
+	Reason string
 	// Restrict narrows what the request may act on, for callers whose role
 	// is narrower than admin (the api package sets it from the caller's
 	// role). It is not part of the fingerprint.

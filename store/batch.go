@@ -50,13 +50,14 @@ const holdCols = `hold_id, scope, idempotency_key, account_id, revenue_account_i
 	expires_at, captured_amount, capture_transfer_id, description, metadata, created_at, finalized_at,
 	created_by_client, coalesce(created_by_key, '')`
 
-func scanHold(r rowScanner) (Hold, error) {
+// scanHold scans holdCols, then any extra columns into extra.
+func scanHold(r rowScanner, extra ...any) (Hold, error) {
 	var h Hold
 	var rev, capture, by uuid.NullUUID
 	var meta []byte
-	err := r.Scan(&h.ID, &h.Scope, &h.Key, &h.AccountID, &rev, &h.Amount, &h.Currency, &h.Status,
+	err := r.Scan(append([]any{&h.ID, &h.Scope, &h.Key, &h.AccountID, &rev, &h.Amount, &h.Currency, &h.Status,
 		&h.ExpiresAt, &h.CapturedAmount, &capture, &h.Description, &meta, &h.CreatedAt, &h.FinalizedAt,
-		&by, &h.CreatedByKey)
+		&by, &h.CreatedByKey}, extra...)...)
 	if err != nil {
 		return Hold{}, err
 	}
@@ -516,8 +517,10 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 		byClients := make([]*string, n)
 		byKeys := make([]*string, n)
 		ats := make([]time.Time, n)
+		whys := make([]string, n)
 		for i, c := range w.Changes {
 			accts[i], actions[i], vers[i], ats[i], byClients[i] = c.AccountID, c.Action, c.VersionAfter, c.CreatedAt, nullID(c.CreatedByClient)
+			whys[i] = c.Reason
 			bj, err := json.Marshal(c.Before)
 			if err != nil {
 				return &Error{Kind: ErrInternal, cause: err}
@@ -533,11 +536,11 @@ func (t *Tx) WriteBatch(ctx context.Context, w BatchWrite) error {
 			}
 		}
 		queue(n, `INSERT INTO account_changes (account_id, action, version_after, before, after,
-			created_by_client, created_by_key, created_at)
-			SELECT c.acct, c.action, c.ver, c.before::jsonb, c.after::jsonb, c.by_client, c.by_key, c.at
+			created_by_client, created_by_key, created_at, reason)
+			SELECT c.acct, c.action, c.ver, c.before::jsonb, c.after::jsonb, c.by_client, c.by_key, c.at, c.why
 			FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[]::uuid[], $7::text[],
-			            $8::timestamptz[]) AS c(acct, action, ver, before, after, by_client, by_key, at)`,
-			accts, actions, vers, befores, afters, byClients, byKeys, ats)
+			            $8::timestamptz[], $9::text[]) AS c(acct, action, ver, before, after, by_client, by_key, at, why)`,
+			accts, actions, vers, befores, afters, byClients, byKeys, ats, whys)
 	}
 	if n := len(w.Events); n > 0 {
 		kinds := make([]string, n)

@@ -186,11 +186,11 @@ func TestNoSeqScansOnHotPaths(t *testing.T) {
 		        ('c0000002-0000-0000-0000-000000000000', 'EUR', 2, 2, 'revenue'),
 		        ('c0000003-0000-0000-0000-000000000000', 'EUR', 3, 2, 'funding')`,
 		`INSERT INTO transfers (transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
-		                        amount, currency, created_at)
+		                        amount, currency, created_at, debit_account_type, credit_account_type)
 		 SELECT ('b' || lpad(to_hex(t), 7, '0') || '-0000-0000-0000-000000000000')::uuid, '', 'plan-' || t, 3,
 		        ('a' || lpad(to_hex(t % 10000), 7, '0') || '-0000-0000-0000-000000000000')::uuid,
 		        ('a' || lpad(to_hex((t + 1) % 10000), 7, '0') || '-0000-0000-0000-000000000000')::uuid,
-		        1, 'USD', now() - interval '20 days' + t * interval '1 second'
+		        1, 'USD', now() - interval '20 days' + t * interval '1 second', 1, 1
 		 FROM generate_series(0, 19999) t`,
 		`INSERT INTO entries (transfer_id, account_id, sequence, amount, balance_after, version_after, created_at)
 		 SELECT transfer_id, debit_account_id, 2 * (n / 10000) + 2, -1, 0, 2 * (n / 10000) + 2, created_at
@@ -335,6 +335,22 @@ func TestNoSeqScansOnHotPaths(t *testing.T) {
 			return err
 		}
 		_, err := st.ListEntries(ctx, store.EntryFilter{AccountID: ids[0], NewestFirst: true, Kinds: []int16{1}, Limit: 100})
+		return err
+	})
+	step("Statement", func() error {
+		_, err := st.Statement(ctx, store.StatementQuery{Shards: ids[:2], From: now.Add(-10 * 24 * time.Hour), To: now,
+			After: store.StatementPos{Valid: true, At: now.Add(-5 * 24 * time.Hour), Shard: 1, Seq: 3}, Limit: 100})
+		return err
+	})
+	step("ListOpenHolds", func() error {
+		if _, _, err := st.ListOpenHolds(ctx, ids[0], time.Time{}, uuid.Nil, 100); err != nil {
+			return err
+		}
+		_, _, err := st.ListOpenHolds(ctx, ids[0], now, planID("d", 5), 100)
+		return err
+	})
+	step("ListRefunds", func() error {
+		_, err := st.ListRefunds(ctx, planID("b", 5), now.Add(-time.Hour), planID("b", 6), 100)
 		return err
 	})
 	step("ReadEvents", func() error { _, err := st.ReadEvents(ctx, 0, 0, 100); return err })

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -71,10 +72,12 @@ func TestConstraintsBackTheInvariants(t *testing.T) {
 		{"currency format", `UPDATE accounts SET currency = 'usd' WHERE account_id = $1`, []any{a}, "accounts_currency_format"},
 		{"credit limit", `UPDATE accounts SET credit_limit = -5, floor = 2 WHERE account_id = $1`, []any{a}, "accounts_credit_limit_range"},
 		{"available overflow", `UPDATE accounts SET credit_limit = 10, balance = 9223372036854775800 WHERE account_id = $1`, []any{a}, "accounts_available_range"},
-		{"amount positive", `INSERT INTO transfers (transfer_id, idempotency_key, kind, debit_account_id, credit_account_id, amount, currency, created_at)
-			VALUES (gen_random_uuid(), 'k1', 1, $1, $2, 0, 'CHK', now())`, []any{a, b}, "transfers_amount_positive"},
-		{"distinct accounts", `INSERT INTO transfers (transfer_id, idempotency_key, kind, debit_account_id, credit_account_id, amount, currency, created_at)
-			VALUES (gen_random_uuid(), 'k2', 1, $1, $1, 5, 'CHK', now())`, []any{a}, "transfers_distinct_accounts"},
+		{"amount positive", `INSERT INTO transfers (transfer_id, idempotency_key, kind, debit_account_id, credit_account_id, amount, currency, created_at, debit_account_type, credit_account_type)
+			VALUES (gen_random_uuid(), 'k1', 3, $1, $2, 0, 'CHK', now(), 1, 1)`, []any{a, b}, "transfers_amount_positive"},
+		{"distinct accounts", `INSERT INTO transfers (transfer_id, idempotency_key, kind, debit_account_id, credit_account_id, amount, currency, created_at, debit_account_type, credit_account_type)
+			VALUES (gen_random_uuid(), 'k2', 3, $1, $1, 5, 'CHK', now(), 1, 1)`, []any{a}, "transfers_distinct_accounts"},
+		{"types recorded", `INSERT INTO transfers (transfer_id, idempotency_key, kind, debit_account_id, credit_account_id, amount, currency, created_at)
+			VALUES (gen_random_uuid(), 'k4', 3, $1, $2, 5, 'CHK', now())`, []any{a, b}, "transfers_account_types_recorded"},
 		{"key has one outcome", `INSERT INTO idempotency_keys (idempotency_key, fingerprint, kind, account_id) VALUES ('k3', '\x00', 1, $1)`, []any{a}, "idempotency_keys_one_outcome"},
 	}
 	for _, c := range cases {
@@ -114,7 +117,8 @@ func TestLedgerTablesAreAppendOnly(t *testing.T) {
 	key := "append-" + tid.String()
 	posting := func(tid uuid.UUID, key string, seq, prevA, prevB int64, balA, balB int64) store.BatchWrite {
 		return store.BatchWrite{
-			Transfers: []store.Transfer{{ID: tid, Key: key, Kind: 3, DebitAccountID: a, CreditAccountID: b, Amount: 5, Currency: "APP", CreatedAt: now}},
+			Transfers: []store.Transfer{{ID: tid, Key: key, Kind: 3, DebitAccountID: a, CreditAccountID: b, Amount: 5, Currency: "APP", CreatedAt: now,
+				DebitAccountType: 1, CreditAccountType: 1}},
 			Entries: []store.Entry{
 				{TransferID: tid, AccountID: a, Sequence: seq, Amount: -5, BalanceAfter: balA, VersionAfter: seq, CreatedAt: now},
 				{TransferID: tid, AccountID: b, Sequence: seq, Amount: 5, BalanceAfter: balB, VersionAfter: seq, CreatedAt: now},
@@ -151,11 +155,19 @@ func TestLedgerTablesAreAppendOnly(t *testing.T) {
 			t.Errorf("%s: allowed", q)
 		}
 	}
-	for _, table := range []string{"transfers", "entries", "idempotency_keys"} {
+	for _, table := range []string{"transfers", "entries", "idempotency_keys", "accounts"} {
 		if _, err := st.Pool().Exec(ctx, `TRUNCATE `+table+` CASCADE`); err == nil {
 			t.Errorf("TRUNCATE %s: allowed", table)
 		}
 	}
+	// Accounts are never deleted (what the dropped foreign keys of entries
+	// and transfers also guaranteed; TestConstraintsBackTheInvariants
+	// checks that a new transfer records both account types).
+	if _, err := st.Pool().Exec(ctx, `DELETE FROM accounts WHERE account_id = $1`, a); err == nil ||
+		!strings.Contains(err.Error(), "never deleted") {
+		t.Errorf("DELETE FROM accounts: %v, want refused", err)
+	}
+
 	// The key is found by the next batch that names it.
 	err = st.InTx(ctx, func(tx *store.Tx) error {
 		l, err := tx.LockBatch(ctx, store.BatchLock{Keys: []store.KeyRef{{Key: key}, {Key: key}}, Accounts: []uuid.UUID{a}})

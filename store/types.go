@@ -216,6 +216,8 @@ type AccountChange struct {
 	CreatedByClient uuid.UUID
 	CreatedByKey    string
 	CreatedAt       time.Time
+	// Reason is why (empty: none given).
+	Reason string
 }
 
 // BatchRecord is a batches row: the stored outcome of a SubmitBatch key.

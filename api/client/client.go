@@ -328,3 +328,8 @@ func (c *Client) GetAutoTopUp(ctx context.Context, r *tallyv1.GetAutoTopUpReques
 func (c *Client) ListTopUps(ctx context.Context, r *tallyv1.ListTopUpsRequest) (*tallyv1.ListTopUpsResponse, error) {
 	return call(ctx, c, c.raw.ListTopUps, r)
 }
+
+// GetStatement returns one page of an account's statement.
+func (c *Client) GetStatement(ctx context.Context, r *tallyv1.GetStatementRequest) (*tallyv1.Statement, error) {
+	return call(ctx, c, c.raw.GetStatement, r)
+}

@@ -217,8 +217,8 @@ or DEADLINE_EXCEEDED after the retries: repeat with the same --key).`),
 	root.SetErr(a.errOut)
 	root.AddCommand(a.newAccountCmd(), a.newCreditCmd(), a.newChargeCmd(), a.newRefundCmd(), a.newHoldCmd(),
 		a.newBatchCmd(), a.newTransferCmd(), a.newBalanceCmd(), a.newBalancesCmd(), a.newEntriesCmd(),
-		a.newExportCmd(), a.newShowCmd(), a.newReconcileCmd(), a.newUsageCmd(), a.newBenchCmd(), a.newBenchUsageCmd(),
-		a.newTopUpCmd())
+		a.newExportCmd(), a.newShowCmd(), a.newStatementCmd(), a.newReconcileCmd(), a.newUsageCmd(), a.newBenchCmd(),
+		a.newBenchUsageCmd(), a.newTopUpCmd())
 	// cobra's own `completion bash|zsh|fish|powershell`, made a group so
 	// that an unknown shell is bad usage rather than help.
 	root.InitDefaultCompletionCmd()

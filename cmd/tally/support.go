@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"strconv"
 	"strings"
 	"time"
 
@@ -12,40 +11,13 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/tallyledger/tally/api/client"
+	"github.com/tallyledger/tally/internal/statement"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
 )
 
-// currencyExponents are the ISO 4217 minor-unit exponents of common
-// currencies; any other currency is shown in minor units.
-var currencyExponents = map[string]int{
-	"USD": 2, "EUR": 2, "GBP": 2, "CHF": 2, "CAD": 2, "AUD": 2, "NZD": 2, "SEK": 2, "NOK": 2, "DKK": 2,
-	"PLN": 2, "CZK": 2, "INR": 2, "CNY": 2, "HKD": 2, "SGD": 2, "BRL": 2, "MXN": 2, "ZAR": 2, "ILS": 2,
-	"JPY": 0, "KRW": 0, "ISK": 0, "CLP": 0, "VND": 0,
-	"BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3,
-}
-
 // money renders minor units in the currency's units ("12.34 USD"), or as
 // minor units for currencies without a known exponent ("1234 CREDITS").
-func money(minor int64, currency string) string {
-	exp, ok := currencyExponents[currency]
-	if !ok || exp == 0 {
-		return strconv.FormatInt(minor, 10) + " " + currency
-	}
-	neg := minor < 0
-	u := uint64(minor)
-	if neg {
-		u = uint64(-minor) // two's complement also covers MinInt64
-	}
-	s := strconv.FormatUint(u, 10)
-	if len(s) <= exp {
-		s = strings.Repeat("0", exp-len(s)+1) + s
-	}
-	s = s[:len(s)-exp] + "." + s[len(s)-exp:]
-	if neg {
-		s = "-" + s
-	}
-	return s + " " + currency
-}
+func money(minor int64, currency string) string { return statement.Money(minor, currency) }
 
 type showOpts struct {
 	account, externalRef string

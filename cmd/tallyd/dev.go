@@ -31,6 +31,11 @@ func runDev(ctx context.Context, args []string) error {
 	}
 	c.logFormat = "text"
 	log := newLogger(c.logLevel, c.logFormat)
+	if c.console.addr == "" && !c.insecureNoAuth {
+		c.console.addr = devConsoleAddr
+	}
+	consoleURL := "(off)"
+	c.consoleStarted = func(url string) { consoleURL = url }
 
 	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
@@ -89,6 +94,7 @@ Tally dev server is up (Ctrl-C stops it and removes its data).
   gRPC:      %s      (grpcurl -plaintext %s list)
   health:    http://%s/healthz
   metrics:   http://%s/metrics
+  console:   %s   (sign in with the API key below)
   database:  %s
   cache:     %s
   top-up:    %s
@@ -102,11 +108,15 @@ Try, in another terminal:
   go run ./cmd/tally charge  --account <id> --amount 250  --key order-1
   go run ./cmd/tally charge  --account <id> --amount 250  --key order-1   # replayed, charged once
 
-`, grpcAddr, grpcAddr, httpAddr, httpAddr, c.databaseURL, orNone(c.redisURL), orNone(stripeNote), grpcAddr, keyLine)
+`, grpcAddr, grpcAddr, httpAddr, httpAddr, consoleURL, c.databaseURL, orNone(c.redisURL), orNone(stripeNote), grpcAddr, keyLine)
 		// Also on stdout alone, for scripts: eval "$(tallyd dev | head -1)".
 		fmt.Fprintf(os.Stdout, "%s\n", strings.TrimSpace(keyLine))
 	})
 }
+
+// devConsoleAddr is where `tallyd dev` serves the support console unless
+// --console-addr says otherwise.
+const devConsoleAddr = "127.0.0.1:7072"
 
 // devAdminKey makes an admin key for this dev run: a new key of the client
 // "dev-admin", created on first use (a kept --data-dir reuses it).

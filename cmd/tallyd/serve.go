@@ -105,6 +105,10 @@ type serveConfig struct {
 	topup        ledger.TopUpConfig
 	topupWorkers topup.Config
 	stripe       topup.StripeConfig
+	// The support console (off without --console-addr).
+	console consoleConfig
+	// consoleStarted, when set, learns the console's URL once it serves.
+	consoleStarted func(url string)
 }
 
 func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
@@ -186,6 +190,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.limits.UsageRowsMax, "usage-rows-max", d.UsageRowsMax, "most rows of one SummarizeUsage answer")
 	fs.IntVar(&c.limits.UsageRangeDaysMax, "usage-range-days-max", d.UsageRangeDaysMax, "longest SummarizeUsage range in days")
 	fs.DurationVar(&c.holdSweepInterval, "hold-sweep-interval", 30*time.Second, "how often expired holds are written down (0: never; reads never need it)")
+	c.console.register(fs)
 	c.registerTopUp(fs)
 }
 
@@ -485,6 +490,25 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	hmux.Handle("/", debugHandler(healthHandler(st, bc), l, c.pprof))
 	hmux.Handle("/metrics", met.Handler())
 	hsrv := &http.Server{Handler: hmux, ReadHeaderTimeout: 5 * time.Second}
+
+	if c.console.addr != "" {
+		addr, stopConsole, err := startConsole(c, gs, sopts.Auth, tlsCfg, log)
+		if err != nil {
+			glis.Close()
+			hlis.Close()
+			return err
+		}
+		defer stopConsole()
+		scheme := "http"
+		if tlsCfg != nil {
+			scheme = "https"
+		}
+		url := scheme + "://" + addr + "/"
+		log.Info("support console serving", "url", url)
+		if c.consoleStarted != nil {
+			c.consoleStarted(url)
+		}
+	}
 
 	var wg sync.WaitGroup
 	errc := make(chan error, 2)

@@ -622,9 +622,10 @@ func TestChecker(t *testing.T) {
 			sql: []string{
 				"ALTER TABLE transfers DROP CONSTRAINT transfers_scope_key_unique",
 				fmt.Sprintf(`INSERT INTO transfers (transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
-					amount, currency, description, metadata, created_at)
+					amount, currency, description, metadata, created_at, debit_account_type, credit_account_type)
 					SELECT gen_random_uuid(), scope, idempotency_key, kind, debit_account_id, credit_account_id,
-					amount, currency, description, metadata, created_at FROM transfers WHERE idempotency_key = '%s'`, f.keyAcked),
+					amount, currency, description, metadata, created_at, debit_account_type, credit_account_type
+					FROM transfers WHERE idempotency_key = '%s'`, f.keyAcked),
 			},
 			want: InvKeysAtMostOnce,
 		},

@@ -3032,8 +3032,11 @@ func (x *SubmitBatchResponse) GetReplayed() bool {
 
 // FreezeAccountRequest names the account to freeze.
 type FreezeAccountRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Why, recorded with who in account_changes (optional here; the support
+	// console requires one). At most --description-bytes-max bytes.
+	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3075,10 +3078,19 @@ func (x *FreezeAccountRequest) GetAccountId() string {
 	return ""
 }
 
+func (x *FreezeAccountRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 // UnfreezeAccountRequest names the account to unfreeze.
 type UnfreezeAccountRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// Why, recorded with who in account_changes (see FreezeAccountRequest).
+	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3116,6 +3128,13 @@ func (*UnfreezeAccountRequest) Descriptor() ([]byte, []int) {
 func (x *UnfreezeAccountRequest) GetAccountId() string {
 	if x != nil {
 		return x.AccountId
+	}
+	return ""
+}
+
+func (x *UnfreezeAccountRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
 	}
 	return ""
 }
@@ -4396,6 +4415,625 @@ func (x *SummarizeUsageResponse) GetDimensions() []string {
 	return nil
 }
 
+// GetStatementRequest selects an account's statement period and page.
+type GetStatementRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	// The period [from, to); both required, to not after now.
+	From          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=from,proto3" json:"from,omitempty"`
+	To            *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=to,proto3" json:"to,omitempty"`
+	PageSize      int32                  `protobuf:"varint,4,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string                 `protobuf:"bytes,5,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatementRequest) Reset() {
+	*x = GetStatementRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatementRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatementRequest) ProtoMessage() {}
+
+func (x *GetStatementRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatementRequest.ProtoReflect.Descriptor instead.
+func (*GetStatementRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *GetStatementRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *GetStatementRequest) GetFrom() *timestamppb.Timestamp {
+	if x != nil {
+		return x.From
+	}
+	return nil
+}
+
+func (x *GetStatementRequest) GetTo() *timestamppb.Timestamp {
+	if x != nil {
+		return x.To
+	}
+	return nil
+}
+
+func (x *GetStatementRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *GetStatementRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// StatementLine is one entry of a statement.
+type StatementLine struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	Kind        TransferKind           `protobuf:"varint,2,opt,name=kind,proto3,enum=tally.v1.TransferKind" json:"kind,omitempty"`
+	Description string                 `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
+	// Signed: credits positive, debits negative.
+	Amount int64 `protobuf:"varint,4,opt,name=amount,proto3" json:"amount,omitempty"`
+	// The account's balance after this line (for a sharded account, the sum
+	// over its shards).
+	RunningBalance    int64  `protobuf:"varint,5,opt,name=running_balance,json=runningBalance,proto3" json:"running_balance,omitempty"`
+	TransferId        string `protobuf:"bytes,6,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	CreatedByClientId string `protobuf:"bytes,7,opt,name=created_by_client_id,json=createdByClientId,proto3" json:"created_by_client_id,omitempty"`
+	CreatedByKeyId    string `protobuf:"bytes,8,opt,name=created_by_key_id,json=createdByKeyId,proto3" json:"created_by_key_id,omitempty"`
+	// The shard the entry is on, for a further shard of a sharded account
+	// (empty for the account's own row).
+	ShardId       string `protobuf:"bytes,9,opt,name=shard_id,json=shardId,proto3" json:"shard_id,omitempty"`
+	Sequence      int64  `protobuf:"varint,10,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatementLine) Reset() {
+	*x = StatementLine{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatementLine) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatementLine) ProtoMessage() {}
+
+func (x *StatementLine) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatementLine.ProtoReflect.Descriptor instead.
+func (*StatementLine) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *StatementLine) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *StatementLine) GetKind() TransferKind {
+	if x != nil {
+		return x.Kind
+	}
+	return TransferKind_TRANSFER_KIND_UNSPECIFIED
+}
+
+func (x *StatementLine) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *StatementLine) GetAmount() int64 {
+	if x != nil {
+		return x.Amount
+	}
+	return 0
+}
+
+func (x *StatementLine) GetRunningBalance() int64 {
+	if x != nil {
+		return x.RunningBalance
+	}
+	return 0
+}
+
+func (x *StatementLine) GetTransferId() string {
+	if x != nil {
+		return x.TransferId
+	}
+	return ""
+}
+
+func (x *StatementLine) GetCreatedByClientId() string {
+	if x != nil {
+		return x.CreatedByClientId
+	}
+	return ""
+}
+
+func (x *StatementLine) GetCreatedByKeyId() string {
+	if x != nil {
+		return x.CreatedByKeyId
+	}
+	return ""
+}
+
+func (x *StatementLine) GetShardId() string {
+	if x != nil {
+		return x.ShardId
+	}
+	return ""
+}
+
+func (x *StatementLine) GetSequence() int64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+// StatementTotal sums one transfer kind's lines of the whole period.
+type StatementTotal struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Kind  TransferKind           `protobuf:"varint,1,opt,name=kind,proto3,enum=tally.v1.TransferKind" json:"kind,omitempty"`
+	Count int64                  `protobuf:"varint,2,opt,name=count,proto3" json:"count,omitempty"`
+	// Sum of the positive amounts, and of the negative ones (negative).
+	Credits       int64 `protobuf:"varint,3,opt,name=credits,proto3" json:"credits,omitempty"`
+	Debits        int64 `protobuf:"varint,4,opt,name=debits,proto3" json:"debits,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatementTotal) Reset() {
+	*x = StatementTotal{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatementTotal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatementTotal) ProtoMessage() {}
+
+func (x *StatementTotal) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatementTotal.ProtoReflect.Descriptor instead.
+func (*StatementTotal) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *StatementTotal) GetKind() TransferKind {
+	if x != nil {
+		return x.Kind
+	}
+	return TransferKind_TRANSFER_KIND_UNSPECIFIED
+}
+
+func (x *StatementTotal) GetCount() int64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *StatementTotal) GetCredits() int64 {
+	if x != nil {
+		return x.Credits
+	}
+	return 0
+}
+
+func (x *StatementTotal) GetDebits() int64 {
+	if x != nil {
+		return x.Debits
+	}
+	return 0
+}
+
+// Statement is one page of an account's statement.
+type Statement struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	AccountId      string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	Currency       string                 `protobuf:"bytes,2,opt,name=currency,proto3" json:"currency,omitempty"`
+	From           *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=from,proto3" json:"from,omitempty"`
+	To             *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=to,proto3" json:"to,omitempty"`
+	OpeningBalance int64                  `protobuf:"varint,5,opt,name=opening_balance,json=openingBalance,proto3" json:"opening_balance,omitempty"`
+	ClosingBalance int64                  `protobuf:"varint,6,opt,name=closing_balance,json=closingBalance,proto3" json:"closing_balance,omitempty"`
+	Lines          []*StatementLine       `protobuf:"bytes,7,rep,name=lines,proto3" json:"lines,omitempty"`
+	// Per kind, over the whole period (not only this page).
+	Totals []*StatementTotal `protobuf:"bytes,8,rep,name=totals,proto3" json:"totals,omitempty"`
+	// As GetBalance{at: to} defines it: false while to is within the settle
+	// window of now (a transaction dated inside the period may still commit).
+	Final         bool   `protobuf:"varint,9,opt,name=final,proto3" json:"final,omitempty"`
+	NextPageToken string `protobuf:"bytes,10,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Statement) Reset() {
+	*x = Statement{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Statement) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Statement) ProtoMessage() {}
+
+func (x *Statement) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Statement.ProtoReflect.Descriptor instead.
+func (*Statement) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *Statement) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *Statement) GetCurrency() string {
+	if x != nil {
+		return x.Currency
+	}
+	return ""
+}
+
+func (x *Statement) GetFrom() *timestamppb.Timestamp {
+	if x != nil {
+		return x.From
+	}
+	return nil
+}
+
+func (x *Statement) GetTo() *timestamppb.Timestamp {
+	if x != nil {
+		return x.To
+	}
+	return nil
+}
+
+func (x *Statement) GetOpeningBalance() int64 {
+	if x != nil {
+		return x.OpeningBalance
+	}
+	return 0
+}
+
+func (x *Statement) GetClosingBalance() int64 {
+	if x != nil {
+		return x.ClosingBalance
+	}
+	return 0
+}
+
+func (x *Statement) GetLines() []*StatementLine {
+	if x != nil {
+		return x.Lines
+	}
+	return nil
+}
+
+func (x *Statement) GetTotals() []*StatementTotal {
+	if x != nil {
+		return x.Totals
+	}
+	return nil
+}
+
+func (x *Statement) GetFinal() bool {
+	if x != nil {
+		return x.Final
+	}
+	return false
+}
+
+func (x *Statement) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// ListOpenHoldsRequest pages through an account's open holds.
+type ListOpenHoldsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	PageSize      int32                  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string                 `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListOpenHoldsRequest) Reset() {
+	*x = ListOpenHoldsRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListOpenHoldsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListOpenHoldsRequest) ProtoMessage() {}
+
+func (x *ListOpenHoldsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListOpenHoldsRequest.ProtoReflect.Descriptor instead.
+func (*ListOpenHoldsRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *ListOpenHoldsRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *ListOpenHoldsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListOpenHoldsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListOpenHoldsResponse is one page of open holds.
+type ListOpenHoldsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Holds         []*Hold                `protobuf:"bytes,1,rep,name=holds,proto3" json:"holds,omitempty"`
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListOpenHoldsResponse) Reset() {
+	*x = ListOpenHoldsResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListOpenHoldsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListOpenHoldsResponse) ProtoMessage() {}
+
+func (x *ListOpenHoldsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListOpenHoldsResponse.ProtoReflect.Descriptor instead.
+func (*ListOpenHoldsResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *ListOpenHoldsResponse) GetHolds() []*Hold {
+	if x != nil {
+		return x.Holds
+	}
+	return nil
+}
+
+func (x *ListOpenHoldsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// ListRefundsRequest pages through the refunds of a charge.
+type ListRefundsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The CHARGE.
+	TransferId    string `protobuf:"bytes,1,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
+	PageSize      int32  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRefundsRequest) Reset() {
+	*x = ListRefundsRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRefundsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRefundsRequest) ProtoMessage() {}
+
+func (x *ListRefundsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRefundsRequest.ProtoReflect.Descriptor instead.
+func (*ListRefundsRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *ListRefundsRequest) GetTransferId() string {
+	if x != nil {
+		return x.TransferId
+	}
+	return ""
+}
+
+func (x *ListRefundsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListRefundsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListRefundsResponse is one page of refunds.
+type ListRefundsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Refunds       []*Transfer            `protobuf:"bytes,1,rep,name=refunds,proto3" json:"refunds,omitempty"`
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListRefundsResponse) Reset() {
+	*x = ListRefundsResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListRefundsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListRefundsResponse) ProtoMessage() {}
+
+func (x *ListRefundsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListRefundsResponse.ProtoReflect.Descriptor instead.
+func (*ListRefundsResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *ListRefundsResponse) GetRefunds() []*Transfer {
+	if x != nil {
+		return x.Refunds
+	}
+	return nil
+}
+
+func (x *ListRefundsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
 // SetAutoTopUpRequest is the whole rule: every field is written.
 type SetAutoTopUpRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -4418,7 +5056,7 @@ type SetAutoTopUpRequest struct {
 
 func (x *SetAutoTopUpRequest) Reset() {
 	*x = SetAutoTopUpRequest{}
-	mi := &file_tally_v1_ledger_proto_msgTypes[46]
+	mi := &file_tally_v1_ledger_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4430,7 +5068,7 @@ func (x *SetAutoTopUpRequest) String() string {
 func (*SetAutoTopUpRequest) ProtoMessage() {}
 
 func (x *SetAutoTopUpRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tally_v1_ledger_proto_msgTypes[46]
+	mi := &file_tally_v1_ledger_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4443,7 +5081,7 @@ func (x *SetAutoTopUpRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetAutoTopUpRequest.ProtoReflect.Descriptor instead.
 func (*SetAutoTopUpRequest) Descriptor() ([]byte, []int) {
-	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{46}
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *SetAutoTopUpRequest) GetAccountId() string {
@@ -4512,7 +5150,7 @@ type GetAutoTopUpRequest struct {
 
 func (x *GetAutoTopUpRequest) Reset() {
 	*x = GetAutoTopUpRequest{}
-	mi := &file_tally_v1_ledger_proto_msgTypes[47]
+	mi := &file_tally_v1_ledger_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4524,7 +5162,7 @@ func (x *GetAutoTopUpRequest) String() string {
 func (*GetAutoTopUpRequest) ProtoMessage() {}
 
 func (x *GetAutoTopUpRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tally_v1_ledger_proto_msgTypes[47]
+	mi := &file_tally_v1_ledger_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4537,7 +5175,7 @@ func (x *GetAutoTopUpRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAutoTopUpRequest.ProtoReflect.Descriptor instead.
 func (*GetAutoTopUpRequest) Descriptor() ([]byte, []int) {
-	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{47}
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *GetAutoTopUpRequest) GetAccountId() string {
@@ -4570,7 +5208,7 @@ type AutoTopUp struct {
 
 func (x *AutoTopUp) Reset() {
 	*x = AutoTopUp{}
-	mi := &file_tally_v1_ledger_proto_msgTypes[48]
+	mi := &file_tally_v1_ledger_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4582,7 +5220,7 @@ func (x *AutoTopUp) String() string {
 func (*AutoTopUp) ProtoMessage() {}
 
 func (x *AutoTopUp) ProtoReflect() protoreflect.Message {
-	mi := &file_tally_v1_ledger_proto_msgTypes[48]
+	mi := &file_tally_v1_ledger_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4595,7 +5233,7 @@ func (x *AutoTopUp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AutoTopUp.ProtoReflect.Descriptor instead.
 func (*AutoTopUp) Descriptor() ([]byte, []int) {
-	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{48}
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *AutoTopUp) GetAccountId() string {
@@ -4706,7 +5344,7 @@ type TopUp struct {
 
 func (x *TopUp) Reset() {
 	*x = TopUp{}
-	mi := &file_tally_v1_ledger_proto_msgTypes[49]
+	mi := &file_tally_v1_ledger_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4718,7 +5356,7 @@ func (x *TopUp) String() string {
 func (*TopUp) ProtoMessage() {}
 
 func (x *TopUp) ProtoReflect() protoreflect.Message {
-	mi := &file_tally_v1_ledger_proto_msgTypes[49]
+	mi := &file_tally_v1_ledger_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4731,7 +5369,7 @@ func (x *TopUp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TopUp.ProtoReflect.Descriptor instead.
 func (*TopUp) Descriptor() ([]byte, []int) {
-	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{49}
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *TopUp) GetTopupId() string {
@@ -4865,7 +5503,7 @@ type ListTopUpsRequest struct {
 
 func (x *ListTopUpsRequest) Reset() {
 	*x = ListTopUpsRequest{}
-	mi := &file_tally_v1_ledger_proto_msgTypes[50]
+	mi := &file_tally_v1_ledger_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4877,7 +5515,7 @@ func (x *ListTopUpsRequest) String() string {
 func (*ListTopUpsRequest) ProtoMessage() {}
 
 func (x *ListTopUpsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tally_v1_ledger_proto_msgTypes[50]
+	mi := &file_tally_v1_ledger_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4890,7 +5528,7 @@ func (x *ListTopUpsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTopUpsRequest.ProtoReflect.Descriptor instead.
 func (*ListTopUpsRequest) Descriptor() ([]byte, []int) {
-	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{50}
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ListTopUpsRequest) GetAccountId() string {
@@ -4925,7 +5563,7 @@ type ListTopUpsResponse struct {
 
 func (x *ListTopUpsResponse) Reset() {
 	*x = ListTopUpsResponse{}
-	mi := &file_tally_v1_ledger_proto_msgTypes[51]
+	mi := &file_tally_v1_ledger_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4937,7 +5575,7 @@ func (x *ListTopUpsResponse) String() string {
 func (*ListTopUpsResponse) ProtoMessage() {}
 
 func (x *ListTopUpsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tally_v1_ledger_proto_msgTypes[51]
+	mi := &file_tally_v1_ledger_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4950,7 +5588,7 @@ func (x *ListTopUpsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTopUpsResponse.ProtoReflect.Descriptor instead.
 func (*ListTopUpsResponse) Descriptor() ([]byte, []int) {
-	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{51}
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListTopUpsResponse) GetTopups() []*TopUp {
@@ -5228,13 +5866,15 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\aapplied\x18\x01 \x01(\bR\aapplied\x12!\n" +
 	"\ffailed_index\x18\x02 \x01(\x05R\vfailedIndex\x128\n" +
 	"\aresults\x18\x03 \x03(\v2\x1e.tally.v1.BatchOperationResultR\aresults\x12\x1a\n" +
-	"\breplayed\x18\x04 \x01(\bR\breplayed\"5\n" +
+	"\breplayed\x18\x04 \x01(\bR\breplayed\"M\n" +
 	"\x14FreezeAccountRequest\x12\x1d\n" +
 	"\n" +
-	"account_id\x18\x01 \x01(\tR\taccountId\"7\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"O\n" +
 	"\x16UnfreezeAccountRequest\x12\x1d\n" +
 	"\n" +
-	"account_id\x18\x01 \x01(\tR\taccountId\"4\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"4\n" +
 	"\x13CloseAccountRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\"\xb0\x03\n" +
@@ -5352,7 +5992,65 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x04rows\x18\x01 \x03(\v2\x12.tally.v1.UsageRowR\x04rows\x12\x1e\n" +
 	"\n" +
 	"dimensions\x18\x02 \x03(\tR\n" +
-	"dimensions\"\xb0\x02\n" +
+	"dimensions\"\xcc\x01\n" +
+	"\x13GetStatementRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12.\n" +
+	"\x04from\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04from\x12*\n" +
+	"\x02to\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x02to\x12\x1b\n" +
+	"\tpage_size\x18\x04 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x05 \x01(\tR\tpageToken\"\x8d\x03\n" +
+	"\rStatementLine\x129\n" +
+	"\n" +
+	"created_at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12*\n" +
+	"\x04kind\x18\x02 \x01(\x0e2\x16.tally.v1.TransferKindR\x04kind\x12 \n" +
+	"\vdescription\x18\x03 \x01(\tR\vdescription\x12\x16\n" +
+	"\x06amount\x18\x04 \x01(\x03R\x06amount\x12'\n" +
+	"\x0frunning_balance\x18\x05 \x01(\x03R\x0erunningBalance\x12\x1f\n" +
+	"\vtransfer_id\x18\x06 \x01(\tR\n" +
+	"transferId\x12/\n" +
+	"\x14created_by_client_id\x18\a \x01(\tR\x11createdByClientId\x12)\n" +
+	"\x11created_by_key_id\x18\b \x01(\tR\x0ecreatedByKeyId\x12\x19\n" +
+	"\bshard_id\x18\t \x01(\tR\ashardId\x12\x1a\n" +
+	"\bsequence\x18\n" +
+	" \x01(\x03R\bsequence\"\x84\x01\n" +
+	"\x0eStatementTotal\x12*\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x16.tally.v1.TransferKindR\x04kind\x12\x14\n" +
+	"\x05count\x18\x02 \x01(\x03R\x05count\x12\x18\n" +
+	"\acredits\x18\x03 \x01(\x03R\acredits\x12\x16\n" +
+	"\x06debits\x18\x04 \x01(\x03R\x06debits\"\x93\x03\n" +
+	"\tStatement\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1a\n" +
+	"\bcurrency\x18\x02 \x01(\tR\bcurrency\x12.\n" +
+	"\x04from\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04from\x12*\n" +
+	"\x02to\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x02to\x12'\n" +
+	"\x0fopening_balance\x18\x05 \x01(\x03R\x0eopeningBalance\x12'\n" +
+	"\x0fclosing_balance\x18\x06 \x01(\x03R\x0eclosingBalance\x12-\n" +
+	"\x05lines\x18\a \x03(\v2\x17.tally.v1.StatementLineR\x05lines\x120\n" +
+	"\x06totals\x18\b \x03(\v2\x18.tally.v1.StatementTotalR\x06totals\x12\x14\n" +
+	"\x05final\x18\t \x01(\bR\x05final\x12&\n" +
+	"\x0fnext_page_token\x18\n" +
+	" \x01(\tR\rnextPageToken\"q\n" +
+	"\x14ListOpenHoldsRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"e\n" +
+	"\x15ListOpenHoldsResponse\x12$\n" +
+	"\x05holds\x18\x01 \x03(\v2\x0e.tally.v1.HoldR\x05holds\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"q\n" +
+	"\x12ListRefundsRequest\x12\x1f\n" +
+	"\vtransfer_id\x18\x01 \x01(\tR\n" +
+	"transferId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"k\n" +
+	"\x13ListRefundsResponse\x12,\n" +
+	"\arefunds\x18\x01 \x03(\v2\x12.tally.v1.TransferR\arefunds\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb0\x02\n" +
 	"\x13SetAutoTopUpRequest\x12\x1d\n" +
 	"\n" +
 	"account_id\x18\x01 \x01(\tR\taccountId\x12\x18\n" +
@@ -5459,7 +6157,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x19TOP_UP_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15TOP_UP_STATUS_PENDING\x10\x01\x12\x1b\n" +
 	"\x17TOP_UP_STATUS_SUCCEEDED\x10\x02\x12\x18\n" +
-	"\x14TOP_UP_STATUS_FAILED\x10\x032\x85\x0e\n" +
+	"\x14TOP_UP_STATUS_FAILED\x10\x032\xe7\x0f\n" +
 	"\rLedgerService\x12B\n" +
 	"\rCreateAccount\x12\x1e.tally.v1.CreateAccountRequest\x1a\x11.tally.v1.Account\x12<\n" +
 	"\n" +
@@ -5486,6 +6184,9 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x0fExportTransfers\x12 .tally.v1.ExportTransfersRequest\x1a!.tally.v1.ExportTransfersResponse0\x01\x12F\n" +
 	"\tReconcile\x12\x1a.tally.v1.ReconcileRequest\x1a\x1b.tally.v1.ReconcileResponse0\x01\x12S\n" +
 	"\x0eSummarizeUsage\x12\x1f.tally.v1.SummarizeUsageRequest\x1a .tally.v1.SummarizeUsageResponse\x12B\n" +
+	"\fGetStatement\x12\x1d.tally.v1.GetStatementRequest\x1a\x13.tally.v1.Statement\x12P\n" +
+	"\rListOpenHolds\x12\x1e.tally.v1.ListOpenHoldsRequest\x1a\x1f.tally.v1.ListOpenHoldsResponse\x12J\n" +
+	"\vListRefunds\x12\x1c.tally.v1.ListRefundsRequest\x1a\x1d.tally.v1.ListRefundsResponse\x12B\n" +
 	"\fSetAutoTopUp\x12\x1d.tally.v1.SetAutoTopUpRequest\x1a\x13.tally.v1.AutoTopUp\x12B\n" +
 	"\fGetAutoTopUp\x12\x1d.tally.v1.GetAutoTopUpRequest\x1a\x13.tally.v1.AutoTopUp\x12G\n" +
 	"\n" +
@@ -5504,7 +6205,7 @@ func file_tally_v1_ledger_proto_rawDescGZIP() []byte {
 }
 
 var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
+var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 71)
 var file_tally_v1_ledger_proto_goTypes = []any{
 	(AccountType)(0),                // 0: tally.v1.AccountType
 	(Floor)(0),                      // 1: tally.v1.Floor
@@ -5561,62 +6262,70 @@ var file_tally_v1_ledger_proto_goTypes = []any{
 	(*SummarizeUsageRequest)(nil),   // 52: tally.v1.SummarizeUsageRequest
 	(*UsageRow)(nil),                // 53: tally.v1.UsageRow
 	(*SummarizeUsageResponse)(nil),  // 54: tally.v1.SummarizeUsageResponse
-	(*SetAutoTopUpRequest)(nil),     // 55: tally.v1.SetAutoTopUpRequest
-	(*GetAutoTopUpRequest)(nil),     // 56: tally.v1.GetAutoTopUpRequest
-	(*AutoTopUp)(nil),               // 57: tally.v1.AutoTopUp
-	(*TopUp)(nil),                   // 58: tally.v1.TopUp
-	(*ListTopUpsRequest)(nil),       // 59: tally.v1.ListTopUpsRequest
-	(*ListTopUpsResponse)(nil),      // 60: tally.v1.ListTopUpsResponse
-	nil,                             // 61: tally.v1.Account.MetadataEntry
-	nil,                             // 62: tally.v1.CreateAccountRequest.MetadataEntry
-	nil,                             // 63: tally.v1.ChargeRequest.MetadataEntry
-	nil,                             // 64: tally.v1.CreditRequest.MetadataEntry
-	nil,                             // 65: tally.v1.TransferRequest.MetadataEntry
-	nil,                             // 66: tally.v1.Transfer.MetadataEntry
-	nil,                             // 67: tally.v1.RefundRequest.MetadataEntry
-	nil,                             // 68: tally.v1.Hold.MetadataEntry
-	nil,                             // 69: tally.v1.HoldRequest.MetadataEntry
-	nil,                             // 70: tally.v1.UpdateAccountRequest.MetadataEntry
-	nil,                             // 71: tally.v1.UsageRow.DimensionsEntry
-	(*timestamppb.Timestamp)(nil),   // 72: google.protobuf.Timestamp
+	(*GetStatementRequest)(nil),     // 55: tally.v1.GetStatementRequest
+	(*StatementLine)(nil),           // 56: tally.v1.StatementLine
+	(*StatementTotal)(nil),          // 57: tally.v1.StatementTotal
+	(*Statement)(nil),               // 58: tally.v1.Statement
+	(*ListOpenHoldsRequest)(nil),    // 59: tally.v1.ListOpenHoldsRequest
+	(*ListOpenHoldsResponse)(nil),   // 60: tally.v1.ListOpenHoldsResponse
+	(*ListRefundsRequest)(nil),      // 61: tally.v1.ListRefundsRequest
+	(*ListRefundsResponse)(nil),     // 62: tally.v1.ListRefundsResponse
+	(*SetAutoTopUpRequest)(nil),     // 63: tally.v1.SetAutoTopUpRequest
+	(*GetAutoTopUpRequest)(nil),     // 64: tally.v1.GetAutoTopUpRequest
+	(*AutoTopUp)(nil),               // 65: tally.v1.AutoTopUp
+	(*TopUp)(nil),                   // 66: tally.v1.TopUp
+	(*ListTopUpsRequest)(nil),       // 67: tally.v1.ListTopUpsRequest
+	(*ListTopUpsResponse)(nil),      // 68: tally.v1.ListTopUpsResponse
+	nil,                             // 69: tally.v1.Account.MetadataEntry
+	nil,                             // 70: tally.v1.CreateAccountRequest.MetadataEntry
+	nil,                             // 71: tally.v1.ChargeRequest.MetadataEntry
+	nil,                             // 72: tally.v1.CreditRequest.MetadataEntry
+	nil,                             // 73: tally.v1.TransferRequest.MetadataEntry
+	nil,                             // 74: tally.v1.Transfer.MetadataEntry
+	nil,                             // 75: tally.v1.RefundRequest.MetadataEntry
+	nil,                             // 76: tally.v1.Hold.MetadataEntry
+	nil,                             // 77: tally.v1.HoldRequest.MetadataEntry
+	nil,                             // 78: tally.v1.UpdateAccountRequest.MetadataEntry
+	nil,                             // 79: tally.v1.UsageRow.DimensionsEntry
+	(*timestamppb.Timestamp)(nil),   // 80: google.protobuf.Timestamp
 }
 var file_tally_v1_ledger_proto_depIdxs = []int32{
 	0,   // 0: tally.v1.Account.type:type_name -> tally.v1.AccountType
 	1,   // 1: tally.v1.Account.floor:type_name -> tally.v1.Floor
 	2,   // 2: tally.v1.Account.status:type_name -> tally.v1.AccountStatus
-	61,  // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
-	72,  // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
+	69,  // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
+	80,  // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
 	0,   // 5: tally.v1.CreateAccountRequest.type:type_name -> tally.v1.AccountType
 	1,   // 6: tally.v1.CreateAccountRequest.floor:type_name -> tally.v1.Floor
-	62,  // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
+	70,  // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
 	0,   // 8: tally.v1.FindAccountsRequest.type:type_name -> tally.v1.AccountType
 	9,   // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
-	63,  // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
-	64,  // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
-	65,  // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
+	71,  // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
+	72,  // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
+	73,  // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
 	3,   // 13: tally.v1.Transfer.kind:type_name -> tally.v1.TransferKind
-	66,  // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
-	72,  // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
+	74,  // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
+	80,  // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
 	17,  // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
 	20,  // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
 	6,   // 18: tally.v1.GetBalanceRequest.consistency:type_name -> tally.v1.Consistency
-	72,  // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
+	80,  // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
 	7,   // 20: tally.v1.Balance.source:type_name -> tally.v1.BalanceSource
-	72,  // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
-	72,  // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
-	72,  // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
+	80,  // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
+	80,  // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
+	80,  // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,   // 24: tally.v1.ListEntriesRequest.kinds:type_name -> tally.v1.TransferKind
-	72,  // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	3,   // 26: tally.v1.Entry.kind:type_name -> tally.v1.TransferKind
 	23,  // 27: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
-	67,  // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
+	75,  // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
 	4,   // 29: tally.v1.Hold.status:type_name -> tally.v1.HoldStatus
-	72,  // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
-	68,  // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
-	72,  // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
-	72,  // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
-	72,  // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
-	69,  // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
+	80,  // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
+	76,  // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
+	80,  // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
+	80,  // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
+	77,  // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
 	26,  // 36: tally.v1.HoldResult.hold:type_name -> tally.v1.Hold
 	17,  // 37: tally.v1.HoldResult.transfer:type_name -> tally.v1.Transfer
 	20,  // 38: tally.v1.HoldResult.balance:type_name -> tally.v1.Balance
@@ -5633,87 +6342,104 @@ var file_tally_v1_ledger_proto_depIdxs = []int32{
 	31,  // 49: tally.v1.BatchOperationResult.hold:type_name -> tally.v1.HoldResult
 	34,  // 50: tally.v1.BatchOperationResult.error:type_name -> tally.v1.BatchError
 	35,  // 51: tally.v1.SubmitBatchResponse.results:type_name -> tally.v1.BatchOperationResult
-	70,  // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
-	72,  // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
+	78,  // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
+	80,  // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
 	20,  // 54: tally.v1.GetBalancesResponse.balances:type_name -> tally.v1.Balance
-	72,  // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
-	72,  // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
-	72,  // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
 	17,  // 58: tally.v1.ExportTransfersResponse.transfer:type_name -> tally.v1.Transfer
 	26,  // 59: tally.v1.ExportTransfersResponse.hold:type_name -> tally.v1.Hold
 	44,  // 60: tally.v1.ExportTransfersResponse.account_change:type_name -> tally.v1.AccountChangeEvent
 	45,  // 61: tally.v1.ExportTransfersResponse.low_balance:type_name -> tally.v1.LowBalanceEvent
-	58,  // 62: tally.v1.ExportTransfersResponse.topup:type_name -> tally.v1.TopUp
-	72,  // 63: tally.v1.ReconcileRequest.provider_from:type_name -> google.protobuf.Timestamp
-	72,  // 64: tally.v1.ReconcileRequest.provider_to:type_name -> google.protobuf.Timestamp
+	66,  // 62: tally.v1.ExportTransfersResponse.topup:type_name -> tally.v1.TopUp
+	80,  // 63: tally.v1.ReconcileRequest.provider_from:type_name -> google.protobuf.Timestamp
+	80,  // 64: tally.v1.ReconcileRequest.provider_to:type_name -> google.protobuf.Timestamp
 	49,  // 65: tally.v1.ReconcileResponse.progress:type_name -> tally.v1.ReconcileProgress
 	48,  // 66: tally.v1.ReconcileResponse.finding:type_name -> tally.v1.ReconcileFinding
 	50,  // 67: tally.v1.ReconcileResponse.summary:type_name -> tally.v1.ReconcileSummary
-	71,  // 68: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
+	79,  // 68: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
 	53,  // 69: tally.v1.SummarizeUsageResponse.rows:type_name -> tally.v1.UsageRow
-	72,  // 70: tally.v1.AutoTopUp.updated_at:type_name -> google.protobuf.Timestamp
-	8,   // 71: tally.v1.TopUp.status:type_name -> tally.v1.TopUpStatus
-	72,  // 72: tally.v1.TopUp.created_at:type_name -> google.protobuf.Timestamp
-	72,  // 73: tally.v1.TopUp.updated_at:type_name -> google.protobuf.Timestamp
-	72,  // 74: tally.v1.TopUp.finished_at:type_name -> google.protobuf.Timestamp
-	58,  // 75: tally.v1.ListTopUpsResponse.topups:type_name -> tally.v1.TopUp
-	10,  // 76: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
-	11,  // 77: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
-	12,  // 78: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
-	14,  // 79: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
-	15,  // 80: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
-	16,  // 81: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
-	19,  // 82: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
-	21,  // 83: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
-	22,  // 84: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
-	25,  // 85: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
-	27,  // 86: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
-	28,  // 87: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
-	29,  // 88: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
-	30,  // 89: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
-	33,  // 90: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
-	37,  // 91: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
-	38,  // 92: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
-	39,  // 93: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
-	40,  // 94: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
-	41,  // 95: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
-	43,  // 96: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
-	47,  // 97: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
-	52,  // 98: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
-	55,  // 99: tally.v1.LedgerService.SetAutoTopUp:input_type -> tally.v1.SetAutoTopUpRequest
-	56,  // 100: tally.v1.LedgerService.GetAutoTopUp:input_type -> tally.v1.GetAutoTopUpRequest
-	59,  // 101: tally.v1.LedgerService.ListTopUps:input_type -> tally.v1.ListTopUpsRequest
-	9,   // 102: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
-	9,   // 103: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
-	13,  // 104: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
-	18,  // 105: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
-	18,  // 106: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
-	18,  // 107: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
-	20,  // 108: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
-	17,  // 109: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
-	24,  // 110: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
-	18,  // 111: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
-	31,  // 112: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
-	31,  // 113: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
-	31,  // 114: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
-	26,  // 115: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
-	36,  // 116: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
-	9,   // 117: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
-	9,   // 118: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
-	9,   // 119: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
-	9,   // 120: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
-	42,  // 121: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
-	46,  // 122: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
-	51,  // 123: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
-	54,  // 124: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
-	57,  // 125: tally.v1.LedgerService.SetAutoTopUp:output_type -> tally.v1.AutoTopUp
-	57,  // 126: tally.v1.LedgerService.GetAutoTopUp:output_type -> tally.v1.AutoTopUp
-	60,  // 127: tally.v1.LedgerService.ListTopUps:output_type -> tally.v1.ListTopUpsResponse
-	102, // [102:128] is the sub-list for method output_type
-	76,  // [76:102] is the sub-list for method input_type
-	76,  // [76:76] is the sub-list for extension type_name
-	76,  // [76:76] is the sub-list for extension extendee
-	0,   // [0:76] is the sub-list for field type_name
+	80,  // 70: tally.v1.GetStatementRequest.from:type_name -> google.protobuf.Timestamp
+	80,  // 71: tally.v1.GetStatementRequest.to:type_name -> google.protobuf.Timestamp
+	80,  // 72: tally.v1.StatementLine.created_at:type_name -> google.protobuf.Timestamp
+	3,   // 73: tally.v1.StatementLine.kind:type_name -> tally.v1.TransferKind
+	3,   // 74: tally.v1.StatementTotal.kind:type_name -> tally.v1.TransferKind
+	80,  // 75: tally.v1.Statement.from:type_name -> google.protobuf.Timestamp
+	80,  // 76: tally.v1.Statement.to:type_name -> google.protobuf.Timestamp
+	56,  // 77: tally.v1.Statement.lines:type_name -> tally.v1.StatementLine
+	57,  // 78: tally.v1.Statement.totals:type_name -> tally.v1.StatementTotal
+	26,  // 79: tally.v1.ListOpenHoldsResponse.holds:type_name -> tally.v1.Hold
+	17,  // 80: tally.v1.ListRefundsResponse.refunds:type_name -> tally.v1.Transfer
+	80,  // 81: tally.v1.AutoTopUp.updated_at:type_name -> google.protobuf.Timestamp
+	8,   // 82: tally.v1.TopUp.status:type_name -> tally.v1.TopUpStatus
+	80,  // 83: tally.v1.TopUp.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 84: tally.v1.TopUp.updated_at:type_name -> google.protobuf.Timestamp
+	80,  // 85: tally.v1.TopUp.finished_at:type_name -> google.protobuf.Timestamp
+	66,  // 86: tally.v1.ListTopUpsResponse.topups:type_name -> tally.v1.TopUp
+	10,  // 87: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
+	11,  // 88: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
+	12,  // 89: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
+	14,  // 90: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
+	15,  // 91: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
+	16,  // 92: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
+	19,  // 93: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
+	21,  // 94: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
+	22,  // 95: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
+	25,  // 96: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
+	27,  // 97: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
+	28,  // 98: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
+	29,  // 99: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
+	30,  // 100: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
+	33,  // 101: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
+	37,  // 102: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
+	38,  // 103: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
+	39,  // 104: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
+	40,  // 105: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
+	41,  // 106: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
+	43,  // 107: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
+	47,  // 108: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
+	52,  // 109: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
+	55,  // 110: tally.v1.LedgerService.GetStatement:input_type -> tally.v1.GetStatementRequest
+	59,  // 111: tally.v1.LedgerService.ListOpenHolds:input_type -> tally.v1.ListOpenHoldsRequest
+	61,  // 112: tally.v1.LedgerService.ListRefunds:input_type -> tally.v1.ListRefundsRequest
+	63,  // 113: tally.v1.LedgerService.SetAutoTopUp:input_type -> tally.v1.SetAutoTopUpRequest
+	64,  // 114: tally.v1.LedgerService.GetAutoTopUp:input_type -> tally.v1.GetAutoTopUpRequest
+	67,  // 115: tally.v1.LedgerService.ListTopUps:input_type -> tally.v1.ListTopUpsRequest
+	9,   // 116: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
+	9,   // 117: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
+	13,  // 118: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
+	18,  // 119: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
+	18,  // 120: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
+	18,  // 121: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
+	20,  // 122: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
+	17,  // 123: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
+	24,  // 124: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
+	18,  // 125: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
+	31,  // 126: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
+	31,  // 127: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
+	31,  // 128: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
+	26,  // 129: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
+	36,  // 130: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
+	9,   // 131: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
+	9,   // 132: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
+	9,   // 133: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
+	9,   // 134: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
+	42,  // 135: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
+	46,  // 136: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
+	51,  // 137: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
+	54,  // 138: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
+	58,  // 139: tally.v1.LedgerService.GetStatement:output_type -> tally.v1.Statement
+	60,  // 140: tally.v1.LedgerService.ListOpenHolds:output_type -> tally.v1.ListOpenHoldsResponse
+	62,  // 141: tally.v1.LedgerService.ListRefunds:output_type -> tally.v1.ListRefundsResponse
+	65,  // 142: tally.v1.LedgerService.SetAutoTopUp:output_type -> tally.v1.AutoTopUp
+	65,  // 143: tally.v1.LedgerService.GetAutoTopUp:output_type -> tally.v1.AutoTopUp
+	68,  // 144: tally.v1.LedgerService.ListTopUps:output_type -> tally.v1.ListTopUpsResponse
+	116, // [116:145] is the sub-list for method output_type
+	87,  // [87:116] is the sub-list for method input_type
+	87,  // [87:87] is the sub-list for extension type_name
+	87,  // [87:87] is the sub-list for extension extendee
+	0,   // [0:87] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_ledger_proto_init() }
@@ -5755,7 +6481,7 @@ func file_tally_v1_ledger_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tally_v1_ledger_proto_rawDesc), len(file_tally_v1_ledger_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   63,
+			NumMessages:   71,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -45,6 +45,9 @@ const (
 	LedgerService_ExportTransfers_FullMethodName = "/tally.v1.LedgerService/ExportTransfers"
 	LedgerService_Reconcile_FullMethodName       = "/tally.v1.LedgerService/Reconcile"
 	LedgerService_SummarizeUsage_FullMethodName  = "/tally.v1.LedgerService/SummarizeUsage"
+	LedgerService_GetStatement_FullMethodName    = "/tally.v1.LedgerService/GetStatement"
+	LedgerService_ListOpenHolds_FullMethodName   = "/tally.v1.LedgerService/ListOpenHolds"
+	LedgerService_ListRefunds_FullMethodName     = "/tally.v1.LedgerService/ListRefunds"
 	LedgerService_SetAutoTopUp_FullMethodName    = "/tally.v1.LedgerService/SetAutoTopUp"
 	LedgerService_GetAutoTopUp_FullMethodName    = "/tally.v1.LedgerService/GetAutoTopUp"
 	LedgerService_ListTopUps_FullMethodName      = "/tally.v1.LedgerService/ListTopUps"
@@ -129,6 +132,21 @@ type LedgerServiceClient interface {
 	// server tracks (tallyd --usage-dimensions), revenue account, account,
 	// and day or month. Read from rollups kept in each write transaction.
 	SummarizeUsage(ctx context.Context, in *SummarizeUsageRequest, opts ...grpc.CallOption) (*SummarizeUsageResponse, error)
+	// GetStatement returns an account's statement for the period [from, to):
+	// the opening balance (every entry dated before from), each entry of the
+	// period in order with its running balance, the closing balance (every
+	// entry dated before to) and totals per kind. Lines page by page_size and
+	// --page-bytes-max; every page repeats the opening, closing and totals,
+	// and opening + the amounts of all lines = closing, exactly. For a
+	// sharded REVENUE or FUNDING account the lines are its shards' entries
+	// ordered by (created_at, shard, sequence) and the running balance is the
+	// account's (the sum over its shards).
+	GetStatement(ctx context.Context, in *GetStatementRequest, opts ...grpc.CallOption) (*Statement, error)
+	// ListOpenHolds lists an account's open, unexpired holds, soonest expiry
+	// first.
+	ListOpenHolds(ctx context.Context, in *ListOpenHoldsRequest, opts ...grpc.CallOption) (*ListOpenHoldsResponse, error)
+	// ListRefunds lists the REFUND transfers of a charge, oldest first.
+	ListRefunds(ctx context.Context, in *ListRefundsRequest, opts ...grpc.CallOption) (*ListRefundsResponse, error)
 	// SetAutoTopUp creates or replaces a CUSTOMER account's auto top-up rule:
 	// when a committed debit leaves available below threshold, tallyd charges
 	// the customer's card (once per top-up, keyed by it) up to target_balance.
@@ -398,6 +416,36 @@ func (c *ledgerServiceClient) SummarizeUsage(ctx context.Context, in *SummarizeU
 	return out, nil
 }
 
+func (c *ledgerServiceClient) GetStatement(ctx context.Context, in *GetStatementRequest, opts ...grpc.CallOption) (*Statement, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Statement)
+	err := c.cc.Invoke(ctx, LedgerService_GetStatement_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) ListOpenHolds(ctx context.Context, in *ListOpenHoldsRequest, opts ...grpc.CallOption) (*ListOpenHoldsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListOpenHoldsResponse)
+	err := c.cc.Invoke(ctx, LedgerService_ListOpenHolds_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) ListRefunds(ctx context.Context, in *ListRefundsRequest, opts ...grpc.CallOption) (*ListRefundsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListRefundsResponse)
+	err := c.cc.Invoke(ctx, LedgerService_ListRefunds_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *ledgerServiceClient) SetAutoTopUp(ctx context.Context, in *SetAutoTopUpRequest, opts ...grpc.CallOption) (*AutoTopUp, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AutoTopUp)
@@ -507,6 +555,21 @@ type LedgerServiceServer interface {
 	// server tracks (tallyd --usage-dimensions), revenue account, account,
 	// and day or month. Read from rollups kept in each write transaction.
 	SummarizeUsage(context.Context, *SummarizeUsageRequest) (*SummarizeUsageResponse, error)
+	// GetStatement returns an account's statement for the period [from, to):
+	// the opening balance (every entry dated before from), each entry of the
+	// period in order with its running balance, the closing balance (every
+	// entry dated before to) and totals per kind. Lines page by page_size and
+	// --page-bytes-max; every page repeats the opening, closing and totals,
+	// and opening + the amounts of all lines = closing, exactly. For a
+	// sharded REVENUE or FUNDING account the lines are its shards' entries
+	// ordered by (created_at, shard, sequence) and the running balance is the
+	// account's (the sum over its shards).
+	GetStatement(context.Context, *GetStatementRequest) (*Statement, error)
+	// ListOpenHolds lists an account's open, unexpired holds, soonest expiry
+	// first.
+	ListOpenHolds(context.Context, *ListOpenHoldsRequest) (*ListOpenHoldsResponse, error)
+	// ListRefunds lists the REFUND transfers of a charge, oldest first.
+	ListRefunds(context.Context, *ListRefundsRequest) (*ListRefundsResponse, error)
 	// SetAutoTopUp creates or replaces a CUSTOMER account's auto top-up rule:
 	// when a committed debit leaves available below threshold, tallyd charges
 	// the customer's card (once per top-up, keyed by it) up to target_balance.
@@ -596,6 +659,15 @@ func (UnimplementedLedgerServiceServer) Reconcile(*ReconcileRequest, grpc.Server
 }
 func (UnimplementedLedgerServiceServer) SummarizeUsage(context.Context, *SummarizeUsageRequest) (*SummarizeUsageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SummarizeUsage not implemented")
+}
+func (UnimplementedLedgerServiceServer) GetStatement(context.Context, *GetStatementRequest) (*Statement, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetStatement not implemented")
+}
+func (UnimplementedLedgerServiceServer) ListOpenHolds(context.Context, *ListOpenHoldsRequest) (*ListOpenHoldsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListOpenHolds not implemented")
+}
+func (UnimplementedLedgerServiceServer) ListRefunds(context.Context, *ListRefundsRequest) (*ListRefundsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListRefunds not implemented")
 }
 func (UnimplementedLedgerServiceServer) SetAutoTopUp(context.Context, *SetAutoTopUpRequest) (*AutoTopUp, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetAutoTopUp not implemented")
@@ -1027,6 +1099,60 @@ func _LedgerService_SummarizeUsage_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _LedgerService_GetStatement_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetStatementRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).GetStatement(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_GetStatement_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).GetStatement(ctx, req.(*GetStatementRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_ListOpenHolds_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListOpenHoldsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).ListOpenHolds(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_ListOpenHolds_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).ListOpenHolds(ctx, req.(*ListOpenHoldsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_ListRefunds_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListRefundsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).ListRefunds(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_ListRefunds_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).ListRefunds(ctx, req.(*ListRefundsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _LedgerService_SetAutoTopUp_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(SetAutoTopUpRequest)
 	if err := dec(in); err != nil {
@@ -1171,6 +1297,18 @@ var LedgerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SummarizeUsage",
 			Handler:    _LedgerService_SummarizeUsage_Handler,
+		},
+		{
+			MethodName: "GetStatement",
+			Handler:    _LedgerService_GetStatement_Handler,
+		},
+		{
+			MethodName: "ListOpenHolds",
+			Handler:    _LedgerService_ListOpenHolds_Handler,
+		},
+		{
+			MethodName: "ListRefunds",
+			Handler:    _LedgerService_ListRefunds_Handler,
 		},
 		{
 			MethodName: "SetAutoTopUp",
