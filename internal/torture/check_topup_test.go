@@ -192,14 +192,14 @@ func TestCheckerTopUps(t *testing.T) {
 		{name: "a paid top-up credited twice", want: InvTopUpCreditedOnce, sql: []string{
 			"ALTER TABLE transfers DROP CONSTRAINT transfers_scope_key_unique",
 			fmt.Sprintf(`INSERT INTO transfers (transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
-				amount, currency, description, metadata, created_at)
+				amount, currency, description, metadata, created_at, debit_account_type, credit_account_type)
 				SELECT gen_random_uuid(), scope, idempotency_key, kind, debit_account_id, credit_account_id, amount, currency,
-				description, metadata, created_at FROM transfers WHERE idempotency_key = 'topup:%s'`, f.first)}},
+				description, metadata, created_at, debit_account_type, credit_account_type FROM transfers WHERE idempotency_key = 'topup:%s'`, f.first)}},
 		{name: "a declined top-up credited anyway", want: InvTopUpCreditedOnce, sql: []string{
 			fmt.Sprintf(`INSERT INTO transfers (transfer_id, scope, idempotency_key, kind, debit_account_id, credit_account_id,
-				amount, currency, description, metadata, created_at)
+				amount, currency, description, metadata, created_at, debit_account_type, credit_account_type)
 				SELECT gen_random_uuid(), scope, 'topup:%s', kind, debit_account_id, credit_account_id, amount, currency,
-				description, metadata, created_at FROM transfers WHERE idempotency_key = 'topup:%s'`, f.declined, f.first)}},
+				description, metadata, created_at, debit_account_type, credit_account_type FROM transfers WHERE idempotency_key = 'topup:%s'`, f.declined, f.first)}},
 		{name: "a payment the provider took but no top-up credited", want: InvTopUpCreditedOnce,
 			sql: []string{fmt.Sprintf(`UPDATE topups SET status = 1, finished_at = NULL WHERE topup_id = '%s'`, f.second)}},
 		{name: "two top-ups of one account in flight at once", want: InvTopUpOneInFlight,
