@@ -48,7 +48,8 @@ func shardRows(t *testing.T, env *tallytest.Env, id string) map[string]int64 {
 // committers' shards.
 func TestShardedSystemAccountIsSumOfShards(t *testing.T) {
 	t.Parallel()
-	env := newEnv(t)
+	env := tallytest.Start(t, tallytest.Options{DatabaseURL: dbURL, RedisURL: tallytest.RedisURL(),
+		Batch: ledger.BatchConfig{WorkersMax: 4}})
 	ctx := ctxT(t)
 	cur := newCurrency()
 	const customers, charges = 16, 12
@@ -206,7 +207,11 @@ func TestShardedSystemAccountIsSumOfShards(t *testing.T) {
 // PostgreSQL's deadlock counter does not move and every call succeeds.
 func TestCommittersNeverDeadlock(t *testing.T) {
 	t.Parallel()
-	envs := []*tallytest.Env{newEnv(t), newEnv(t)}
+	committers := func() *tallytest.Env {
+		return tallytest.Start(t, tallytest.Options{DatabaseURL: dbURL, RedisURL: tallytest.RedisURL(),
+			Batch: ledger.BatchConfig{WorkersMax: 4}})
+	}
+	envs := []*tallytest.Env{committers(), committers()}
 	ctx := ctxT(t)
 	cur := newCurrency()
 	accts := make([]string, 12)

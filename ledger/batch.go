@@ -33,10 +33,16 @@ const (
 	BatchWaitMaxDefault = 200 * time.Microsecond
 	// BatchWorkersMaxDefault is the number of committers: each forms and
 	// commits its own batches, one at a time, posting to its own shard of
-	// every system account, so committers never wait for each other on a
-	// system row and PostgreSQL groups their commit flushes (bench/sweep.sh,
-	// docs/PERFORMANCE.md).
-	BatchWorkersMaxDefault = 4
+	// every system account, so committers (of this and of other tallyd
+	// processes) never wait for each other on a system row. One per process
+	// is the default because the measured sweep on the project's 2-core
+	// machine, whose commit flush is fast (0.19 ms), is CPU-bound: one
+	// committer's batches hold about 16 calls at 32 clients, four
+	// committers' about 4, and PostgreSQL's work per call grows as batches
+	// shrink (bench/sweep.sh: charge-uniform 4,135/s with 1, 1,822/s with 2,
+	// 1,336/s with 4; docs/PERFORMANCE.md). Where the flush is slow, or with
+	// more cores, raise it: committers then share flushes.
+	BatchWorkersMaxDefault = 1
 	// BatchQueueItemsMaxDefault bounds calls waiting for a batch (over all
 	// committers); beyond it calls get RESOURCE_EXHAUSTED instead of
 	// queueing without bound.

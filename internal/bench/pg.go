@@ -56,6 +56,14 @@ func newPGWatch(ctx context.Context, url string, log func(string, ...any)) (*pgW
 
 func (w *pgWatch) close() { w.conn.Close(context.Background()) }
 
+// analyze refreshes the planner statistics of the bench database.
+func (w *pgWatch) analyze(ctx context.Context) error {
+	if _, err := w.conn.Exec(ctx, "ANALYZE"); err != nil {
+		return fmt.Errorf("ANALYZE the bench database: %w", err)
+	}
+	return nil
+}
+
 // sample reads the statistics; a nil watch reads nothing (ok false).
 func (w *pgWatch) sample(ctx context.Context) pgSample {
 	s := pgSample{tables: map[string]SeqScan{}}
