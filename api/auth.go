@@ -65,9 +65,14 @@ var MethodRoles = map[string][]auth.Role{
 	tallyv1.LedgerService_Reconcile_FullMethodName:       {auth.RoleReconciler, auth.RoleAdmin},
 	// Spend breakdowns: support screens, finance and reconciliation jobs.
 	tallyv1.LedgerService_SummarizeUsage_FullMethodName: readers,
-	tallyv1.LedgerService_GetStatement_FullMethodName:   readers,
-	tallyv1.LedgerService_ListOpenHolds_FullMethodName:  readers,
-	tallyv1.LedgerService_ListRefunds_FullMethodName:    readers,
+	// Auto top-up rules charge a customer's card: support and admin set
+	// them; every reader sees them and the top-ups.
+	tallyv1.LedgerService_SetAutoTopUp_FullMethodName:  {auth.RoleSupport, auth.RoleAdmin},
+	tallyv1.LedgerService_GetAutoTopUp_FullMethodName:  readers,
+	tallyv1.LedgerService_ListTopUps_FullMethodName:    readers,
+	tallyv1.LedgerService_GetStatement_FullMethodName:  readers,
+	tallyv1.LedgerService_ListOpenHolds_FullMethodName: readers,
+	tallyv1.LedgerService_ListRefunds_FullMethodName:   readers,
 }
 
 // openServices need no credentials: health checks (load balancers, the

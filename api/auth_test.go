@@ -259,6 +259,13 @@ func requestFor(method, acct, other, transferID string, fx *fixtures) (any, any)
 	case "SummarizeUsage":
 		return &tallyv1.SummarizeUsageRequest{AccountId: acct, FromDay: "2026-01-01", ToDay: "2026-02-01",
 			GroupBy: []string{"month"}}, &tallyv1.SummarizeUsageResponse{}
+	case "SetAutoTopUp":
+		return &tallyv1.SetAutoTopUpRequest{AccountId: fx.topupAccount, Threshold: 10, TargetBalance: 100, AmountMax: 100,
+			PerDayMax: 1000, ProviderCustomerId: "cus_test", PaymentMethodId: "pm_card_visa"}, &tallyv1.AutoTopUp{}
+	case "GetAutoTopUp":
+		return &tallyv1.GetAutoTopUpRequest{AccountId: fx.topupAccount}, &tallyv1.AutoTopUp{}
+	case "ListTopUps":
+		return &tallyv1.ListTopUpsRequest{AccountId: fx.topupAccount}, &tallyv1.ListTopUpsResponse{}
 	case "GetStatement":
 		return &tallyv1.GetStatementRequest{AccountId: acct, From: timestamppb.New(time.Now().Add(-time.Hour)),
 			To: timestamppb.New(time.Now().Add(-time.Second))}, &tallyv1.Statement{}
@@ -278,11 +285,13 @@ type fixtures struct {
 	charge   string
 	newHold  func() string
 	newEmpty func() string
+	// topupAccount is a CUSTOMER account in a currency a card can pay.
+	topupAccount string
 }
 
 func noFixtures() *fixtures {
 	id := func() string { return uuid.Must(uuid.NewV7()).String() }
-	return &fixtures{charge: id(), newHold: id, newEmpty: id}
+	return &fixtures{charge: id(), newHold: id, newEmpty: id, topupAccount: id()}
 }
 
 // The permission matrix, written out from the issue rather than derived
@@ -312,6 +321,10 @@ var wantAllowed = map[string][]auth.Role{
 	"GetBalances":     {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 	// Issue 7: spend breakdowns are for support, finance and reconciliation.
 	"SummarizeUsage": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	// Issue 13: support and admin set auto top-up rules; readers read them.
+	"SetAutoTopUp": {auth.RoleSupport, auth.RoleAdmin},
+	"GetAutoTopUp": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
+	"ListTopUps":   {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 	// Issue 14: statements, open holds and refunds for support screens.
 	"GetStatement":  {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
 	"ListOpenHolds": {auth.RoleViewer, auth.RoleSupport, auth.RoleReconciler, auth.RoleAdmin},
@@ -320,7 +333,7 @@ var wantAllowed = map[string][]auth.Role{
 
 func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 	t.Parallel()
-	env := newAuthEnv(t)
+	env := newAuthEnv(t, func(o *tallytest.Options) { o.TopUp.Provider = "stripe" })
 	if len(wantAllowed) != len(tallyv1.LedgerService_ServiceDesc.Methods) {
 		t.Fatalf("the test's matrix has %d methods, the service %d", len(wantAllowed), len(tallyv1.LedgerService_ServiceDesc.Methods))
 	}
@@ -333,13 +346,20 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 	acct := createAccount(t, env, cur)
 	other := createAccount(t, env, cur)
 	credit(t, env, acct.GetAccountId(), 1_000_000)
+	// A rule every reading role may read (disabled: no worker runs here).
+	topupAccount := createAccount(t, env, "RTB").GetAccountId()
+	if _, err := env.Client.Raw().SetAutoTopUp(ctxT(t), &tallyv1.SetAutoTopUpRequest{AccountId: topupAccount,
+		Threshold: 10, TargetBalance: 100, AmountMax: 100, PerDayMax: 1000, ProviderCustomerId: "cus_test",
+		PaymentMethodId: "pm_card_visa"}); err != nil {
+		t.Fatal(err)
+	}
 	// A transfer every reading role may see, and for the charger one of its own.
 	adminTransfer := credit(t, env, acct.GetAccountId(), 1).GetTransfer().GetTransferId()
 	ch, err := env.Client.Charge(ctxT(t), &tallyv1.ChargeRequest{AccountId: acct.GetAccountId(), Amount: 1000, IdempotencyKey: client.NewIdempotencyKey()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	fx := &fixtures{charge: ch.GetTransfer().GetTransferId()}
+	fx := &fixtures{charge: ch.GetTransfer().GetTransferId(), topupAccount: topupAccount}
 	fx.newHold = func() string {
 		h, err := env.Client.Hold(ctxT(t), &tallyv1.HoldRequest{AccountId: acct.GetAccountId(), Amount: 1, IdempotencyKey: client.NewIdempotencyKey()})
 		if err != nil {
@@ -367,7 +387,7 @@ func TestAuthEveryRoleIsAllowedExactlyItsMethods(t *testing.T) {
 				// A charger refunds, captures, releases and reads only
 				// what its own client created.
 				own := tallyv1.NewLedgerServiceClient(conn)
-				rfx = &fixtures{charge: transferID, newEmpty: fx.newEmpty, newHold: func() string {
+				rfx = &fixtures{charge: transferID, newEmpty: fx.newEmpty, topupAccount: topupAccount, newHold: func() string {
 					h, err := own.Hold(ctx, &tallyv1.HoldRequest{AccountId: acct.GetAccountId(), Amount: 1, IdempotencyKey: client.NewIdempotencyKey()})
 					if err != nil {
 						t.Fatal(err)

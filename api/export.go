@@ -118,6 +118,8 @@ func eventPB(e ledger.Event) *tallyv1.ExportTransfersResponse {
 			AccountId: lb.AccountID.String(), TransferId: idString(lb.TransferID), HoldId: idString(lb.HoldID),
 			Available: lb.Available, Threshold: lb.Threshold, CreatedAt: timestamppb.New(lb.CreatedAt),
 		}}
+	case e.TopUp != nil:
+		out.Event = &tallyv1.ExportTransfersResponse_Topup{Topup: topUpPB(*e.TopUp)}
 	}
 	return out
 }

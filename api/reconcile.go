@@ -1,7 +1,10 @@
 package api
 
 import (
+	"time"
+
 	"github.com/google/uuid"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tallyledger/tally/ledger"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
@@ -30,6 +33,7 @@ func (s *Server) Reconcile(r *tallyv1.ReconcileRequest, stream tallyv1.LedgerSer
 	}
 	sum, err := s.l.Reconcile(stream.Context(), ledger.ReconcileRequest{
 		AccountIDs: ids, PageSize: int(r.GetPageSize()), RepairCache: r.GetRepairCache(),
+		Provider: r.GetProvider(), ProviderFrom: timeOrZero(r.GetProviderFrom()), ProviderTo: timeOrZero(r.GetProviderTo()),
 	}, func(f ledger.Finding) error {
 		return send(&tallyv1.ReconcileResponse{Message: &tallyv1.ReconcileResponse_Finding{Finding: &tallyv1.ReconcileFinding{
 			Check: f.Check, AccountId: idString(f.AccountID), TransferId: idString(f.TransferID), Currency: f.Currency,
@@ -49,4 +53,11 @@ func (s *Server) Reconcile(r *tallyv1.ReconcileRequest, stream tallyv1.LedgerSer
 	return stream.Send(&tallyv1.ReconcileResponse{Message: &tallyv1.ReconcileResponse_Summary{Summary: &tallyv1.ReconcileSummary{
 		AccountsChecked: sum.AccountsChecked, Findings: sum.Findings,
 	}}})
+}
+
+func timeOrZero(ts *timestamppb.Timestamp) time.Time {
+	if ts == nil {
+		return time.Time{}
+	}
+	return ts.AsTime()
 }

@@ -392,7 +392,10 @@ func (l *Ledger) commitItems(ctx context.Context, items []*item, sb *submitBatch
 		if d, err = l.decideAll(items, locked, plan, sb); err != nil {
 			return err
 		}
-		return l.writeDecided(ctx, tx, d, sb, usageSet)
+		if err := l.writeDecided(ctx, tx, d, sb, usageSet); err != nil {
+			return err
+		}
+		return l.topUpStep(ctx, tx, d, items)
 	})
 	if err != nil {
 		return nil, false, postCommit{}, err

@@ -25,7 +25,9 @@ type Event struct {
 	Hold          *Hold
 	AccountChange *AccountChangeEvent
 	LowBalance    *LowBalanceEvent
-	CreatedAt     time.Time
+	// TopUp is a top-up's new state (started, succeeded, failed).
+	TopUp     *TopUp
+	CreatedAt time.Time
 }
 
 // AccountChangeEvent records a lifecycle change of an account.
@@ -56,6 +58,7 @@ const (
 	EventHold          = store.EventHold
 	EventAccountChange = store.EventAccountChange
 	EventLowBalance    = store.EventLowBalance
+	EventTopUp         = store.EventTopUp
 )
 
 // ExportPageSizeMaxDefault bounds the events one ReadEvents call returns.
@@ -124,6 +127,9 @@ func (l *Ledger) ReadEvents(ctx context.Context, cursor string, limit int) ([]Ev
 		case EventLowBalance:
 			e.LowBalance = &LowBalanceEvent{}
 			target = e.LowBalance
+		case EventTopUp:
+			e.TopUp = &TopUp{}
+			target = e.TopUp
 		default:
 			return nil, "", fromStore(fmt.Errorf("event kind %q: %w", r.Kind, store.ErrInternal))
 		}

@@ -57,6 +57,8 @@ type Config struct {
 	// AccountFactsMax bounds the accounts whose unchanging facts are kept
 	// in memory for planning locks (tallyd --account-facts-max).
 	AccountFactsMax int
+	// TopUp configures auto top-up.
+	TopUp TopUpConfig
 }
 
 // Ledger applies the rules of money on top of the store.
@@ -78,6 +80,9 @@ type Ledger struct {
 	shardGate atomic.Bool
 	refresh   refreshing
 	usage     usageConfig
+	topup     TopUpConfig
+	// payments lists the top-up provider's payments (Reconcile).
+	payments PaymentLister
 }
 
 // New returns a Ledger.
@@ -92,6 +97,7 @@ func New(cfg Config) *Ledger {
 	if err := ValidateUsageDimensions(cfg.UsageDimensions); err != nil {
 		panic("ledger: " + err.Error())
 	}
+	cfg.TopUp.fill()
 	if cfg.SystemShards <= 0 {
 		cfg.SystemShards = SystemShardsDefault
 	}
@@ -99,7 +105,7 @@ func New(cfg Config) *Ledger {
 		panic(fmt.Sprintf("ledger: SystemShards %d above %d", cfg.SystemShards, store.ShardsMax))
 	}
 	l := &Ledger{st: cfg.Store, log: cfg.Logger, limits: cfg.Limits, dir: newDirectory(cfg.AccountFactsMax),
-		systemShards: cfg.SystemShards, shardOffset: rand.IntN(cfg.SystemShards)}
+		systemShards: cfg.SystemShards, shardOffset: rand.IntN(cfg.SystemShards), topup: cfg.TopUp}
 	l.usage.keys = append([]string{}, cfg.UsageDimensions...)
 	if cfg.Cache != nil {
 		l.cache = cfg.Cache

@@ -21,6 +21,10 @@ const (
 	CheckCurrencySum      = store.CheckCurrencySum
 	CheckTransferEntries  = store.CheckTransferEntries
 	CheckRefundsWithin    = store.CheckRefundsWithin
+	// CheckTopUpCredited and CheckTopUpCreditOrphan tie top-ups to their
+	// credits (their findings' TransferID is the top-up or the credit).
+	CheckTopUpCredited     = store.CheckTopUpCredited
+	CheckTopUpCreditOrphan = store.CheckTopUpCreditOrphan
 )
 
 // Reconcile limits.
@@ -43,6 +47,11 @@ type ReconcileRequest struct {
 	PageSize   int
 	// RepairCache deletes cached balances that disagree with PostgreSQL.
 	RepairCache bool
+	// Provider also compares the top-up provider's payments created in
+	// [ProviderFrom, ProviderTo) with the top-ups (zero times: the last
+	// ProviderWindowDefault).
+	Provider                 bool
+	ProviderFrom, ProviderTo time.Time
 }
 
 // Finding is one thing reconciliation found wrong.
@@ -142,6 +151,11 @@ func (l *Ledger) Reconcile(ctx context.Context, r ReconcileRequest, found func(F
 			if err := report(Finding{Check: g.Check, Currency: g.Currency, TransferID: g.ID, Detail: g.Detail}); err != nil {
 				return sum, err
 			}
+		}
+	}
+	if r.Provider {
+		if err := l.reconcileProvider(ctx, r.ProviderFrom, r.ProviderTo, report); err != nil {
+			return sum, err
 		}
 	}
 	return sum, nil

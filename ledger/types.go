@@ -280,6 +280,11 @@ type MoveRequest struct {
 	// is narrower than admin (the api package sets it from the caller's
 	// role). It is not part of the fingerprint.
 	Restrict Restrict
+	// TopUpID and TopUpPaymentID are set only by CompleteTopUp: the credit
+	// of a paid top-up, whose transaction also marks the top-up SUCCEEDED.
+	// The api package never sets them.
+	TopUpID        uuid.UUID
+	TopUpPaymentID string
 }
 
 // Restrict narrows what a request may touch beyond the account-type rules

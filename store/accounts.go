@@ -12,7 +12,7 @@ import (
 
 const accountCols = `account_id, currency, type, external_ref, floor, credit_limit, status, metadata,
 	coalesce(system_role, ''), balance, version, last_sequence, last_entry_at, created_at,
-	held, next_hold_expiry, low_balance_threshold, shard_of, shard_index, shard_count`
+	held, next_hold_expiry, low_balance_threshold, shard_of, shard_index, shard_count, topup_threshold`
 
 // accountViewCols are accountCols as callers see an account: the balance
 // and version of an account with shards are the sums over its shards, read
@@ -36,7 +36,7 @@ func scanAccount(r rowScanner) (Account, error) {
 	var shardOf uuid.NullUUID
 	err := r.Scan(&a.ID, &a.Currency, &a.Type, &a.ExternalRef, &a.Floor, &a.CreditLimit, &a.Status, &meta,
 		&a.SystemRole, &a.Balance, &a.Version, &a.LastSequence, &a.LastEntryAt, &a.CreatedAt,
-		&a.Held, &a.NextHoldExpiry, &a.LowBalanceThreshold, &shardOf, &a.ShardIndex, &a.ShardCount)
+		&a.Held, &a.NextHoldExpiry, &a.LowBalanceThreshold, &shardOf, &a.ShardIndex, &a.ShardCount, &a.TopUpThreshold)
 	if err != nil {
 		return Account{}, err
 	}

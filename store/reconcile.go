@@ -82,11 +82,20 @@ type GlobalFinding struct {
 
 // Global check names.
 const (
-	CheckCurrencySum      = "currency_sum"
-	CheckTransferEntries  = "transfer_entries"
-	CheckRefundsWithin    = "refunds_within_charge"
-	globalFindingsPerKind = 100
+	CheckCurrencySum     = "currency_sum"
+	CheckTransferEntries = "transfer_entries"
+	CheckRefundsWithin   = "refunds_within_charge"
+	// CheckTopUpCredited: a SUCCEEDED top-up without exactly one CREDIT of
+	// its amount (the one it names); CheckTopUpCreditOrphan: a top-up
+	// CREDIT without a SUCCEEDED top-up of its amount naming it.
+	CheckTopUpCredited     = "topup_credited"
+	CheckTopUpCreditOrphan = "topup_credit_orphan"
+	globalFindingsPerKind  = 100
 )
+
+// TopUpScope is the idempotency scope of top-up credits (their keys are
+// "topup:<top-up id>"); no API client's scope can equal it.
+const TopUpScope = "tally:topup"
 
 // CheckGlobal runs the ledger-wide checks, each as one statement: per
 // currency all balances sum to zero; every transfer has exactly two entries
@@ -125,6 +134,21 @@ func (s *Store) CheckGlobal(ctx context.Context, timeout time.Duration) ([]Globa
 			  ON s.refund_of = c.transfer_id
 			WHERE (s.total IS NOT NULL OR r.refunded IS NOT NULL)
 			  AND (coalesce(s.total, 0) <> coalesce(r.refunded, 0) OR coalesce(s.total, 0) > c.amount OR c.kind <> 1)
+			LIMIT $1`},
+		{CheckTopUpCredited, `SELECT p.currency, p.topup_id, 'top-up of ' || p.amount::text || ': ' || count(t.transfer_id)::text
+			    || ' credits summing to ' || coalesce(sum(t.amount), 0)::text
+			FROM topups p
+			LEFT JOIN transfers t ON t.scope = '` + TopUpScope + `' AND t.idempotency_key = 'topup:' || p.topup_id::text
+			WHERE p.status = 2
+			GROUP BY p.topup_id, p.currency, p.amount, p.credit_transfer_id, p.account_id
+			HAVING count(t.transfer_id) <> 1 OR coalesce(sum(t.amount), 0) <> p.amount
+			    OR bool_or(t.transfer_id IS DISTINCT FROM p.credit_transfer_id OR t.kind <> 2 OR t.credit_account_id <> p.account_id)
+			LIMIT $1`},
+		{CheckTopUpCreditOrphan, `SELECT t.currency, t.transfer_id, 'a top-up credit of ' || t.amount::text
+			    || ' (key ' || t.idempotency_key || ') without a SUCCEEDED top-up of that amount naming it'
+			FROM transfers t
+			WHERE t.scope = '` + TopUpScope + `' AND NOT EXISTS (
+			  SELECT 1 FROM topups p WHERE p.credit_transfer_id = t.transfer_id AND p.status = 2 AND p.amount = t.amount)
 			LIMIT $1`},
 	}
 	for _, q := range queries {

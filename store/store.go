@@ -21,6 +21,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
+	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+	"github.com/riverqueue/river/rivermigrate"
 	pgxuuid "github.com/vgarvardt/pgx-google-uuid/v5"
 )
 
@@ -54,8 +56,9 @@ type Config struct {
 
 // Store is a handle on the Tally database.
 type Store struct {
-	pool *pgxpool.Pool
-	log  *slog.Logger
+	pool  *pgxpool.Pool
+	log   *slog.Logger
+	topup topUpJobs
 }
 
 // Open creates a connection pool. It does not require the database to be
@@ -165,7 +168,43 @@ func Migrate(ctx context.Context, url string) error {
 	if _, err := p.Up(ctx); err != nil {
 		return fmt.Errorf("store: migrate: %w", translate(errors.Unwrap(err)))
 	}
-	return nil
+	return withRiver(ctx, url, func(m *rivermigrate.Migrator[pgx.Tx]) error {
+		if _, err := m.Migrate(ctx, rivermigrate.DirectionUp, nil); err != nil {
+			return fmt.Errorf("store: migrate River's job queue: %w", err)
+		}
+		return nil
+	})
+}
+
+// withRiver runs fn with River's migrator on the database at url. River's
+// job tables (the top-up queue) are migrated with Tally's own, by
+// `tallyd migrate` and --migrate.
+func withRiver(ctx context.Context, url string, fn func(*rivermigrate.Migrator[pgx.Tx]) error) error {
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		return translate(err)
+	}
+	defer pool.Close()
+	m, err := rivermigrate.New(riverpgxv5.New(pool), &rivermigrate.Config{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return fmt.Errorf("store: River migrator: %w", err)
+	}
+	return fn(m)
+}
+
+// riverOutdated reports whether River's tables are behind this binary.
+func riverOutdated(ctx context.Context, url string) (bool, error) {
+	var behind bool
+	err := withRiver(ctx, url, func(m *rivermigrate.Migrator[pgx.Tx]) error {
+		have, err := m.ExistingVersions(ctx)
+		if err != nil {
+			return translate(err)
+		}
+		all := m.AllVersions()
+		behind = len(have) == 0 || have[len(have)-1].Version < all[len(all)-1].Version
+		return nil
+	})
+	return behind, err
 }
 
 // SchemaStatus reports the database's schema version and the newest one this
@@ -199,6 +238,13 @@ func CheckSchema(ctx context.Context, url string) error {
 	}
 	if cur < latest {
 		return fmt.Errorf("%w (database at version %d, binary needs %d)", ErrSchemaOutdated, cur, latest)
+	}
+	behind, err := riverOutdated(ctx, url)
+	if err != nil {
+		return err
+	}
+	if behind {
+		return fmt.Errorf("%w (River's job tables are not migrated)", ErrSchemaOutdated)
 	}
 	return nil
 }

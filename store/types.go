@@ -32,6 +32,11 @@ type Account struct {
 	// LowBalanceThreshold, when set, is the available amount below which a
 	// debit reports threshold_crossed.
 	LowBalanceThreshold *int64
+	// TopUpThreshold is the threshold of the account's auto top-up rule
+	// while the rule is active, nil otherwise (see topup_rules). The write
+	// path reads it with the locked row, so a batch learns without another
+	// statement whether it may have to start a top-up.
+	TopUpThreshold *int64
 	// ShardOf is, on a shard row, the account it is a shard of (uuid.Nil on
 	// every account's own row, shard 0); ShardIndex its index (0 on shard
 	// 0). ShardCount is, on shard 0, how many further shards exist.

@@ -313,6 +313,22 @@ func (c *Client) SummarizeUsage(ctx context.Context, r *tallyv1.SummarizeUsageRe
 	return call(ctx, c, c.raw.SummarizeUsage, r)
 }
 
+// SetAutoTopUp sets an account's auto top-up rule (a whole overwrite:
+// retrying is safe).
+func (c *Client) SetAutoTopUp(ctx context.Context, r *tallyv1.SetAutoTopUpRequest) (*tallyv1.AutoTopUp, error) {
+	return call(ctx, c, c.raw.SetAutoTopUp, r)
+}
+
+// GetAutoTopUp reads an account's auto top-up rule.
+func (c *Client) GetAutoTopUp(ctx context.Context, r *tallyv1.GetAutoTopUpRequest) (*tallyv1.AutoTopUp, error) {
+	return call(ctx, c, c.raw.GetAutoTopUp, r)
+}
+
+// ListTopUps reads a page of an account's top-ups.
+func (c *Client) ListTopUps(ctx context.Context, r *tallyv1.ListTopUpsRequest) (*tallyv1.ListTopUpsResponse, error) {
+	return call(ctx, c, c.raw.ListTopUps, r)
+}
+
 // GetStatement returns one page of an account's statement.
 func (c *Client) GetStatement(ctx context.Context, r *tallyv1.GetStatementRequest) (*tallyv1.Statement, error) {
 	return call(ctx, c, c.raw.GetStatement, r)

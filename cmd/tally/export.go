@@ -115,6 +115,10 @@ func csvRow(ev *tallyv1.ExportTransfersResponse) []string {
 		l := ev.GetLowBalance()
 		row[1], row[3], row[7], row[8] = "low_balance", l.GetAccountId(), l.GetAccountId(), strconv.FormatInt(l.GetAvailable(), 10)
 		row[12] = l.GetHoldId()
+	case ev.GetTopup() != nil:
+		x := ev.GetTopup()
+		row[1], row[3], row[4], row[7] = "topup", x.GetTopupId(), enumName(x.GetStatus(), "TOP_UP_STATUS_"), x.GetAccountId()
+		row[8], row[9], row[10] = strconv.FormatInt(x.GetAmount(), 10), x.GetCurrency(), enumName(x.GetStatus(), "TOP_UP_STATUS_")
 	}
 	return row
 }

@@ -218,7 +218,7 @@ or DEADLINE_EXCEEDED after the retries: repeat with the same --key).`),
 	root.AddCommand(a.newAccountCmd(), a.newCreditCmd(), a.newChargeCmd(), a.newRefundCmd(), a.newHoldCmd(),
 		a.newBatchCmd(), a.newTransferCmd(), a.newBalanceCmd(), a.newBalancesCmd(), a.newEntriesCmd(),
 		a.newExportCmd(), a.newShowCmd(), a.newStatementCmd(), a.newReconcileCmd(), a.newUsageCmd(), a.newBenchCmd(),
-		a.newBenchUsageCmd())
+		a.newBenchUsageCmd(), a.newTopUpCmd())
 	// cobra's own `completion bash|zsh|fish|powershell`, made a group so
 	// that an unknown shell is bad usage rather than help.
 	root.InitDefaultCompletionCmd()

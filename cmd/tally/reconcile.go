@@ -11,8 +11,10 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/tallyledger/tally/api/client"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
@@ -47,8 +49,12 @@ type reconcileOpts struct {
 	repair   bool
 	external string
 	pageSize int
-	findings []finding
-	checked  int64
+	// stripe compares the provider's payments of the last stripeSince
+	// with the top-ups, through tallyd.
+	stripe      bool
+	stripeSince time.Duration
+	findings    []finding
+	checked     int64
 }
 
 // Validate has nothing to check: the server checks the account ids.
@@ -61,13 +67,17 @@ func (a *app) newReconcileCmd() *cobra.Command {
 Prove the books add up: every balance equals its entries, sequences are
 gapless, held equals open holds, the cache agrees, each currency sums to
 zero, every transfer has two entries summing to zero, refunds stay within
-their charges; with --external, every balance equals the CSV's. Exits 1 on
+their charges, every SUCCEEDED top-up has exactly one credit and every
+top-up credit its top-up; with --external, every balance equals the CSV's;
+with --stripe, Stripe's payments of the window match the top-ups. Exits 1 on
 any finding. Without --timeout it has no deadline (Ctrl-C stops it).`)}
 	f := cmd.Flags()
 	f.StringArrayVar(&o.accounts, "account", nil, "check only this account (repeatable; default: all, plus the ledger-wide sums)")
 	f.BoolVar(&o.repair, "repair-cache", false, "delete cached balances that disagree with PostgreSQL")
 	f.StringVar(&o.external, "external", "", "CSV of account_id or external_ref, expected_balance (e.g. from a payment provider)")
 	f.IntVar(&o.pageSize, "page-size", 0, "accounts per statement (server default 500)")
+	f.BoolVar(&o.stripe, "stripe", false, "also compare the payment provider's (Stripe's) payments with the top-ups, through tallyd (--topup-provider)")
+	f.DurationVar(&o.stripeSince, "stripe-since", 24*time.Hour, "with --stripe: compare the payments made this long ago until now (at most 744h)")
 	a.conn.register(cmd)
 	return cmd
 }
@@ -108,7 +118,11 @@ func (o *reconcileOpts) run(a *app) error {
 func (o *reconcileOpts) stream(ctx context.Context, cl *client.Client, progressOut io.Writer) error {
 	prog := newProgress(progressOut, "reconcile", 0)
 	defer prog.done()
-	req := &tallyv1.ReconcileRequest{AccountIds: o.accounts, PageSize: int32(o.pageSize), RepairCache: o.repair}
+	req := &tallyv1.ReconcileRequest{AccountIds: o.accounts, PageSize: int32(o.pageSize), RepairCache: o.repair, Provider: o.stripe}
+	if o.stripe {
+		now := time.Now()
+		req.ProviderFrom, req.ProviderTo = timestamppb.New(now.Add(-o.stripeSince)), timestamppb.New(now)
+	}
 	return cl.Reconcile(ctx, req, func(m *tallyv1.ReconcileResponse) error {
 		switch {
 		case m.GetProgress() != nil:
@@ -139,7 +153,8 @@ func (o *reconcileOpts) printJSON(out io.Writer) error {
 func printFindings(out io.Writer, checked int64, findings []finding) {
 	if len(findings) == 0 {
 		fmt.Fprintf(out, "OK: %d accounts checked; every balance equals its entries, sequences are gapless, held equals open holds, "+
-			"the cache agrees, each currency sums to zero, every transfer has two entries summing to zero, refunds stay within their charges\n", checked)
+			"the cache agrees, each currency sums to zero, every transfer has two entries summing to zero, refunds stay within their charges, "+
+			"every SUCCEEDED top-up has exactly one credit and every top-up credit its top-up\n", checked)
 		return
 	}
 	byCheck := map[string]int{}

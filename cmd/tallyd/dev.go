@@ -13,6 +13,7 @@ import (
 	"github.com/tallyledger/tally/auth"
 	"github.com/tallyledger/tally/internal/flagenv"
 	"github.com/tallyledger/tally/internal/localsvc"
+	"github.com/tallyledger/tally/internal/stripetest"
 	"github.com/tallyledger/tally/store"
 )
 
@@ -57,6 +58,21 @@ func runDev(ctx context.Context, args []string) error {
 			return err
 		}
 	}
+	stripeNote := ""
+	if c.topup.Provider == "stripe" && c.stripe.APIKey == "" {
+		// No key: a local Stripe-compatible test server, so auto top-up can
+		// be tried without an account. It charges nothing real.
+		srv, err := stripetest.Start("")
+		if err != nil {
+			return fmt.Errorf("start the Stripe-compatible test server: %w", err)
+		}
+		defer srv.Close()
+		c.stripe.APIKey, c.stripe.URL = "sk_test_tally_dev", srv.URL
+		stripeNote = srv.URL + " (the Stripe-compatible TEST server of internal/stripetest: --topup-provider stripe without --stripe-api-key; nothing real is charged)"
+		log.Info("auto top-up uses the Stripe-compatible test server (no --stripe-api-key given)", "url", srv.URL)
+	} else if c.topup.Provider != "" {
+		stripeNote = c.stripe.URL
+	}
 	if _, err := exec.LookPath("redis-server"); err == nil && !*noRedis {
 		rd, err := localsvc.StartRedis(startCtx, localsvc.RedisOptions{Dir: *dataDir, Logger: log})
 		if err != nil {
@@ -81,6 +97,7 @@ Tally dev server is up (Ctrl-C stops it and removes its data).
   console:   %s   (sign in with the API key below)
   database:  %s
   cache:     %s
+  top-up:    %s
   API key:   an admin key was made for this run (TALLY_API_KEY below)
 
 Try, in another terminal:
@@ -91,7 +108,7 @@ Try, in another terminal:
   go run ./cmd/tally charge  --account <id> --amount 250  --key order-1
   go run ./cmd/tally charge  --account <id> --amount 250  --key order-1   # replayed, charged once
 
-`, grpcAddr, grpcAddr, httpAddr, httpAddr, consoleURL, c.databaseURL, orNone(c.redisURL), grpcAddr, keyLine)
+`, grpcAddr, grpcAddr, httpAddr, httpAddr, consoleURL, c.databaseURL, orNone(c.redisURL), orNone(stripeNote), grpcAddr, keyLine)
 		// Also on stdout alone, for scripts: eval "$(tallyd dev | head -1)".
 		fmt.Fprintf(os.Stdout, "%s\n", strings.TrimSpace(keyLine))
 	})

@@ -29,6 +29,7 @@ import (
 	"github.com/tallyledger/tally/internal/telemetry"
 	"github.com/tallyledger/tally/ledger"
 	"github.com/tallyledger/tally/store"
+	"github.com/tallyledger/tally/topup"
 )
 
 // serveConfig holds every flag of `tallyd serve` (and `tallyd dev`).
@@ -100,6 +101,10 @@ type serveConfig struct {
 	otlpEndpoint     string
 	traceSampleRatio float64
 
+	// Auto top-up.
+	topup        ledger.TopUpConfig
+	topupWorkers topup.Config
+	stripe       topup.StripeConfig
 	// The support console (off without --console-addr).
 	console consoleConfig
 	// consoleStarted, when set, learns the console's URL once it serves.
@@ -186,6 +191,44 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.IntVar(&c.limits.UsageRangeDaysMax, "usage-range-days-max", d.UsageRangeDaysMax, "longest SummarizeUsage range in days")
 	fs.DurationVar(&c.holdSweepInterval, "hold-sweep-interval", 30*time.Second, "how often expired holds are written down (0: never; reads never need it)")
 	c.console.register(fs)
+	c.registerTopUp(fs)
+}
+
+func (c *serveConfig) registerTopUp(fs *flag.FlagSet) {
+	fs.StringVar(&c.topup.Provider, "topup-provider", "", "payment provider of auto top-up: stripe; empty: none (SetAutoTopUp is refused)")
+	fs.StringVar(&c.stripe.APIKey, "stripe-api-key", "", "Stripe secret key (sk_...) for --topup-provider stripe")
+	fs.StringVar(&c.stripe.URL, "stripe-api-url", topup.StripeAPIURLDefault, "Stripe API base URL (tests point it at a local Stripe-compatible server)")
+	fs.DurationVar(&c.stripe.Timeout, "stripe-timeout", topup.StripeTimeoutDefault, "bound on one call to Stripe; a call cut by it has an unknown outcome and is looked up before any retry")
+	fs.IntVar(&c.topupWorkers.WorkersMax, "topup-workers-max", topup.WorkersMaxDefault, "top-up jobs this process works at once (River workers)")
+	fs.IntVar(&c.topup.AttemptsMax, "topup-attempts-max", ledger.TopUpAttemptsMaxDefault, "attempts of one top-up job; after the last, a top-up whose outcome is unknown stays PENDING for a person (tally_topup_unresolved_total)")
+	fs.IntVar(&c.topup.FailuresMax, "topup-failures-max", ledger.TopUpFailuresMaxDefault, "consecutive declined top-ups after which a rule is disabled")
+	fs.Int64Var(&c.topup.ValueMax, "topup-value-max", ledger.TopUpValueMaxDefault, "largest threshold, target_balance, amount_max and per_day_max of a rule")
+	fs.DurationVar(&c.topupWorkers.RetryBackoff, "topup-retry-backoff", topup.RetryBackoffDefault, "delay before a top-up job's first retry; it doubles per attempt")
+	fs.DurationVar(&c.topupWorkers.RetryBackoffMax, "topup-retry-backoff-max", topup.RetryBackoffMaxDefault, "longest delay between a top-up job's attempts")
+	fs.DurationVar(&c.topupWorkers.JobTimeout, "topup-job-timeout", topup.JobTimeoutDefault, "bound on one attempt of a top-up job")
+	fs.DurationVar(&c.topupWorkers.RescueAfter, "topup-rescue-after", topup.RescueAfterDefault, "a top-up job running this long (its tallyd died) is retried by another worker; more than --topup-job-timeout")
+}
+
+// startTopUps starts the top-up workers when a provider is configured.
+func (c *serveConfig) startTopUps(ctx context.Context, l *ledger.Ledger, st *store.Store, log *slog.Logger) (*topup.Service, error) {
+	switch c.topup.Provider {
+	case "":
+		return nil, nil
+	case "stripe":
+	default:
+		return nil, fmt.Errorf("--topup-provider %q: the only provider is stripe", c.topup.Provider)
+	}
+	if c.stripe.APIKey == "" {
+		return nil, errors.New("--topup-provider stripe needs --stripe-api-key (TALLY_STRIPE_API_KEY)")
+	}
+	wc := c.topupWorkers
+	wc.Ledger, wc.Store, wc.Logger, wc.Provider = l, st, log, topup.NewStripe(c.stripe)
+	svc, err := topup.Start(ctx, wc)
+	if err != nil {
+		return nil, fmt.Errorf("start top-up workers: %w", err)
+	}
+	log.Info("auto top-up", "provider", c.topup.Provider, "stripe_api_url", c.stripe.URL, "workers", wc.WorkersMax)
+	return svc, nil
 }
 
 func newLogger(level, format string) *slog.Logger {
@@ -367,7 +410,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	batch := c.batch
 	batch.OnBatch = met.ObserveBatch
 	lcfg := ledger.Config{Store: st, Logger: log, Limits: c.limits, Batch: batch, UsageDimensions: dims,
-		SystemShards: c.systemShards, AccountFactsMax: c.accountFactsMax}
+		SystemShards: c.systemShards, AccountFactsMax: c.accountFactsMax, TopUp: c.topup}
 	if c.redisURL != "" {
 		bc, err = cache.New(cache.Config{
 			URL: c.redisURL, OpTimeout: c.cacheOpTimeout, TTL: c.cacheTTL, FailuresMax: c.cacheFailuresMax,
@@ -400,6 +443,18 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 		return fmt.Errorf("--system-shards (%d) must be between 1 and %d", c.systemShards, store.ShardsMax)
 	}
 	l := ledger.New(lcfg)
+	topups, err := c.startTopUps(ctx, l, st, log)
+	if err != nil {
+		l.Close()
+		return err
+	}
+	// Served at 0 without a provider too, so alerts on them always resolve.
+	met.RegisterTopUps(func() topup.Stats {
+		if topups == nil {
+			return topup.Stats{}
+		}
+		return topups.Stats()
+	})
 	queueMax := c.batch.QueueItemsMax
 	if queueMax <= 0 {
 		queueMax = ledger.BatchQueueItemsMaxDefault
@@ -501,6 +556,15 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	cancel()
 	wg.Wait()
 	stopSweep()
+	if topups != nil {
+		// Running jobs finish (each attempt is bounded); a job cut short is
+		// rescued by another tallyd, and looks the payment up first.
+		sctx, cancel := context.WithTimeout(context.Background(), c.drainTimeout)
+		if err := topups.Stop(sctx); err != nil {
+			log.Warn("stopping top-up workers", "err", err.Error())
+		}
+		cancel()
+	}
 	l.Close()
 	log.Info("tallyd stopped")
 	return serveErr

@@ -27,6 +27,7 @@ import (
 	"github.com/tallyledger/tally/ledger"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
 	"github.com/tallyledger/tally/store"
+	"github.com/tallyledger/tally/topup"
 )
 
 // RedisURL is the shared test Redis: $TALLY_TEST_REDIS_URL or the local default.
@@ -94,6 +95,12 @@ type Options struct {
 	LogWriter io.Writer
 	// Server adjusts the gRPC server's options (limits) before it starts.
 	Server func(*api.ServerOptions)
+	// TopUp configures auto top-up in the ledger (Provider "" refuses
+	// rules). Running the jobs needs a top-up worker (package topup).
+	TopUp ledger.TopUpConfig
+	// TopUpWorker, when set, runs top-up workers (its Ledger and Store are
+	// filled in; Provider is required).
+	TopUpWorker *topup.Config
 }
 
 // Env is a running Tally.
@@ -112,6 +119,8 @@ type Env struct {
 	Verifier *auth.Verifier
 	// Limiter is the per-key rate limiter (nil: none).
 	Limiter *auth.Limiter
+	// TopUps are the running top-up workers (nil unless Options.TopUpWorker).
+	TopUps *topup.Service
 
 	policy      client.Policy
 	dialOptions []grpc.DialOption
@@ -158,8 +167,27 @@ func Start(t testing.TB, o Options) *Env {
 		lcfg.Cache = c
 	}
 	lcfg.Batch = o.Batch
+	lcfg.TopUp = o.TopUp
+	if lcfg.TopUp.Queue == "" {
+		// Tests share a database: each server works only its own jobs.
+		lcfg.TopUp.Queue = "tally_topup_" + RandomSuffix()
+	}
 	env.Ledger = ledger.New(lcfg)
 	t.Cleanup(env.Ledger.Close) // runs after the server stops (cleanups are LIFO)
+	if o.TopUpWorker != nil {
+		wc := *o.TopUpWorker
+		wc.Ledger, wc.Store, wc.Logger = env.Ledger, st, log
+		svc, err := topup.Start(ctx, wc)
+		if err != nil {
+			t.Fatalf("topup.Start: %v", err)
+		}
+		env.TopUps = svc
+		t.Cleanup(func() {
+			sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_ = svc.Stop(sctx)
+		})
+	}
 	sopts := api.ServerOptions{Logger: log}
 	if !o.NoAuth {
 		env.Verifier = auth.NewVerifier(auth.VerifierConfig{Store: st, CacheTTL: o.AuthCacheTTL, TouchInterval: o.AuthTouchInterval, Logger: log})

@@ -23,6 +23,7 @@ import (
 	"github.com/tallyledger/tally/cache"
 	"github.com/tallyledger/tally/ledger"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
+	"github.com/tallyledger/tally/topup"
 )
 
 // RPCLatencyBuckets are the buckets (seconds) of grpc_server_handling_seconds:
@@ -332,4 +333,34 @@ func (c *batchCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(batchPeak, prometheus.GaugeValue, float64(s.ItemsPeak))
 	ch <- prometheus.MustNewConstMetric(batchQueued, prometheus.GaugeValue, float64(s.Queued))
 	ch <- prometheus.MustNewConstMetric(batchQueueMax, prometheus.GaugeValue, c.queueMax)
+}
+
+// RegisterTopUps exports the top-up workers' counters. A rise of
+// tally_topup_unresolved_total is an alert: a top-up stays PENDING for a
+// person (docs/OPERATIONS.md).
+func (m *Metrics) RegisterTopUps(stats func() topup.Stats) {
+	m.reg.MustRegister(&topupCollector{stats: stats})
+}
+
+type topupCollector struct{ stats func() topup.Stats }
+
+var (
+	topupSucceeded  = desc("tally_topup_succeeded_total", "Top-ups paid and credited by this process's workers.")
+	topupFailed     = desc("tally_topup_failed_total", "Top-ups declined by the provider (FAILED; nothing charged).")
+	topupRetried    = desc("tally_topup_retried_total", "Top-up attempts that ended with an unknown outcome and will be retried (after a look-up).")
+	topupUnresolved = desc("tally_topup_unresolved_total", "Top-ups left PENDING after their last attempt, or paid but not credited: each needs a person.")
+)
+
+func (c *topupCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{topupSucceeded, topupFailed, topupRetried, topupUnresolved} {
+		ch <- d
+	}
+}
+
+func (c *topupCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.stats()
+	ch <- prometheus.MustNewConstMetric(topupSucceeded, prometheus.CounterValue, float64(s.Succeeded))
+	ch <- prometheus.MustNewConstMetric(topupFailed, prometheus.CounterValue, float64(s.Failed))
+	ch <- prometheus.MustNewConstMetric(topupRetried, prometheus.CounterValue, float64(s.Retried))
+	ch <- prometheus.MustNewConstMetric(topupUnresolved, prometheus.CounterValue, float64(s.Unresolved))
 }

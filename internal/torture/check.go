@@ -72,6 +72,8 @@ var invariantDescriptions = []struct{ name, desc string }{
 	{InvReconcileClean, "after healing, a Reconcile of every account and the ledger-wide sums completed and found nothing"},
 }
 
+func init() { invariantDescriptions = append(invariantDescriptions, topUpInvariantDescriptions...) }
+
 // InvariantResult is one invariant's verdict.
 type InvariantResult struct {
 	Name        string   `json:"name"`
@@ -155,6 +157,7 @@ func Check(h *History, db *DBState, cs *CacheState, opt CheckOptions) []Invarian
 	c.checkLifecycle()
 	c.checkFeed()
 	c.checkReconcile()
+	c.checkTopUps()
 
 	out := make([]InvariantResult, 0, len(invariantDescriptions))
 	for _, d := range invariantDescriptions {
@@ -397,11 +400,17 @@ func (c *checker) checkKeys() {
 func (c *checker) checkUnsent() {
 	c.checked(InvNoUnsentTransfers, len(c.db.Transfers)+len(c.db.Keys)+len(c.db.Holds)+len(c.db.Batches))
 	for _, t := range c.db.Transfers {
+		if isTopUpCredit(&t) {
+			continue // tallyd's own credit of a paid top-up: see topup_payment_credited_once
+		}
 		if _, ok := c.opsByKey[t.Key]; !ok {
 			c.fail(InvNoUnsentTransfers, "transfer %s has key %q that no client sent (%d from %s to %s)", t.ID, t.Key, t.Amount, t.Debit, t.Credit)
 		}
 	}
 	for _, k := range c.db.Keys {
+		if k.Scope == topUpScope && strings.HasPrefix(k.Key, topUpCreditKeyPrefix) {
+			continue
+		}
 		if _, ok := c.opsByKey[k.Key]; !ok {
 			c.fail(InvNoUnsentTransfers, "idempotency key %q was never sent by a client", k.Key)
 		}
@@ -809,6 +818,14 @@ func (c *checker) checkBalanceHistory() {
 		debit, credit, _ := c.sides(o)
 		expected[debit] -= o.Amount
 		expected[credit] += o.Amount
+	}
+	// tallyd's own top-up credits move money too; whether each was due
+	// is topup_payment_credited_once's business.
+	for i := range c.db.Transfers {
+		if t := &c.db.Transfers[i]; isTopUpCredit(t) {
+			expected[c.logical(t.Debit)] -= t.Amount
+			expected[c.logical(t.Credit)] += t.Amount
+		}
 	}
 	// A sharded account's balance is the sum of its shards' rows.
 	actual := map[string]int64{}

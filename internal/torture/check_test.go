@@ -604,7 +604,7 @@ func TestChecker(t *testing.T) {
 			t.Fatalf("clean state failed %v:%s", fails, describe(res))
 		}
 		for _, r := range res {
-			if r.Checked == 0 && r.Name != InvNoTallydCrashes {
+			if r.Checked == 0 && r.Name != InvNoTallydCrashes && !r.Skipped { // top-ups: TestCheckerTopUps
 				t.Errorf("%s checked nothing: the fixture does not exercise it", r.Name)
 			}
 		}

@@ -90,6 +90,8 @@ func feedEvent(ev *tallyv1.ExportTransfersResponse) FeedEvent {
 		if e.Subject == "" {
 			e.Subject = ev.GetLowBalance().GetHoldId()
 		}
+	case ev.GetTopup() != nil:
+		e.Kind, e.Subject = "topup", ev.GetTopup().GetTopupId()
 	default:
 		e.Kind = "unknown"
 	}
@@ -196,7 +198,7 @@ func (r *runner) reconcile(ctx context.Context) {
 	for i := 0; ; i++ {
 		t := r.tds[i%len(r.tds)]
 		run := &ReconcileLog{}
-		err := t.cl.Reconcile(ctx, &tallyv1.ReconcileRequest{}, func(m *tallyv1.ReconcileResponse) error {
+		err := t.cl.Reconcile(ctx, &tallyv1.ReconcileRequest{Provider: r.stripe != nil}, func(m *tallyv1.ReconcileResponse) error {
 			switch {
 			case m.GetFinding() != nil:
 				fd := m.GetFinding()

@@ -228,6 +228,9 @@ func (r *runner) inject(stop context.Context, rng *rand.Rand, kind string) (stri
 
 	case FaultPlantGarbage:
 		return r.plantGarbage(bg, rng)
+
+	case FaultProvider500, FaultProviderHang, FaultProviderDrop, FaultProviderSlow, FaultRedisReadOnly:
+		return r.injectTopUpFault(stop, rng, kind)
 	}
 	return "", fmt.Errorf("unknown fault kind %q", kind)
 }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/tallyledger/tally/api/client"
 	"github.com/tallyledger/tally/internal/localsvc"
+	"github.com/tallyledger/tally/internal/stripetest"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
 )
 
@@ -97,7 +98,10 @@ type runner struct {
 	failover failoverInfo
 	redis    *localsvc.Redis
 	rdb      *redis.Client
-	dbURL    string
+	// stripe is the top-up provider of every tallyd (nil in a rolling
+	// upgrade: the previous release may lack auto top-up).
+	stripe *stripetest.Server
+	dbURL  string
 	// newBin is the tallyd binary of this build (the upgrade target).
 	newBin   string
 	upgraded atomic.Int64
@@ -353,11 +357,19 @@ func (r *runner) setup(ctx context.Context) error {
 		startBin = r.cfg.OldTallydBin
 		r.printf("rolling upgrade: tallyds start on %s, are replaced by %s during the run\n", startBin, bin)
 	}
+	var topupFlags []string
+	if r.cfg.OldTallydBin == "" {
+		if topupFlags, err = r.startStripe(); err != nil {
+			return err
+		}
+		r.printf("auto top-up: Stripe-compatible test server at %s\n", r.stripe.URL)
+	}
 	for i := 0; i < r.cfg.Tallyds; i++ {
 		t, err := newTallyd(i, startBin, r.dir, pgTarget, standbyTarget, r.redis.Addr(), r.cacheTTL.String(), r.hist, r.log)
 		if err != nil {
 			return err
 		}
+		t.args = append(t.args, topupFlags...)
 		if r.cfg.OldTallydBin != "" {
 			known, err := serveFlags(ctx, r.cfg.OldTallydBin)
 			if err != nil {
@@ -432,6 +444,15 @@ func (r *runner) fund(ctx context.Context) error {
 			p.small[cur] = append(p.small[cur], spec)
 		}
 		funds = append(funds, funding{spec, amount})
+	}
+	if r.stripe != nil {
+		specs, err := r.fundTopUps(ctx, &p)
+		if err != nil {
+			return err
+		}
+		for _, s := range specs {
+			funds = append(funds, funding{s, 600})
+		}
 	}
 	for _, cur := range currencies {
 		if len(p.small[cur]) == 0 { // few accounts: let a normal one stand in
@@ -628,8 +649,9 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 		return nil, ctx.Err()
 	case <-time.After(wait):
 	}
-	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute+feedCatchUpMax+reconcileMax)
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute+feedCatchUpMax+reconcileMax+topUpSettleMax)
 	defer cancel()
+	r.settleTopUps(cctx)
 	if r.fol != nil {
 		r.catchUp(cctx, r.fol, r.folStop, r.folDone)
 		r.fol = nil
@@ -652,6 +674,7 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 	if err != nil {
 		return nil, err
 	}
+	db.Payments = r.payments()
 	invs := Check(r.hist, db, cs, CheckOptions{CacheTTL: r.cacheTTL})
 	if r.cfg.PGFailover {
 		invs = append(invs, r.checkFailover(cctx, conn))
@@ -727,6 +750,9 @@ func (r *runner) teardown(keep bool) {
 	}
 	if r.redis != nil {
 		_ = r.redis.Close()
+	}
+	if r.stripe != nil {
+		r.stripe.Close()
 	}
 	for _, pg := range []*localsvc.Postgres{r.pg, r.standby, r.oldPG} {
 		if pg == nil {

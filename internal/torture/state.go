@@ -112,6 +112,8 @@ type HoldRow struct {
 	CaptureTransferID string
 	ExpiresAt         time.Time
 	CreatedAt         time.Time
+	// FinalizedAt is when the hold was captured, released or expired.
+	FinalizedAt *time.Time
 }
 
 // ChargeRefundRow is a charge_refunds row.
@@ -144,6 +146,12 @@ type DBState struct {
 	AccountChanges map[string]int64
 	// Events is the events table in feed order (xid, event_id).
 	Events []EventRow
+	// TopUps and TopUpRules are the auto top-up tables; Payments are the
+	// PaymentIntents the provider (the Stripe-compatible test server)
+	// recorded, filled in by the runner.
+	TopUps     []TopUpRow
+	TopUpRules map[string]TopUpRuleRow
+	Payments   []PaymentRow
 }
 
 // Querier is what LoadDBState needs: a pgx.Conn, pgxpool.Pool or pgx.Tx.
@@ -231,6 +239,9 @@ func LoadDBState(ctx context.Context, q Querier) (*DBState, error) {
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("load idempotency keys: %w", err)
 	}
+	if err := loadTopUps(ctx, q, s); err != nil {
+		return nil, err
+	}
 	if err := loadHoldTables(ctx, q, s); err != nil {
 		return nil, err
 	}
@@ -238,17 +249,18 @@ func LoadDBState(ctx context.Context, q Querier) (*DBState, error) {
 }
 
 // loadHoldTables reads holds, charge_refunds, batches and the number of
-// account_changes per account.
+// account_changes per account (auto top-up rule changes, which leave the
+// version alone, not counted).
 func loadHoldTables(ctx context.Context, q Querier, s *DBState) error {
 	rows, err := q.Query(ctx, `SELECT hold_id::text, scope, idempotency_key, account_id::text, coalesce(revenue_account_id::text, ''),
-		amount, currency, status, captured_amount, coalesce(capture_transfer_id::text, ''), expires_at, created_at FROM holds`)
+		amount, currency, status, captured_amount, coalesce(capture_transfer_id::text, ''), expires_at, created_at, finalized_at FROM holds`)
 	if err != nil {
 		return fmt.Errorf("load holds: %w", err)
 	}
 	for rows.Next() {
 		var h HoldRow
 		if err := rows.Scan(&h.ID, &h.Scope, &h.Key, &h.Account, &h.Revenue, &h.Amount, &h.Currency, &h.Status,
-			&h.CapturedAmount, &h.CaptureTransferID, &h.ExpiresAt, &h.CreatedAt); err != nil {
+			&h.CapturedAmount, &h.CaptureTransferID, &h.ExpiresAt, &h.CreatedAt, &h.FinalizedAt); err != nil {
 			rows.Close()
 			return fmt.Errorf("load holds: %w", err)
 		}
@@ -295,7 +307,7 @@ func loadHoldTables(ctx context.Context, q Querier, s *DBState) error {
 
 	rows, err = q.Query(ctx, `SELECT account_id::text, count(*),
 		max(greatest(coalesce((before->>'credit_limit')::bigint, 0), coalesce((after->>'credit_limit')::bigint, 0)))
-		FROM account_changes GROUP BY account_id`)
+		FROM account_changes WHERE action <> 'auto_topup' GROUP BY account_id`)
 	if err != nil {
 		return fmt.Errorf("load account_changes: %w", err)
 	}

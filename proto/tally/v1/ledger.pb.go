@@ -452,6 +452,62 @@ func (BalanceSource) EnumDescriptor() ([]byte, []int) {
 	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{7}
 }
 
+// TopUpStatus is a top-up's state.
+type TopUpStatus int32
+
+const (
+	TopUpStatus_TOP_UP_STATUS_UNSPECIFIED TopUpStatus = 0
+	// Recorded; the payment is being made (or its outcome is being looked up).
+	TopUpStatus_TOP_UP_STATUS_PENDING TopUpStatus = 1
+	// Paid and credited.
+	TopUpStatus_TOP_UP_STATUS_SUCCEEDED TopUpStatus = 2
+	// Declined: nothing was charged.
+	TopUpStatus_TOP_UP_STATUS_FAILED TopUpStatus = 3
+)
+
+// Enum value maps for TopUpStatus.
+var (
+	TopUpStatus_name = map[int32]string{
+		0: "TOP_UP_STATUS_UNSPECIFIED",
+		1: "TOP_UP_STATUS_PENDING",
+		2: "TOP_UP_STATUS_SUCCEEDED",
+		3: "TOP_UP_STATUS_FAILED",
+	}
+	TopUpStatus_value = map[string]int32{
+		"TOP_UP_STATUS_UNSPECIFIED": 0,
+		"TOP_UP_STATUS_PENDING":     1,
+		"TOP_UP_STATUS_SUCCEEDED":   2,
+		"TOP_UP_STATUS_FAILED":      3,
+	}
+)
+
+func (x TopUpStatus) Enum() *TopUpStatus {
+	p := new(TopUpStatus)
+	*p = x
+	return p
+}
+
+func (x TopUpStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TopUpStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_tally_v1_ledger_proto_enumTypes[8].Descriptor()
+}
+
+func (TopUpStatus) Type() protoreflect.EnumType {
+	return &file_tally_v1_ledger_proto_enumTypes[8]
+}
+
+func (x TopUpStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TopUpStatus.Descriptor instead.
+func (TopUpStatus) EnumDescriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{8}
+}
+
 // Account is a ledger account.
 type Account struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
@@ -3571,6 +3627,7 @@ type ExportTransfersResponse struct {
 	//	*ExportTransfersResponse_Hold
 	//	*ExportTransfersResponse_AccountChange
 	//	*ExportTransfersResponse_LowBalance
+	//	*ExportTransfersResponse_Topup
 	Event         isExportTransfersResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3663,6 +3720,15 @@ func (x *ExportTransfersResponse) GetLowBalance() *LowBalanceEvent {
 	return nil
 }
 
+func (x *ExportTransfersResponse) GetTopup() *TopUp {
+	if x != nil {
+		if x, ok := x.Event.(*ExportTransfersResponse_Topup); ok {
+			return x.Topup
+		}
+	}
+	return nil
+}
+
 type isExportTransfersResponse_Event interface {
 	isExportTransfersResponse_Event()
 }
@@ -3683,6 +3749,11 @@ type ExportTransfersResponse_LowBalance struct {
 	LowBalance *LowBalanceEvent `protobuf:"bytes,6,opt,name=low_balance,json=lowBalance,proto3,oneof"`
 }
 
+type ExportTransfersResponse_Topup struct {
+	// A top-up was started, succeeded or failed.
+	Topup *TopUp `protobuf:"bytes,7,opt,name=topup,proto3,oneof"`
+}
+
 func (*ExportTransfersResponse_Transfer) isExportTransfersResponse_Event() {}
 
 func (*ExportTransfersResponse_Hold) isExportTransfersResponse_Event() {}
@@ -3690,6 +3761,8 @@ func (*ExportTransfersResponse_Hold) isExportTransfersResponse_Event() {}
 func (*ExportTransfersResponse_AccountChange) isExportTransfersResponse_Event() {}
 
 func (*ExportTransfersResponse_LowBalance) isExportTransfersResponse_Event() {}
+
+func (*ExportTransfersResponse_Topup) isExportTransfersResponse_Event() {}
 
 // ReconcileRequest selects what to check.
 type ReconcileRequest struct {
@@ -3699,7 +3772,15 @@ type ReconcileRequest struct {
 	// Accounts per statement (default 500, at most 5,000).
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// Delete cached balances that disagree with PostgreSQL.
-	RepairCache   bool `protobuf:"varint,3,opt,name=repair_cache,json=repairCache,proto3" json:"repair_cache,omitempty"`
+	RepairCache bool `protobuf:"varint,3,opt,name=repair_cache,json=repairCache,proto3" json:"repair_cache,omitempty"`
+	// Also compare the payment provider's payments (tallyd
+	// --topup-provider) created in [provider_from, provider_to) with the
+	// top-ups: a payment without its SUCCEEDED top-up, a SUCCEEDED top-up
+	// without its payment, two payments for one top-up. Default window: the
+	// last 24 hours; at most 31 days.
+	Provider      bool                   `protobuf:"varint,4,opt,name=provider,proto3" json:"provider,omitempty"`
+	ProviderFrom  *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=provider_from,json=providerFrom,proto3" json:"provider_from,omitempty"`
+	ProviderTo    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=provider_to,json=providerTo,proto3" json:"provider_to,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3755,11 +3836,35 @@ func (x *ReconcileRequest) GetRepairCache() bool {
 	return false
 }
 
+func (x *ReconcileRequest) GetProvider() bool {
+	if x != nil {
+		return x.Provider
+	}
+	return false
+}
+
+func (x *ReconcileRequest) GetProviderFrom() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ProviderFrom
+	}
+	return nil
+}
+
+func (x *ReconcileRequest) GetProviderTo() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ProviderTo
+	}
+	return nil
+}
+
 // ReconcileFinding is one thing found wrong.
 type ReconcileFinding struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// balance_vs_entries, entry_sequence, running_balance, held_vs_holds,
-	// cache_mismatch, currency_sum, transfer_entries, refunds_within_charge.
+	// cache_mismatch, currency_sum, transfer_entries, refunds_within_charge,
+	// topup_credited, topup_credit_orphan; with provider:
+	// provider_payment_without_topup, provider_payment_duplicate,
+	// topup_without_payment.
 	Check      string `protobuf:"bytes,1,opt,name=check,proto3" json:"check,omitempty"`
 	AccountId  string `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
 	TransferId string `protobuf:"bytes,3,opt,name=transfer_id,json=transferId,proto3" json:"transfer_id,omitempty"`
@@ -4929,6 +5034,577 @@ func (x *ListRefundsResponse) GetNextPageToken() string {
 	return ""
 }
 
+// SetAutoTopUpRequest is the whole rule: every field is written.
+type SetAutoTopUpRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	Enabled   bool                   `protobuf:"varint,2,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	// A debit that leaves available below threshold starts a top-up.
+	Threshold int64 `protobuf:"varint,3,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	// A top-up brings available back to target_balance (> threshold).
+	TargetBalance int64 `protobuf:"varint,4,opt,name=target_balance,json=targetBalance,proto3" json:"target_balance,omitempty"`
+	// The most one top-up charges (> 0).
+	AmountMax int64 `protobuf:"varint,5,opt,name=amount_max,json=amountMax,proto3" json:"amount_max,omitempty"`
+	// The most the top-ups of one UTC day add up to (> 0).
+	PerDayMax int64 `protobuf:"varint,6,opt,name=per_day_max,json=perDayMax,proto3" json:"per_day_max,omitempty"`
+	// The provider's customer and saved payment method (Stripe: cus_..., pm_...).
+	ProviderCustomerId string `protobuf:"bytes,7,opt,name=provider_customer_id,json=providerCustomerId,proto3" json:"provider_customer_id,omitempty"`
+	PaymentMethodId    string `protobuf:"bytes,8,opt,name=payment_method_id,json=paymentMethodId,proto3" json:"payment_method_id,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *SetAutoTopUpRequest) Reset() {
+	*x = SetAutoTopUpRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAutoTopUpRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAutoTopUpRequest) ProtoMessage() {}
+
+func (x *SetAutoTopUpRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAutoTopUpRequest.ProtoReflect.Descriptor instead.
+func (*SetAutoTopUpRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *SetAutoTopUpRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *SetAutoTopUpRequest) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *SetAutoTopUpRequest) GetThreshold() int64 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *SetAutoTopUpRequest) GetTargetBalance() int64 {
+	if x != nil {
+		return x.TargetBalance
+	}
+	return 0
+}
+
+func (x *SetAutoTopUpRequest) GetAmountMax() int64 {
+	if x != nil {
+		return x.AmountMax
+	}
+	return 0
+}
+
+func (x *SetAutoTopUpRequest) GetPerDayMax() int64 {
+	if x != nil {
+		return x.PerDayMax
+	}
+	return 0
+}
+
+func (x *SetAutoTopUpRequest) GetProviderCustomerId() string {
+	if x != nil {
+		return x.ProviderCustomerId
+	}
+	return ""
+}
+
+func (x *SetAutoTopUpRequest) GetPaymentMethodId() string {
+	if x != nil {
+		return x.PaymentMethodId
+	}
+	return ""
+}
+
+// GetAutoTopUpRequest names the account.
+type GetAutoTopUpRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAutoTopUpRequest) Reset() {
+	*x = GetAutoTopUpRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAutoTopUpRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAutoTopUpRequest) ProtoMessage() {}
+
+func (x *GetAutoTopUpRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAutoTopUpRequest.ProtoReflect.Descriptor instead.
+func (*GetAutoTopUpRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *GetAutoTopUpRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+// AutoTopUp is an account's rule.
+type AutoTopUp struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	AccountId          string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	Enabled            bool                   `protobuf:"varint,2,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	Threshold          int64                  `protobuf:"varint,3,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	TargetBalance      int64                  `protobuf:"varint,4,opt,name=target_balance,json=targetBalance,proto3" json:"target_balance,omitempty"`
+	AmountMax          int64                  `protobuf:"varint,5,opt,name=amount_max,json=amountMax,proto3" json:"amount_max,omitempty"`
+	PerDayMax          int64                  `protobuf:"varint,6,opt,name=per_day_max,json=perDayMax,proto3" json:"per_day_max,omitempty"`
+	ProviderCustomerId string                 `protobuf:"bytes,7,opt,name=provider_customer_id,json=providerCustomerId,proto3" json:"provider_customer_id,omitempty"`
+	PaymentMethodId    string                 `protobuf:"bytes,8,opt,name=payment_method_id,json=paymentMethodId,proto3" json:"payment_method_id,omitempty"`
+	// Declined top-ups since the last success.
+	ConsecutiveFailures int32 `protobuf:"varint,9,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
+	// Set when tallyd disabled the rule (after --topup-failures-max
+	// consecutive declines); SetAutoTopUp with enabled clears it.
+	DisabledReason string                 `protobuf:"bytes,10,opt,name=disabled_reason,json=disabledReason,proto3" json:"disabled_reason,omitempty"`
+	UpdatedAt      *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *AutoTopUp) Reset() {
+	*x = AutoTopUp{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AutoTopUp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AutoTopUp) ProtoMessage() {}
+
+func (x *AutoTopUp) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AutoTopUp.ProtoReflect.Descriptor instead.
+func (*AutoTopUp) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *AutoTopUp) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *AutoTopUp) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *AutoTopUp) GetThreshold() int64 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *AutoTopUp) GetTargetBalance() int64 {
+	if x != nil {
+		return x.TargetBalance
+	}
+	return 0
+}
+
+func (x *AutoTopUp) GetAmountMax() int64 {
+	if x != nil {
+		return x.AmountMax
+	}
+	return 0
+}
+
+func (x *AutoTopUp) GetPerDayMax() int64 {
+	if x != nil {
+		return x.PerDayMax
+	}
+	return 0
+}
+
+func (x *AutoTopUp) GetProviderCustomerId() string {
+	if x != nil {
+		return x.ProviderCustomerId
+	}
+	return ""
+}
+
+func (x *AutoTopUp) GetPaymentMethodId() string {
+	if x != nil {
+		return x.PaymentMethodId
+	}
+	return ""
+}
+
+func (x *AutoTopUp) GetConsecutiveFailures() int32 {
+	if x != nil {
+		return x.ConsecutiveFailures
+	}
+	return 0
+}
+
+func (x *AutoTopUp) GetDisabledReason() string {
+	if x != nil {
+		return x.DisabledReason
+	}
+	return ""
+}
+
+func (x *AutoTopUp) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+// TopUp is one top-up of an account.
+type TopUp struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	TopupId   string                 `protobuf:"bytes,1,opt,name=topup_id,json=topupId,proto3" json:"topup_id,omitempty"`
+	AccountId string                 `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	Status    TopUpStatus            `protobuf:"varint,3,opt,name=status,proto3,enum=tally.v1.TopUpStatus" json:"status,omitempty"`
+	Amount    int64                  `protobuf:"varint,4,opt,name=amount,proto3" json:"amount,omitempty"`
+	Currency  string                 `protobuf:"bytes,5,opt,name=currency,proto3" json:"currency,omitempty"`
+	// The provider's payment (Stripe: the PaymentIntent id).
+	ProviderPaymentId string `protobuf:"bytes,6,opt,name=provider_payment_id,json=providerPaymentId,proto3" json:"provider_payment_id,omitempty"`
+	// The CREDIT that put the money on the account.
+	CreditTransferId string `protobuf:"bytes,7,opt,name=credit_transfer_id,json=creditTransferId,proto3" json:"credit_transfer_id,omitempty"`
+	// The debit that started it: a transfer or a hold.
+	TriggerTransferId string `protobuf:"bytes,8,opt,name=trigger_transfer_id,json=triggerTransferId,proto3" json:"trigger_transfer_id,omitempty"`
+	TriggerHoldId     string `protobuf:"bytes,9,opt,name=trigger_hold_id,json=triggerHoldId,proto3" json:"trigger_hold_id,omitempty"`
+	// The provider's decline code (FAILED).
+	FailureCode string `protobuf:"bytes,10,opt,name=failure_code,json=failureCode,proto3" json:"failure_code,omitempty"`
+	// Why it failed, or why a PENDING top-up waits (an unknown outcome).
+	FailureReason      string                 `protobuf:"bytes,11,opt,name=failure_reason,json=failureReason,proto3" json:"failure_reason,omitempty"`
+	Attempts           int32                  `protobuf:"varint,12,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	CreatedAt          *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	UpdatedAt          *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	FinishedAt         *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=finished_at,json=finishedAt,proto3" json:"finished_at,omitempty"`
+	ProviderCustomerId string                 `protobuf:"bytes,16,opt,name=provider_customer_id,json=providerCustomerId,proto3" json:"provider_customer_id,omitempty"`
+	PaymentMethodId    string                 `protobuf:"bytes,17,opt,name=payment_method_id,json=paymentMethodId,proto3" json:"payment_method_id,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *TopUp) Reset() {
+	*x = TopUp{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopUp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopUp) ProtoMessage() {}
+
+func (x *TopUp) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopUp.ProtoReflect.Descriptor instead.
+func (*TopUp) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *TopUp) GetTopupId() string {
+	if x != nil {
+		return x.TopupId
+	}
+	return ""
+}
+
+func (x *TopUp) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *TopUp) GetStatus() TopUpStatus {
+	if x != nil {
+		return x.Status
+	}
+	return TopUpStatus_TOP_UP_STATUS_UNSPECIFIED
+}
+
+func (x *TopUp) GetAmount() int64 {
+	if x != nil {
+		return x.Amount
+	}
+	return 0
+}
+
+func (x *TopUp) GetCurrency() string {
+	if x != nil {
+		return x.Currency
+	}
+	return ""
+}
+
+func (x *TopUp) GetProviderPaymentId() string {
+	if x != nil {
+		return x.ProviderPaymentId
+	}
+	return ""
+}
+
+func (x *TopUp) GetCreditTransferId() string {
+	if x != nil {
+		return x.CreditTransferId
+	}
+	return ""
+}
+
+func (x *TopUp) GetTriggerTransferId() string {
+	if x != nil {
+		return x.TriggerTransferId
+	}
+	return ""
+}
+
+func (x *TopUp) GetTriggerHoldId() string {
+	if x != nil {
+		return x.TriggerHoldId
+	}
+	return ""
+}
+
+func (x *TopUp) GetFailureCode() string {
+	if x != nil {
+		return x.FailureCode
+	}
+	return ""
+}
+
+func (x *TopUp) GetFailureReason() string {
+	if x != nil {
+		return x.FailureReason
+	}
+	return ""
+}
+
+func (x *TopUp) GetAttempts() int32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *TopUp) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *TopUp) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+func (x *TopUp) GetFinishedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FinishedAt
+	}
+	return nil
+}
+
+func (x *TopUp) GetProviderCustomerId() string {
+	if x != nil {
+		return x.ProviderCustomerId
+	}
+	return ""
+}
+
+func (x *TopUp) GetPaymentMethodId() string {
+	if x != nil {
+		return x.PaymentMethodId
+	}
+	return ""
+}
+
+// ListTopUpsRequest pages through an account's top-ups.
+type ListTopUpsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	PageSize      int32                  `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageToken     string                 `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTopUpsRequest) Reset() {
+	*x = ListTopUpsRequest{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTopUpsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTopUpsRequest) ProtoMessage() {}
+
+func (x *ListTopUpsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTopUpsRequest.ProtoReflect.Descriptor instead.
+func (*ListTopUpsRequest) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *ListTopUpsRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *ListTopUpsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListTopUpsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListTopUpsResponse is one page, newest first.
+type ListTopUpsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Topups        []*TopUp               `protobuf:"bytes,1,rep,name=topups,proto3" json:"topups,omitempty"`
+	NextPageToken string                 `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListTopUpsResponse) Reset() {
+	*x = ListTopUpsResponse{}
+	mi := &file_tally_v1_ledger_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListTopUpsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListTopUpsResponse) ProtoMessage() {}
+
+func (x *ListTopUpsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tally_v1_ledger_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListTopUpsResponse.ProtoReflect.Descriptor instead.
+func (*ListTopUpsResponse) Descriptor() ([]byte, []int) {
+	return file_tally_v1_ledger_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *ListTopUpsResponse) GetTopups() []*TopUp {
+	if x != nil {
+		return x.Topups
+	}
+	return nil
+}
+
+func (x *ListTopUpsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
 var File_tally_v1_ledger_proto protoreflect.FileDescriptor
 
 const file_tally_v1_ledger_proto_rawDesc = "" +
@@ -5246,7 +5922,7 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\tavailable\x18\x04 \x01(\x03R\tavailable\x12\x1c\n" +
 	"\tthreshold\x18\x05 \x01(\x03R\tthreshold\x129\n" +
 	"\n" +
-	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\xd2\x02\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\xfb\x02\n" +
 	"\x17ExportTransfersResponse\x12\x16\n" +
 	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x129\n" +
 	"\n" +
@@ -5255,13 +5931,18 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x04hold\x18\x04 \x01(\v2\x0e.tally.v1.HoldH\x00R\x04hold\x12E\n" +
 	"\x0eaccount_change\x18\x05 \x01(\v2\x1c.tally.v1.AccountChangeEventH\x00R\raccountChange\x12<\n" +
 	"\vlow_balance\x18\x06 \x01(\v2\x19.tally.v1.LowBalanceEventH\x00R\n" +
-	"lowBalanceB\a\n" +
-	"\x05event\"s\n" +
+	"lowBalance\x12'\n" +
+	"\x05topup\x18\a \x01(\v2\x0f.tally.v1.TopUpH\x00R\x05topupB\a\n" +
+	"\x05event\"\x8d\x02\n" +
 	"\x10ReconcileRequest\x12\x1f\n" +
 	"\vaccount_ids\x18\x01 \x03(\tR\n" +
 	"accountIds\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12!\n" +
-	"\frepair_cache\x18\x03 \x01(\bR\vrepairCache\"\xb8\x01\n" +
+	"\frepair_cache\x18\x03 \x01(\bR\vrepairCache\x12\x1a\n" +
+	"\bprovider\x18\x04 \x01(\bR\bprovider\x12?\n" +
+	"\rprovider_from\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\fproviderFrom\x12;\n" +
+	"\vprovider_to\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"providerTo\"\xb8\x01\n" +
 	"\x10ReconcileFinding\x12\x14\n" +
 	"\x05check\x18\x01 \x01(\tR\x05check\x12\x1d\n" +
 	"\n" +
@@ -5369,6 +6050,68 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"k\n" +
 	"\x13ListRefundsResponse\x12,\n" +
 	"\arefunds\x18\x01 \x03(\v2\x12.tally.v1.TransferR\arefunds\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xb0\x02\n" +
+	"\x13SetAutoTopUpRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x18\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled\x12\x1c\n" +
+	"\tthreshold\x18\x03 \x01(\x03R\tthreshold\x12%\n" +
+	"\x0etarget_balance\x18\x04 \x01(\x03R\rtargetBalance\x12\x1d\n" +
+	"\n" +
+	"amount_max\x18\x05 \x01(\x03R\tamountMax\x12\x1e\n" +
+	"\vper_day_max\x18\x06 \x01(\x03R\tperDayMax\x120\n" +
+	"\x14provider_customer_id\x18\a \x01(\tR\x12providerCustomerId\x12*\n" +
+	"\x11payment_method_id\x18\b \x01(\tR\x0fpaymentMethodId\"4\n" +
+	"\x13GetAutoTopUpRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\"\xbd\x03\n" +
+	"\tAutoTopUp\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x18\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled\x12\x1c\n" +
+	"\tthreshold\x18\x03 \x01(\x03R\tthreshold\x12%\n" +
+	"\x0etarget_balance\x18\x04 \x01(\x03R\rtargetBalance\x12\x1d\n" +
+	"\n" +
+	"amount_max\x18\x05 \x01(\x03R\tamountMax\x12\x1e\n" +
+	"\vper_day_max\x18\x06 \x01(\x03R\tperDayMax\x120\n" +
+	"\x14provider_customer_id\x18\a \x01(\tR\x12providerCustomerId\x12*\n" +
+	"\x11payment_method_id\x18\b \x01(\tR\x0fpaymentMethodId\x121\n" +
+	"\x14consecutive_failures\x18\t \x01(\x05R\x13consecutiveFailures\x12'\n" +
+	"\x0fdisabled_reason\x18\n" +
+	" \x01(\tR\x0edisabledReason\x129\n" +
+	"\n" +
+	"updated_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"\xd1\x05\n" +
+	"\x05TopUp\x12\x19\n" +
+	"\btopup_id\x18\x01 \x01(\tR\atopupId\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12-\n" +
+	"\x06status\x18\x03 \x01(\x0e2\x15.tally.v1.TopUpStatusR\x06status\x12\x16\n" +
+	"\x06amount\x18\x04 \x01(\x03R\x06amount\x12\x1a\n" +
+	"\bcurrency\x18\x05 \x01(\tR\bcurrency\x12.\n" +
+	"\x13provider_payment_id\x18\x06 \x01(\tR\x11providerPaymentId\x12,\n" +
+	"\x12credit_transfer_id\x18\a \x01(\tR\x10creditTransferId\x12.\n" +
+	"\x13trigger_transfer_id\x18\b \x01(\tR\x11triggerTransferId\x12&\n" +
+	"\x0ftrigger_hold_id\x18\t \x01(\tR\rtriggerHoldId\x12!\n" +
+	"\ffailure_code\x18\n" +
+	" \x01(\tR\vfailureCode\x12%\n" +
+	"\x0efailure_reason\x18\v \x01(\tR\rfailureReason\x12\x1a\n" +
+	"\battempts\x18\f \x01(\x05R\battempts\x129\n" +
+	"\n" +
+	"created_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"updated_at\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12;\n" +
+	"\vfinished_at\x18\x0f \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"finishedAt\x120\n" +
+	"\x14provider_customer_id\x18\x10 \x01(\tR\x12providerCustomerId\x12*\n" +
+	"\x11payment_method_id\x18\x11 \x01(\tR\x0fpaymentMethodId\"n\n" +
+	"\x11ListTopUpsRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"e\n" +
+	"\x12ListTopUpsResponse\x12'\n" +
+	"\x06topups\x18\x01 \x03(\v2\x0f.tally.v1.TopUpR\x06topups\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*z\n" +
 	"\vAccountType\x12\x1c\n" +
 	"\x18ACCOUNT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n" +
@@ -5409,7 +6152,12 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\rBalanceSource\x12\x1e\n" +
 	"\x1aBALANCE_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14BALANCE_SOURCE_CACHE\x10\x01\x12\x18\n" +
-	"\x14BALANCE_SOURCE_STORE\x10\x022\x96\x0e\n" +
+	"\x14BALANCE_SOURCE_STORE\x10\x02*~\n" +
+	"\vTopUpStatus\x12\x1d\n" +
+	"\x19TOP_UP_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TOP_UP_STATUS_PENDING\x10\x01\x12\x1b\n" +
+	"\x17TOP_UP_STATUS_SUCCEEDED\x10\x02\x12\x18\n" +
+	"\x14TOP_UP_STATUS_FAILED\x10\x032\xe7\x0f\n" +
 	"\rLedgerService\x12B\n" +
 	"\rCreateAccount\x12\x1e.tally.v1.CreateAccountRequest\x1a\x11.tally.v1.Account\x12<\n" +
 	"\n" +
@@ -5438,7 +6186,11 @@ const file_tally_v1_ledger_proto_rawDesc = "" +
 	"\x0eSummarizeUsage\x12\x1f.tally.v1.SummarizeUsageRequest\x1a .tally.v1.SummarizeUsageResponse\x12B\n" +
 	"\fGetStatement\x12\x1d.tally.v1.GetStatementRequest\x1a\x13.tally.v1.Statement\x12P\n" +
 	"\rListOpenHolds\x12\x1e.tally.v1.ListOpenHoldsRequest\x1a\x1f.tally.v1.ListOpenHoldsResponse\x12J\n" +
-	"\vListRefunds\x12\x1c.tally.v1.ListRefundsRequest\x1a\x1d.tally.v1.ListRefundsResponseB5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
+	"\vListRefunds\x12\x1c.tally.v1.ListRefundsRequest\x1a\x1d.tally.v1.ListRefundsResponse\x12B\n" +
+	"\fSetAutoTopUp\x12\x1d.tally.v1.SetAutoTopUpRequest\x1a\x13.tally.v1.AutoTopUp\x12B\n" +
+	"\fGetAutoTopUp\x12\x1d.tally.v1.GetAutoTopUpRequest\x1a\x13.tally.v1.AutoTopUp\x12G\n" +
+	"\n" +
+	"ListTopUps\x12\x1b.tally.v1.ListTopUpsRequest\x1a\x1c.tally.v1.ListTopUpsResponseB5Z3github.com/tallyledger/tally/proto/tally/v1;tallyv1b\x06proto3"
 
 var (
 	file_tally_v1_ledger_proto_rawDescOnce sync.Once
@@ -5452,8 +6204,8 @@ func file_tally_v1_ledger_proto_rawDescGZIP() []byte {
 	return file_tally_v1_ledger_proto_rawDescData
 }
 
-var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
+var file_tally_v1_ledger_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
+var file_tally_v1_ledger_proto_msgTypes = make([]protoimpl.MessageInfo, 71)
 var file_tally_v1_ledger_proto_goTypes = []any{
 	(AccountType)(0),                // 0: tally.v1.AccountType
 	(Floor)(0),                      // 1: tally.v1.Floor
@@ -5463,209 +6215,231 @@ var file_tally_v1_ledger_proto_goTypes = []any{
 	(BatchMode)(0),                  // 5: tally.v1.BatchMode
 	(Consistency)(0),                // 6: tally.v1.Consistency
 	(BalanceSource)(0),              // 7: tally.v1.BalanceSource
-	(*Account)(nil),                 // 8: tally.v1.Account
-	(*CreateAccountRequest)(nil),    // 9: tally.v1.CreateAccountRequest
-	(*GetAccountRequest)(nil),       // 10: tally.v1.GetAccountRequest
-	(*FindAccountsRequest)(nil),     // 11: tally.v1.FindAccountsRequest
-	(*FindAccountsResponse)(nil),    // 12: tally.v1.FindAccountsResponse
-	(*ChargeRequest)(nil),           // 13: tally.v1.ChargeRequest
-	(*CreditRequest)(nil),           // 14: tally.v1.CreditRequest
-	(*TransferRequest)(nil),         // 15: tally.v1.TransferRequest
-	(*Transfer)(nil),                // 16: tally.v1.Transfer
-	(*TransferResult)(nil),          // 17: tally.v1.TransferResult
-	(*GetBalanceRequest)(nil),       // 18: tally.v1.GetBalanceRequest
-	(*Balance)(nil),                 // 19: tally.v1.Balance
-	(*GetTransferRequest)(nil),      // 20: tally.v1.GetTransferRequest
-	(*ListEntriesRequest)(nil),      // 21: tally.v1.ListEntriesRequest
-	(*Entry)(nil),                   // 22: tally.v1.Entry
-	(*ListEntriesResponse)(nil),     // 23: tally.v1.ListEntriesResponse
-	(*RefundRequest)(nil),           // 24: tally.v1.RefundRequest
-	(*Hold)(nil),                    // 25: tally.v1.Hold
-	(*HoldRequest)(nil),             // 26: tally.v1.HoldRequest
-	(*CaptureHoldRequest)(nil),      // 27: tally.v1.CaptureHoldRequest
-	(*ReleaseHoldRequest)(nil),      // 28: tally.v1.ReleaseHoldRequest
-	(*GetHoldRequest)(nil),          // 29: tally.v1.GetHoldRequest
-	(*HoldResult)(nil),              // 30: tally.v1.HoldResult
-	(*BatchOperation)(nil),          // 31: tally.v1.BatchOperation
-	(*SubmitBatchRequest)(nil),      // 32: tally.v1.SubmitBatchRequest
-	(*BatchError)(nil),              // 33: tally.v1.BatchError
-	(*BatchOperationResult)(nil),    // 34: tally.v1.BatchOperationResult
-	(*SubmitBatchResponse)(nil),     // 35: tally.v1.SubmitBatchResponse
-	(*FreezeAccountRequest)(nil),    // 36: tally.v1.FreezeAccountRequest
-	(*UnfreezeAccountRequest)(nil),  // 37: tally.v1.UnfreezeAccountRequest
-	(*CloseAccountRequest)(nil),     // 38: tally.v1.CloseAccountRequest
-	(*UpdateAccountRequest)(nil),    // 39: tally.v1.UpdateAccountRequest
-	(*GetBalancesRequest)(nil),      // 40: tally.v1.GetBalancesRequest
-	(*GetBalancesResponse)(nil),     // 41: tally.v1.GetBalancesResponse
-	(*ExportTransfersRequest)(nil),  // 42: tally.v1.ExportTransfersRequest
-	(*AccountChangeEvent)(nil),      // 43: tally.v1.AccountChangeEvent
-	(*LowBalanceEvent)(nil),         // 44: tally.v1.LowBalanceEvent
-	(*ExportTransfersResponse)(nil), // 45: tally.v1.ExportTransfersResponse
-	(*ReconcileRequest)(nil),        // 46: tally.v1.ReconcileRequest
-	(*ReconcileFinding)(nil),        // 47: tally.v1.ReconcileFinding
-	(*ReconcileProgress)(nil),       // 48: tally.v1.ReconcileProgress
-	(*ReconcileSummary)(nil),        // 49: tally.v1.ReconcileSummary
-	(*ReconcileResponse)(nil),       // 50: tally.v1.ReconcileResponse
-	(*SummarizeUsageRequest)(nil),   // 51: tally.v1.SummarizeUsageRequest
-	(*UsageRow)(nil),                // 52: tally.v1.UsageRow
-	(*SummarizeUsageResponse)(nil),  // 53: tally.v1.SummarizeUsageResponse
-	(*GetStatementRequest)(nil),     // 54: tally.v1.GetStatementRequest
-	(*StatementLine)(nil),           // 55: tally.v1.StatementLine
-	(*StatementTotal)(nil),          // 56: tally.v1.StatementTotal
-	(*Statement)(nil),               // 57: tally.v1.Statement
-	(*ListOpenHoldsRequest)(nil),    // 58: tally.v1.ListOpenHoldsRequest
-	(*ListOpenHoldsResponse)(nil),   // 59: tally.v1.ListOpenHoldsResponse
-	(*ListRefundsRequest)(nil),      // 60: tally.v1.ListRefundsRequest
-	(*ListRefundsResponse)(nil),     // 61: tally.v1.ListRefundsResponse
-	nil,                             // 62: tally.v1.Account.MetadataEntry
-	nil,                             // 63: tally.v1.CreateAccountRequest.MetadataEntry
-	nil,                             // 64: tally.v1.ChargeRequest.MetadataEntry
-	nil,                             // 65: tally.v1.CreditRequest.MetadataEntry
-	nil,                             // 66: tally.v1.TransferRequest.MetadataEntry
-	nil,                             // 67: tally.v1.Transfer.MetadataEntry
-	nil,                             // 68: tally.v1.RefundRequest.MetadataEntry
-	nil,                             // 69: tally.v1.Hold.MetadataEntry
-	nil,                             // 70: tally.v1.HoldRequest.MetadataEntry
-	nil,                             // 71: tally.v1.UpdateAccountRequest.MetadataEntry
-	nil,                             // 72: tally.v1.UsageRow.DimensionsEntry
-	(*timestamppb.Timestamp)(nil),   // 73: google.protobuf.Timestamp
+	(TopUpStatus)(0),                // 8: tally.v1.TopUpStatus
+	(*Account)(nil),                 // 9: tally.v1.Account
+	(*CreateAccountRequest)(nil),    // 10: tally.v1.CreateAccountRequest
+	(*GetAccountRequest)(nil),       // 11: tally.v1.GetAccountRequest
+	(*FindAccountsRequest)(nil),     // 12: tally.v1.FindAccountsRequest
+	(*FindAccountsResponse)(nil),    // 13: tally.v1.FindAccountsResponse
+	(*ChargeRequest)(nil),           // 14: tally.v1.ChargeRequest
+	(*CreditRequest)(nil),           // 15: tally.v1.CreditRequest
+	(*TransferRequest)(nil),         // 16: tally.v1.TransferRequest
+	(*Transfer)(nil),                // 17: tally.v1.Transfer
+	(*TransferResult)(nil),          // 18: tally.v1.TransferResult
+	(*GetBalanceRequest)(nil),       // 19: tally.v1.GetBalanceRequest
+	(*Balance)(nil),                 // 20: tally.v1.Balance
+	(*GetTransferRequest)(nil),      // 21: tally.v1.GetTransferRequest
+	(*ListEntriesRequest)(nil),      // 22: tally.v1.ListEntriesRequest
+	(*Entry)(nil),                   // 23: tally.v1.Entry
+	(*ListEntriesResponse)(nil),     // 24: tally.v1.ListEntriesResponse
+	(*RefundRequest)(nil),           // 25: tally.v1.RefundRequest
+	(*Hold)(nil),                    // 26: tally.v1.Hold
+	(*HoldRequest)(nil),             // 27: tally.v1.HoldRequest
+	(*CaptureHoldRequest)(nil),      // 28: tally.v1.CaptureHoldRequest
+	(*ReleaseHoldRequest)(nil),      // 29: tally.v1.ReleaseHoldRequest
+	(*GetHoldRequest)(nil),          // 30: tally.v1.GetHoldRequest
+	(*HoldResult)(nil),              // 31: tally.v1.HoldResult
+	(*BatchOperation)(nil),          // 32: tally.v1.BatchOperation
+	(*SubmitBatchRequest)(nil),      // 33: tally.v1.SubmitBatchRequest
+	(*BatchError)(nil),              // 34: tally.v1.BatchError
+	(*BatchOperationResult)(nil),    // 35: tally.v1.BatchOperationResult
+	(*SubmitBatchResponse)(nil),     // 36: tally.v1.SubmitBatchResponse
+	(*FreezeAccountRequest)(nil),    // 37: tally.v1.FreezeAccountRequest
+	(*UnfreezeAccountRequest)(nil),  // 38: tally.v1.UnfreezeAccountRequest
+	(*CloseAccountRequest)(nil),     // 39: tally.v1.CloseAccountRequest
+	(*UpdateAccountRequest)(nil),    // 40: tally.v1.UpdateAccountRequest
+	(*GetBalancesRequest)(nil),      // 41: tally.v1.GetBalancesRequest
+	(*GetBalancesResponse)(nil),     // 42: tally.v1.GetBalancesResponse
+	(*ExportTransfersRequest)(nil),  // 43: tally.v1.ExportTransfersRequest
+	(*AccountChangeEvent)(nil),      // 44: tally.v1.AccountChangeEvent
+	(*LowBalanceEvent)(nil),         // 45: tally.v1.LowBalanceEvent
+	(*ExportTransfersResponse)(nil), // 46: tally.v1.ExportTransfersResponse
+	(*ReconcileRequest)(nil),        // 47: tally.v1.ReconcileRequest
+	(*ReconcileFinding)(nil),        // 48: tally.v1.ReconcileFinding
+	(*ReconcileProgress)(nil),       // 49: tally.v1.ReconcileProgress
+	(*ReconcileSummary)(nil),        // 50: tally.v1.ReconcileSummary
+	(*ReconcileResponse)(nil),       // 51: tally.v1.ReconcileResponse
+	(*SummarizeUsageRequest)(nil),   // 52: tally.v1.SummarizeUsageRequest
+	(*UsageRow)(nil),                // 53: tally.v1.UsageRow
+	(*SummarizeUsageResponse)(nil),  // 54: tally.v1.SummarizeUsageResponse
+	(*GetStatementRequest)(nil),     // 55: tally.v1.GetStatementRequest
+	(*StatementLine)(nil),           // 56: tally.v1.StatementLine
+	(*StatementTotal)(nil),          // 57: tally.v1.StatementTotal
+	(*Statement)(nil),               // 58: tally.v1.Statement
+	(*ListOpenHoldsRequest)(nil),    // 59: tally.v1.ListOpenHoldsRequest
+	(*ListOpenHoldsResponse)(nil),   // 60: tally.v1.ListOpenHoldsResponse
+	(*ListRefundsRequest)(nil),      // 61: tally.v1.ListRefundsRequest
+	(*ListRefundsResponse)(nil),     // 62: tally.v1.ListRefundsResponse
+	(*SetAutoTopUpRequest)(nil),     // 63: tally.v1.SetAutoTopUpRequest
+	(*GetAutoTopUpRequest)(nil),     // 64: tally.v1.GetAutoTopUpRequest
+	(*AutoTopUp)(nil),               // 65: tally.v1.AutoTopUp
+	(*TopUp)(nil),                   // 66: tally.v1.TopUp
+	(*ListTopUpsRequest)(nil),       // 67: tally.v1.ListTopUpsRequest
+	(*ListTopUpsResponse)(nil),      // 68: tally.v1.ListTopUpsResponse
+	nil,                             // 69: tally.v1.Account.MetadataEntry
+	nil,                             // 70: tally.v1.CreateAccountRequest.MetadataEntry
+	nil,                             // 71: tally.v1.ChargeRequest.MetadataEntry
+	nil,                             // 72: tally.v1.CreditRequest.MetadataEntry
+	nil,                             // 73: tally.v1.TransferRequest.MetadataEntry
+	nil,                             // 74: tally.v1.Transfer.MetadataEntry
+	nil,                             // 75: tally.v1.RefundRequest.MetadataEntry
+	nil,                             // 76: tally.v1.Hold.MetadataEntry
+	nil,                             // 77: tally.v1.HoldRequest.MetadataEntry
+	nil,                             // 78: tally.v1.UpdateAccountRequest.MetadataEntry
+	nil,                             // 79: tally.v1.UsageRow.DimensionsEntry
+	(*timestamppb.Timestamp)(nil),   // 80: google.protobuf.Timestamp
 }
 var file_tally_v1_ledger_proto_depIdxs = []int32{
 	0,   // 0: tally.v1.Account.type:type_name -> tally.v1.AccountType
 	1,   // 1: tally.v1.Account.floor:type_name -> tally.v1.Floor
 	2,   // 2: tally.v1.Account.status:type_name -> tally.v1.AccountStatus
-	62,  // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
-	73,  // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
+	69,  // 3: tally.v1.Account.metadata:type_name -> tally.v1.Account.MetadataEntry
+	80,  // 4: tally.v1.Account.created_at:type_name -> google.protobuf.Timestamp
 	0,   // 5: tally.v1.CreateAccountRequest.type:type_name -> tally.v1.AccountType
 	1,   // 6: tally.v1.CreateAccountRequest.floor:type_name -> tally.v1.Floor
-	63,  // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
+	70,  // 7: tally.v1.CreateAccountRequest.metadata:type_name -> tally.v1.CreateAccountRequest.MetadataEntry
 	0,   // 8: tally.v1.FindAccountsRequest.type:type_name -> tally.v1.AccountType
-	8,   // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
-	64,  // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
-	65,  // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
-	66,  // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
+	9,   // 9: tally.v1.FindAccountsResponse.accounts:type_name -> tally.v1.Account
+	71,  // 10: tally.v1.ChargeRequest.metadata:type_name -> tally.v1.ChargeRequest.MetadataEntry
+	72,  // 11: tally.v1.CreditRequest.metadata:type_name -> tally.v1.CreditRequest.MetadataEntry
+	73,  // 12: tally.v1.TransferRequest.metadata:type_name -> tally.v1.TransferRequest.MetadataEntry
 	3,   // 13: tally.v1.Transfer.kind:type_name -> tally.v1.TransferKind
-	67,  // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
-	73,  // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
-	16,  // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
-	19,  // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
+	74,  // 14: tally.v1.Transfer.metadata:type_name -> tally.v1.Transfer.MetadataEntry
+	80,  // 15: tally.v1.Transfer.created_at:type_name -> google.protobuf.Timestamp
+	17,  // 16: tally.v1.TransferResult.transfer:type_name -> tally.v1.Transfer
+	20,  // 17: tally.v1.TransferResult.balance:type_name -> tally.v1.Balance
 	6,   // 18: tally.v1.GetBalanceRequest.consistency:type_name -> tally.v1.Consistency
-	73,  // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
+	80,  // 19: tally.v1.GetBalanceRequest.at:type_name -> google.protobuf.Timestamp
 	7,   // 20: tally.v1.Balance.source:type_name -> tally.v1.BalanceSource
-	73,  // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
-	73,  // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
-	73,  // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
+	80,  // 21: tally.v1.Balance.as_of:type_name -> google.protobuf.Timestamp
+	80,  // 22: tally.v1.ListEntriesRequest.start_time:type_name -> google.protobuf.Timestamp
+	80,  // 23: tally.v1.ListEntriesRequest.end_time:type_name -> google.protobuf.Timestamp
 	3,   // 24: tally.v1.ListEntriesRequest.kinds:type_name -> tally.v1.TransferKind
-	73,  // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 25: tally.v1.Entry.created_at:type_name -> google.protobuf.Timestamp
 	3,   // 26: tally.v1.Entry.kind:type_name -> tally.v1.TransferKind
-	22,  // 27: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
-	68,  // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
+	23,  // 27: tally.v1.ListEntriesResponse.entries:type_name -> tally.v1.Entry
+	75,  // 28: tally.v1.RefundRequest.metadata:type_name -> tally.v1.RefundRequest.MetadataEntry
 	4,   // 29: tally.v1.Hold.status:type_name -> tally.v1.HoldStatus
-	73,  // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
-	69,  // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
-	73,  // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
-	73,  // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
-	73,  // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
-	70,  // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
-	25,  // 36: tally.v1.HoldResult.hold:type_name -> tally.v1.Hold
-	16,  // 37: tally.v1.HoldResult.transfer:type_name -> tally.v1.Transfer
-	19,  // 38: tally.v1.HoldResult.balance:type_name -> tally.v1.Balance
-	13,  // 39: tally.v1.BatchOperation.charge:type_name -> tally.v1.ChargeRequest
-	14,  // 40: tally.v1.BatchOperation.credit:type_name -> tally.v1.CreditRequest
-	15,  // 41: tally.v1.BatchOperation.transfer:type_name -> tally.v1.TransferRequest
-	26,  // 42: tally.v1.BatchOperation.hold:type_name -> tally.v1.HoldRequest
-	27,  // 43: tally.v1.BatchOperation.capture_hold:type_name -> tally.v1.CaptureHoldRequest
-	28,  // 44: tally.v1.BatchOperation.release_hold:type_name -> tally.v1.ReleaseHoldRequest
-	24,  // 45: tally.v1.BatchOperation.refund:type_name -> tally.v1.RefundRequest
+	80,  // 30: tally.v1.Hold.expires_at:type_name -> google.protobuf.Timestamp
+	76,  // 31: tally.v1.Hold.metadata:type_name -> tally.v1.Hold.MetadataEntry
+	80,  // 32: tally.v1.Hold.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 33: tally.v1.Hold.finalized_at:type_name -> google.protobuf.Timestamp
+	80,  // 34: tally.v1.HoldRequest.expires_at:type_name -> google.protobuf.Timestamp
+	77,  // 35: tally.v1.HoldRequest.metadata:type_name -> tally.v1.HoldRequest.MetadataEntry
+	26,  // 36: tally.v1.HoldResult.hold:type_name -> tally.v1.Hold
+	17,  // 37: tally.v1.HoldResult.transfer:type_name -> tally.v1.Transfer
+	20,  // 38: tally.v1.HoldResult.balance:type_name -> tally.v1.Balance
+	14,  // 39: tally.v1.BatchOperation.charge:type_name -> tally.v1.ChargeRequest
+	15,  // 40: tally.v1.BatchOperation.credit:type_name -> tally.v1.CreditRequest
+	16,  // 41: tally.v1.BatchOperation.transfer:type_name -> tally.v1.TransferRequest
+	27,  // 42: tally.v1.BatchOperation.hold:type_name -> tally.v1.HoldRequest
+	28,  // 43: tally.v1.BatchOperation.capture_hold:type_name -> tally.v1.CaptureHoldRequest
+	29,  // 44: tally.v1.BatchOperation.release_hold:type_name -> tally.v1.ReleaseHoldRequest
+	25,  // 45: tally.v1.BatchOperation.refund:type_name -> tally.v1.RefundRequest
 	5,   // 46: tally.v1.SubmitBatchRequest.mode:type_name -> tally.v1.BatchMode
-	31,  // 47: tally.v1.SubmitBatchRequest.operations:type_name -> tally.v1.BatchOperation
-	17,  // 48: tally.v1.BatchOperationResult.transfer:type_name -> tally.v1.TransferResult
-	30,  // 49: tally.v1.BatchOperationResult.hold:type_name -> tally.v1.HoldResult
-	33,  // 50: tally.v1.BatchOperationResult.error:type_name -> tally.v1.BatchError
-	34,  // 51: tally.v1.SubmitBatchResponse.results:type_name -> tally.v1.BatchOperationResult
-	71,  // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
-	73,  // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
-	19,  // 54: tally.v1.GetBalancesResponse.balances:type_name -> tally.v1.Balance
-	73,  // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
-	73,  // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
-	73,  // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
-	16,  // 58: tally.v1.ExportTransfersResponse.transfer:type_name -> tally.v1.Transfer
-	25,  // 59: tally.v1.ExportTransfersResponse.hold:type_name -> tally.v1.Hold
-	43,  // 60: tally.v1.ExportTransfersResponse.account_change:type_name -> tally.v1.AccountChangeEvent
-	44,  // 61: tally.v1.ExportTransfersResponse.low_balance:type_name -> tally.v1.LowBalanceEvent
-	48,  // 62: tally.v1.ReconcileResponse.progress:type_name -> tally.v1.ReconcileProgress
-	47,  // 63: tally.v1.ReconcileResponse.finding:type_name -> tally.v1.ReconcileFinding
-	49,  // 64: tally.v1.ReconcileResponse.summary:type_name -> tally.v1.ReconcileSummary
-	72,  // 65: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
-	52,  // 66: tally.v1.SummarizeUsageResponse.rows:type_name -> tally.v1.UsageRow
-	73,  // 67: tally.v1.GetStatementRequest.from:type_name -> google.protobuf.Timestamp
-	73,  // 68: tally.v1.GetStatementRequest.to:type_name -> google.protobuf.Timestamp
-	73,  // 69: tally.v1.StatementLine.created_at:type_name -> google.protobuf.Timestamp
-	3,   // 70: tally.v1.StatementLine.kind:type_name -> tally.v1.TransferKind
-	3,   // 71: tally.v1.StatementTotal.kind:type_name -> tally.v1.TransferKind
-	73,  // 72: tally.v1.Statement.from:type_name -> google.protobuf.Timestamp
-	73,  // 73: tally.v1.Statement.to:type_name -> google.protobuf.Timestamp
-	55,  // 74: tally.v1.Statement.lines:type_name -> tally.v1.StatementLine
-	56,  // 75: tally.v1.Statement.totals:type_name -> tally.v1.StatementTotal
-	25,  // 76: tally.v1.ListOpenHoldsResponse.holds:type_name -> tally.v1.Hold
-	16,  // 77: tally.v1.ListRefundsResponse.refunds:type_name -> tally.v1.Transfer
-	9,   // 78: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
-	10,  // 79: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
-	11,  // 80: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
-	13,  // 81: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
-	14,  // 82: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
-	15,  // 83: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
-	18,  // 84: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
-	20,  // 85: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
-	21,  // 86: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
-	24,  // 87: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
-	26,  // 88: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
-	27,  // 89: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
-	28,  // 90: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
-	29,  // 91: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
-	32,  // 92: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
-	36,  // 93: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
-	37,  // 94: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
-	38,  // 95: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
-	39,  // 96: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
-	40,  // 97: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
-	42,  // 98: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
-	46,  // 99: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
-	51,  // 100: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
-	54,  // 101: tally.v1.LedgerService.GetStatement:input_type -> tally.v1.GetStatementRequest
-	58,  // 102: tally.v1.LedgerService.ListOpenHolds:input_type -> tally.v1.ListOpenHoldsRequest
-	60,  // 103: tally.v1.LedgerService.ListRefunds:input_type -> tally.v1.ListRefundsRequest
-	8,   // 104: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
-	8,   // 105: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
-	12,  // 106: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
-	17,  // 107: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
-	17,  // 108: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
-	17,  // 109: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
-	19,  // 110: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
-	16,  // 111: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
-	23,  // 112: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
-	17,  // 113: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
-	30,  // 114: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
-	30,  // 115: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
-	30,  // 116: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
-	25,  // 117: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
-	35,  // 118: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
-	8,   // 119: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
-	8,   // 120: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
-	8,   // 121: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
-	8,   // 122: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
-	41,  // 123: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
-	45,  // 124: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
-	50,  // 125: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
-	53,  // 126: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
-	57,  // 127: tally.v1.LedgerService.GetStatement:output_type -> tally.v1.Statement
-	59,  // 128: tally.v1.LedgerService.ListOpenHolds:output_type -> tally.v1.ListOpenHoldsResponse
-	61,  // 129: tally.v1.LedgerService.ListRefunds:output_type -> tally.v1.ListRefundsResponse
-	104, // [104:130] is the sub-list for method output_type
-	78,  // [78:104] is the sub-list for method input_type
-	78,  // [78:78] is the sub-list for extension type_name
-	78,  // [78:78] is the sub-list for extension extendee
-	0,   // [0:78] is the sub-list for field type_name
+	32,  // 47: tally.v1.SubmitBatchRequest.operations:type_name -> tally.v1.BatchOperation
+	18,  // 48: tally.v1.BatchOperationResult.transfer:type_name -> tally.v1.TransferResult
+	31,  // 49: tally.v1.BatchOperationResult.hold:type_name -> tally.v1.HoldResult
+	34,  // 50: tally.v1.BatchOperationResult.error:type_name -> tally.v1.BatchError
+	35,  // 51: tally.v1.SubmitBatchResponse.results:type_name -> tally.v1.BatchOperationResult
+	78,  // 52: tally.v1.UpdateAccountRequest.metadata:type_name -> tally.v1.UpdateAccountRequest.MetadataEntry
+	80,  // 53: tally.v1.GetBalancesRequest.at:type_name -> google.protobuf.Timestamp
+	20,  // 54: tally.v1.GetBalancesResponse.balances:type_name -> tally.v1.Balance
+	80,  // 55: tally.v1.AccountChangeEvent.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 56: tally.v1.LowBalanceEvent.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 57: tally.v1.ExportTransfersResponse.created_at:type_name -> google.protobuf.Timestamp
+	17,  // 58: tally.v1.ExportTransfersResponse.transfer:type_name -> tally.v1.Transfer
+	26,  // 59: tally.v1.ExportTransfersResponse.hold:type_name -> tally.v1.Hold
+	44,  // 60: tally.v1.ExportTransfersResponse.account_change:type_name -> tally.v1.AccountChangeEvent
+	45,  // 61: tally.v1.ExportTransfersResponse.low_balance:type_name -> tally.v1.LowBalanceEvent
+	66,  // 62: tally.v1.ExportTransfersResponse.topup:type_name -> tally.v1.TopUp
+	80,  // 63: tally.v1.ReconcileRequest.provider_from:type_name -> google.protobuf.Timestamp
+	80,  // 64: tally.v1.ReconcileRequest.provider_to:type_name -> google.protobuf.Timestamp
+	49,  // 65: tally.v1.ReconcileResponse.progress:type_name -> tally.v1.ReconcileProgress
+	48,  // 66: tally.v1.ReconcileResponse.finding:type_name -> tally.v1.ReconcileFinding
+	50,  // 67: tally.v1.ReconcileResponse.summary:type_name -> tally.v1.ReconcileSummary
+	79,  // 68: tally.v1.UsageRow.dimensions:type_name -> tally.v1.UsageRow.DimensionsEntry
+	53,  // 69: tally.v1.SummarizeUsageResponse.rows:type_name -> tally.v1.UsageRow
+	80,  // 70: tally.v1.GetStatementRequest.from:type_name -> google.protobuf.Timestamp
+	80,  // 71: tally.v1.GetStatementRequest.to:type_name -> google.protobuf.Timestamp
+	80,  // 72: tally.v1.StatementLine.created_at:type_name -> google.protobuf.Timestamp
+	3,   // 73: tally.v1.StatementLine.kind:type_name -> tally.v1.TransferKind
+	3,   // 74: tally.v1.StatementTotal.kind:type_name -> tally.v1.TransferKind
+	80,  // 75: tally.v1.Statement.from:type_name -> google.protobuf.Timestamp
+	80,  // 76: tally.v1.Statement.to:type_name -> google.protobuf.Timestamp
+	56,  // 77: tally.v1.Statement.lines:type_name -> tally.v1.StatementLine
+	57,  // 78: tally.v1.Statement.totals:type_name -> tally.v1.StatementTotal
+	26,  // 79: tally.v1.ListOpenHoldsResponse.holds:type_name -> tally.v1.Hold
+	17,  // 80: tally.v1.ListRefundsResponse.refunds:type_name -> tally.v1.Transfer
+	80,  // 81: tally.v1.AutoTopUp.updated_at:type_name -> google.protobuf.Timestamp
+	8,   // 82: tally.v1.TopUp.status:type_name -> tally.v1.TopUpStatus
+	80,  // 83: tally.v1.TopUp.created_at:type_name -> google.protobuf.Timestamp
+	80,  // 84: tally.v1.TopUp.updated_at:type_name -> google.protobuf.Timestamp
+	80,  // 85: tally.v1.TopUp.finished_at:type_name -> google.protobuf.Timestamp
+	66,  // 86: tally.v1.ListTopUpsResponse.topups:type_name -> tally.v1.TopUp
+	10,  // 87: tally.v1.LedgerService.CreateAccount:input_type -> tally.v1.CreateAccountRequest
+	11,  // 88: tally.v1.LedgerService.GetAccount:input_type -> tally.v1.GetAccountRequest
+	12,  // 89: tally.v1.LedgerService.FindAccounts:input_type -> tally.v1.FindAccountsRequest
+	14,  // 90: tally.v1.LedgerService.Charge:input_type -> tally.v1.ChargeRequest
+	15,  // 91: tally.v1.LedgerService.Credit:input_type -> tally.v1.CreditRequest
+	16,  // 92: tally.v1.LedgerService.Transfer:input_type -> tally.v1.TransferRequest
+	19,  // 93: tally.v1.LedgerService.GetBalance:input_type -> tally.v1.GetBalanceRequest
+	21,  // 94: tally.v1.LedgerService.GetTransfer:input_type -> tally.v1.GetTransferRequest
+	22,  // 95: tally.v1.LedgerService.ListEntries:input_type -> tally.v1.ListEntriesRequest
+	25,  // 96: tally.v1.LedgerService.Refund:input_type -> tally.v1.RefundRequest
+	27,  // 97: tally.v1.LedgerService.Hold:input_type -> tally.v1.HoldRequest
+	28,  // 98: tally.v1.LedgerService.CaptureHold:input_type -> tally.v1.CaptureHoldRequest
+	29,  // 99: tally.v1.LedgerService.ReleaseHold:input_type -> tally.v1.ReleaseHoldRequest
+	30,  // 100: tally.v1.LedgerService.GetHold:input_type -> tally.v1.GetHoldRequest
+	33,  // 101: tally.v1.LedgerService.SubmitBatch:input_type -> tally.v1.SubmitBatchRequest
+	37,  // 102: tally.v1.LedgerService.FreezeAccount:input_type -> tally.v1.FreezeAccountRequest
+	38,  // 103: tally.v1.LedgerService.UnfreezeAccount:input_type -> tally.v1.UnfreezeAccountRequest
+	39,  // 104: tally.v1.LedgerService.CloseAccount:input_type -> tally.v1.CloseAccountRequest
+	40,  // 105: tally.v1.LedgerService.UpdateAccount:input_type -> tally.v1.UpdateAccountRequest
+	41,  // 106: tally.v1.LedgerService.GetBalances:input_type -> tally.v1.GetBalancesRequest
+	43,  // 107: tally.v1.LedgerService.ExportTransfers:input_type -> tally.v1.ExportTransfersRequest
+	47,  // 108: tally.v1.LedgerService.Reconcile:input_type -> tally.v1.ReconcileRequest
+	52,  // 109: tally.v1.LedgerService.SummarizeUsage:input_type -> tally.v1.SummarizeUsageRequest
+	55,  // 110: tally.v1.LedgerService.GetStatement:input_type -> tally.v1.GetStatementRequest
+	59,  // 111: tally.v1.LedgerService.ListOpenHolds:input_type -> tally.v1.ListOpenHoldsRequest
+	61,  // 112: tally.v1.LedgerService.ListRefunds:input_type -> tally.v1.ListRefundsRequest
+	63,  // 113: tally.v1.LedgerService.SetAutoTopUp:input_type -> tally.v1.SetAutoTopUpRequest
+	64,  // 114: tally.v1.LedgerService.GetAutoTopUp:input_type -> tally.v1.GetAutoTopUpRequest
+	67,  // 115: tally.v1.LedgerService.ListTopUps:input_type -> tally.v1.ListTopUpsRequest
+	9,   // 116: tally.v1.LedgerService.CreateAccount:output_type -> tally.v1.Account
+	9,   // 117: tally.v1.LedgerService.GetAccount:output_type -> tally.v1.Account
+	13,  // 118: tally.v1.LedgerService.FindAccounts:output_type -> tally.v1.FindAccountsResponse
+	18,  // 119: tally.v1.LedgerService.Charge:output_type -> tally.v1.TransferResult
+	18,  // 120: tally.v1.LedgerService.Credit:output_type -> tally.v1.TransferResult
+	18,  // 121: tally.v1.LedgerService.Transfer:output_type -> tally.v1.TransferResult
+	20,  // 122: tally.v1.LedgerService.GetBalance:output_type -> tally.v1.Balance
+	17,  // 123: tally.v1.LedgerService.GetTransfer:output_type -> tally.v1.Transfer
+	24,  // 124: tally.v1.LedgerService.ListEntries:output_type -> tally.v1.ListEntriesResponse
+	18,  // 125: tally.v1.LedgerService.Refund:output_type -> tally.v1.TransferResult
+	31,  // 126: tally.v1.LedgerService.Hold:output_type -> tally.v1.HoldResult
+	31,  // 127: tally.v1.LedgerService.CaptureHold:output_type -> tally.v1.HoldResult
+	31,  // 128: tally.v1.LedgerService.ReleaseHold:output_type -> tally.v1.HoldResult
+	26,  // 129: tally.v1.LedgerService.GetHold:output_type -> tally.v1.Hold
+	36,  // 130: tally.v1.LedgerService.SubmitBatch:output_type -> tally.v1.SubmitBatchResponse
+	9,   // 131: tally.v1.LedgerService.FreezeAccount:output_type -> tally.v1.Account
+	9,   // 132: tally.v1.LedgerService.UnfreezeAccount:output_type -> tally.v1.Account
+	9,   // 133: tally.v1.LedgerService.CloseAccount:output_type -> tally.v1.Account
+	9,   // 134: tally.v1.LedgerService.UpdateAccount:output_type -> tally.v1.Account
+	42,  // 135: tally.v1.LedgerService.GetBalances:output_type -> tally.v1.GetBalancesResponse
+	46,  // 136: tally.v1.LedgerService.ExportTransfers:output_type -> tally.v1.ExportTransfersResponse
+	51,  // 137: tally.v1.LedgerService.Reconcile:output_type -> tally.v1.ReconcileResponse
+	54,  // 138: tally.v1.LedgerService.SummarizeUsage:output_type -> tally.v1.SummarizeUsageResponse
+	58,  // 139: tally.v1.LedgerService.GetStatement:output_type -> tally.v1.Statement
+	60,  // 140: tally.v1.LedgerService.ListOpenHolds:output_type -> tally.v1.ListOpenHoldsResponse
+	62,  // 141: tally.v1.LedgerService.ListRefunds:output_type -> tally.v1.ListRefundsResponse
+	65,  // 142: tally.v1.LedgerService.SetAutoTopUp:output_type -> tally.v1.AutoTopUp
+	65,  // 143: tally.v1.LedgerService.GetAutoTopUp:output_type -> tally.v1.AutoTopUp
+	68,  // 144: tally.v1.LedgerService.ListTopUps:output_type -> tally.v1.ListTopUpsResponse
+	116, // [116:145] is the sub-list for method output_type
+	87,  // [87:116] is the sub-list for method input_type
+	87,  // [87:87] is the sub-list for extension type_name
+	87,  // [87:87] is the sub-list for extension extendee
+	0,   // [0:87] is the sub-list for field type_name
 }
 
 func init() { file_tally_v1_ledger_proto_init() }
@@ -5694,6 +6468,7 @@ func file_tally_v1_ledger_proto_init() {
 		(*ExportTransfersResponse_Hold)(nil),
 		(*ExportTransfersResponse_AccountChange)(nil),
 		(*ExportTransfersResponse_LowBalance)(nil),
+		(*ExportTransfersResponse_Topup)(nil),
 	}
 	file_tally_v1_ledger_proto_msgTypes[42].OneofWrappers = []any{
 		(*ReconcileResponse_Progress)(nil),
@@ -5705,8 +6480,8 @@ func file_tally_v1_ledger_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tally_v1_ledger_proto_rawDesc), len(file_tally_v1_ledger_proto_rawDesc)),
-			NumEnums:      8,
-			NumMessages:   65,
+			NumEnums:      9,
+			NumMessages:   71,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -48,6 +48,9 @@ const (
 	LedgerService_GetStatement_FullMethodName    = "/tally.v1.LedgerService/GetStatement"
 	LedgerService_ListOpenHolds_FullMethodName   = "/tally.v1.LedgerService/ListOpenHolds"
 	LedgerService_ListRefunds_FullMethodName     = "/tally.v1.LedgerService/ListRefunds"
+	LedgerService_SetAutoTopUp_FullMethodName    = "/tally.v1.LedgerService/SetAutoTopUp"
+	LedgerService_GetAutoTopUp_FullMethodName    = "/tally.v1.LedgerService/GetAutoTopUp"
+	LedgerService_ListTopUps_FullMethodName      = "/tally.v1.LedgerService/ListTopUps"
 )
 
 // LedgerServiceClient is the client API for LedgerService service.
@@ -144,6 +147,17 @@ type LedgerServiceClient interface {
 	ListOpenHolds(ctx context.Context, in *ListOpenHoldsRequest, opts ...grpc.CallOption) (*ListOpenHoldsResponse, error)
 	// ListRefunds lists the REFUND transfers of a charge, oldest first.
 	ListRefunds(ctx context.Context, in *ListRefundsRequest, opts ...grpc.CallOption) (*ListRefundsResponse, error)
+	// SetAutoTopUp creates or replaces a CUSTOMER account's auto top-up rule:
+	// when a committed debit leaves available below threshold, tallyd charges
+	// the customer's card (once per top-up, keyed by it) up to target_balance.
+	// Enabling a rule clears its failures. Needs tallyd --topup-provider
+	// (else FAILED_PRECONDITION TOPUP_PROVIDER_NOT_CONFIGURED).
+	SetAutoTopUp(ctx context.Context, in *SetAutoTopUpRequest, opts ...grpc.CallOption) (*AutoTopUp, error)
+	// GetAutoTopUp returns an account's rule (NOT_FOUND TOPUP_RULE_NOT_FOUND
+	// when it has none).
+	GetAutoTopUp(ctx context.Context, in *GetAutoTopUpRequest, opts ...grpc.CallOption) (*AutoTopUp, error)
+	// ListTopUps lists an account's top-ups, newest first.
+	ListTopUps(ctx context.Context, in *ListTopUpsRequest, opts ...grpc.CallOption) (*ListTopUpsResponse, error)
 }
 
 type ledgerServiceClient struct {
@@ -432,6 +446,36 @@ func (c *ledgerServiceClient) ListRefunds(ctx context.Context, in *ListRefundsRe
 	return out, nil
 }
 
+func (c *ledgerServiceClient) SetAutoTopUp(ctx context.Context, in *SetAutoTopUpRequest, opts ...grpc.CallOption) (*AutoTopUp, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AutoTopUp)
+	err := c.cc.Invoke(ctx, LedgerService_SetAutoTopUp_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) GetAutoTopUp(ctx context.Context, in *GetAutoTopUpRequest, opts ...grpc.CallOption) (*AutoTopUp, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AutoTopUp)
+	err := c.cc.Invoke(ctx, LedgerService_GetAutoTopUp_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *ledgerServiceClient) ListTopUps(ctx context.Context, in *ListTopUpsRequest, opts ...grpc.CallOption) (*ListTopUpsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListTopUpsResponse)
+	err := c.cc.Invoke(ctx, LedgerService_ListTopUps_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // LedgerServiceServer is the server API for LedgerService service.
 // All implementations must embed UnimplementedLedgerServiceServer
 // for forward compatibility.
@@ -526,6 +570,17 @@ type LedgerServiceServer interface {
 	ListOpenHolds(context.Context, *ListOpenHoldsRequest) (*ListOpenHoldsResponse, error)
 	// ListRefunds lists the REFUND transfers of a charge, oldest first.
 	ListRefunds(context.Context, *ListRefundsRequest) (*ListRefundsResponse, error)
+	// SetAutoTopUp creates or replaces a CUSTOMER account's auto top-up rule:
+	// when a committed debit leaves available below threshold, tallyd charges
+	// the customer's card (once per top-up, keyed by it) up to target_balance.
+	// Enabling a rule clears its failures. Needs tallyd --topup-provider
+	// (else FAILED_PRECONDITION TOPUP_PROVIDER_NOT_CONFIGURED).
+	SetAutoTopUp(context.Context, *SetAutoTopUpRequest) (*AutoTopUp, error)
+	// GetAutoTopUp returns an account's rule (NOT_FOUND TOPUP_RULE_NOT_FOUND
+	// when it has none).
+	GetAutoTopUp(context.Context, *GetAutoTopUpRequest) (*AutoTopUp, error)
+	// ListTopUps lists an account's top-ups, newest first.
+	ListTopUps(context.Context, *ListTopUpsRequest) (*ListTopUpsResponse, error)
 	mustEmbedUnimplementedLedgerServiceServer()
 }
 
@@ -613,6 +668,15 @@ func (UnimplementedLedgerServiceServer) ListOpenHolds(context.Context, *ListOpen
 }
 func (UnimplementedLedgerServiceServer) ListRefunds(context.Context, *ListRefundsRequest) (*ListRefundsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListRefunds not implemented")
+}
+func (UnimplementedLedgerServiceServer) SetAutoTopUp(context.Context, *SetAutoTopUpRequest) (*AutoTopUp, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetAutoTopUp not implemented")
+}
+func (UnimplementedLedgerServiceServer) GetAutoTopUp(context.Context, *GetAutoTopUpRequest) (*AutoTopUp, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetAutoTopUp not implemented")
+}
+func (UnimplementedLedgerServiceServer) ListTopUps(context.Context, *ListTopUpsRequest) (*ListTopUpsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListTopUps not implemented")
 }
 func (UnimplementedLedgerServiceServer) mustEmbedUnimplementedLedgerServiceServer() {}
 func (UnimplementedLedgerServiceServer) testEmbeddedByValue()                       {}
@@ -1089,6 +1153,60 @@ func _LedgerService_ListRefunds_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _LedgerService_SetAutoTopUp_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetAutoTopUpRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).SetAutoTopUp(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_SetAutoTopUp_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).SetAutoTopUp(ctx, req.(*SetAutoTopUpRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_GetAutoTopUp_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetAutoTopUpRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).GetAutoTopUp(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_GetAutoTopUp_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).GetAutoTopUp(ctx, req.(*GetAutoTopUpRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LedgerService_ListTopUps_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListTopUpsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LedgerServiceServer).ListTopUps(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LedgerService_ListTopUps_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LedgerServiceServer).ListTopUps(ctx, req.(*ListTopUpsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // LedgerService_ServiceDesc is the grpc.ServiceDesc for LedgerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1191,6 +1309,18 @@ var LedgerService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListRefunds",
 			Handler:    _LedgerService_ListRefunds_Handler,
+		},
+		{
+			MethodName: "SetAutoTopUp",
+			Handler:    _LedgerService_SetAutoTopUp_Handler,
+		},
+		{
+			MethodName: "GetAutoTopUp",
+			Handler:    _LedgerService_GetAutoTopUp_Handler,
+		},
+		{
+			MethodName: "ListTopUps",
+			Handler:    _LedgerService_ListTopUps_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
