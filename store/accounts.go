@@ -171,12 +171,12 @@ var balanceSelect = `SELECT a.account_id, a.currency, a.floor, a.balance + ` + s
 			(SELECT min(h.expires_at) FROM holds h
 			 WHERE h.account_id = a.account_id AND h.status = 1 AND h.expires_at > c.now)
 		ELSE a.next_hold_expiry END,
-		a.status, a.shard_count > 0 OR a.shard_of IS NOT NULL, a.type`
+		a.status, a.type`
 
 func scanBalance(r rowScanner) (BalanceRow, error) {
 	var b BalanceRow
 	err := r.Scan(&b.AccountID, &b.Currency, &b.Floor, &b.Balance, &b.CreditLimit, &b.Version, &b.ReadAt,
-		&b.Held, &b.NextHoldExpiry, &b.Status, &b.Sharded, &b.Type)
+		&b.Held, &b.NextHoldExpiry, &b.Status, &b.Type)
 	return b, err
 }
 

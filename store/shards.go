@@ -163,65 +163,70 @@ func (t *Tx) ReadFacts(ctx context.Context, accounts, holds, charges []uuid.UUID
 		WHERE transfer_id = ANY (ARRAY(SELECT unnest($1::uuid[])))`, ids(charges))
 	br := t.tx.SendBatch(ctx, b)
 	defer br.Close()
-	rows, err := br.Query()
-	if err != nil {
-		return Facts{}, translate(err)
-	}
-	for rows.Next() {
+	err := readEach(br, func(rows pgx.Rows) error {
 		var f AccountFacts
 		var shardOf uuid.NullUUID
 		var rest []uuid.UUID
 		if err := rows.Scan(&f.ID, &f.Currency, &f.Type, &shardOf, &rest); err != nil {
-			rows.Close()
-			return Facts{}, translate(err)
+			return err
 		}
-		f.ShardOf = shardOf.UUID
-		if rest != nil {
-			f.Shards = append([]uuid.UUID{f.ID}, rest...)
-		}
+		f.ShardOf, f.Shards = shardOf.UUID, shardList(f.ID, rest)
 		out.Accounts[f.ID] = f
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return Facts{}, translate(err)
-	}
-	rows, err = br.Query()
+		return nil
+	})
 	if err != nil {
-		return Facts{}, translate(err)
+		return Facts{}, err
 	}
-	for rows.Next() {
+	err = readEach(br, func(rows pgx.Rows) error {
 		var h HoldFacts
 		var rev uuid.NullUUID
 		var rest []uuid.UUID
 		if err := rows.Scan(&h.ID, &h.AccountID, &rev, &h.Currency, &rest); err != nil {
-			rows.Close()
-			return Facts{}, translate(err)
+			return err
 		}
 		h.RevenueAccountID = rev.UUID
-		if rest != nil {
-			h.RevenueShards = append([]uuid.UUID{h.RevenueAccountID}, rest...)
-		}
+		h.RevenueShards = shardList(h.RevenueAccountID, rest)
 		out.Holds[h.ID] = h
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return Facts{}, translate(err)
-	}
-	rows, err = br.Query()
+		return nil
+	})
 	if err != nil {
-		return Facts{}, translate(err)
+		return Facts{}, err
 	}
-	for rows.Next() {
+	err = readEach(br, func(rows pgx.Rows) error {
 		var c ChargeFacts
 		if err := rows.Scan(&c.ID, &c.DebitAccountID, &c.CreditAccountID); err != nil {
-			rows.Close()
-			return Facts{}, translate(err)
+			return err
 		}
 		out.Charges[c.ID] = c
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return Facts{}, translate(err)
+		return nil
+	})
+	if err != nil {
+		return Facts{}, err
 	}
 	return out, translate(br.Close())
+}
+
+// readEach reads the next result of a pipelined batch, calling scan for
+// each row.
+func readEach(br pgx.BatchResults, scan func(pgx.Rows) error) error {
+	rows, err := br.Query()
+	if err != nil {
+		return translate(err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		if err := scan(rows); err != nil {
+			return translate(err)
+		}
+	}
+	return translate(rows.Err())
+}
+
+// shardList is the shard list of account id given its further shards as
+// read (nil when it has none: rest is NULL for an account without shards).
+func shardList(id uuid.UUID, rest []uuid.UUID) []uuid.UUID {
+	if rest == nil {
+		return nil
+	}
+	return append([]uuid.UUID{id}, rest...)
 }

@@ -132,10 +132,10 @@ type BalanceRow struct {
 	// NextHoldExpiry is the earliest expiry after ReadAt of an open hold.
 	NextHoldExpiry *time.Time
 	Status         int16
-	// Sharded is set for an account with shards: Balance and Version are
-	// the sums over its shards, read in one snapshot.
-	Sharded bool
-	Type    int16
+	// Type says whether the balance may be cached (CUSTOMER accounts
+	// only); for an account with shards, Balance and Version are the sums
+	// over its shards, read in one snapshot.
+	Type int16
 }
 
 // AccountUpdate is the new state of one account after a posting. PrevVersion
