@@ -58,7 +58,7 @@ func hold(stop context.Context, d time.Duration) {
 // one starts, and before nemesis returns.
 func (r *runner) nemesis(stop context.Context, seed int64) error {
 	rng := rand.New(rand.NewPCG(uint64(seed), 0x6e656d65736973))
-	order := append([]string(nil), FaultKinds...)
+	order := append([]string(nil), r.nemesisKinds()...)
 	began := time.Now()
 	failoverDue := r.cfg.PGFailover
 	for i := 0; ; i++ {
@@ -73,7 +73,11 @@ func (r *runner) nemesis(stop context.Context, seed int64) error {
 		start := time.Now()
 		var detail string
 		var err error
-		if at := time.Since(began); failoverDue && at >= r.failoverAt() {
+		if j := r.nextScheduled(time.Since(began)); j >= 0 {
+			// In place of this turn's fault (which comes next).
+			i--
+			kind, detail, err = r.runScheduled(stop, j)
+		} else if at := time.Since(began); failoverDue && at >= r.failoverAt() {
 			// Once, in place of this turn's fault (which comes next).
 			failoverDue = false
 			kind = FaultPGFailover

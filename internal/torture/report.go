@@ -91,9 +91,12 @@ type Report struct {
 	FaultsMissing []string          `json:"faults_missing,omitempty"`
 	AnswerCodes   map[string]int    `json:"answer_codes"`
 	Invariants    []InvariantResult `json:"invariants"`
-	Violations    int               `json:"violations"`
-	Pass          bool              `json:"pass"`
-	TempDir       string            `json:"temp_dir,omitempty"`
+	// ScheduledFaults are a Topology run's deployment faults, with the
+	// writes acknowledged around each, the ops lost and the write gap.
+	ScheduledFaults []FaultRecord `json:"scheduled_faults,omitempty"`
+	Violations      int           `json:"violations"`
+	Pass            bool          `json:"pass"`
+	TempDir         string        `json:"temp_dir,omitempty"`
 }
 
 // Summarize counts a history's operations and reads. db, when not nil,
@@ -279,6 +282,11 @@ func (r *Report) PrintSummary(w io.Writer) {
 		fmt.Fprintf(w, "         NOT injected (run too short?): %s\n", strings.Join(r.FaultsMissing, ", "))
 	}
 	fmt.Fprintf(w, "answers: %s\n", formatCounts(r.AnswerCodes))
+	for _, f := range r.ScheduledFaults {
+		fmt.Fprintf(w, "%s: %s\n         acknowledged before %d, after %d; lost %d; longest write gap %s (the deployment took writes again %s after it began)\n",
+			f.Name, f.Detail, f.AckedBefore, f.AckedAfter, f.Lost, f.WriteGap.Round(time.Millisecond),
+			f.Recovered.Sub(f.Began).Round(time.Millisecond))
+	}
 	fmt.Fprintln(w, "invariants:")
 	failed := 0
 	for _, inv := range r.Invariants {

@@ -57,6 +57,15 @@ type Config struct {
 	// restarts hitting whichever server is the primary. The check runs
 	// against the new primary.
 	PGFailover bool
+	// Topology, when set, replaces the private PostgreSQL: the run
+	// creates its database on the deployment, tallyds connect to its
+	// TallydTarget, and the nemesis's PostgreSQL restarts are replaced by
+	// Faults, the deployment's own (a Patroni failover, a switchover).
+	Topology Topology
+	Faults   []ScheduledFault
+	// TallydArgs are extra flags for every tallyd (for example
+	// --database-pooler transaction behind PgBouncer).
+	TallydArgs []string
 	// Keep keeps the temp dir (logs, the stopped PostgreSQL data dir).
 	Keep    bool
 	Verbose bool
@@ -96,8 +105,13 @@ type runner struct {
 	standby  *localsvc.Postgres
 	oldPG    *localsvc.Postgres
 	failover failoverInfo
-	redis    *localsvc.Redis
-	rdb      *redis.Client
+	// scheduledDone marks the Config.Faults that ran; faultRecords are
+	// what they did, in order. workloadStart is when the workload began.
+	scheduledDone []bool
+	faultRecords  []FaultRecord
+	workloadStart time.Time
+	redis         *localsvc.Redis
+	rdb           *redis.Client
 	// stripe is the top-up provider of every tallyd (nil in a rolling
 	// upgrade: the previous release may lack auto top-up).
 	stripe *stripetest.Server
@@ -218,7 +232,11 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	if cfg.PGFailover && cfg.OldTallydBin != "" {
 		return nil, errors.New("torture: a PostgreSQL failover run cannot also be a rolling upgrade")
 	}
-	r := &runner{cfg: cfg, out: cfg.Out, hist: NewHistory(), cacheTTL: cfg.CacheTTL, keyPrefix: keyPrefix, faults: map[string]int{}}
+	if err := validateTopology(cfg); err != nil {
+		return nil, err
+	}
+	r := &runner{cfg: cfg, out: cfg.Out, hist: NewHistory(), cacheTTL: cfg.CacheTTL, keyPrefix: keyPrefix, faults: map[string]int{},
+		scheduledDone: make([]bool, len(cfg.Faults))}
 	started := time.Now()
 
 	r.dir, err = os.MkdirTemp("", "tally-torture-")
@@ -299,12 +317,7 @@ func (r *runner) setup(ctx context.Context) error {
 	}
 
 	var err error
-	r.printf("starting private PostgreSQL and Redis ...\n")
-	var pgConf map[string]string
-	if r.cfg.PGFailover {
-		pgConf = map[string]string{"wal_level": "replica", "max_wal_senders": "5"}
-	}
-	r.pg, err = localsvc.StartPostgres(ctx, localsvc.PostgresOptions{Dir: filepath.Join(r.dir, "pg"), Logger: r.log, ExtraConf: pgConf})
+	adminURL, pgTarget, err := r.startPostgres(ctx)
 	if err != nil {
 		return err
 	}
@@ -315,7 +328,7 @@ func (r *runner) setup(ctx context.Context) error {
 	r.rdb = redis.NewClient(&redis.Options{Addr: r.redis.Addr(), DialTimeout: time.Second, ReadTimeout: 2 * time.Second,
 		WriteTimeout: 2 * time.Second, MaxRetries: 2})
 
-	conn, err := pgx.Connect(ctx, r.pg.URL("postgres"))
+	conn, err := pgx.Connect(ctx, adminURL)
 	if err != nil {
 		return err
 	}
@@ -324,7 +337,7 @@ func (r *runner) setup(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	r.dbURL = r.pg.URL("tally")
+	r.dbURL = r.databaseURL("tally")
 	mig := exec.CommandContext(ctx, bin, "migrate", "--database-url", r.dbURL)
 	mig.Env = childEnv()
 	if out, err := mig.CombinedOutput(); err != nil {
@@ -341,7 +354,6 @@ func (r *runner) setup(ctx context.Context) error {
 	apiKey := strings.TrimSpace(string(out))
 	r.apiKey = apiKey
 
-	pgTarget := fmt.Sprintf("127.0.0.1:%d", r.pg.Port())
 	standbyTarget := ""
 	if r.cfg.PGFailover {
 		if err := r.startStandby(ctx); err != nil {
@@ -369,7 +381,7 @@ func (r *runner) setup(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		t.args = append(t.args, topupFlags...)
+		t.args = append(append(t.args, topupFlags...), r.cfg.TallydArgs...)
 		if r.cfg.OldTallydBin != "" {
 			known, err := serveFlags(ctx, r.cfg.OldTallydBin)
 			if err != nil {
@@ -391,6 +403,34 @@ func (r *runner) setup(ctx context.Context) error {
 	}
 	r.printf("started %d tallyds (%s)\n", len(r.tds), r.tds[0].grpcAddr)
 	return nil
+}
+
+// startPostgres starts the private PostgreSQL (unless the run is on a
+// Topology) and returns the URL of its postgres database, for creating
+// the run's, and the host:port tallyds connect to.
+func (r *runner) startPostgres(ctx context.Context) (adminURL, tallydTarget string, err error) {
+	if t := r.cfg.Topology; t != nil {
+		r.printf("starting private Redis; PostgreSQL is the given topology (tallyds connect to %s) ...\n", t.TallydTarget())
+		return t.DirectURL("postgres"), t.TallydTarget(), nil
+	}
+	r.printf("starting private PostgreSQL and Redis ...\n")
+	var pgConf map[string]string
+	if r.cfg.PGFailover {
+		pgConf = map[string]string{"wal_level": "replica", "max_wal_senders": "5"}
+	}
+	r.pg, err = localsvc.StartPostgres(ctx, localsvc.PostgresOptions{Dir: filepath.Join(r.dir, "pg"), Logger: r.log, ExtraConf: pgConf})
+	if err != nil {
+		return "", "", err
+	}
+	return r.pg.URL("postgres"), fmt.Sprintf("127.0.0.1:%d", r.pg.Port()), nil
+}
+
+// databaseURL is the direct URL of database db on the current primary.
+func (r *runner) databaseURL(db string) string {
+	if r.cfg.Topology != nil {
+		return r.cfg.Topology.DirectURL(db)
+	}
+	return r.pg.URL(db)
 }
 
 // fund creates the accounts and gives each customer its starting balance
@@ -549,6 +589,7 @@ func (r *runner) torture(ctx context.Context) error {
 	}()
 
 	r.printf("running workload and nemesis for %s ...\n", r.cfg.Duration)
+	r.workloadStart = time.Now()
 	if r.cfg.OldTallydBin == "" {
 		// The previous release of a rolling upgrade may lack the feed.
 		fol, err := r.newFollower()
@@ -585,7 +626,7 @@ func (r *runner) torture(ctx context.Context) error {
 		go func() { nemErr <- r.nemesis(stop, r.cfg.Seed) }()
 	}
 
-	start := time.Now()
+	start := r.workloadStart
 	tick := time.NewTicker(10 * time.Second)
 	defer tick.Stop()
 	var err error
@@ -679,6 +720,9 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 	if r.cfg.PGFailover {
 		invs = append(invs, r.checkFailover(cctx, conn))
 	}
+	if len(r.cfg.Faults) > 0 {
+		invs = append(invs, r.checkScheduled(db))
+	}
 	rep := &Report{
 		Seed: r.cfg.Seed, Duration: r.cfg.Duration.String(), StartedAt: started,
 		Elapsed: time.Since(started).Round(time.Second).String(),
@@ -686,6 +730,7 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 		Faults: map[string]int{}, AnswerCodes: map[string]int{}, Invariants: invs,
 	}
 	rep.Ops, rep.Reads = Summarize(r.hist, db)
+	rep.ScheduledFaults = r.faultRecords
 	r.faultsMu.Lock()
 	kinds := FaultKinds
 	if r.cfg.OldTallydBin != "" {
@@ -693,6 +738,12 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 	}
 	if r.cfg.PGFailover {
 		kinds = append(append([]string(nil), kinds...), FaultPGFailover)
+	}
+	if r.cfg.Topology != nil {
+		kinds = r.nemesisKinds()
+		for _, f := range r.cfg.Faults {
+			kinds = append(kinds, f.Name)
+		}
 	}
 	for _, k := range kinds {
 		rep.Faults[k] = r.faults[k]
