@@ -95,7 +95,8 @@ global
 defaults
     mode tcp
     log global
-    # Log failures and health changes, not every healthy connection.
+    # Log health changes and failed sessions, not every healthy one.
+    option tcplog
     option dontlog-normal
     timeout connect 2s
     timeout check 1s
@@ -106,6 +107,8 @@ defaults
 
 listen stats
     mode http
+    # Polled many times a second by WaitLeader; not worth a log line.
+    no log
     bind 127.0.0.1:%d
     stats enable
     stats uri /

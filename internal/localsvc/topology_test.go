@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -187,4 +189,80 @@ func TestTopology(t *testing.T) {
 		t.Fatalf("KillNode after Close = %v, want ErrClosed", err)
 	}
 	t.Logf("total: %v", time.Since(begin))
+}
+
+// TestTopologyDiesWithParent SIGKILLs a process that started a topology
+// and checks that none of its processes survives it: Patroni detaches its
+// postmasters, so this is the guardian's job.
+func TestTopologyDiesWithParent(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("parent-death signals are Linux-only")
+	}
+	if os.Getenv("LOCALSVC_TOPO_HELPER") == "1" {
+		helperTopology()
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestTopologyDiesWithParent$")
+	cmd.Env = append(os.Environ(), "LOCALSVC_TOPO_HELPER=1")
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var dir, status string
+	if _, err := fmt.Fscanln(out, &status, &dir); err != nil || status != "ready" {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if status == "missing" {
+			t.Skipf("SKIPPED, NOT TESTED: the HA topology is MISSING programs; install with apt-get install patroni etcd-server haproxy pgbouncer")
+		}
+		t.Fatalf("helper did not start a topology: %q %v", status, err)
+	}
+	defer os.RemoveAll(dir)
+	if len(procsUnder(dir)) < 6 {
+		t.Fatalf("helper's topology has too few processes: %v", procsUnder(dir))
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	step := time.Now()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		left := procsUnder(dir)
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("processes outlived their parent:\n%s", strings.Join(left, "\n"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("all topology processes gone %v after the parent died", time.Since(step))
+}
+
+// helperTopology runs in the child of TestTopologyDiesWithParent: it
+// starts a topology, prints "ready <dir>" and waits to be killed.
+func helperTopology() {
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Second)
+	defer cancel()
+	dir, err := os.MkdirTemp("", "tally-topohelper-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	topo, err := StartTopology(ctx, TopologyOptions{Dir: dir})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		if errors.Is(err, ErrNotInstalled) {
+			fmt.Println("missing", dir)
+		}
+		os.Exit(1)
+	}
+	fmt.Println("ready", topo.Dir())
+	<-ctx.Done() // killed long before this
+	os.Exit(1)
 }
