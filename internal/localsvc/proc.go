@@ -20,6 +20,11 @@ import (
 // ErrClosed is returned by lifecycle methods called after Close.
 var ErrClosed = errors.New("localsvc: server closed")
 
+// ErrNotInstalled is wrapped by errors about a server program that is not
+// installed, so tests can skip (loudly) instead of failing on a machine
+// without it.
+var ErrNotInstalled = errors.New("localsvc: not installed")
+
 // FreePort asks the kernel for a currently unused TCP port on 127.0.0.1.
 //
 // The port is released before returning, so another process may grab it
