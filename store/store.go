@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
@@ -182,11 +183,13 @@ func newProvider(db *sql.DB) (*goose.Provider, error) {
 // which must reach PostgreSQL itself (or a proxy that keeps one server
 // session per connection, such as HAProxy), never a transaction pooler:
 // a migration may run statements outside a transaction, and each of them
-// could then land on another server connection. Its connections send
-// statement_timeout=0 as a startup parameter, so a long index build is not
-// cut by the short timeout a role may carry for tallyd's traffic; a
-// PgBouncer refuses that parameter, or drops it when told to ignore it,
-// and Migrate then refuses with ErrPoolerNotDirect.
+// could then land on another server connection. Migrate connects first
+// with a startup parameter of its own (directProbe) and refuses with
+// ErrPoolerNotDirect when it does not arrive: PgBouncer refuses unknown
+// startup parameters, or drops those it is told to ignore. Its
+// connections also send statement_timeout=0, so that a long index build
+// is not cut by a timeout set on the role for tallyd's own traffic (the
+// way to bound statements behind a pooler, docs/OPERATIONS.md).
 func Migrate(ctx context.Context, url string) error {
 	cfg, err := directConfig(url)
 	if err != nil {
@@ -227,37 +230,42 @@ func Migrate(ctx context.Context, url string) error {
 var ErrPoolerNotDirect = errors.New("store: the database URL reaches a connection pooler (PgBouncer), not PostgreSQL: " +
 	"run `tallyd migrate` with a --database-url that reaches PostgreSQL directly (or through HAProxy), not PgBouncer")
 
+// directProbe is a startup parameter that PostgreSQL accepts (a custom,
+// dotted setting) and no pooler passes on: it proves a migration's
+// connection reaches PostgreSQL itself.
+const directProbe = "tally.direct"
+
 // directConfig is the connection config of migrations: url with
-// statement_timeout 0 (see Migrate).
+// directProbe and statement_timeout 0 (see Migrate).
 func directConfig(url string) (*pgx.ConnConfig, error) {
 	cfg, err := pgx.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("store: bad database URL: %w", errors.New(redactParseError(err)))
 	}
+	cfg.RuntimeParams[directProbe] = "on"
 	cfg.RuntimeParams["statement_timeout"] = "0"
 	return cfg, nil
 }
 
 // checkDirect connects once with cfg and refuses a connection pooler: one
-// that refuses the statement_timeout startup parameter (PgBouncer's
-// default), or one that accepted it without passing it on (PgBouncer with
-// ignore_startup_parameters), where the session's statement_timeout is not
-// the 0 asked for.
+// that refuses the startup parameters (PgBouncer's default), or one that
+// accepted them without passing them on (PgBouncer with
+// ignore_startup_parameters).
 func checkDirect(ctx context.Context, cfg *pgx.ConnConfig) error {
 	conn, err := pgx.ConnectConfig(ctx, cfg.Copy())
 	if err != nil {
 		if PoolerRefusal(err) != "" {
-			return ErrPoolerNotDirect
+			return fmt.Errorf("%w (%s)", ErrPoolerNotDirect, PoolerRefusal(err))
 		}
 		return translate(err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	var timeout string
-	if err := conn.QueryRow(ctx, `SELECT current_setting('statement_timeout')`).Scan(&timeout); err != nil {
+	var probe pgtype.Text
+	if err := conn.QueryRow(ctx, `SELECT current_setting($1, true)`, directProbe).Scan(&probe); err != nil {
 		return translate(err)
 	}
-	if timeout != "0" {
-		return fmt.Errorf("%w (statement_timeout is %s, not the 0 Migrate connects with)", ErrPoolerNotDirect, timeout)
+	if probe.String != "on" {
+		return fmt.Errorf("%w (the startup parameter %s did not arrive)", ErrPoolerNotDirect, directProbe)
 	}
 	return nil
 }
