@@ -26,7 +26,15 @@
 #                so the shared server's max_connections is not exhausted.
 #   PGHOST (127.0.0.1) PGPORT (5432) PGUSER (postgres)
 #   REDIS_HOST (127.0.0.1) REDIS_PORT (6379) REDIS_DB (9)
-#   SCENARIOS (all: "charge-uniform charge-hot transfer-uniform balance-cached mixed balance-nocache")
+#   SCENARIOS (all: "charge-uniform charge-hot transfer-uniform balance-cached mixed balance-nocache";
+#                with VIA=pgbouncer the write scenarios: "charge-uniform charge-hot transfer-uniform")
+#   VIA (direct)  pgbouncer: start a PgBouncer in transaction pooling mode
+#                (go run ./bench/pgbouncer; Debian's pgbouncer, as user
+#                postgres) in front of PGHOST:PGPORT, and run every tallyd
+#                through it with --database-pooler transaction. Migrations,
+#                the API key, pgbench and tally bench's PostgreSQL
+#                statistics stay direct. PGBOUNCER_POOL_SIZE (20): its
+#                default_pool_size (server connections of the bench database).
 #   SKIP_REFS=1  skip the pgbench/redis-benchmark references (sweeps of Tally settings)
 #   BIG=1        afterwards, load bench/history.sql into the bench database
 #                (HISTORY_ACCOUNTS=1000000 accounts, HISTORY_PER=5 transfers
@@ -70,7 +78,13 @@ export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-
 REDIS_HOST="${REDIS_HOST:-127.0.0.1}"
 REDIS_PORT="${REDIS_PORT:-6379}"
 REDIS_DB="${REDIS_DB:-9}"
-SCENARIOS="${SCENARIOS:-charge-uniform charge-hot transfer-uniform balance-cached mixed balance-nocache}"
+VIA="${VIA:-direct}"
+PGBOUNCER_POOL_SIZE="${PGBOUNCER_POOL_SIZE:-20}"
+case "$VIA" in
+  direct) SCENARIOS="${SCENARIOS:-charge-uniform charge-hot transfer-uniform balance-cached mixed balance-nocache}" ;;
+  pgbouncer) SCENARIOS="${SCENARIOS:-charge-uniform charge-hot transfer-uniform}" ;;
+  *) echo "compare.sh: VIA must be direct or pgbouncer, not $VIA" >&2; exit 2 ;;
+esac
 SKIP_REFS="${SKIP_REFS:-0}"
 WAITS="${WAITS:-0}"
 BIG="${BIG:-0}"
@@ -191,6 +205,7 @@ fgwait go build -o "$WORK/bin/tallyd" ./cmd/tallyd
 fgwait go build -o "$WORK/bin/tally" ./cmd/tally
 TALLYD="$WORK/bin/tallyd"
 TALLY="$WORK/bin/tally"
+[ "$VIA" = pgbouncer ] && fgwait go build -o "$WORK/bin/pgbouncer" ./bench/pgbouncer
 
 # ---------------------------------------------------------------- databases
 pg_isready -h "$PGHOST" -p "$PGPORT" -q || { echo "compare.sh: PostgreSQL at $PGHOST:$PGPORT is not answering" >&2; exit 1; }
@@ -205,6 +220,31 @@ DB_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB?sslmode=disable"
 TALLY_API_KEY="$("$TALLYD" keys create --database-url "$DB_URL" --name bench --role admin --quiet)"
 export TALLY_API_KEY
 
+# TALLYD_URL is the database as tallyd sees it: DB_URL, or through the
+# PgBouncer of VIA=pgbouncer (migrated above, directly: tallyd refuses
+# --migrate behind a transaction pooler).
+TALLYD_URL="$DB_URL"
+TALLYD_DB_FLAGS=(--migrate)
+VIA_DESC="direct"
+if [ "$VIA" = pgbouncer ]; then
+  "$WORK/bin/pgbouncer" --target "$PGHOST:$PGPORT" --pool-mode transaction --pool-size "$PGBOUNCER_POOL_SIZE" \
+    >"$WORK/pgbouncer.out" 2>"$WORK/pgbouncer.err" &
+  PGB_PID=$!
+  PIDS+=("$PGB_PID")
+  PGB_ADDR=""
+  for _ in $(seq 150); do
+    PGB_ADDR="$(jq -r .addr "$WORK/pgbouncer.out" 2>/dev/null || true)"
+    [ -n "$PGB_ADDR" ] && break
+    kill -0 "$PGB_PID" 2>/dev/null || break
+    sleep 0.2
+  done
+  [ -n "$PGB_ADDR" ] || { echo "compare.sh: PgBouncer did not start:" >&2; cat "$WORK/pgbouncer.err" >&2; exit 1; }
+  TALLYD_URL="postgres://$PGUSER@$PGB_ADDR/$BENCH_DB?sslmode=disable"
+  TALLYD_DB_FLAGS=(--database-pooler transaction)
+  VIA_DESC="PgBouncer $(/usr/sbin/pgbouncer --version 2>/dev/null | awk 'NR == 1 {print $2}') at $PGB_ADDR, pool_mode=transaction default_pool_size=$PGBOUNCER_POOL_SIZE; tallyd --database-pooler transaction"
+  log "PgBouncer (transaction pooling, $PGBOUNCER_POOL_SIZE server connections) at $PGB_ADDR"
+fi
+
 # start_tallyd NAME [extra flags]: starts tallyd on free ports (it binds :0
 # and logs what it got); sets <NAME>_PID, <NAME>_GRPC, <NAME>_HTTP.
 start_tallyd() {
@@ -212,7 +252,7 @@ start_tallyd() {
   local logf="$WORK/$name.log"
   # One key drives the whole load here, so the per-key rate limit (meant to
   # stop one runaway client) is off; authentication itself stays on.
-  "$TALLYD" serve --database-url "$DB_URL" --migrate --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+  "$TALLYD" serve --database-url "$TALLYD_URL" "${TALLYD_DB_FLAGS[@]}" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
     --rate-limit-per-key 0 --log-level info "$@" >"$logf" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
@@ -435,6 +475,7 @@ echo "redis:              $(rcli info server | tr -d '\r' | sed -n 's/^redis_ver
 echo "tallyd:             $(jq -r '"batch_items_max=\(.batch_items_max) batch_wait_max=\(.batch_wait_max) batch_workers_max=\(.batch_workers_max) pool_conns_max=\(.pool_conns_max)"' <<<"$CACHED_LINE")"
 echo "pgbench:            -c $CLIENTS -j 2 -T $DURATION, scale 10 (its connections are its pool)"
 echo "tallyd replicas:    $TALLYDS (with Redis; balance-nocache uses one)"
+echo "tallyd to postgres: $VIA_DESC"
 echo "tally bench:        --clients $CLIENTS --conns $CONNS --accounts $ACCOUNTS --duration ${DURATION}s --warmup ${WARMUP}s"
 echo "runs:               $RUNS (each figure is the median)"
 echo

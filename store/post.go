@@ -19,7 +19,7 @@ type Tx struct {
 // ErrUnavailable: the caller does not know the outcome and must retry with
 // the same idempotency key.
 func (s *Store) InTx(ctx context.Context, fn func(*Tx) error) (err error) {
-	tx, err := s.pool.Begin(ctx)
+	tx, err := s.begin(ctx, pgx.TxOptions{})
 	if err != nil {
 		return translate(err)
 	}

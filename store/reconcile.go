@@ -106,7 +106,7 @@ const TopUpScope = "tally:topup"
 // timeout (timeout), not the short one that guards the write path; they run
 // one after another in a read-only transaction that holds no locks.
 func (s *Store) CheckGlobal(ctx context.Context, timeout time.Duration) ([]GlobalFinding, error) {
-	tx, err := s.pool.BeginTx(ctx, pgx.TxOptions{AccessMode: pgx.ReadOnly})
+	tx, err := s.begin(ctx, pgx.TxOptions{AccessMode: pgx.ReadOnly})
 	if err != nil {
 		return nil, translate(err)
 	}

@@ -59,7 +59,7 @@ type StatementPage struct {
 // shard at a time.
 func (s *Store) Statement(ctx context.Context, q StatementQuery) (StatementPage, error) {
 	var p StatementPage
-	tx, err := s.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	tx, err := s.begin(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 	if err != nil {
 		return p, translate(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
@@ -52,6 +53,9 @@ type Config struct {
 	Logger           *slog.Logger
 	// Tracer, when set, traces every query (for OpenTelemetry).
 	Tracer pgx.QueryTracer
+	// Pooler is what sits between the store and PostgreSQL: PoolerNone
+	// ("" too) or PoolerTransaction (see poolerExecMode and txSettings).
+	Pooler string
 }
 
 // Store is a handle on the Tally database.
@@ -59,6 +63,10 @@ type Store struct {
 	pool  *pgxpool.Pool
 	log   *slog.Logger
 	topup topUpJobs
+	// pooler is Config.Pooler; txSettings what every transaction sets for
+	// itself behind a transaction pooler ("" otherwise).
+	pooler     string
+	txSettings string
 }
 
 // Open creates a connection pool. It does not require the database to be
@@ -80,6 +88,12 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.Pooler == "" {
+		cfg.Pooler = PoolerNone
+	}
+	if _, err := ParsePooler(cfg.Pooler); err != nil {
+		return nil, fmt.Errorf("store: %w", err)
+	}
 	pcfg.MaxConns = cfg.PoolConnsMax
 	pcfg.MinConns = 0
 	pcfg.HealthCheckPeriod = 5 * time.Second
@@ -90,8 +104,18 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if pcfg.ConnConfig.RuntimeParams == nil {
 		pcfg.ConnConfig.RuntimeParams = map[string]string{}
 	}
-	pcfg.ConnConfig.RuntimeParams["statement_timeout"] = fmt.Sprint(cfg.StatementTimeout.Milliseconds())
-	pcfg.ConnConfig.RuntimeParams["idle_in_transaction_session_timeout"] = fmt.Sprint((2 * cfg.StatementTimeout).Milliseconds())
+	st := &Store{log: cfg.Logger, pooler: cfg.Pooler}
+	if cfg.Pooler == PoolerTransaction {
+		// No named prepared statements, and no startup parameter but
+		// application_name (PgBouncer 1.18 refuses the others): the
+		// timeouts go into each transaction instead.
+		pcfg.ConnConfig.DefaultQueryExecMode = poolerExecMode
+		st.txSettings = txSettings(cfg.StatementTimeout)
+	} else {
+		for k, v := range sessionTimeouts(cfg.StatementTimeout) {
+			pcfg.ConnConfig.RuntimeParams[k] = v
+		}
+	}
 	pcfg.ConnConfig.RuntimeParams["application_name"] = ApplicationName
 	// google/uuid's UUID is a driver.Valuer that renders itself as text:
 	// without this, pgx formats and parses every id of a batch's arrays
@@ -105,7 +129,8 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, translate(err)
 	}
-	return &Store{pool: pool, log: cfg.Logger}, nil
+	st.pool = pool
+	return st, nil
 }
 
 // redactParseError keeps a URL parse error from echoing a password.
@@ -154,12 +179,26 @@ func newProvider(db *sql.DB) (*goose.Provider, error) {
 	return goose.NewProvider(goose.DialectPostgres, db, migrations())
 }
 
-// Migrate applies every pending embedded migration to the database at url.
+// Migrate applies every pending embedded migration to the database at url,
+// which must reach PostgreSQL itself (or a proxy that keeps one server
+// session per connection, such as HAProxy), never a transaction pooler:
+// a migration may run statements outside a transaction, and each of them
+// could then land on another server connection. Migrate connects first
+// with a startup parameter of its own (directProbe) and refuses with
+// ErrPoolerNotDirect when it does not arrive: PgBouncer refuses unknown
+// startup parameters, or drops those it is told to ignore. Its
+// connections also send statement_timeout=0, so that a long index build
+// is not cut by a timeout set on the role for tallyd's own traffic (the
+// way to bound statements behind a pooler, docs/OPERATIONS.md).
 func Migrate(ctx context.Context, url string) error {
-	db, err := sql.Open("pgx", url)
+	cfg, err := directConfig(url)
 	if err != nil {
-		return translate(err)
+		return err
 	}
+	if err := checkDirect(ctx, cfg); err != nil {
+		return err
+	}
+	db := stdlib.OpenDB(*cfg.Copy())
 	defer db.Close()
 	p, err := newProvider(db)
 	if err != nil {
@@ -168,7 +207,17 @@ func Migrate(ctx context.Context, url string) error {
 	if _, err := p.Up(ctx); err != nil {
 		return fmt.Errorf("store: migrate: %w", translate(errors.Unwrap(err)))
 	}
-	return withRiver(ctx, url, func(m *rivermigrate.Migrator[pgx.Tx]) error {
+	pcfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return fmt.Errorf("store: bad database URL: %w", errors.New(redactParseError(err)))
+	}
+	pcfg.ConnConfig, pcfg.MaxConns = cfg.Copy(), 2
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return translate(err)
+	}
+	defer pool.Close()
+	return withRiver(pool, func(m *rivermigrate.Migrator[pgx.Tx]) error {
 		if _, err := m.Migrate(ctx, rivermigrate.DirectionUp, nil); err != nil {
 			return fmt.Errorf("store: migrate River's job queue: %w", err)
 		}
@@ -176,15 +225,55 @@ func Migrate(ctx context.Context, url string) error {
 	})
 }
 
-// withRiver runs fn with River's migrator on the database at url. River's
-// job tables (the top-up queue) are migrated with Tally's own, by
-// `tallyd migrate` and --migrate.
-func withRiver(ctx context.Context, url string, fn func(*rivermigrate.Migrator[pgx.Tx]) error) error {
-	pool, err := pgxpool.New(ctx, url)
+// ErrPoolerNotDirect means a URL that must reach PostgreSQL directly
+// (migrations) reaches a connection pooler.
+var ErrPoolerNotDirect = errors.New("store: the database URL reaches a connection pooler (PgBouncer), not PostgreSQL: " +
+	"run `tallyd migrate` with a --database-url that reaches PostgreSQL directly (or through HAProxy), not PgBouncer")
+
+// directProbe is a startup parameter that PostgreSQL accepts (a custom,
+// dotted setting) and no pooler passes on: it proves a migration's
+// connection reaches PostgreSQL itself.
+const directProbe = "tally.direct"
+
+// directConfig is the connection config of migrations: url with
+// directProbe and statement_timeout 0 (see Migrate).
+func directConfig(url string) (*pgx.ConnConfig, error) {
+	cfg, err := pgx.ParseConfig(url)
 	if err != nil {
+		return nil, fmt.Errorf("store: bad database URL: %w", errors.New(redactParseError(err)))
+	}
+	cfg.RuntimeParams[directProbe] = "on"
+	cfg.RuntimeParams["statement_timeout"] = "0"
+	return cfg, nil
+}
+
+// checkDirect connects once with cfg and refuses a connection pooler: one
+// that refuses the startup parameters (PgBouncer's default), or one that
+// accepted them without passing them on (PgBouncer with
+// ignore_startup_parameters).
+func checkDirect(ctx context.Context, cfg *pgx.ConnConfig) error {
+	conn, err := pgx.ConnectConfig(ctx, cfg.Copy())
+	if err != nil {
+		if PoolerRefusal(err) != "" {
+			return fmt.Errorf("%w (%s)", ErrPoolerNotDirect, PoolerRefusal(err))
+		}
 		return translate(err)
 	}
-	defer pool.Close()
+	defer conn.Close(context.WithoutCancel(ctx))
+	var probe pgtype.Text
+	if err := conn.QueryRow(ctx, `SELECT current_setting($1, true)`, directProbe).Scan(&probe); err != nil {
+		return translate(err)
+	}
+	if probe.String != "on" {
+		return fmt.Errorf("%w (the startup parameter %s did not arrive)", ErrPoolerNotDirect, directProbe)
+	}
+	return nil
+}
+
+// withRiver runs fn with River's migrator on pool. River's job tables (the
+// top-up queue) are migrated with Tally's own, by `tallyd migrate` and
+// --migrate.
+func withRiver(pool *pgxpool.Pool, fn func(*rivermigrate.Migrator[pgx.Tx]) error) error {
 	m, err := rivermigrate.New(riverpgxv5.New(pool), &rivermigrate.Config{Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return fmt.Errorf("store: River migrator: %w", err)
@@ -193,9 +282,9 @@ func withRiver(ctx context.Context, url string, fn func(*rivermigrate.Migrator[p
 }
 
 // riverOutdated reports whether River's tables are behind this binary.
-func riverOutdated(ctx context.Context, url string) (bool, error) {
+func riverOutdated(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
 	var behind bool
-	err := withRiver(ctx, url, func(m *rivermigrate.Migrator[pgx.Tx]) error {
+	err := withRiver(pool, func(m *rivermigrate.Migrator[pgx.Tx]) error {
 		have, err := m.ExistingVersions(ctx)
 		if err != nil {
 			return translate(err)
@@ -215,6 +304,10 @@ func SchemaStatus(ctx context.Context, url string) (current, latest int64, err e
 		return 0, 0, translate(err)
 	}
 	defer db.Close()
+	return schemaStatus(ctx, db)
+}
+
+func schemaStatus(ctx context.Context, db *sql.DB) (current, latest int64, err error) {
 	p, err := newProvider(db)
 	if err != nil {
 		return 0, 0, fmt.Errorf("store: load migrations: %w", err)
@@ -230,16 +323,33 @@ func SchemaStatus(ctx context.Context, url string) (current, latest int64, err e
 	return current, latest, nil
 }
 
-// CheckSchema returns ErrSchemaOutdated when the database is behind this binary.
+// CheckSchema returns ErrSchemaOutdated when the database at url is behind
+// this binary.
 func CheckSchema(ctx context.Context, url string) error {
-	cur, latest, err := SchemaStatus(ctx, url)
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		return translate(err)
+	}
+	defer pool.Close()
+	return checkSchema(ctx, pool)
+}
+
+// CheckSchema returns ErrSchemaOutdated when the store's database is behind
+// this binary. It asks through the store's own pool, so it works behind a
+// transaction pooler too.
+func (s *Store) CheckSchema(ctx context.Context) error { return checkSchema(ctx, s.pool) }
+
+func checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	cur, latest, err := schemaStatus(ctx, db)
 	if err != nil {
 		return err
 	}
 	if cur < latest {
 		return fmt.Errorf("%w (database at version %d, binary needs %d)", ErrSchemaOutdated, cur, latest)
 	}
-	behind, err := riverOutdated(ctx, url)
+	behind, err := riverOutdated(ctx, pool)
 	if err != nil {
 		return err
 	}

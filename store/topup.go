@@ -241,7 +241,10 @@ type topUpJobs struct {
 
 func (s *Store) jobs() (*river.Client[pgx.Tx], error) {
 	s.topup.once.Do(func() {
-		s.topup.client, s.topup.err = river.NewClient(riverpgxv5.New(s.pool), &river.Config{Logger: s.log})
+		// Insert-only: it works no jobs, so it never LISTENs, and the
+		// NOTIFY River sends with an insert is part of the transaction,
+		// which a transaction pooler keeps on one server connection.
+		s.topup.client, s.topup.err = river.NewClient(riverpgxv5.New(s.pool), &river.Config{Logger: s.log, PollOnly: s.TransactionPooler()})
 	})
 	return s.topup.client, s.topup.err
 }

@@ -32,6 +32,12 @@ const (
 	// RescueAfterDefault is how long a job may stay running before River
 	// gives it to another worker (its tallyd died): more than JobTimeout.
 	RescueAfterDefault = 2 * time.Minute
+	// PollIntervalDefault is how often workers look for new jobs when
+	// River cannot be woken by LISTEN/NOTIFY (behind a transaction pooler,
+	// store.Store.TransactionPooler): a top-up then starts within about
+	// this long of the charge that triggered it. One indexed query per
+	// interval per process.
+	PollIntervalDefault = 200 * time.Millisecond
 )
 
 // Config configures the top-up workers.
@@ -46,7 +52,11 @@ type Config struct {
 	// JobTimeout bounds one attempt; RescueAfter is when a running job of
 	// a dead process is retried.
 	JobTimeout, RescueAfter time.Duration
-	Logger                  *slog.Logger
+	// PollInterval is how often jobs are looked for when River polls
+	// (behind a transaction pooler); with LISTEN/NOTIFY, River's own 1 s
+	// fallback poll stays.
+	PollInterval time.Duration
+	Logger       *slog.Logger
 }
 
 func (c *Config) fill() {
@@ -64,6 +74,9 @@ func (c *Config) fill() {
 	}
 	if c.RescueAfter <= c.JobTimeout {
 		c.RescueAfter = max(RescueAfterDefault, 2*c.JobTimeout)
+	}
+	if c.PollInterval <= 0 {
+		c.PollInterval = PollIntervalDefault
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -93,7 +106,7 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 	if err := river.AddWorkerSafely(workers, &worker{s: s}); err != nil {
 		return nil, err
 	}
-	c, err := river.NewClient(riverpgxv5.New(cfg.Store.Pool()), &river.Config{
+	rcfg := &river.Config{
 		Queues:               map[string]river.QueueConfig{cfg.Ledger.TopUpConfig().Queue: {MaxWorkers: cfg.WorkersMax}},
 		Workers:              workers,
 		JobTimeout:           cfg.JobTimeout,
@@ -101,7 +114,18 @@ func Start(ctx context.Context, cfg Config) (*Service, error) {
 		RetryPolicy:          &backoff{base: cfg.RetryBackoff, max: cfg.RetryBackoffMax},
 		MaxAttempts:          cfg.Ledger.TopUpConfig().AttemptsMax,
 		Logger:               cfg.Logger,
-	})
+	}
+	if cfg.Store.TransactionPooler() {
+		// River's notifier holds a connection in LISTEN for as long as it
+		// runs; a transaction pooler hands that server connection to other
+		// clients after the LISTEN statement, so no notification would
+		// come (and leadership changes would go unnoticed). Poll instead,
+		// often enough that a top-up does not wait long.
+		rcfg.PollOnly = true
+		rcfg.FetchPollInterval = cfg.PollInterval
+		rcfg.FetchCooldown = min(river.FetchCooldownDefault, cfg.PollInterval)
+	}
+	c, err := river.NewClient(riverpgxv5.New(cfg.Store.Pool()), rcfg)
 	if err != nil {
 		return nil, err
 	}

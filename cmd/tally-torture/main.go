@@ -17,6 +17,10 @@
 // read-write), and once, at 40% of the run, the primary is killed with
 // SIGKILL and the standby promoted; the check runs on the new primary.
 //
+// With -pgbouncer, a PgBouncer in transaction pooling mode stands between
+// every tallyd's PostgreSQL fault proxy and PostgreSQL, and the tallyds run
+// with --database-pooler transaction; PostgreSQL restarts happen behind it.
+//
 // Exit status: 0 all invariants hold; 1 a violation was found (or a run of
 // at least a minute did not inject every fault kind); 2 the run could not be
 // carried out (bad flags, a server would not start).
@@ -52,6 +56,7 @@ func run() int {
 	fs.StringVar(&cfg.TallydBin, "tallyd-bin", "", "use this tallyd binary instead of building ./cmd/tallyd")
 	fs.StringVar(&cfg.OldTallydBin, "old-tallyd-bin", "", "rolling upgrade: start every tallyd on this (previous release's) binary and replace them one at a time by the new one during the run, instead of injecting faults")
 	fs.BoolVar(&cfg.PGFailover, "pg-failover", false, "run PostgreSQL as a primary with a synchronous streaming standby, kill -9 the primary and promote the standby once mid-run, and check everything on the new primary")
+	fs.BoolVar(&cfg.PgBouncer, "pgbouncer", false, fmt.Sprintf("put PgBouncer in transaction pooling mode (%d server connections) between the tallyds' fault proxies and PostgreSQL, and run them with --database-pooler transaction (migrations, keys and the checker connect directly); not with -old-tallyd-bin or -pg-failover", torture.PgBouncerServerConns))
 	fs.BoolVar(&cfg.Keep, "keep", false, "keep the work dir (logs, stopped PostgreSQL data) after the run")
 	fs.BoolVar(&cfg.Verbose, "verbose", false, "print every fault as it is injected")
 	if err := fs.Parse(os.Args[1:]); err != nil {

@@ -24,7 +24,8 @@ const keysUsage = `usage:
   tallyd keys revoke ID
       revoke a key; running tallyds refuse it within --auth-cache-ttl (5s)
 
-Each takes --database-url ($TALLY_DATABASE_URL).
+Each takes --database-url ($TALLY_DATABASE_URL) and --database-pooler
+($TALLY_DATABASE_POOLER), as tallyd serve does.
 `
 
 func runKeys(ctx context.Context, args []string) error {
@@ -47,19 +48,26 @@ func runKeys(ctx context.Context, args []string) error {
 	return fmt.Errorf("tallyd keys: unknown subcommand %q", args[0])
 }
 
-func openForKeys(ctx context.Context, url string) (*store.Store, error) {
+func openForKeys(ctx context.Context, url string, pooler *poolerFlag) (*store.Store, error) {
 	if url == "" {
 		return nil, errors.New("--database-url (TALLY_DATABASE_URL) is required")
 	}
-	if err := store.CheckSchema(ctx, url); err != nil {
+	st, err := store.Open(ctx, store.Config{URL: url, PoolConnsMax: 2, Pooler: pooler.get()})
+	if err != nil {
 		return nil, err
 	}
-	return store.Open(ctx, store.Config{URL: url, PoolConnsMax: 2})
+	if err := st.CheckSchema(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	return st, nil
 }
 
 func keysCreate(ctx context.Context, args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("tallyd keys create", flag.ContinueOnError)
 	url := fs.String("database-url", "", "PostgreSQL connection URL (required)")
+	var pooler poolerFlag
+	pooler.register(fs)
 	name := fs.String("name", "", "name of the key (and of the new client, without --client)")
 	roleName := fs.String("role", "", "role: charger, viewer, support, reconciler or admin (default with --client: the client's)")
 	clientName := fs.String("client", "", "add the key to this existing client (key rotation) instead of creating a client")
@@ -88,7 +96,7 @@ func keysCreate(ctx context.Context, args []string, out io.Writer) error {
 			return err
 		}
 	}
-	st, err := openForKeys(ctx, *url)
+	st, err := openForKeys(ctx, *url, &pooler)
 	if err != nil {
 		return err
 	}
@@ -129,10 +137,12 @@ Callers send it as the gRPC metadata "authorization: Bearer <key>"; the tally CL
 func keysList(ctx context.Context, args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("tallyd keys list", flag.ContinueOnError)
 	url := fs.String("database-url", "", "PostgreSQL connection URL (required)")
+	var pooler poolerFlag
+	pooler.register(fs)
 	if err := flagenv.Parse(fs, args); err != nil {
 		return err
 	}
-	st, err := openForKeys(ctx, *url)
+	st, err := openForKeys(ctx, *url, &pooler)
 	if err != nil {
 		return err
 	}
@@ -159,6 +169,8 @@ func keysList(ctx context.Context, args []string, out io.Writer) error {
 func keysRevoke(ctx context.Context, args []string, out io.Writer) error {
 	fs := flag.NewFlagSet("tallyd keys revoke", flag.ContinueOnError)
 	url := fs.String("database-url", "", "PostgreSQL connection URL (required)")
+	var pooler poolerFlag
+	pooler.register(fs)
 	// Accept the key id before or after the flags.
 	var id string
 	if len(args) > 0 && len(args[0]) > 0 && args[0][0] != '-' {
@@ -180,7 +192,7 @@ func keysRevoke(ctx context.Context, args []string, out io.Writer) error {
 	if !auth.ValidKeyID(id) {
 		return errors.New("not a key id (12 characters of a-z and 2-7, as shown by `tallyd keys list`)")
 	}
-	st, err := openForKeys(ctx, *url)
+	st, err := openForKeys(ctx, *url, &pooler)
 	if err != nil {
 		return err
 	}

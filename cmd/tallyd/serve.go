@@ -35,6 +35,7 @@ import (
 // serveConfig holds every flag of `tallyd serve` (and `tallyd dev`).
 type serveConfig struct {
 	databaseURL           string
+	databasePooler        poolerFlag
 	redisURL              string
 	grpcAddr              string
 	httpAddr              string
@@ -114,6 +115,7 @@ type serveConfig struct {
 func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	if withURLs {
 		fs.StringVar(&c.databaseURL, "database-url", "", "PostgreSQL connection URL (required)")
+		c.databasePooler.register(fs)
 		fs.StringVar(&c.redisURL, "redis-url", "", "Redis for the balance cache: redis://host:port/db (one node), redis-sentinel://s1:26379,s2:26379/MASTER (Sentinel group) or redis-cluster://n1:6379,n2:6379 (Cluster); empty runs without a cache")
 		fs.BoolVar(&c.migrate, "migrate", false, "apply pending migrations before serving")
 	}
@@ -299,6 +301,11 @@ func waitForDatabase(ctx context.Context, st *store.Store, timeout time.Duration
 		if err == nil {
 			return nil
 		}
+		if msg := store.PoolerRefusal(err); msg != "" {
+			return fmt.Errorf("the server at --database-url refused a startup parameter (%s): it is a connection pooler "+
+				"such as PgBouncer, which accepts none but application_name. Behind PgBouncer in transaction mode "+
+				"start tallyd with --database-pooler transaction (TALLY_DATABASE_POOLER=transaction)", msg)
+		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			return fmt.Errorf("PostgreSQL not reachable after %s: %w", timeout, err)
 		}
@@ -319,7 +326,11 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	var tr *telemetry.Tracing
 	scfg := store.Config{
 		URL: c.databaseURL, PoolConnsMax: int32(c.poolConnsMax), StatementTimeout: c.statementTimeout,
-		ConnectTimeout: c.connectTimeout, Logger: log,
+		ConnectTimeout: c.connectTimeout, Logger: log, Pooler: c.databasePooler.get(),
+	}
+	if c.migrate && scfg.Pooler == store.PoolerTransaction {
+		return errors.New("--migrate cannot run behind --database-pooler transaction: migrations need a direct connection. " +
+			"Run `tallyd migrate --database-url <PostgreSQL itself, or HAProxy; not PgBouncer>` before starting tallyd")
 	}
 	if c.otlpEndpoint != "" {
 		var err error
@@ -350,8 +361,11 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 			return err
 		}
 	}
-	if err := store.CheckSchema(ctx, c.databaseURL); err != nil {
+	if err := st.CheckSchema(ctx); err != nil {
 		return err
+	}
+	if st.TransactionPooler() {
+		warnUnboundedStatements(ctx, st, log)
 	}
 	syncCommit, fsync, err := st.Durability(ctx)
 	if err != nil {
@@ -523,7 +537,7 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger, ready func(grpc
 	log.Info("tallyd serving", "grpc_addr", glis.Addr().String(), "http_addr", hlis.Addr().String(),
 		"cache", c.redisURL != "", "schema_fingerprint", store.MigrationsFingerprint(),
 		"batch_items_max", c.batch.ItemsMax, "batch_wait_max", c.batch.WaitMax.String(),
-		"batch_workers_max", c.batch.WorkersMax, "pool_conns_max", c.poolConnsMax,
+		"batch_workers_max", c.batch.WorkersMax, "pool_conns_max", c.poolConnsMax, "database_pooler", scfg.Pooler,
 		"auth", !c.insecureNoAuth, "auth_cache_ttl", c.authCacheTTL.String(), "tls", tlsCfg != nil,
 		"mtls", c.tlsClientCA != "", "rate_limit_per_key", c.rateLimitPerKey, "reflection", c.reflection,
 		"tracing", c.otlpEndpoint != "")

@@ -69,6 +69,9 @@ type Options struct {
 	ClientPolicy client.Policy
 	// PoolConnsMax overrides the store's pool size.
 	PoolConnsMax int32
+	// Pooler is store.Config.Pooler (tallyd --database-pooler): what
+	// DatabaseURL reaches.
+	Pooler string
 	// Batch configures group commit.
 	Batch ledger.BatchConfig
 
@@ -143,7 +146,7 @@ func Start(t testing.TB, o Options) *Env {
 	} else {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 	}
-	st, err := store.Open(ctx, store.Config{URL: o.DatabaseURL, Logger: log, PoolConnsMax: o.PoolConnsMax})
+	st, err := store.Open(ctx, store.Config{URL: o.DatabaseURL, Logger: log, PoolConnsMax: o.PoolConnsMax, Pooler: o.Pooler})
 	if err != nil {
 		t.Fatalf("store.Open: %v", err)
 	}

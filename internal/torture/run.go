@@ -66,6 +66,16 @@ type Config struct {
 	// TallydArgs are extra flags for every tallyd (for example
 	// --database-pooler transaction behind PgBouncer).
 	TallydArgs []string
+	// PgBouncer puts a PgBouncer in transaction pooling mode (a pool of
+	// PgBouncerServerConns server connections) in front of PostgreSQL:
+	// every tallyd's PostgreSQL fault proxy leads to PgBouncer, and tallyd
+	// runs with --database-pooler transaction. Migrations, key creation
+	// and the checker connect to PostgreSQL directly, as an operator's
+	// would. PostgreSQL restarts then happen behind PgBouncer, which must
+	// reconnect by itself. It cannot be combined with OldTallydBin (the
+	// previous release may lack --database-pooler) nor with PGFailover
+	// (PgBouncer names one server; failing over is HAProxy's job).
+	PgBouncer bool
 	// Keep keeps the temp dir (logs, the stopped PostgreSQL data dir).
 	Keep    bool
 	Verbose bool
@@ -80,6 +90,9 @@ const (
 	DefaultClients  = 8
 	DefaultAccounts = 16
 	DefaultCacheTTL = 2 * time.Second
+	// PgBouncerServerConns is the server pool of a Config.PgBouncer run:
+	// far fewer than the tallyds' client connections, so they take turns.
+	PgBouncerServerConns = 10
 )
 
 // Currencies the workload uses.
@@ -112,6 +125,8 @@ type runner struct {
 	workloadStart time.Time
 	redis         *localsvc.Redis
 	rdb           *redis.Client
+	// pgb is the PgBouncer of a Config.PgBouncer run (nil otherwise).
+	pgb *localsvc.PgBouncer
 	// stripe is the top-up provider of every tallyd (nil in a rolling
 	// upgrade: the previous release may lack auto top-up).
 	stripe *stripetest.Server
@@ -231,6 +246,9 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	}
 	if cfg.PGFailover && cfg.OldTallydBin != "" {
 		return nil, errors.New("torture: a PostgreSQL failover run cannot also be a rolling upgrade")
+	}
+	if cfg.PgBouncer && (cfg.OldTallydBin != "" || cfg.PGFailover) {
+		return nil, errors.New("torture: a PgBouncer run can be neither a rolling upgrade nor a PostgreSQL failover run")
 	}
 	if err := validateTopology(cfg); err != nil {
 		return nil, err
@@ -376,11 +394,24 @@ func (r *runner) setup(ctx context.Context) error {
 		}
 		r.printf("auto top-up: Stripe-compatible test server at %s\n", r.stripe.URL)
 	}
+	var poolerFlags []string
+	if r.cfg.PgBouncer {
+		r.pgb, err = localsvc.StartPgBouncer(ctx, localsvc.PgBouncerOptions{Dir: filepath.Join(r.dir, "pgbouncer"), Target: pgTarget,
+			PoolMode: "transaction", DefaultPoolSize: PgBouncerServerConns, Logger: r.log})
+		if err != nil {
+			return err
+		}
+		pgTarget = r.pgb.Addr()
+		poolerFlags = []string{"--database-pooler", "transaction"}
+		r.printf("PgBouncer (transaction pooling, %d server connections) at %s in front of PostgreSQL :%d; tallyds run with --database-pooler transaction\n",
+			PgBouncerServerConns, r.pgb.Addr(), r.pg.Port())
+	}
 	for i := 0; i < r.cfg.Tallyds; i++ {
 		t, err := newTallyd(i, startBin, r.dir, pgTarget, standbyTarget, r.redis.Addr(), r.cacheTTL.String(), r.hist, r.log)
 		if err != nil {
 			return err
 		}
+		t.args = append(t.args, poolerFlags...)
 		t.args = append(append(t.args, topupFlags...), r.cfg.TallydArgs...)
 		if r.cfg.OldTallydBin != "" {
 			known, err := serveFlags(ctx, r.cfg.OldTallydBin)
@@ -804,6 +835,9 @@ func (r *runner) teardown(keep bool) {
 	}
 	if r.stripe != nil {
 		r.stripe.Close()
+	}
+	if r.pgb != nil {
+		_ = r.pgb.Close()
 	}
 	for _, pg := range []*localsvc.Postgres{r.pg, r.standby, r.oldPG} {
 		if pg == nil {

@@ -260,8 +260,8 @@ func validateTopology(cfg Config) error {
 	if len(cfg.Faults) > 0 && cfg.Topology == nil {
 		return errors.New("torture: scheduled faults need a Topology")
 	}
-	if cfg.Topology != nil && (cfg.PGFailover || cfg.OldTallydBin != "") {
-		return errors.New("torture: a run on a Topology cannot also be a -pg-failover run or a rolling upgrade")
+	if cfg.Topology != nil && (cfg.PGFailover || cfg.OldTallydBin != "" || cfg.PgBouncer) {
+		return errors.New("torture: a run on a Topology (which has its own pooler) cannot also be a -pg-failover, -pgbouncer or rolling-upgrade run")
 	}
 	for _, f := range cfg.Faults {
 		if f.Name == "" || f.Do == nil || f.At < 0 || f.At >= 1 {
