@@ -67,7 +67,9 @@ type FaultRecord struct {
 	AckedAfter  int `json:"acked_after"`
 	// Lost counts acknowledged ops that created no transfer or hold in
 	// the final primary, acknowledged after the previous scheduled fault
-	// began and before this one did (what this fault lost).
+	// was over and before this one was (what this fault lost: a fault
+	// may lose what was acknowledged while it was being injected, such
+	// as the commits a cut-off standby never received).
 	Lost int `json:"lost"`
 	// WriteGap is the longest time, around the fault, with no
 	// acknowledged write: between two consecutive acknowledgments, the
@@ -220,11 +222,11 @@ func (r *runner) checkScheduled(db *DBState) InvariantResult {
 		f := &r.faultRecords[i]
 		inv.Checked++
 		for _, w := range lost {
-			if !w.end.Before(prev) && w.end.Before(f.Began) {
+			if !w.end.Before(prev) && w.end.Before(f.Recovered) {
 				f.Lost++
 			}
 		}
-		prev = f.Began
+		prev = f.Recovered
 		for _, w := range ws {
 			if w.end.Before(f.Began) {
 				f.AckedBefore++

@@ -67,6 +67,21 @@ func TestCheckScheduledFailsOnALostAck(t *testing.T) {
 	if got := r.faultRecords[0].Lost; got != 2 {
 		t.Errorf("lost %d, want 2", got)
 	}
+	// A loss acknowledged while the fault was being injected (the primary
+	// still answering, its standby cut off) is the fault's too.
+	r, db = scheduledRun(t0)
+	r.faultRecords[0].Recovered = t0.Add(16 * time.Second)
+	db.Transfers = db.Transfers[1:] // drop the ack at 0 s ...
+	var kept2 []TransferRow
+	for _, tr := range db.Transfers {
+		if tr.Key != "k"+t0.Add(15*time.Second).Format("150405") { // ... and the one at 15 s
+			kept2 = append(kept2, tr)
+		}
+	}
+	db.Transfers = kept2
+	if inv := r.checkScheduled(db); inv.Pass || r.faultRecords[0].Lost != 2 {
+		t.Errorf("acks lost at 0 s and during the fault (15 s): pass=%v lost=%d, want FAIL and 2", inv.Pass, r.faultRecords[0].Lost)
+	}
 	if !strings.Contains(strings.Join(inv.Examples, "\n"), "2 acknowledged ops lost") {
 		t.Errorf("examples %q do not say what was lost", inv.Examples)
 	}
