@@ -266,7 +266,7 @@ func runServe(ctx context.Context, args []string) error {
 // newMigrateFlagSet returns the flags of `tallyd migrate`.
 func newMigrateFlagSet(url *string) *flag.FlagSet {
 	fs := flag.NewFlagSet("tallyd migrate", flag.ContinueOnError)
-	fs.StringVar(url, "database-url", "", "PostgreSQL connection URL (required)")
+	fs.StringVar(url, "database-url", "", "PostgreSQL connection URL (required): PostgreSQL itself or a TCP proxy such as HAProxy, never PgBouncer (refused)")
 	return fs
 }
 
