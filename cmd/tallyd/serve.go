@@ -126,7 +126,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "log format: json or text")
 	fs.IntVar(&c.poolConnsMax, "pool-conns-max", store.PoolConnsMaxDefault, "PostgreSQL connections per process")
-	fs.DurationVar(&c.statementTimeout, "statement-timeout", store.StatementTimeoutDefault, "PostgreSQL statement_timeout")
+	fs.DurationVar(&c.statementTimeout, "statement-timeout", store.StatementTimeoutDefault, "PostgreSQL statement_timeout (idle_in_transaction_session_timeout is twice it) of tallyd's sessions; behind --database-pooler transaction, of each of its transactions (SET LOCAL), statements outside one getting the role's default")
 	fs.DurationVar(&c.connectTimeout, "connect-timeout", store.ConnectTimeoutDefault, "PostgreSQL connect timeout")
 	fs.DurationVar(&c.startupTimeout, "startup-timeout", 60*time.Second, "how long to wait for PostgreSQL at startup")
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM, how long in-flight calls may finish")
