@@ -15,14 +15,16 @@ import (
 // What sits between tallyd and PostgreSQL (Config.Pooler, tallyd
 // --database-pooler).
 const (
-	// PoolerNone: tallyd talks to PostgreSQL itself, or through something
-	// that hands it one server session per client connection for the
-	// connection's whole life (HAProxy, PgBouncer in session mode).
+	// PoolerNone: tallyd talks to PostgreSQL itself, or through a TCP
+	// proxy that passes one server session per client connection through
+	// untouched (HAProxy).
 	PoolerNone = "none"
 	// PoolerTransaction: a pooler that lends a server connection for one
 	// transaction at a time and keeps no session state across them
-	// (PgBouncer in transaction or statement mode). docs/OPERATIONS.md,
-	// "Behind PgBouncer", says what changes.
+	// (PgBouncer in transaction or statement mode). PgBouncer in session
+	// mode needs it too, since PgBouncer refuses the startup parameters
+	// of PoolerNone. docs/OPERATIONS.md, "Behind PgBouncer", says what
+	// changes.
 	PoolerTransaction = "transaction"
 )
 

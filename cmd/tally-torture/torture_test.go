@@ -13,7 +13,8 @@ import (
 // TestTorture runs a seeded torture run (the same as
 // `go run ./cmd/tally-torture -duration 60s -seed 1`). It takes about a
 // minute and a half, so it only runs with TALLY_TORTURE=1;
-// TALLY_TORTURE_DURATION and TALLY_TORTURE_SEED override the defaults.
+// TALLY_TORTURE_DURATION and TALLY_TORTURE_SEED override the defaults, and
+// TALLY_TORTURE_PGBOUNCER=1 runs it behind PgBouncer (-pgbouncer).
 func TestTorture(t *testing.T) {
 	if os.Getenv("TALLY_TORTURE") != "1" {
 		t.Skip("set TALLY_TORTURE=1 to run the torture test (about 90 s)")
@@ -33,6 +34,7 @@ func TestTorture(t *testing.T) {
 		}
 		cfg.Seed = s
 	}
+	cfg.PgBouncer = os.Getenv("TALLY_TORTURE_PGBOUNCER") == "1"
 	rep, err := torture.Run(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)

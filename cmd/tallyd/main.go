@@ -20,7 +20,7 @@ func usage() {
 
 commands:
   serve     run the gRPC service (needs --database-url)
-  migrate   apply the embedded migrations to --database-url
+  migrate   apply the embedded migrations to --database-url (PostgreSQL itself, not PgBouncer)
   dev       start a private throwaway PostgreSQL (and Redis, when installed) and serve
   keys      create, list and revoke API keys (tallyd keys -h)
   healthcheck  exit 0 when a local tallyd's /readyz answers 200 (for container health checks)

@@ -14,11 +14,10 @@ import (
 type poolerFlag struct{ v string }
 
 func (p *poolerFlag) register(fs *flag.FlagSet) {
-	fs.Var(p, "database-pooler", "the `pooler` --database-url reaches: none (the default: PostgreSQL itself, or a proxy that keeps one "+
-		"server session per connection, such as HAProxy or PgBouncer in session mode) or transaction (PgBouncer in transaction or "+
-		"statement mode, or any pooler that keeps no session state between transactions: no named prepared statements, no startup "+
-		"parameter but application_name, timeouts set per transaction, top-up jobs polled instead of LISTEN; --migrate and "+
-		"`tallyd migrate` then need a URL that reaches PostgreSQL directly)")
+	fs.Var(p, "database-pooler", "the `pooler` --database-url reaches: none (the default: PostgreSQL itself, or a TCP proxy such as "+
+		"HAProxy) or transaction (PgBouncer, in any pool mode, or any pooler that may hand a client's next transaction to another "+
+		"server connection: no named prepared statements, no startup parameter but application_name, timeouts set per transaction, "+
+		"top-up jobs polled instead of LISTEN; --migrate and `tallyd migrate` then need a URL that reaches PostgreSQL directly)")
 }
 
 func (p *poolerFlag) String() string { return p.get() }

@@ -126,7 +126,7 @@ func (c *serveConfig) register(fs *flag.FlagSet, withURLs bool) {
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "log format: json or text")
 	fs.IntVar(&c.poolConnsMax, "pool-conns-max", store.PoolConnsMaxDefault, "PostgreSQL connections per process")
-	fs.DurationVar(&c.statementTimeout, "statement-timeout", store.StatementTimeoutDefault, "PostgreSQL statement_timeout")
+	fs.DurationVar(&c.statementTimeout, "statement-timeout", store.StatementTimeoutDefault, "PostgreSQL statement_timeout (idle_in_transaction_session_timeout is twice it) of tallyd's sessions; behind --database-pooler transaction, of each of its transactions (SET LOCAL), statements outside one getting the role's default")
 	fs.DurationVar(&c.connectTimeout, "connect-timeout", store.ConnectTimeoutDefault, "PostgreSQL connect timeout")
 	fs.DurationVar(&c.startupTimeout, "startup-timeout", 60*time.Second, "how long to wait for PostgreSQL at startup")
 	fs.DurationVar(&c.drainTimeout, "drain-timeout", 15*time.Second, "on SIGTERM, how long in-flight calls may finish")
@@ -266,7 +266,7 @@ func runServe(ctx context.Context, args []string) error {
 // newMigrateFlagSet returns the flags of `tallyd migrate`.
 func newMigrateFlagSet(url *string) *flag.FlagSet {
 	fs := flag.NewFlagSet("tallyd migrate", flag.ContinueOnError)
-	fs.StringVar(url, "database-url", "", "PostgreSQL connection URL (required)")
+	fs.StringVar(url, "database-url", "", "PostgreSQL connection URL (required): PostgreSQL itself or a TCP proxy such as HAProxy, never PgBouncer (refused)")
 	return fs
 }
 
