@@ -15,4 +15,12 @@
 // PostgreSQL refuses to run as root. When the current process runs as root,
 // initdb and postgres are run as the unprivileged "postgres" OS user, and the
 // directories they need are handed to that user.
+//
+// StartTopology runs the production database topology on one machine:
+// three etcd members, two PostgreSQL nodes under Patroni, HAProxy routing
+// to the node Patroni calls the primary, and PgBouncer in front of it (see
+// Topology). StartPgBouncer runs a PgBouncer on its own. Patroni, unlike
+// this package, detaches the postmasters it starts, so a topology also
+// runs a small guardian process that takes them down if the test binary
+// dies.
 package localsvc

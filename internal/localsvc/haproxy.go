@@ -95,9 +95,6 @@ global
 defaults
     mode tcp
     log global
-    # Log health changes and failed sessions, not every healthy one.
-    option tcplog
-    option dontlog-normal
     timeout connect 2s
     timeout check 1s
     # A ledger's pool (and PgBouncer's) holds idle connections for long;
@@ -115,6 +112,9 @@ listen stats
 
 listen primary
     bind 127.0.0.1:%d
+    # Log health changes and failed sessions, not every healthy one.
+    option tcplog
+    option dontlog-normal
     option httpchk OPTIONS /primary
     http-check expect status 200
     # shutdown-sessions: connections to a node that stopped being the
