@@ -208,6 +208,7 @@ func (c *serveConfig) registerTopUp(fs *flag.FlagSet) {
 	fs.DurationVar(&c.topupWorkers.RetryBackoff, "topup-retry-backoff", topup.RetryBackoffDefault, "delay before a top-up job's first retry; it doubles per attempt")
 	fs.DurationVar(&c.topupWorkers.RetryBackoffMax, "topup-retry-backoff-max", topup.RetryBackoffMaxDefault, "longest delay between a top-up job's attempts")
 	fs.DurationVar(&c.topupWorkers.JobTimeout, "topup-job-timeout", topup.JobTimeoutDefault, "bound on one attempt of a top-up job")
+	fs.DurationVar(&c.topupWorkers.PollInterval, "topup-poll-interval", topup.PollIntervalDefault, "how often top-up workers look for new jobs behind --database-pooler transaction, where River cannot LISTEN")
 	fs.DurationVar(&c.topupWorkers.RescueAfter, "topup-rescue-after", topup.RescueAfterDefault, "a top-up job running this long (its tallyd died) is retried by another worker; more than --topup-job-timeout")
 }
 
