@@ -33,9 +33,6 @@ const (
 	etcdElectionTimeout   = 500 * time.Millisecond
 	// etcdStartTimeout bounds the wait for all members to report healthy.
 	etcdStartTimeout = 30 * time.Second
-	// etcdStartAttempts bounds retries with fresh ports after a member
-	// lost the race for one of its ports.
-	etcdStartAttempts = 3
 )
 
 // etcdCluster is a private etcd cluster run as child processes: the DCS
@@ -67,22 +64,26 @@ func startEtcd(ctx context.Context, dir, token string, log *slog.Logger) (*etcdC
 	if err != nil {
 		return nil, fmt.Errorf("localsvc: %w: %w", err, ErrNotInstalled)
 	}
-	ctx, cancel := withDefaultTimeout(ctx, etcdStartTimeout*etcdStartAttempts)
+	ctx, cancel := withDefaultTimeout(ctx, etcdStartTimeout*portRaceAttemptsMax)
 	defer cancel()
 	e := &etcdCluster{bin: bin, dir: dir, token: token, log: log}
-	for attempt := 1; ; attempt++ {
-		err = e.start(ctx)
-		if err == nil {
-			return e, nil
+	// The ports go into every member's --initial-cluster, so a lost race
+	// for one of them means starting all over: e.start picks new ports.
+	start := func() error {
+		err := e.start(ctx)
+		if err != nil {
+			e.close()
 		}
-		e.close()
-		// The ports go into every member's --initial-cluster, so a lost
-		// race for one of them means starting all over on new ports.
-		if attempt >= etcdStartAttempts || !isBindError(err.Error()) {
-			return nil, err
-		}
-		log.Info("etcd port taken, retrying on new ports", "attempt", attempt)
+		return err
 	}
+	err = retryPortRace(false, start, func() error {
+		log.Info("etcd port taken, retrying on new ports")
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return e, nil
 }
 
 // start launches all members on fresh ports and data directories and waits

@@ -28,9 +28,6 @@ const (
 	haproxyRise          = 1
 	// haproxyStartTimeout bounds the wait for HAProxy to listen.
 	haproxyStartTimeout = 30 * time.Second
-	// haproxyStartAttempts bounds retries on fresh ports after a lost race
-	// for one.
-	haproxyStartAttempts = 3
 )
 
 // haproxyServer is one backend server of the primary frontend.
@@ -63,23 +60,24 @@ func startHAProxy(ctx context.Context, dir string, servers []haproxyServer) (*ha
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := withDefaultTimeout(ctx, haproxyStartTimeout*haproxyStartAttempts)
+	ctx, cancel := withDefaultTimeout(ctx, haproxyStartTimeout*portRaceAttemptsMax)
 	defer cancel()
 	h := &haproxyProc{bin: bin, dir: dir, conf: filepath.Join(dir, "haproxy.cfg"), logPath: filepath.Join(dir, "haproxy.log"), servers: servers}
-	for attempt := 1; ; attempt++ {
+	pick := func() error {
 		ports, err := freePorts(2)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		h.port, h.statsPort = ports[0], ports[1]
-		err = h.start(ctx)
-		if err == nil {
-			return h, nil
-		}
-		if attempt >= haproxyStartAttempts || !isBindError(err.Error()) {
-			return nil, err
-		}
+		return nil
 	}
+	if err := pick(); err != nil {
+		return nil, err
+	}
+	if err := retryPortRace(false, func() error { return h.start(ctx) }, pick); err != nil {
+		return nil, err
+	}
+	return h, nil
 }
 
 // writeConf writes haproxy.cfg, following Patroni's HAProxy example.

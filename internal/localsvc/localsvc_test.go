@@ -393,3 +393,27 @@ func helperServe() {
 	<-ctx.Done() // killed long before this
 	os.Exit(1)
 }
+
+func TestRetryPortRace(t *testing.T) {
+	taken := errors.New("could not bind IPv4 address: Address already in use")
+	other := errors.New("FATAL: bad config")
+	for _, c := range []struct {
+		name          string
+		fixed         bool
+		errs          []error
+		starts, picks int
+		wantErr       error
+	}{
+		{"first try", false, []error{nil}, 1, 0, nil},
+		{"port taken once", false, []error{taken, nil}, 2, 1, nil},
+		{"port always taken", false, []error{taken, taken, taken, taken}, portRaceAttemptsMax, portRaceAttemptsMax - 1, taken},
+		{"another failure", false, []error{other, nil}, 1, 0, other},
+		{"fixed port", true, []error{taken, nil}, 1, 0, taken},
+	} {
+		starts, picks := 0, 0
+		err := retryPortRace(c.fixed, func() error { starts++; return c.errs[starts-1] }, func() error { picks++; return nil })
+		if err != c.wantErr || starts != c.starts || picks != c.picks {
+			t.Errorf("%s: err %v, %d starts, %d picks; want %v, %d, %d", c.name, err, starts, picks, c.wantErr, c.starts, c.picks)
+		}
+	}
+}

@@ -119,27 +119,27 @@ func StartPgBouncer(ctx context.Context, opts PgBouncerOptions) (_ *PgBouncer, e
 	}
 	b.opMu.Lock()
 	defer b.opMu.Unlock()
-	for attempt := 1; ; attempt++ {
+	start := func() error {
 		if err := b.writeConf(opts, host, port); err != nil {
-			return nil, err
+			return err
 		}
-		err = b.start(ctx)
-		if err == nil {
-			return b, nil
-		}
-		// See StartPostgres: only a lost race for the port is retried.
-		if b.fixed || attempt >= 3 || !isBindError(err.Error()) {
-			return nil, err
-		}
-		p, perr := FreePort()
-		if perr != nil {
-			return nil, err
+		return b.start(ctx)
+	}
+	err = retryPortRace(b.fixed, start, func() error {
+		p, err := FreePort()
+		if err != nil {
+			return err
 		}
 		b.log.Info("pgbouncer port taken, retrying", "old", b.Port(), "new", p)
 		b.mu.Lock()
 		b.port = p
 		b.mu.Unlock()
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
+	return b, nil
 }
 
 // writeConf writes pgbouncer.ini and the auth file for the current port.

@@ -172,25 +172,21 @@ func StartPostgres(ctx context.Context, opts PostgresOptions) (_ *Postgres, err 
 	}
 	p.opMu.Lock()
 	defer p.opMu.Unlock()
-	for attempt := 1; ; attempt++ {
-		err = p.start(ctx)
-		if err == nil {
-			return p, nil
-		}
-		// Another process may have taken the port between FreePort and
-		// bind; only then is retrying on a new port the right fix.
-		if p.fixed || attempt >= 3 || !isBindError(err.Error()) {
-			return nil, err
-		}
-		port, perr := FreePort()
-		if perr != nil {
-			return nil, err
+	err = retryPortRace(p.fixed, func() error { return p.start(ctx) }, func() error {
+		port, err := FreePort()
+		if err != nil {
+			return err
 		}
 		p.log.Info("postgres port taken, retrying", "old", p.Port(), "new", port)
 		p.mu.Lock()
 		p.port = port
 		p.mu.Unlock()
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
+	return p, nil
 }
 
 // URL returns a connection URL for database db over TCP as the postgres

@@ -257,6 +257,27 @@ func nopLogger(l *slog.Logger) *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
+// portRaceAttemptsMax bounds how often a server is started again on new
+// ports after another process took one of its ports between FreePort and
+// bind.
+const portRaceAttemptsMax = 3
+
+// retryPortRace calls start until it succeeds, fails for another reason
+// than a taken port, or has been tried portRaceAttemptsMax times; before
+// each retry, repick chooses new ports. A server on ports the caller chose
+// (fixed) is started once: moving it would break the caller.
+func retryPortRace(fixed bool, start, repick func() error) error {
+	for attempt := 1; ; attempt++ {
+		err := start()
+		if err == nil || fixed || attempt >= portRaceAttemptsMax || !isBindError(err.Error()) {
+			return err
+		}
+		if perr := repick(); perr != nil {
+			return err
+		}
+	}
+}
+
 // isBindError reports whether a server log says the listen port was taken.
 func isBindError(log string) bool {
 	return strings.Contains(log, "Address already in use") || strings.Contains(log, "could not bind")

@@ -151,23 +151,16 @@ func (r *Redis) launch(ctx context.Context, dir string, prepare func(dir string)
 	}
 	r.opMu.Lock()
 	defer r.opMu.Unlock()
-	for attempt := 1; ; attempt++ {
-		err = r.start(ctx)
-		if err == nil {
-			return nil
-		}
-		// See StartPostgres: only a lost race for the port is retried.
-		if r.fixed || attempt >= 3 || !isBindError(err.Error()) {
-			return err
-		}
-		port, perr := FreePort()
-		if perr != nil {
+	return retryPortRace(r.fixed, func() error { return r.start(ctx) }, func() error {
+		port, err := FreePort()
+		if err != nil {
 			return err
 		}
 		r.mu.Lock()
 		r.port = port
 		r.mu.Unlock()
-	}
+		return nil
+	})
 }
 
 // Addr returns the server's host:port.
