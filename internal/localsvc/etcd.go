@@ -221,13 +221,7 @@ func (e *etcdCluster) logTails() string {
 func (e *etcdCluster) close() error {
 	var errs []error
 	for _, m := range e.members {
-		if !m.cur.running() {
-			continue
-		}
-		_ = m.cur.signal(syscall.SIGKILL)
-		if !m.cur.waitExit(10 * time.Second) {
-			errs = append(errs, fmt.Errorf("localsvc: etcd pid %d survived SIGKILL", m.cur.pid))
-		}
+		errs = append(errs, m.cur.kill("etcd "+m.name))
 	}
 	return errors.Join(errs...)
 }

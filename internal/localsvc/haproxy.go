@@ -230,12 +230,5 @@ func (h *haproxyProc) logTail() string {
 
 // close SIGKILLs HAProxy and waits for it to be reaped.
 func (h *haproxyProc) close() error {
-	if !h.cur.running() {
-		return nil
-	}
-	_ = h.cur.signal(syscall.SIGKILL)
-	if !h.cur.waitExit(10 * time.Second) {
-		return fmt.Errorf("localsvc: haproxy pid %d survived SIGKILL", h.cur.pid)
-	}
-	return nil
+	return h.cur.kill("haproxy")
 }

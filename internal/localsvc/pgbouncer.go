@@ -254,17 +254,10 @@ func (b *PgBouncer) Kill() error {
 	b.mu.Lock()
 	c := b.cur
 	b.mu.Unlock()
-	if !c.running() {
-		return nil
+	if c.running() {
+		b.log.Info("killing pgbouncer", "pid", c.pid)
 	}
-	b.log.Info("killing pgbouncer", "pid", c.pid)
-	if err := c.signal(syscall.SIGKILL); err != nil {
-		return fmt.Errorf("localsvc: kill pgbouncer: %w", err)
-	}
-	if !c.waitExit(10 * time.Second) {
-		return fmt.Errorf("localsvc: pgbouncer pid %d survived SIGKILL", c.pid)
-	}
-	return nil
+	return c.kill("pgbouncer")
 }
 
 // Start starts a killed PgBouncer again on the same port and waits until it

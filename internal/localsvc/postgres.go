@@ -278,17 +278,10 @@ func (p *Postgres) Kill() error {
 	p.mu.Lock()
 	c := p.cur
 	p.mu.Unlock()
-	if !c.running() {
-		return nil
+	if c.running() {
+		p.log.Info("killing postgres", "pid", c.pid)
 	}
-	p.log.Info("killing postgres", "pid", c.pid)
-	if err := c.signal(syscall.SIGKILL); err != nil {
-		return fmt.Errorf("localsvc: kill postgres: %w", err)
-	}
-	if !c.waitExit(10 * time.Second) {
-		return fmt.Errorf("localsvc: postgres pid %d survived SIGKILL", c.pid)
-	}
-	return nil
+	return c.kill("postgres")
 }
 
 // Close stops the server with "immediate" (its data is being thrown away, so

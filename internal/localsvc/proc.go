@@ -140,6 +140,24 @@ func (c *child) waitExit(d time.Duration) bool {
 	}
 }
 
+// killWaitMax bounds the wait for a SIGKILLed child to be reaped.
+const killWaitMax = 10 * time.Second
+
+// kill SIGKILLs c (nil or already reaped: nothing to do) and waits until
+// it has been reaped; what names the server in errors.
+func (c *child) kill(what string) error {
+	if !c.running() {
+		return nil
+	}
+	if err := c.signal(syscall.SIGKILL); err != nil {
+		return fmt.Errorf("localsvc: kill %s: %w", what, err)
+	}
+	if !c.waitExit(killWaitMax) {
+		return fmt.Errorf("localsvc: %s pid %d survived SIGKILL", what, c.pid)
+	}
+	return nil
+}
+
 // signal sends sig to the process itself (not its group).
 func (c *child) signal(sig syscall.Signal) error {
 	err := syscall.Kill(c.pid, sig)

@@ -187,17 +187,10 @@ func (r *Redis) Kill() error {
 	r.mu.Lock()
 	c := r.cur
 	r.mu.Unlock()
-	if !c.running() {
-		return nil
+	if c.running() {
+		r.log.Info("killing redis", "pid", c.pid)
 	}
-	r.log.Info("killing redis", "pid", c.pid)
-	if err := c.signal(syscall.SIGKILL); err != nil {
-		return fmt.Errorf("localsvc: kill redis: %w", err)
-	}
-	if !c.waitExit(10 * time.Second) {
-		return fmt.Errorf("localsvc: redis pid %d survived SIGKILL", c.pid)
-	}
-	return nil
+	return c.kill("redis")
 }
 
 // Start starts a killed server again, empty, on the same port, and waits
