@@ -3,12 +3,12 @@ package store_test
 import (
 	"context"
 	"errors"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/tallyledger/tally/internal/localsvc"
+	"github.com/tallyledger/tally/internal/tallytest"
 	"github.com/tallyledger/tally/store"
 )
 
@@ -16,21 +16,7 @@ import (
 // connections in front of this package's database server, and returns it
 // with the URL of this package's database through it.
 func startPgBouncer(t *testing.T, extra map[string]string) (*localsvc.PgBouncer, string) {
-	t.Helper()
-	u, err := url.Parse(dbURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	b, err := localsvc.StartPgBouncer(ctx, localsvc.PgBouncerOptions{
-		Target: u.Host, PoolMode: "transaction", DefaultPoolSize: 2, ExtraConf: extra,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Close() })
-	return b, b.URL(strings.TrimPrefix(u.Path, "/"))
+	return tallytest.StartPgBouncer(t, dbURL, 2, extra)
 }
 
 // Behind a transaction pooler the store sets its timeouts in each

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -14,7 +13,7 @@ import (
 
 	"github.com/tallyledger/tally/api/client"
 	"github.com/tallyledger/tally/internal/flagenv"
-	"github.com/tallyledger/tally/internal/localsvc"
+	"github.com/tallyledger/tally/internal/tallytest"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
 	"github.com/tallyledger/tally/store"
 )
@@ -60,19 +59,8 @@ func TestDatabasePoolerFlag(t *testing.T) {
 // startPgBouncer runs a transaction-mode PgBouncer in front of the server
 // of url and returns url's database through it.
 func startPgBouncer(t *testing.T, dbURL string) string {
-	t.Helper()
-	u, err := url.Parse(dbURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	b, err := localsvc.StartPgBouncer(ctx, localsvc.PgBouncerOptions{Target: u.Host, PoolMode: "transaction", DefaultPoolSize: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = b.Close() })
-	return b.URL(strings.TrimPrefix(u.Path, "/"))
+	_, via := tallytest.StartPgBouncer(t, dbURL, 2, nil)
+	return via
 }
 
 // lockedBuffer is a log sink for a server's goroutines.

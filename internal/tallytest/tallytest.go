@@ -11,7 +11,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -23,6 +25,7 @@ import (
 	"github.com/tallyledger/tally/api/client"
 	"github.com/tallyledger/tally/auth"
 	"github.com/tallyledger/tally/cache"
+	"github.com/tallyledger/tally/internal/localsvc"
 	"github.com/tallyledger/tally/internal/testdb"
 	"github.com/tallyledger/tally/ledger"
 	tallyv1 "github.com/tallyledger/tally/proto/tally/v1"
@@ -305,4 +308,29 @@ func (e *Env) CheckBooks(t testing.TB) {
 	if err != nil || bad != 0 {
 		t.Fatalf("%d transfers without exactly two entries summing to zero (err %v)", bad, err)
 	}
+}
+
+// PgBouncerStartMax bounds StartPgBouncer.
+const PgBouncerStartMax = 30 * time.Second
+
+// StartPgBouncer runs a PgBouncer in transaction pooling mode with
+// poolSize server connections (extra: more [pgbouncer] settings) in front
+// of the server of dbURL, closed when the test ends, and returns it with
+// dbURL's database through it.
+func StartPgBouncer(t testing.TB, dbURL string, poolSize int, extra map[string]string) (*localsvc.PgBouncer, string) {
+	t.Helper()
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), PgBouncerStartMax)
+	defer cancel()
+	b, err := localsvc.StartPgBouncer(ctx, localsvc.PgBouncerOptions{
+		Target: u.Host, PoolMode: "transaction", DefaultPoolSize: poolSize, ExtraConf: extra,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	return b, b.URL(strings.TrimPrefix(u.Path, "/"))
 }
