@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -763,18 +764,15 @@ func (r *runner) check(ctx context.Context, started time.Time) (*Report, error) 
 	rep.Ops, rep.Reads = Summarize(r.hist, db)
 	rep.ScheduledFaults = r.faultRecords
 	r.faultsMu.Lock()
-	kinds := FaultKinds
+	kinds := slices.Clone(r.nemesisKinds())
 	if r.cfg.OldTallydBin != "" {
 		kinds = []string{FaultRollingUpgrade}
 	}
 	if r.cfg.PGFailover {
-		kinds = append(append([]string(nil), kinds...), FaultPGFailover)
+		kinds = append(kinds, FaultPGFailover)
 	}
-	if r.cfg.Topology != nil {
-		kinds = r.nemesisKinds()
-		for _, f := range r.cfg.Faults {
-			kinds = append(kinds, f.Name)
-		}
+	for _, f := range r.cfg.Faults {
+		kinds = append(kinds, f.Name)
 	}
 	for _, k := range kinds {
 		rep.Faults[k] = r.faults[k]

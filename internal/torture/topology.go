@@ -37,10 +37,6 @@ type ScheduledFault struct {
 	// the deployment accepted writes again (zero: when Do returned); the
 	// write gap around the fault is measured up to then.
 	Do func(ctx context.Context) (FaultOutcome, error)
-	// ExpectLoss marks a deliberately broken fault (an asynchronous
-	// standby promoted while lagging): the run reports the acknowledged
-	// ops it lost instead of requiring none.
-	ExpectLoss bool
 }
 
 // FaultOutcome is what a ScheduledFault reports.
@@ -75,8 +71,7 @@ type FaultRecord struct {
 	// acknowledged write: between two consecutive acknowledgments, the
 	// later one after the fault began and the earlier one before it was
 	// over.
-	WriteGap   time.Duration `json:"write_gap"`
-	ExpectLoss bool          `json:"expect_loss,omitempty"`
+	WriteGap time.Duration `json:"write_gap"`
 }
 
 // nextScheduled returns the index of the first scheduled fault due at
@@ -107,7 +102,7 @@ func (r *runner) runScheduled(stop context.Context, i int) (string, string, erro
 		out.Recovered = ended
 	}
 	r.faultRecords = append(r.faultRecords, FaultRecord{Name: f.Name, Detail: out.Detail, Began: began,
-		Recovered: out.Recovered, Ended: ended, ExpectLoss: f.ExpectLoss})
+		Recovered: out.Recovered, Ended: ended})
 	r.printf("  %s at t=%s: %s\n", f.Name, began.Sub(r.workloadStart).Round(100*time.Millisecond), out.Detail)
 	return f.Name, out.Detail, err
 }
@@ -197,8 +192,8 @@ const InvScheduledFaults = "scheduled_faults"
 
 // checkScheduled is the invariant of a run with scheduled faults: each
 // happened, clients got writes acknowledged before and after each, and
-// no acknowledged op was lost (a fault marked ExpectLoss reports its loss
-// and is shown failing). It also fills in the fault records.
+// no acknowledged op was lost (a deliberately broken fault fails it, and
+// its record says how much it lost). It also fills in the fault records.
 func (r *runner) checkScheduled(db *DBState) InvariantResult {
 	inv := InvariantResult{Name: InvScheduledFaults,
 		Description: "every scheduled fault of the deployment happened; ops were acknowledged before and after each; no acknowledged op was lost (checked on the final primary)",
